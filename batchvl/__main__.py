@@ -1,0 +1,5 @@
+import sys
+
+from batchvl.cli import main
+
+sys.exit(main())

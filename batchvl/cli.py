@@ -1,0 +1,110 @@
+"""`batchvl run | validate | make-tiny-model`.
+
+Job-file problems print one line naming the key and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from batchvl.job import JobError, load_job
+
+EXIT_JOB_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return args.func(args)
+    except JobError as e:
+        print(f"batchvl: error: {e}", file=sys.stderr)
+        return EXIT_JOB_ERROR
+    except KeyboardInterrupt:
+        print("batchvl: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchvl", description="Offline InternVL batch inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def job_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("job", help="the job file (YAML)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a job key, e.g. --set generation.max_new_tokens=64 (repeatable)")
+        _verbosity(p)
+        return p
+
+    run = job_command("run", "run a job")
+    run.add_argument("--overwrite", action="store_true", help="remove earlier output and start over")
+    run.set_defaults(func=_run)
+
+    validate = job_command("validate", "check a job and print its plan; changes nothing")
+    validate.set_defaults(func=_validate)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a small random InternVL checkpoint (tests, demo)")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force", action="store_true", help="rewrite it even if an identical one is there")
+    _verbosity(tiny)
+    tiny.set_defaults(func=_make_tiny)
+    return parser
+
+
+def _verbosity(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and the summary only; no bar")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from batchvl.runner import run_job
+
+    job = load_job(args.job, args.overrides)
+    summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet)
+    print(summary.line(job.output_dir))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from batchvl.runner import plan_job
+
+    plan = plan_job(load_job(args.job, args.overrides))
+    print(plan.describe())
+    print("ok: the job is valid")
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from batchvl.models.tiny import make_tiny_model
+
+    try:
+        made = make_tiny_model(args.dir, seed=args.seed, force=args.force)
+    except FileExistsError as e:
+        print(f"batchvl: error: {e}", file=sys.stderr)
+        return EXIT_JOB_ERROR
+    print(f"{'wrote' if made else 'reusing'} tiny InternVL checkpoint at {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

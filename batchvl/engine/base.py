@@ -1,0 +1,85 @@
+"""The engine contract, shared by the transformers reference backend and (issue 3) the native one."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from batchvl.core import FINISH_LENGTH, FINISH_STOP, Request, Result
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Engine(ABC):
+    """Runs batches of requests.
+
+    Contract: `generate` returns one Result per Request, in the same order. Text excludes special tokens
+    and stops at the first stop token; `output_tokens` counts the generated tokens including that stop
+    token. A request the engine cannot run becomes a Result with its `error` set, not an exception.
+    """
+
+    max_batch_size: int
+
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> list[Result]:
+        ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines need nothing here
+        """Release device memory. The default does nothing."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from batchvl.job import JobError
+
+        raise JobError("engine.device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def finish(tokens: list[int], params: GenerationParams) -> tuple[list[int], str]:
+    """Cut generated tokens after the first stop token. Returns (tokens kept, finish reason)."""
+    stops = set(params.stop_token_ids)
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[: i + 1], FINISH_STOP
+    return tokens, FINISH_LENGTH
+
+
+def decode_result(request: Request, tokens: list[int], params: GenerationParams, tokenizer) -> Result:
+    """A finished row: text without special tokens, token counts and why it stopped."""
+    kept, reason = finish(tokens, params)
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Result(id=request.id, text=text, error=None, finish_reason=reason,
+                  prompt_tokens=len(request.prompt_ids), output_tokens=len(kept), keep=request.keep,
+                  images=len(request.tiles_per_image))
+
+
+def make_engine(backend: str, **kwargs) -> Engine:
+    if backend == "transformers":
+        from batchvl.engine.hf import TransformersEngine
+
+        return TransformersEngine(**kwargs)
+    raise ValueError(f"unknown backend {backend!r}")

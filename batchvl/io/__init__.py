@@ -1,0 +1,1 @@
+"""Reading input rows and writing output rows."""

@@ -1,0 +1,1 @@
+"""Media: loading bytes from a reference, decoding, InternVL tiling and normalisation."""

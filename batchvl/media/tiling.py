@@ -1,0 +1,76 @@
+"""InternVL's dynamic tiling and normalisation.
+
+The grid choice follows OpenGVLab's `dynamic_preprocess` exactly, including its tie rule, because the model
+was trained on its tiles: candidate grids (cols, rows) with min <= cols*rows <= max are ordered by tile
+count; the grid whose aspect ratio is closest to the image's wins, and on an exact tie a later (larger)
+grid replaces the current one when the image area exceeds half of that grid's pixel area. The image is
+resized (bicubic) onto the grid, cut row-major into square tiles, and a thumbnail of the whole image is
+appended when there is more than one tile.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+TILE_SIZE = 448
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@lru_cache(maxsize=64)
+def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """Grids (cols, rows) allowed between min and max tiles, in the reference's order.
+
+    The reference builds a Python set and sorts it by tile count with a stable sort, so grids with the same
+    count keep the set's iteration order. Building the set the same way keeps that order identical.
+    """
+    grids = {
+        (cols, rows)
+        for n in range(min_tiles, max_tiles + 1)
+        for cols in range(1, n + 1)
+        for rows in range(1, n + 1)
+        if min_tiles <= cols * rows <= max_tiles
+    }
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
+
+
+def choose_grid(width: int, height: int, min_tiles: int, max_tiles: int,
+                tile_size: int = TILE_SIZE) -> tuple[int, int]:
+    """The (cols, rows) grid InternVL picks for an image of this size."""
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tile_image(image: Image.Image, min_tiles: int, max_tiles: int, use_thumbnail: bool = True,
+               tile_size: int = TILE_SIZE) -> list[Image.Image]:
+    """Cut an RGB image into InternVL tiles: the grid's tiles row-major, then the thumbnail if any."""
+    cols, rows = choose_grid(image.width, image.height, min_tiles, max_tiles, tile_size)
+    resized = image.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
+    tiles = []
+    for r in range(rows):
+        for c in range(cols):
+            box = (c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size)
+            tiles.append(resized.crop(box))
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def normalize_tiles(tiles: list[Image.Image]) -> torch.Tensor:
+    """Tiles as a float32 tensor [T, 3, S, S]: scaled to [0, 1], then ImageNet mean/std normalised."""
+    arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])  # [T, S, S, 3]
+    out = arr.astype(np.float32) / np.float32(255.0)
+    out = (out - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))

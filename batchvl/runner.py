@@ -1,0 +1,284 @@
+"""The job loop: read rows, prepare them ahead of the engine, run the engine, write the results.
+
+`plan_job` checks everything a run needs before anything heavy happens (it is also `batchvl validate`);
+`run_job` then streams: reader -> preparation threads -> engine batches -> part writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchvl.core import Request, Result, Row
+from batchvl.engine import GenerationParams, make_engine
+from batchvl.io.readers import columns_of, count_rows, read_rows
+from batchvl.io.writer import PartWriter, clear_output, done_ids, output_schema
+from batchvl.job import Job, JobError
+from batchvl.models.checkpoint import (
+    LAYOUT_OPENGVLAB,
+    CheckpointInfo,
+    checkpoint_chat_template,
+    load_tokenizer,
+    resolve_model_dir,
+    stop_token_ids,
+)
+from batchvl.prepare import PrepareSettings, RowPreparer
+from batchvl.progress import Progress
+from batchvl.prompt import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+JSONL_COLUMN_SCAN = 1000  # JSONL records looked at when checking that a column exists
+
+
+@dataclass
+class Plan:
+    """What a run will do, checked: the model, its tokenizer and template, the input and the output."""
+
+    job: Job
+    checkpoint: CheckpointInfo
+    tokenizer: Any
+    template: str | None
+    files: list[Path]
+    rows: int
+    done: set[str] = field(default_factory=set)
+
+    def describe(self) -> str:
+        job = self.job
+        lines = [
+            f"model:    {self.checkpoint.path} ({self.checkpoint.layout} layout, "
+            f"{self.checkpoint.tokens_per_tile} tokens per tile)",
+            f"backend:  {job.engine.backend} (device {job.engine.device}, dtype {job.engine.dtype}, "
+            f"batch {job.engine.max_batch_size})",
+            f"template: {job.chat_template}" + ("" if self.template is not None else " (prompt used raw)"),
+            f"input:    {len(self.files)} file(s), {self.rows} row(s)",
+            f"output:   {job.output_dir} ({len(self.done)} row(s) already done)",
+        ]
+        return "\n".join(lines)
+
+
+def plan_job(job: Job) -> Plan:
+    """Check everything a run would, without changing anything. Raises JobError naming the key."""
+    path = resolve_model_dir(job.model, job.base_dir)
+    checkpoint = CheckpointInfo.read(path)
+    if checkpoint.layout == LAYOUT_OPENGVLAB and not job.engine.trust_remote_code:
+        raise JobError("engine.trust_remote_code: this is an OpenGVLab-layout checkpoint (InternVLChatModel); the "
+                       "transformers backend can only load it with its own code: set engine.trust_remote_code: true")
+    tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
+    template = _resolve_template(job, path, tokenizer)
+    files = job.input.files
+    for file in files:
+        _check_columns(job, file)
+    _check_writable(job.output_dir)
+    rows = count_rows(files)
+    return Plan(job, checkpoint, tokenizer, template, files, rows, done_ids(job.output_dir))
+
+
+def _resolve_template(job: Job, path: Path, tokenizer: Any) -> str | None:
+    if job.chat_template == "none":
+        return None
+    if job.chat_template != "auto":
+        return job.resolve(job.chat_template).read_text(encoding="utf-8")
+    template = checkpoint_chat_template(path, tokenizer)
+    if template is None:
+        raise JobError("chat_template: auto, but the checkpoint has no chat template of its own; "
+                       "use none (prompt used raw) or a .jinja file")
+    return template
+
+
+def _check_columns(job: Job, file: Path) -> None:
+    wanted = {
+        "input.id_column": job.input.id_column,
+        "input.prompt_column": job.input.prompt_column,
+        "input.image_column": job.input.image_column,
+        "input.max_dynamic_patch_column": job.input.max_dynamic_patch_column,
+        **{f"output.keep_columns[{i}]": c for i, c in enumerate(job.output.keep_columns)},
+    }
+    try:
+        if file.suffix == ".parquet":
+            present = columns_of(file)
+        else:
+            present = _jsonl_columns(file)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise JobError(f"input.path: cannot read {file}: {e}") from None
+    if present is None:  # an empty file has no columns to check
+        return
+    for key, column in wanted.items():
+        if column is not None and column not in present:
+            raise JobError(f"{key}: column {column!r} is not in {file.name} (columns: {', '.join(sorted(present))})")
+
+
+def _jsonl_columns(file: Path) -> set[str] | None:
+    """Keys seen in the first records of a JSONL file (records may omit keys, so several are looked at)."""
+    import json
+
+    seen: set[str] = set()
+    looked = 0
+    with open(file, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            looked += 1
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                seen.update(record)
+            if looked >= JSONL_COLUMN_SCAN:
+                break
+    return seen if looked else None
+
+
+def _check_writable(out_dir: Path) -> None:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise JobError(f"output.path: {probe} is not a writable directory")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class Summary:
+    ok: int = 0
+    failed: int = 0
+    images: int = 0
+    output_tokens: int = 0
+    skipped: int = 0
+    elapsed_s: float = 0.0
+
+    def line(self, out_dir: Path) -> str:
+        t = max(self.elapsed_s, 1e-9)
+        done = self.ok + self.failed
+        return (f"batchvl: {self.ok} rows ok, {self.failed} failed, {self.skipped} already done; "
+                f"{self.elapsed_s:.1f} s, {done / t:.2f} rows/s, {self.images / t:.2f} images/s, "
+                f"{self.output_tokens / t:.1f} output tokens/s -> {out_dir}")
+
+
+def run_job(job: Job, overwrite: bool = False, progress: bool = True) -> Summary:
+    """Run a job to the end and return its summary."""
+    start = time.perf_counter()
+    plan = plan_job(job)
+    out_dir = job.output_dir
+    if overwrite:
+        removed = clear_output(out_dir)
+        log.info("--overwrite: removed %d part file(s) from %s", removed, out_dir)
+        plan.done = set()
+    log.info("plan:\n%s", plan.describe())
+    preparer = _preparer(job, plan)
+    schema = output_schema(_keep_types(job, plan.files))
+    params = _generation_params(job, plan)
+    engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
+                         device=job.engine.device, dtype=job.engine.dtype,
+                         max_batch_size=job.engine.max_batch_size, trust_remote_code=job.engine.trust_remote_code)
+    writer = PartWriter(out_dir, schema, job.output.rows_per_file)
+    summary = Summary(skipped=len(plan.done))
+    bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
+    try:
+        rows = ((f, r) for f, r in read_rows(plan.files, job.input.id_column) if r.id not in plan.done)
+        threads = job.media.prepare_threads or os.cpu_count() or 1
+        lookahead = 2 * job.engine.max_batch_size + threads
+        prepared = _prefetch(rows, lambda f, r: preparer(r, job.media_root_for(f)), threads, lookahead)
+        for batch in _batches(prepared, job.engine.max_batch_size):
+            for result in _run_batch(engine, batch):
+                writer.add(result)
+                _count(summary, result)
+                bar.update(result)
+    finally:
+        writer.close()
+        bar.close()
+        engine.close()
+    summary.elapsed_s = time.perf_counter() - start
+    return summary
+
+
+def _run_batch(engine, batch: list[Request | Result]) -> list[Result]:
+    """Run the requests of a batch; error results pass through. Output keeps the batch's order."""
+    requests = [x for x in batch if isinstance(x, Request)]
+    results = iter(engine.generate(requests) if requests else [])
+    return [next(results) if isinstance(x, Request) else x for x in batch]
+
+
+def _batches(items: Iterable[Request | Result], size: int) -> Iterator[list[Request | Result]]:
+    """Consecutive items, cut so that each batch holds `size` requests (error results ride along)."""
+    batch: list[Request | Result] = []
+    requests = 0
+    for item in items:
+        batch.append(item)
+        requests += isinstance(item, Request)
+        if requests == size:
+            yield batch
+            batch, requests = [], 0
+    if batch:
+        yield batch
+
+
+def _prefetch(rows: Iterable[tuple[Path, Row]], prepare, threads: int, lookahead: int) -> Iterator[Any]:
+    """Prepare rows on a thread pool, at most `lookahead` ahead of the consumer, yielding in input order."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchvl-prepare") as pool:
+        pending: deque = deque()
+        for file, row in rows:
+            pending.append(pool.submit(prepare, file, row))
+            if len(pending) >= lookahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _count(summary: Summary, result: Result) -> None:
+    if result.error is None:
+        summary.ok += 1
+        summary.images += result.images
+        summary.output_tokens += result.output_tokens
+    else:
+        summary.failed += 1
+
+
+def _preparer(job: Job, plan: Plan) -> RowPreparer:
+    ck = plan.checkpoint
+    max_tiles = job.media.max_dynamic_patch or ck.max_dynamic_patch
+    min_tiles = job.media.min_dynamic_patch or ck.min_dynamic_patch
+    use_thumbnail = ck.use_thumbnail if job.media.use_thumbnail is None else job.media.use_thumbnail
+    settings = PrepareSettings(
+        prompt=job.prompt, prompt_column=job.input.prompt_column, image_column=job.input.image_column,
+        max_dynamic_patch_column=job.input.max_dynamic_patch_column,
+        keep_columns=tuple(job.output.keep_columns),
+        keep_as_json=any(f.suffix == ".jsonl" for f in plan.files),
+        min_tiles=min_tiles, max_tiles=max_tiles, use_thumbnail=use_thumbnail, tile_size=ck.tile_size,
+        max_prompt_tokens=ck.max_positions - job.generation.max_new_tokens,
+    )
+    return RowPreparer(settings, PromptBuilder(plan.tokenizer, plan.template, ck.tokens_per_tile))
+
+
+def _keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
+    """Parquet input keeps its column types; JSONL keep columns are strings (see io.writer.jsonish)."""
+    if not job.output.keep_columns:
+        return {}
+    if any(f.suffix == ".jsonl" for f in files):
+        return {c: pa.string() for c in job.output.keep_columns}
+    schema = pq.ParquetFile(files[0]).schema_arrow
+    return {c: schema.field(c).type for c in job.output.keep_columns}
+
+
+def _generation_params(job: Job, plan: Plan) -> GenerationParams:
+    g = job.generation
+    stops = stop_token_ids(plan.checkpoint.path, plan.tokenizer)
+    if not stops:
+        raise JobError("model: the checkpoint names no EOS token (tokenizer or generation_config.json)")
+    return GenerationParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                            top_k=g.top_k, repetition_penalty=g.repetition_penalty, seed=g.seed,
+                            stop_token_ids=tuple(stops))
