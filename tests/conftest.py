@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny real InternVL checkpoint, sample images, and job-file helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from batchvl.models.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-internvl"
+    make_tiny_model(path, seed=0)
+    return path
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour gradients plus noise, so that resize and crop mistakes change pixels."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * (i + 1) * 255 // max(width, 1) + y * (3 - i) * 255 // max(height, 1)) % 256
+                     for i in range(3)], -1)
+    noise = rng.integers(0, 40, size=(height, width, 3))
+    return Image.fromarray(((base + noise) % 256).astype(np.uint8), "RGB")
+
+
+@pytest.fixture
+def images(tmp_path) -> dict[str, Path]:
+    """A few image files of different shapes, as the tests' media root."""
+    folder = tmp_path / "media"
+    folder.mkdir()
+    sizes = {"wide.jpg": (900, 500), "tall.png": (300, 700), "square.jpg": (448, 448), "tiny.png": (60, 40)}
+    out = {}
+    for i, (name, (w, h)) in enumerate(sizes.items()):
+        path = folder / name
+        random_image(w, h, seed=i).save(path, quality=95)
+        out[name] = path
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_job(path: Path, job: dict) -> Path:
+    path.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def base_job(model: Path, input_path: Path, out: Path, **sections) -> dict:
+    job = {
+        "model": str(model),
+        "input": {"path": str(input_path), "id_column": "id", "prompt_column": "prompt", "image_column": "image"},
+        "output": {"path": str(out)},
+        "generation": {"max_new_tokens": 12},
+        "engine": {"backend": "transformers", "device": "cpu", "dtype": "float32", "max_batch_size": 3},
+    }
+    for key, value in sections.items():
+        job.setdefault(key, {}).update(value) if isinstance(value, dict) else job.__setitem__(key, value)
+    return job

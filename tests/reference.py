@@ -1,0 +1,61 @@
+"""The reference a batchvl run is checked against: transformers' own InternVL `generate`, fed by hand.
+
+The prompt is built here from the published recipe, not with batchvl's prompt builder, and the tiles come
+from the restated tiling in test_tiling, so a mistake in either shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from .test_tiling import reference_normalize, reference_tiles
+
+
+@lru_cache(maxsize=4)
+def load_reference(model_dir: Path):
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def reference_prompt(tokenizer, text: str, tiles_per_image: list[int], tokens_per_tile: int = 16) -> str:
+    if tiles_per_image and "<image>" not in text:
+        text = "<image>\n" * len(tiles_per_image) + text
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    for tiles in tiles_per_image:
+        rendered = rendered.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (tokens_per_tile * tiles) + "</img>", 1)
+    return rendered
+
+
+def reference_pixels(image_bytes: list[bytes], max_num: int = 12) -> tuple[torch.Tensor | None, list[int]]:
+    tiles, counts = [], []
+    for data in image_bytes:
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        row_tiles = reference_tiles(image, 1, max_num)
+        counts.append(len(row_tiles))
+        tiles += [reference_normalize(t) for t in row_tiles]
+    return (torch.stack(tiles) if tiles else None), counts
+
+
+@torch.inference_mode()
+def reference_generate(model_dir: Path, text: str, image_bytes: list[bytes], max_new_tokens: int,
+                       max_num: int = 12) -> tuple[str, int, int]:
+    """Greedy text, prompt length and output length, for one row run alone."""
+    tokenizer, model = load_reference(model_dir)
+    pixels, counts = reference_pixels(image_bytes, max_num)
+    prompt = reference_prompt(tokenizer, text, counts)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id) + 1]
+    return tokenizer.decode(new, skip_special_tokens=True), inputs["input_ids"].shape[1], len(new)
