@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from batchvl.core import RowError
+from batchvl.templates import ConversationTemplate
 
 IMAGE_PLACEHOLDER = "<image>"
 LMDEPLOY_IMAGE_TOKEN = "<IMAGE_TOKEN>"
@@ -50,10 +50,13 @@ def place_images(text: str, n_images: int) -> str:
 class PromptBuilder:
     """Renders a user turn with the chat template and expands image placeholders into context tokens."""
 
-    def __init__(self, tokenizer: Any, template: str | None, tokens_per_tile: int):
-        """`template`: Jinja source to apply, or None to use the prompt raw."""
+    def __init__(self, tokenizer: Any, template: str | ConversationTemplate | None, tokens_per_tile: int,
+                 system_message: str | None = None):
+        """`template`: Jinja source to apply, one of InternVL's named conversation templates, or None to use
+        the prompt raw. `system_message` applies to a conversation template (the checkpoint's)."""
         self.tokenizer = tokenizer
         self.template = template
+        self.system_message = system_message
         self.tokens_per_tile = tokens_per_tile
         bos = getattr(tokenizer, "bos_token", None)
         self._bos = bos if isinstance(bos, str) and bos else None
@@ -63,6 +66,8 @@ class PromptBuilder:
         if self.template is None:
             return text
         messages = [{"role": "user", "content": text}]
+        if isinstance(self.template, ConversationTemplate):
+            return self.template.render(messages, system_message=self.system_message)
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=True)
 
@@ -83,7 +88,3 @@ class PromptBuilder:
         full = self.expand(self.render(text), tiles_per_image)
         add_special = not (self._bos and full.startswith(self._bos))
         return self.tokenizer(full, add_special_tokens=add_special)["input_ids"]
-
-
-def load_template_file(path: Path) -> str:
-    return path.read_text(encoding="utf-8")

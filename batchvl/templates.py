@@ -1,0 +1,179 @@
+"""InternVL's own conversation templates, for checkpoints whose tokenizer has no chat template.
+
+OpenGVLab-layout checkpoints (`architectures: ["InternVLChatModel"]`) name a conversation template in
+config.json (`template`). Their remote code builds each prompt with that template: it sets the template's
+system message to the model's, appends the user turn and an empty assistant turn, and renders. All the
+templates supported here use InternVL's "MPT" separator style, which renders as
+
+    system_template(system message) + sep
+    + for each turn: role + content + sep   (a turn with empty content gives its role alone, no sep)
+    + the assistant role, when a reply is to be generated
+
+Generation stops at `sep.strip()`, the token `chat()` passes as `eos_token_id`; a template may name further
+stop strings.
+
+Source: OpenGVLab/InternVL, internvl_chat/internvl/conversation.py (the same file ships in each hub
+checkpoint as conversation.py) and internvl_chat/internvl/model/internvl_chat/modeling_internvl_chat.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "INTERNVL2_SYSTEM_MESSAGE",
+    "INTERNVL2_5_SYSTEM_MESSAGE",
+    "ConversationTemplate",
+    "TEMPLATES",
+    "get_template",
+    "default_system_message",
+]
+
+# The system message of the InternVL 1.5 / 2.0 era templates (internlm2-chat, Hermes-2, phi3-chat).
+# Note the ASCII ", " after "InternVL"; the rest of the punctuation is full-width.
+INTERNVL2_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+# The system message of the internvl2_5 template (InternVL 2.5 and InternVL 3).
+INTERNVL2_5_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+_SYSTEM_FIELD = "{system_message}"
+_ROLES = ("user", "assistant")
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """One InternVL conversation template (MPT separator style)."""
+
+    name: str
+    system_template: str
+    default_system_message: str
+    roles: tuple[str, str]
+    sep: str
+    stop_strings: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.system_template.count(_SYSTEM_FIELD) != 1:
+            raise ValueError(f"template {self.name!r}: system_template must contain {_SYSTEM_FIELD} exactly once")
+        if len(self.roles) != 2:
+            raise ValueError(f"template {self.name!r}: roles must be (user, assistant)")
+        if not self.sep.strip():
+            raise ValueError(f"template {self.name!r}: sep must not be blank")
+        if not self.stop_strings or self.stop_strings[0] != self.eos_token:
+            raise ValueError(f"template {self.name!r}: stop_strings must start with sep.strip()")
+
+    @property
+    def eos_token(self) -> str:
+        """The token InternVL's chat() stops at: the separator without surrounding whitespace."""
+        return self.sep.strip()
+
+    def render(self, messages: list[dict], system_message: str | None = None,
+               add_generation_prompt: bool = True) -> str:
+        """The prompt InternVL's get_prompt() gives for these turns.
+
+        `messages`: `{'role': 'system'|'user'|'assistant', 'content': str}` dicts. After an optional leading
+        system message, turns alternate user, assistant, ... starting with the user; with
+        `add_generation_prompt` they must end with a user turn, and the prompt ends with the assistant role.
+        The system prompt is the leading system message if there is one, else `system_message` if given,
+        else the template's default. An empty content renders as its role alone, as InternVL does.
+        """
+        system, turns = self._split_system(messages)
+        if system is None:
+            system = self.default_system_message if system_message is None else system_message
+        expected = [_ROLES[i % 2] for i in range(len(turns) + (1 if add_generation_prompt else 0))]
+        got = [role for role, _ in turns] + (["assistant"] if add_generation_prompt else [])
+        if got != expected:
+            ending = " and end with a user turn (add_generation_prompt)" if add_generation_prompt else ""
+            raise ValueError(f"template {self.name!r}: turns must alternate user, assistant, ... from the user"
+                             f"{ending}; got roles {[role for role, _ in turns]}")
+
+        parts = [self.system_template.replace(_SYSTEM_FIELD, system), self.sep]
+        for role, content in turns:
+            parts.append(self.roles[_ROLES.index(role)])
+            if content:
+                parts.append(content)
+                parts.append(self.sep)
+        if add_generation_prompt:
+            parts.append(self.roles[1])
+        return "".join(parts)
+
+    def _split_system(self, messages: list[dict]) -> tuple[str | None, list[tuple[str, str]]]:
+        system: str | None = None
+        turns: list[tuple[str, str]] = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+                raise ValueError(f"template {self.name!r}: message {i} must be a dict with 'role' and 'content'")
+            role, content = message["role"], message["content"]
+            if not isinstance(content, str):
+                raise TypeError(f"template {self.name!r}: message {i} content must be a string, "
+                                f"not {type(content).__name__}")
+            if role == "system":
+                if i != 0:
+                    raise ValueError(f"template {self.name!r}: only the first message may be a system message")
+                system = content
+            elif role in _ROLES:
+                turns.append((role, content))
+            else:
+                raise ValueError(f"template {self.name!r}: message {i} has unknown role {role!r}")
+        return system, turns
+
+
+def _chatml(name: str, system_message: str, sep: str, extra_stops: tuple[str, ...] = ()) -> ConversationTemplate:
+    return ConversationTemplate(
+        name=name,
+        system_template="<|im_start|>system\n" + _SYSTEM_FIELD,
+        default_system_message=system_message,
+        roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+        sep=sep,
+        stop_strings=(sep.strip(), *extra_stops),
+    )
+
+
+TEMPLATES: dict[str, ConversationTemplate] = {
+    t.name: t
+    for t in (
+        # InternLM2-based InternVL 1.5 / 2.0 models. No newline between turns.
+        _chatml("internlm2-chat", INTERNVL2_SYSTEM_MESSAGE, "<|im_end|>"),
+        # Same text as internlm2-chat (InternVL notes they differ only in training-time BOS handling); the
+        # template also names <|endoftext|> as a stop string.
+        _chatml("Hermes-2", INTERNVL2_SYSTEM_MESSAGE, "<|im_end|>", ("<|endoftext|>",)),
+        ConversationTemplate(
+            name="phi3-chat",
+            system_template="<|system|>\n" + _SYSTEM_FIELD,
+            default_system_message=INTERNVL2_SYSTEM_MESSAGE,
+            roles=("<|user|>\n", "<|assistant|>\n"),
+            sep="<|end|>",
+            stop_strings=("<|end|>",),
+        ),
+        # InternVL 2.5 and 3: ChatML with a newline after each <|im_end|>.
+        _chatml("internvl2_5", INTERNVL2_5_SYSTEM_MESSAGE, "<|im_end|>\n"),
+    )
+}
+
+
+def get_template(name: str) -> ConversationTemplate:
+    """The template a checkpoint's config names; KeyError naming the known ones otherwise."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise KeyError(f"unknown InternVL conversation template {name!r}; known: {', '.join(sorted(TEMPLATES))}") \
+            from None
+
+
+def default_system_message(name: str, config: Mapping[str, Any] | None = None) -> str:
+    """The system message InternVLChatModel uses for a checkpoint whose config names template `name`.
+
+    InternVL's modeling code takes `system_message` from the config when the key is there, else the
+    template's own; the template default is what ties the message to the model generation (InternVL 2.0's
+    templates versus internvl2_5).
+    """
+    template = get_template(name)
+    if config is not None:
+        value = config.get("system_message")
+        if "system_message" in config and isinstance(value, str):
+            return value
+    return template.default_system_message
