@@ -1,0 +1,187 @@
+"""The decoder-only language model every InternVL family shares, over a preallocated KV cache.
+
+Qwen2, InternLM2, Llama and Phi-3 differ only in how their configs and weights are spelled, in biases, and
+in rotary scaling; each family's file maps its config to a `DecoderSpec` and its weight names onto this
+module. q/k/v and gate/up are fused into one matmul each.
+
+Two entry points, both with static shapes per call:
+- `prefill(x, lengths, cache)`: right-padded prompts [B, P]; writes K/V at positions 0..P-1.
+- `decode(x, positions, cache)`: one token per row at its own position; writes K/V there and attends to
+  cache positions <= its own. No host synchronisation: it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchvl.models.layers import RMSNorm
+from batchvl.models.rope import RopeSpec, apply_rope, rope_tables
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    family: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    rope: RopeSpec
+    max_positions: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+class KVCache:
+    """K and V for every layer, preallocated: [L, B, Hkv, S, D] each. Reused across batches; grows only
+    when a batch needs more rows or positions than it has."""
+
+    def __init__(self, spec: DecoderSpec, batch: int, positions: int, device: torch.device, dtype: torch.dtype):
+        shape = (spec.layers, batch, spec.kv_heads, positions, spec.head_dim)
+        # Zeros, not empty: masked positions get attention weight 0, and 0 * NaN from stale memory is NaN.
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def positions(self) -> int:
+        return self.k.shape[3]
+
+    @staticmethod
+    def bytes_per_token(spec: DecoderSpec, dtype: torch.dtype) -> int:
+        return 2 * spec.layers * spec.kv_width * torch.empty((), dtype=dtype).element_size()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, s: DecoderSpec, index: int):
+        super().__init__()
+        self.s, self.index = s, index
+        self.input_norm = RMSNorm(s.hidden, s.eps)
+        self.qkv = nn.Linear(s.hidden, s.q_width + 2 * s.kv_width, bias=s.qkv_bias)
+        self.o = nn.Linear(s.q_width, s.hidden, bias=s.o_bias)
+        self.post_norm = RMSNorm(s.hidden, s.eps)
+        self.gate_up = nn.Linear(s.hidden, 2 * s.intermediate, bias=s.mlp_bias)
+        self.down = nn.Linear(s.intermediate, s.hidden, bias=s.mlp_bias)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        s = self.s
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.input_norm(x)).split([s.q_width, s.kv_width, s.kv_width], dim=-1)
+        q = q.view(b, n, s.heads, s.head_dim).transpose(1, 2)  # [B, H, N, D]
+        k = k.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)  # [B, Hkv, N, D]
+        v = v.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        return q, k, v
+
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = attn.shape
+        x = x + self.o(attn.transpose(1, 2).reshape(b, n, self.s.q_width))
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+    def prefill(self, x, cos, sin, mask, cache: KVCache) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin)
+        n = x.shape[1]
+        cache.k[self.index, : x.shape[0], :, :n] = k
+        cache.v[self.index, : x.shape[0], :, :n] = v
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.s.kv_heads != self.s.heads)
+        return self._finish(x, attn)
+
+    def decode(self, x, cos, sin, positions, mask, cache: KVCache) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin)  # N = 1
+        b = x.shape[0]
+        rows = torch.arange(b, device=x.device)
+        cache.k[self.index, rows, :, positions] = k[:, :, 0]
+        cache.v[self.index, rows, :, positions] = v[:, :, 0]
+        keys = cache.k[self.index, :b, :, : mask.shape[-1]]
+        values = cache.v[self.index, :b, :, : mask.shape[-1]]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                              enable_gqa=self.s.kv_heads != self.s.heads)
+        return self._finish(x, attn)
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, s: DecoderSpec):
+        super().__init__()
+        self.spec = s
+        self.embed = nn.Embedding(s.vocab, s.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(s, i) for i in range(s.layers))
+        self.norm = RMSNorm(s.hidden, s.eps)
+        self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
+        self._rope: tuple[torch.Tensor, ...] | None = None
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def rope(self, positions_needed: int) -> tuple[torch.Tensor, ...]:
+        """cos/sin tables [P, rot] covering `positions_needed`, computed once for the longest seen.
+
+        For longrope, two pairs: the short-factor tables and the long-factor ones. transformers switches to the
+        long factors for a forward pass whose length exceeds the original context, and the KV cache keeps
+        the keys of earlier passes as they were rotated; `_pick` reproduces that per row (see there).
+        """
+        if self._rope is None or self._rope[0].shape[0] < positions_needed:
+            device, dtype = self.embed.weight.device, self.embed.weight.dtype
+            spec = self.spec.rope
+            tables = rope_tables(spec, positions_needed, device, dtype)
+            if spec.kind == "longrope":
+                tables += rope_tables(spec, positions_needed, device, dtype, seq_len_hint=spec.switch_length + 1)
+            self._rope = tables
+        return self._rope
+
+    def _pick(self, tables: tuple[torch.Tensor, ...], index: torch.Tensor, seq_len: torch.Tensor):
+        """cos/sin at `index` ([B, N] positions), from the long tables where the pass's length `seq_len`
+        ([B, 1]) exceeds the switch length. Run alone, a row's prefill pass has its prompt length and each
+        decode pass its position + 1, which is what makes this per row and independent of the batch."""
+        cos, sin = tables[0][index], tables[1][index]  # [B, N, rot]
+        if len(tables) == 4:
+            long = (seq_len > self.spec.rope.switch_length)[..., None]
+            cos = torch.where(long, tables[2][index], cos)
+            sin = torch.where(long, tables[3][index], sin)
+        return cos, sin
+
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x [B, P, C] right-padded embeddings, lengths [B] -> final hidden state of each row's last token [B, C]."""
+        b, p, _ = x.shape
+        idx = torch.arange(p, device=x.device)
+        cos, sin = self._pick(self.rope(p), idx[None].expand(b, -1), lengths[:, None])  # [B, P, rot]
+        causal = idx[None, :] <= idx[:, None]  # [P(q), P(k)]
+        mask = (causal[None] & (idx[None, None, :] < lengths[:, None, None]))[:, None]  # [B, 1, P, P]
+        for layer in self.layers:
+            x = layer.prefill(x, cos, sin, mask, cache)
+        last = x[torch.arange(b, device=x.device), lengths - 1]  # [B, C]
+        return self.norm(last)
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
+        """x [B, 1, C] embeddings of each row's newest token, at positions [B]; attends over cache positions
+        [0, span). Returns the final hidden state [B, C]."""
+        cos, sin = self._pick(self.rope(span), positions[:, None], positions[:, None] + 1)  # [B, 1, rot]
+        mask = (torch.arange(span, device=x.device)[None, :] <= positions[:, None])[:, None, None]  # [B,1,1,S]
+        for layer in self.layers:
+            x = layer.decode(x, cos, sin, positions, mask, cache)
+        return self.norm(x[:, 0])
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head, only where a token is sampled: [B, C] -> [B, V] float32."""
+        return self.lm_head(h).float()

@@ -1,0 +1,232 @@
+"""Building an InternVL model from a checkpoint of either layout, streaming its weights onto the device.
+
+The model is created on the meta device and materialised directly on the target device in the job's
+dtype; then each safetensors shard is opened in turn and each tensor is copied into its place (renamed,
+regrouped or written into a slice of a fused weight) and released, so the host never holds a second copy
+of the model. Every parameter must be written exactly once; anything missing or unexpected is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchvl.models import internlm2, llama, phi3, qwen2
+from batchvl.models.checkpoint import LAYOUT_HF, CheckpointInfo
+from batchvl.models.decoder import DecoderLM, DecoderSpec
+from batchvl.models.internvit import VisionEncoder, VisionSpec
+
+log = logging.getLogger(__name__)
+
+FAMILIES: dict[str, ModuleType] = {"qwen2": qwen2, "internlm2": internlm2, "llama": llama, "phi3": phi3}
+_ARCH_TO_FAMILY = {
+    "Qwen2ForCausalLM": "qwen2",
+    "InternLM2ForCausalLM": "internlm2",
+    "LlamaForCausalLM": "llama",
+    "Phi3ForCausalLM": "phi3",
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded natively: an unsupported family, or weights that do not fit."""
+
+
+def text_family(ck: CheckpointInfo) -> str:
+    cfg = ck.text_config
+    for arch in cfg.get("architectures") or []:
+        if arch in _ARCH_TO_FAMILY:
+            return _ARCH_TO_FAMILY[arch]
+    model_type = cfg.get("model_type", "qwen2" if ck.layout == LAYOUT_HF else None)
+    if model_type in FAMILIES:
+        return model_type
+    raise CheckpointError(f"language model {model_type or cfg.get('architectures')} is not supported natively "
+                          f"(supported: {', '.join(FAMILIES)})")
+
+
+def vision_spec(ck: CheckpointInfo, llm_hidden: int) -> VisionSpec:
+    v = ck.vision_config
+    hf = ck.layout == LAYOUT_HF
+    image_size = ck.tile_size
+    own_size = int(v.get("image_size", [image_size])[0] if isinstance(v.get("image_size"), list)
+                   else v.get("image_size", image_size))
+    if own_size != image_size:
+        raise CheckpointError(f"force_image_size {image_size} differs from the vision tower's {own_size}: "
+                              "position-embedding interpolation is not supported")
+    return VisionSpec(
+        hidden=int(v["hidden_size"]),
+        layers=int(v["num_hidden_layers"]),
+        heads=int(v["num_attention_heads"]),
+        intermediate=int(v["intermediate_size"]),
+        image_size=image_size,
+        patch_size=ck.patch_size,
+        norm="rms" if v.get("norm_type", "layer_norm") == "rms_norm" else "layer",
+        eps=float(v.get("layer_norm_eps", 1e-6)),
+        qkv_bias=bool(v.get("attention_bias", True) if hf else v.get("qkv_bias", True)),
+        qk_norm=bool(v.get("use_qk_norm", False) if hf else v.get("qk_normalization", False)),
+        select_layer=int(ck.config.get("vision_feature_layer", -1) if hf else ck.config.get("select_layer", -1)),
+        downsample_ratio=ck.downsample_ratio,
+        ps_version="v2" if hf else str(ck.config.get("ps_version", "v1")),
+        llm_hidden=llm_hidden,
+    )
+
+
+class InternVL(nn.Module):
+    """The vision encoder and the language model, side by side; the engine drives them."""
+
+    def __init__(self, vision: VisionSpec, text: DecoderSpec):
+        super().__init__()
+        self.vision = VisionEncoder(vision)
+        self.lm = DecoderLM(text)
+
+
+@dataclass
+class LoadedModel:
+    model: InternVL
+    vision: VisionSpec
+    text: DecoderSpec
+    family: str
+
+
+def build_specs(ck: CheckpointInfo) -> tuple[VisionSpec, DecoderSpec, str]:
+    family = text_family(ck)
+    text = FAMILIES[family].spec_from_config(ck.text_config)
+    return vision_spec(ck, text.hidden), text, family
+
+
+def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    vision, text, family = build_specs(ck)
+    with torch.device("meta"):
+        model = InternVL(vision, text)
+    model = model.to(dtype).to_empty(device=device)  # dtype first: on meta it costs nothing
+    _load_weights(model, ck, vision, text, FAMILIES[family], device, dtype)
+    model.lm.tie_weights()
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, vision, text, family)
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = json.loads(index.read_text())["weight_map"].values()
+        return [path / n for n in sorted(set(names))]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no safetensors weights in {path} (model.safetensors or its index)")
+
+
+def _load_weights(model: InternVL, ck: CheckpointInfo, vs: VisionSpec, ts: DecoderSpec, family: ModuleType,
+                  device: torch.device, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {name: 0 for name in params}
+    skip_rows = vs.layers_to_run  # layers past the selected one are never run, so never loaded
+    load_device = str(device) if device.type == "cuda" else "cpu"
+    for file in shard_files(ck.path):
+        with safe_open(str(file), framework="pt", device=load_device) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                for target, offset, tensor in _route(name, ck.layout, vs, ts, family, skip_rows, f):
+                    param = params.get(target)
+                    if param is None:
+                        raise CheckpointError(f"weight {name} maps to {target}, which the model does not have")
+                    rows = tensor.shape[0] if param.dim() > 0 else 1
+                    dest = param.data if param.dim() == 0 else param.data.narrow(0, offset, rows)
+                    if dest.shape != tensor.shape:
+                        raise CheckpointError(f"weight {name}: shape {tuple(tensor.shape)} does not fit {target} "
+                                              f"rows {offset}..{offset + rows} of {tuple(param.shape)}")
+                    dest.copy_(tensor.to(device=device, dtype=dtype))
+                    filled[target] += tensor.numel()
+    if ts.tie_embeddings and filled.get("lm.lm_head.weight", 0) == 0:
+        filled["lm.lm_head.weight"] = params["lm.lm_head.weight"].numel()  # tied to the embeddings below
+    missing = [n for n, p in params.items() if filled[n] != p.numel()]
+    if missing:
+        raise CheckpointError(f"{len(missing)} parameter(s) not (fully) loaded, e.g. {missing[:5]}")
+
+
+_HF_VIT_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_OG_VIT_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+_HF_VIT = {
+    "attention.projection_layer": "proj", "attention.q_norm": "q_norm", "attention.k_norm": "k_norm",
+    "layernorm_before": "norm1", "layernorm_after": "norm2", "mlp.fc1": "fc1", "mlp.fc2": "fc2",
+}
+_OG_VIT = {
+    "attn.qkv": "qkv", "attn.proj": "proj", "attn.q_norm": "q_norm", "attn.k_norm": "k_norm",
+    "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "fc1", "mlp.fc2": "fc2",
+}
+
+
+def _route(name: str, layout: str, vs: VisionSpec, ts: DecoderSpec, family: ModuleType, vit_layers: int,
+           f: Any) -> list[tuple[str, int, torch.Tensor]]:
+    """A checkpoint tensor name -> [(our parameter, row offset, tensor)]; [] for tensors we do not use."""
+    if layout == LAYOUT_HF:
+        name = name.removeprefix("model.")
+        if name.startswith("language_model.") or name == "lm_head.weight":
+            lm_name = name.removeprefix("language_model.").removeprefix("model.")
+            return [("lm." + t, o, x) for t, o, x in family.map_weight(lm_name, f.get_tensor(name), ts)]
+        if name.startswith("vision_tower."):
+            return _route_vit_hf(name.removeprefix("vision_tower."), vs, vit_layers, f, name)
+        if name.startswith("multi_modal_projector."):
+            part = {"layer_norm": "norm", "linear_1": "fc1", "linear_2": "fc2"}
+            mod, _, kind = name.removeprefix("multi_modal_projector.").rpartition(".")
+            return [(f"vision.projector.{part[mod]}.{kind}", 0, f.get_tensor(name))]
+    else:
+        if name.startswith("language_model."):
+            lm_name = name.removeprefix("language_model.").removeprefix("model.")
+            return [("lm." + t, o, x) for t, o, x in family.map_weight(lm_name, f.get_tensor(name), ts)]
+        if name.startswith("vision_model."):
+            return _route_vit_og(name.removeprefix("vision_model."), vit_layers, f, name)
+        if name.startswith("mlp1."):
+            index, _, kind = name.removeprefix("mlp1.").partition(".")
+            part = {"0": "norm", "1": "fc1", "3": "fc2"}[index]
+            return [(f"vision.projector.{part}.{kind}", 0, f.get_tensor(name))]
+    raise CheckpointError(f"unexpected weight {name!r} in a {layout}-layout checkpoint")
+
+
+def _route_vit_hf(name: str, vs: VisionSpec, vit_layers: int, f: Any, full: str):
+    simple = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+              "embeddings.patch_embeddings.projection.weight": "patch_embed.weight",
+              "embeddings.patch_embeddings.projection.bias": "patch_embed.bias"}
+    if name in simple:
+        return [(f"vision.vit.{simple[name]}", 0, f.get_tensor(full))]
+    m = _HF_VIT_LAYER.match(name)
+    if not m:
+        raise CheckpointError(f"unexpected vision weight {full!r}")
+    i, rest = int(m.group(1)), m.group(2)
+    if i >= vit_layers:
+        return []
+    prefix = f"vision.vit.blocks.{i}."
+    if rest in ("lambda_1", "lambda_2"):
+        return [(prefix + {"lambda_1": "ls1", "lambda_2": "ls2"}[rest], 0, f.get_tensor(full))]
+    mod, _, kind = rest.rpartition(".")
+    qkv = {"attention.q_proj": 0, "attention.k_proj": vs.hidden, "attention.v_proj": 2 * vs.hidden}
+    if mod in qkv:
+        return [(prefix + "qkv." + kind, qkv[mod], f.get_tensor(full))]
+    return [(prefix + _HF_VIT[mod] + "." + kind, 0, f.get_tensor(full))]
+
+
+def _route_vit_og(name: str, vit_layers: int, f: Any, full: str):
+    simple = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+              "embeddings.patch_embedding.weight": "patch_embed.weight",
+              "embeddings.patch_embedding.bias": "patch_embed.bias"}
+    if name in simple:
+        return [(f"vision.vit.{simple[name]}", 0, f.get_tensor(full))]
+    m = _OG_VIT_LAYER.match(name)
+    if not m:
+        raise CheckpointError(f"unexpected vision weight {full!r}")
+    i, rest = int(m.group(1)), m.group(2)
+    if i >= vit_layers:
+        return []
+    prefix = f"vision.vit.blocks.{i}."
+    if rest in ("ls1", "ls2"):
+        return [(prefix + rest, 0, f.get_tensor(full))]
+    mod, _, kind = rest.rpartition(".")
+    return [(prefix + _OG_VIT[mod] + "." + kind, 0, f.get_tensor(full))]
