@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-BACKENDS = ("transformers",)
+BACKENDS = ("native", "transformers")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 INPUT_SUFFIXES = (".jsonl", ".parquet")
@@ -68,6 +68,10 @@ class GenerationSpec:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int = 0
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class EngineSpec:
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = 8
+    max_batch_tokens: int = 0  # 0: from free device memory (native backend)
     trust_remote_code: bool = False
 
 
@@ -236,6 +241,11 @@ def _check(job: Job) -> None:
     _at_least("output.rows_per_file", job.output.rows_per_file, 1)
     _at_least("generation.max_new_tokens", job.generation.max_new_tokens, 1)
     _at_least("generation.top_k", job.generation.top_k, 0)
+    _at_least("generation.min_new_tokens", job.generation.min_new_tokens, 0)
+    _at_least("engine.max_batch_tokens", job.engine.max_batch_tokens, 0)
+    if job.generation.min_new_tokens > job.generation.max_new_tokens:
+        raise JobError(f"generation.min_new_tokens: {job.generation.min_new_tokens} is larger than "
+                       f"generation.max_new_tokens {job.generation.max_new_tokens}")
     _at_least("media.prepare_threads", job.media.prepare_threads, 0)
     if job.generation.temperature < 0:
         raise JobError(f"generation.temperature: must be >= 0 (0 = greedy), got {job.generation.temperature}")

@@ -35,6 +35,7 @@ from batchvl.models.checkpoint import (
 from batchvl.prepare import PrepareSettings, RowPreparer
 from batchvl.progress import Progress
 from batchvl.prompt import PromptBuilder
+from batchvl.templates import ConversationTemplate, default_system_message, get_template
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Plan:
     job: Job
     checkpoint: CheckpointInfo
     tokenizer: Any
-    template: str | None
+    template: str | ConversationTemplate | None
     files: list[Path]
     rows: int
     done: set[str] = field(default_factory=set)
@@ -60,22 +61,31 @@ class Plan:
             f"{self.checkpoint.tokens_per_tile} tokens per tile)",
             f"backend:  {job.engine.backend} (device {job.engine.device}, dtype {job.engine.dtype}, "
             f"batch {job.engine.max_batch_size})",
-            f"template: {job.chat_template}" + ("" if self.template is not None else " (prompt used raw)"),
+            f"template: {job.chat_template}" + _template_note(self.template),
             f"input:    {len(self.files)} file(s), {self.rows} row(s)",
             f"output:   {job.output_dir} ({len(self.done)} row(s) already done)",
         ]
         return "\n".join(lines)
 
 
+def _template_note(template: str | ConversationTemplate | None) -> str:
+    if template is None:
+        return " (prompt used raw)"
+    if isinstance(template, ConversationTemplate):
+        return f" (InternVL conversation template {template.name})"
+    return " (jinja)"
+
+
 def plan_job(job: Job) -> Plan:
     """Check everything a run would, without changing anything. Raises JobError naming the key."""
     path = resolve_model_dir(job.model, job.base_dir)
     checkpoint = CheckpointInfo.read(path)
-    if checkpoint.layout == LAYOUT_OPENGVLAB and not job.engine.trust_remote_code:
+    if job.engine.backend == "transformers" and checkpoint.layout == LAYOUT_OPENGVLAB \
+            and not job.engine.trust_remote_code:
         raise JobError("engine.trust_remote_code: this is an OpenGVLab-layout checkpoint (InternVLChatModel); the "
                        "transformers backend can only load it with its own code: set engine.trust_remote_code: true")
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
-    template = _resolve_template(job, path, tokenizer)
+    template = _resolve_template(job, checkpoint, tokenizer)
     files = job.input.files
     for file in files:
         _check_columns(job, file)
@@ -84,16 +94,24 @@ def plan_job(job: Job) -> Plan:
     return Plan(job, checkpoint, tokenizer, template, files, rows, done_ids(job.output_dir))
 
 
-def _resolve_template(job: Job, path: Path, tokenizer: Any) -> str | None:
+def _resolve_template(job: Job, checkpoint: CheckpointInfo, tokenizer: Any) -> str | ConversationTemplate | None:
+    """`none`: raw prompts; a .jinja file; or `auto`: the tokenizer's (or processor's) own template, else
+    the InternVL conversation template that an OpenGVLab config names."""
     if job.chat_template == "none":
         return None
     if job.chat_template != "auto":
         return job.resolve(job.chat_template).read_text(encoding="utf-8")
-    template = checkpoint_chat_template(path, tokenizer)
-    if template is None:
-        raise JobError("chat_template: auto, but the checkpoint has no chat template of its own; "
-                       "use none (prompt used raw) or a .jinja file")
-    return template
+    template = checkpoint_chat_template(checkpoint.path, tokenizer)
+    if template is not None:
+        return template
+    name = checkpoint.template_name
+    if name:
+        try:
+            return get_template(name)
+        except KeyError as e:
+            raise JobError(f"chat_template: auto, but the checkpoint's template {e.args[0]}") from None
+    raise JobError("chat_template: auto, but the checkpoint has no chat template of its own; "
+                   "use none (prompt used raw) or a .jinja file")
 
 
 def _check_columns(job: Job, file: Path) -> None:
@@ -184,7 +202,8 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True) -> Summary
     params = _generation_params(job, plan)
     engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
                          device=job.engine.device, dtype=job.engine.dtype,
-                         max_batch_size=job.engine.max_batch_size, trust_remote_code=job.engine.trust_remote_code)
+                         max_batch_size=job.engine.max_batch_size, max_batch_tokens=job.engine.max_batch_tokens,
+                         trust_remote_code=job.engine.trust_remote_code)
     writer = PartWriter(out_dir, schema, job.output.rows_per_file)
     summary = Summary(skipped=len(plan.done))
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
@@ -261,7 +280,9 @@ def _preparer(job: Job, plan: Plan) -> RowPreparer:
         min_tiles=min_tiles, max_tiles=max_tiles, use_thumbnail=use_thumbnail, tile_size=ck.tile_size,
         max_prompt_tokens=ck.max_positions - job.generation.max_new_tokens,
     )
-    return RowPreparer(settings, PromptBuilder(plan.tokenizer, plan.template, ck.tokens_per_tile))
+    system = default_system_message(plan.template.name, ck.config) \
+        if isinstance(plan.template, ConversationTemplate) else None
+    return RowPreparer(settings, PromptBuilder(plan.tokenizer, plan.template, ck.tokens_per_tile, system))
 
 
 def _keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
@@ -277,8 +298,14 @@ def _keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
 def _generation_params(job: Job, plan: Plan) -> GenerationParams:
     g = job.generation
     stops = stop_token_ids(plan.checkpoint.path, plan.tokenizer)
+    if isinstance(plan.template, ConversationTemplate):  # InternVL's chat() stops at the template's separator
+        for text in plan.template.stop_strings:
+            token = plan.tokenizer.convert_tokens_to_ids(text)
+            if token is not None and token != plan.tokenizer.unk_token_id and token not in stops:
+                stops.append(token)
     if not stops:
         raise JobError("model: the checkpoint names no EOS token (tokenizer or generation_config.json)")
     return GenerationParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                             top_k=g.top_k, repetition_penalty=g.repetition_penalty, seed=g.seed,
-                            stop_token_ids=tuple(stops))
+                            eos_token_ids=tuple(stops), stop_token_ids=tuple(g.stop_token_ids),
+                            stop=tuple(g.stop), min_new_tokens=g.min_new_tokens, ignore_eos=g.ignore_eos)

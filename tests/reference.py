@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from .test_tiling import reference_normalize, reference_tiles
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def load_reference(model_dir: Path):
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
@@ -25,11 +25,18 @@ def load_reference(model_dir: Path):
     return tokenizer, model
 
 
-def reference_prompt(tokenizer, text: str, tiles_per_image: list[int], tokens_per_tile: int = 16) -> str:
+def reference_prompt(tokenizer, text: str, tiles_per_image: list[int], tokens_per_tile: int = 16,
+                     template: str | None = None) -> str:
+    """`template`: the InternVL conversation template name for checkpoints without a chat template."""
     if tiles_per_image and "<image>" not in text:
         text = "<image>\n" * len(tiles_per_image) + text
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+    messages = [{"role": "user", "content": text}]
+    if template is not None:
+        from batchvl.templates import get_template
+
+        rendered = get_template(template).render(messages)
+    else:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     for tiles in tiles_per_image:
         rendered = rendered.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (tokens_per_tile * tiles) + "</img>", 1)
     return rendered
@@ -47,15 +54,19 @@ def reference_pixels(image_bytes: list[bytes], max_num: int = 12) -> tuple[torch
 
 @torch.inference_mode()
 def reference_generate(model_dir: Path, text: str, image_bytes: list[bytes], max_new_tokens: int,
-                       max_num: int = 12) -> tuple[str, int, int]:
-    """Greedy text, prompt length and output length, for one row run alone."""
+                       max_num: int = 12, template: str | None = None,
+                       stop_tokens: tuple[str, ...] = ()) -> tuple[str, int, int]:
+    """Greedy text, prompt length and output length, for one row run alone with transformers."""
     tokenizer, model = load_reference(model_dir)
     pixels, counts = reference_pixels(image_bytes, max_num)
-    prompt = reference_prompt(tokenizer, text, counts)
+    prompt = reference_prompt(tokenizer, text, counts, template=template)
     inputs = tokenizer(prompt, return_tensors="pt")
+    eos = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens]
     out = model.generate(**inputs, pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    if tokenizer.eos_token_id in new:
-        new = new[: new.index(tokenizer.eos_token_id) + 1]
+    for i, t in enumerate(new):
+        if t in eos:
+            new = new[: i + 1]
+            break
     return tokenizer.decode(new, skip_special_tokens=True), inputs["input_ids"].shape[1], len(new)

@@ -32,7 +32,7 @@ def test_fields_fill_from_row_and_leave_other_braces():
 
 
 def test_finish_cuts_after_the_first_stop_token():
-    params = GenerationParams(max_new_tokens=5, stop_token_ids=(2, 9))
+    params = GenerationParams(max_new_tokens=5, eos_token_ids=(2,), stop_token_ids=(9,))
     assert finish([5, 6, 9, 7, 2], params) == ([5, 6, 9], FINISH_STOP)
     assert finish([5, 6, 7], params) == ([5, 6, 7], FINISH_LENGTH)
     assert finish([2], params) == ([2], FINISH_STOP)

@@ -150,10 +150,11 @@ def test_generation_config_eos_stops_the_row(tiny_model, tmp_path):
 
     model = tmp_path / "stopper"
     shutil.copytree(tiny_model, model)
-    weights = load_file(model / "model.safetensors")
-    (head,) = [k for k in weights if k.endswith("lm_head.weight")]
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    (head,) = [k for k in index if k.endswith("lm_head.weight")]
+    weights = load_file(model / index[head])
     weights[head].zero_()  # every logit 0: greedy picks id 0, <|endoftext|>
-    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    save_file(weights, model / index[head], metadata={"format": "pt"})
     gen = json.loads((model / "generation_config.json").read_text())
     gen["eos_token_id"] = [2, 0]
     (model / "generation_config.json").write_text(json.dumps(gen))

@@ -18,11 +18,21 @@ class GenerationParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # the model's (tokenizer and generation config)
+    stop_token_ids: tuple[int, ...] = ()  # the job's own, which end a row even with ignore_eos
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        """Token ids that end a row."""
+        ids = self.stop_token_ids if self.ignore_eos else self.eos_token_ids + self.stop_token_ids
+        return tuple(dict.fromkeys(ids))
 
 
 class Engine(ABC):
@@ -61,17 +71,33 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def finish(tokens: list[int], params: GenerationParams) -> tuple[list[int], str]:
     """Cut generated tokens after the first stop token. Returns (tokens kept, finish reason)."""
-    stops = set(params.stop_token_ids)
+    stops = set(params.stops)
     for i, t in enumerate(tokens):
-        if t in stops:
+        if t in stops and i + 1 >= params.min_new_tokens:
             return tokens[: i + 1], FINISH_STOP
     return tokens, FINISH_LENGTH
+
+
+def cut_at_stop_string(tokens: list[int], text: str, params: GenerationParams,
+                       tokenizer) -> tuple[list[int], str] | None:
+    """If the text holds a stop string: (the tokens up to the one that completed it, the text before it)."""
+    hits = [(text.find(s), s) for s in params.stop if s and s in text]
+    if not hits:
+        return None
+    at, stop = min(hits)
+    for n in range(1, len(tokens) + 1):
+        if stop in tokenizer.decode(tokens[:n], skip_special_tokens=True):
+            return tokens[:n], text[:at]
+    return tokens, text[:at]
 
 
 def decode_result(request: Request, tokens: list[int], params: GenerationParams, tokenizer) -> Result:
     """A finished row: text without special tokens, token counts and why it stopped."""
     kept, reason = finish(tokens, params)
     text = tokenizer.decode(kept, skip_special_tokens=True)
+    cut = cut_at_stop_string(kept, text, params, tokenizer) if params.stop else None
+    if cut is not None:
+        (kept, text), reason = cut, FINISH_STOP
     return Result(id=request.id, text=text, error=None, finish_reason=reason,
                   prompt_tokens=len(request.prompt_ids), output_tokens=len(kept), keep=request.keep,
                   images=len(request.tiles_per_image))
@@ -82,4 +108,8 @@ def make_engine(backend: str, **kwargs) -> Engine:
         from batchvl.engine.hf import TransformersEngine
 
         return TransformersEngine(**kwargs)
+    if backend == "native":
+        from batchvl.engine.native import NativeEngine
+
+        return NativeEngine(**kwargs)
     raise ValueError(f"unknown backend {backend!r}")

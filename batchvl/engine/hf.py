@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 
 class TransformersEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
-                 dtype: str = "auto", max_batch_size: int = 8, trust_remote_code: bool = False):
+                 dtype: str = "auto", max_batch_size: int = 8, trust_remote_code: bool = False, **_unused):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
         self.params = params
         self.max_batch_size = max_batch_size
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else params.stop_token_ids[0]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else params.eos_token_ids[0]
         self.remote = checkpoint.layout != LAYOUT_HF
         log.info("loading %s with transformers (%s, %s)", checkpoint.path, self.device, self.dtype)
         if self.remote:
@@ -43,6 +43,8 @@ class TransformersEngine(Engine):
             self.model = InternVLForConditionalGeneration.from_pretrained(
                 checkpoint.path, dtype=self.dtype, local_files_only=True)
         self.model.to(self.device).eval()
+        # generate() falls back to the checkpoint's EOS ids when given none; ignore_eos must remove them.
+        self.model.generation_config.eos_token_id = None
 
     @torch.inference_mode()
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -55,8 +57,11 @@ class TransformersEngine(Engine):
             mask[i, width - len(r.prompt_ids):] = 1
         tiles = [r.pixel_values for r in requests if r.pixel_values is not None]
         pixel_values = torch.cat(tiles).to(self.device, self.dtype) if tiles else None  # [T, 3, S, S]
-        kwargs = dict(max_new_tokens=p.max_new_tokens, eos_token_id=list(p.stop_token_ids),
-                      pad_token_id=self.pad_id, repetition_penalty=p.repetition_penalty)
+        kwargs = dict(max_new_tokens=p.max_new_tokens, eos_token_id=list(p.stops) or None,
+                      pad_token_id=self.pad_id, repetition_penalty=p.repetition_penalty,
+                      min_new_tokens=p.min_new_tokens or None)
+        if p.stop:
+            kwargs.update(stop_strings=list(p.stop), tokenizer=self.tokenizer)
         if p.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

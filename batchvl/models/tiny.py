@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 MARKER = "batchvl-tiny.json"
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>",
+                  "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # InternVL 2.5/3's default system message, so the template path is the one real checkpoints take.
 SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -48,15 +49,27 @@ The first frame shows a kitchen; the second frame shows a person cooking dinner 
 """
 
 
-def tiny_config(seed: int) -> dict:
-    return {"seed": seed, "version": 1, "vision": "300m-tiny", "llm": "qwen2-tiny", "layout": "hf"}
+LAYOUTS = ("hf", "opengvlab")
+LLMS = ("qwen2", "internlm2", "llama", "phi3")
+VISIONS = ("300m", "6b")
+# The conversation template OpenGVLab's configs name for each language model family.
+OPENGVLAB_TEMPLATES = {"qwen2": "internvl2_5", "internlm2": "internlm2-chat", "llama": "Hermes-2", "phi3": "phi3-chat"}
 
 
-def make_tiny_model(out_dir: Path, seed: int = 0, force: bool = False) -> bool:
+def tiny_config(seed: int, layout: str = "hf", llm: str = "qwen2", vision: str = "300m") -> dict:
+    return {"seed": seed, "version": 2, "vision": vision, "llm": llm, "layout": layout}
+
+
+def make_tiny_model(out_dir: Path, seed: int = 0, force: bool = False, layout: str = "hf", llm: str = "qwen2",
+                    vision: str = "300m") -> bool:
     """Write the tiny checkpoint into `out_dir`. Returns False when an identical one is already there."""
+    if layout not in LAYOUTS or llm not in LLMS or vision not in VISIONS:
+        raise ValueError(f"layout/llm/vision must be one of {LAYOUTS} / {LLMS} / {VISIONS}")
+    if llm == "internlm2" and layout != "opengvlab":
+        raise ValueError("InternLM2 exists only in the OpenGVLab layout (transformers has no InternLM2 model)")
     out_dir = Path(out_dir)
     marker = out_dir / MARKER
-    wanted = tiny_config(seed)
+    wanted = tiny_config(seed, layout, llm, vision)
     if not force and marker.is_file() and json.loads(marker.read_text()) == wanted:
         return False
     if out_dir.exists():
@@ -67,10 +80,15 @@ def make_tiny_model(out_dir: Path, seed: int = 0, force: bool = False) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(tmp)
-    model = build_model(tokenizer, seed)
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    model = build_model(tokenizer, seed, llm, vision)
+    if layout == "hf":
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2MB")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    else:
+        tokenizer.chat_template = None  # the config's named template is used instead, as for InternVL2 checkpoints
+        tokenizer.save_pretrained(tmp)
+        write_opengvlab(tmp, model, llm)
     (tmp / MARKER).write_text(json.dumps(wanted))
     tmp.rename(out_dir)
     return True
@@ -109,34 +127,182 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, seed: int):
-    """A random transformers-native InternVL model: InternViT (tiny) + Qwen2 (tiny)."""
+def build_model(tokenizer, seed: int, llm: str = "qwen2", vision: str = "300m"):
+    """A random transformers-native InternVL model: a tiny InternViT and a tiny language model.
+
+    InternLM2 is built as Llama (the same computation) and renamed when written in OpenGVLab's layout.
+    Every parameter gets noise on top of transformers' initialisation, so that constants it initialises
+    (layer scales, position embeddings, norm weights) still tell a wrong weight mapping apart.
+    """
     from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
 
     vocab = -(-len(tokenizer) // 64) * 64
+    text = dict(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=8192, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, initializer_range=0.2,
+    )
+    if llm == "qwen2":
+        text.update(model_type="qwen2", rope_theta=1000000.0)
+    elif llm in ("llama", "internlm2"):
+        text.update(model_type="llama", rope_theta=500000.0 if llm == "llama" else 1000000.0, attention_bias=False)
+        if llm == "llama":  # Llama-3's rotary scaling, as in InternVL2-76B's language model
+            text["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+    elif llm == "phi3":
+        half = 64 // 4 // 2  # head_dim / 2 factors
+        text.update(model_type="phi3", rope_theta=10000.0, original_max_position_embeddings=256,
+                    rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(half)],
+                                  "long_factor": [1.0 + 0.4 * i for i in range(half)]},
+                    pad_token_id=tokenizer.pad_token_id)
+    vision_cfg = dict(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=448,
+        patch_size=56, layer_scale_init_value=0.1, use_mean_pooling=True,
+    )
+    if vision == "300m":
+        vision_cfg.update(norm_type="layer_norm", attention_bias=True, use_qk_norm=False)
+    else:  # InternViT-6B's shape of computation: RMSNorm, no qkv bias, full-width q/k norm
+        vision_cfg.update(norm_type="rms_norm", attention_bias=False, use_qk_norm=True)
     config = InternVLConfig(
-        vision_config=dict(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            image_size=448, patch_size=56, norm_type="layer_norm", layer_scale_init_value=0.1,
-            attention_bias=True, use_qk_norm=False, use_mean_pooling=True,
-        ),
-        text_config=dict(
-            model_type="qwen2", vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-            max_position_embeddings=8192, tie_word_embeddings=False, rms_norm_eps=1e-6,
-            rope_theta=1000000.0, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-            initializer_range=0.2,
-        ),
+        vision_config=vision_cfg,
+        text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=(448 // 56) ** 2 // 4,
         downsample_ratio=0.5,
         projector_hidden_act="gelu",
-        vision_feature_layer=-1,
+        vision_feature_layer=-1 if vision == "300m" else -2,
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, do_sample=False)
     return model
+
+
+def write_opengvlab(out: Path, model, llm: str) -> None:
+    """Write a transformers-native model in OpenGVLab's InternVLChatModel layout (config and weights)."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    v, t = cfg.vision_config, cfg.text_config
+    weights = to_opengvlab_weights(model.state_dict(), cfg, llm)
+    # Two shards and an index, as large checkpoints have.
+    names = sorted(weights)
+    half = len(names) // 2
+    index = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: weights[n].contiguous() for n in part}, out / file, metadata={"format": "pt"})
+        index.update(dict.fromkeys(part, file))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=2))
+    text = t.to_dict()
+    if llm == "internlm2":
+        text = {
+            "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps,
+            "max_position_embeddings": t.max_position_embeddings, "rope_theta": 1000000.0,
+            "rope_scaling": {"type": "dynamic", "factor": 2.0}, "tie_word_embeddings": False,
+            "eos_token_id": t.eos_token_id,
+        }
+    else:
+        text["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                                  "phi3": "Phi3ForCausalLM"}[llm]]
+    config = {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "template": OPENGVLAB_TEMPLATES[llm],
+        "downsample_ratio": cfg.downsample_ratio,
+        "ps_version": "v2",
+        "select_layer": cfg.vision_feature_layer,
+        "force_image_size": v.image_size[0],
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 12,
+        "llm_config": text,
+        "vision_config": {
+            "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+            "hidden_size": v.hidden_size, "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads, "intermediate_size": v.intermediate_size,
+            "image_size": v.image_size[0], "patch_size": v.patch_size[0], "num_channels": 3,
+            "norm_type": v.norm_type, "layer_norm_eps": v.layer_norm_eps, "qkv_bias": v.attention_bias,
+            "qk_normalization": v.use_qk_norm, "hidden_act": "gelu",
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    gen = {"eos_token_id": [model.generation_config.eos_token_id[0]],
+           "pad_token_id": model.generation_config.pad_token_id}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def to_opengvlab_weights(state: dict, cfg, llm: str) -> dict:
+    """transformers-native InternVL weight names -> OpenGVLab's (q/k/v fused in the vision tower; InternLM2's
+    names and grouped wqkv for the language model when llm is internlm2)."""
+    out = {}
+    t = cfg.text_config
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    for name, w in state.items():
+        if name.startswith("vision_tower."):
+            rest = name.removeprefix("vision_tower.")
+            if rest.startswith("encoder.layer."):
+                i, sub = rest.removeprefix("encoder.layer.").split(".", 1)
+                if sub.startswith(("attention.k_proj", "attention.v_proj")):
+                    continue
+                if sub.startswith("attention.q_proj"):
+                    kind = sub.rsplit(".", 1)[1]
+                    parts = [state[f"vision_tower.encoder.layer.{i}.attention.{p}_proj.{kind}"] for p in "qkv"]
+                    out[f"vision_model.encoder.layers.{i}.attn.qkv.{kind}"] = torch.cat(parts)
+                    continue
+                sub = {"lambda_1": "ls1", "lambda_2": "ls2"}.get(sub, sub)
+                for a, b in (("attention.projection_layer", "attn.proj"), ("attention.q_norm", "attn.q_norm"),
+                             ("attention.k_norm", "attn.k_norm"), ("layernorm_before", "norm1"),
+                             ("layernorm_after", "norm2")):
+                    sub = sub.replace(a, b)
+                out[f"vision_model.encoder.layers.{i}.{sub}"] = w
+            else:
+                rest = {"embeddings.cls_token": "embeddings.class_embedding",
+                        "embeddings.position_embeddings": "embeddings.position_embedding"}.get(rest, rest)
+                out["vision_model." + rest.replace("patch_embeddings.projection", "patch_embedding")] = w
+        elif name.startswith("multi_modal_projector."):
+            rest = name.removeprefix("multi_modal_projector.")
+            for a, b in (("layer_norm", "0"), ("linear_1", "1"), ("linear_2", "3")):
+                rest = rest.replace(a, b)
+            out["mlp1." + rest] = w
+        elif llm != "internlm2":
+            rest = name.removeprefix("language_model.").removeprefix("model.")
+            out["language_model." + (rest if rest == "lm_head.weight" else "model." + rest)] = w
+        else:
+            out.update(_internlm2_weight(name, w, state, t))
+    return out
+
+
+def _internlm2_weight(name: str, w, state: dict, t) -> dict:
+    rest = name.removeprefix("language_model.").removeprefix("model.")
+    if rest == "lm_head.weight":
+        return {"language_model.output.weight": w}
+    if rest == "embed_tokens.weight":
+        return {"language_model.model.tok_embeddings.weight": w}
+    if rest == "norm.weight":
+        return {"language_model.model.norm.weight": w}
+    layer, sub = rest.removeprefix("layers.").split(".", 1)
+    prefix = f"language_model.model.layers.{layer}."
+    if sub in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        return {}
+    if sub == "self_attn.q_proj.weight":
+        heads, kv, d = t.num_attention_heads, t.num_key_value_heads, t.hidden_size // t.num_attention_heads
+        src = next(k for k in state if k.endswith(f"layers.{layer}.self_attn.q_proj.weight")).rsplit("q_proj", 1)[0]
+        q = state[src + "q_proj.weight"].reshape(kv, heads // kv, d, -1)
+        k = state[src + "k_proj.weight"].reshape(kv, 1, d, -1)
+        v = state[src + "v_proj.weight"].reshape(kv, 1, d, -1)
+        return {prefix + "attention.wqkv.weight": torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])}
+    names = {"self_attn.o_proj.weight": "attention.wo.weight", "mlp.gate_proj.weight": "feed_forward.w1.weight",
+             "mlp.up_proj.weight": "feed_forward.w3.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+             "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"}
+    return {prefix + names[sub]: w}

@@ -1,0 +1,159 @@
+"""The native engine: batchvl's own InternVL models in static batches over a preallocated KV cache.
+
+A batch runs as:
+1. the vision encoder over all tiles of all rows, in chunks of `vision_chunk` tiles;
+2. (the projector is part of the encoder) the image embeddings placed at the `<IMG_CONTEXT>` positions;
+3. prefill over the right-padded prompts, with the LM head only at each row's last token;
+4. decode: one token per row per step at the row's own position, sampling on the device, until every row
+   has stopped or reached max_new_tokens. The loop looks at the host only every `check_every` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from batchvl.core import Request, Result
+from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
+from batchvl.engine.sampler import Sampler, row_seed
+from batchvl.models.checkpoint import CheckpointInfo
+from batchvl.models.decoder import KVCache
+from batchvl.models.loader import load_model
+from batchvl.prompt import IMG_CONTEXT
+
+log = logging.getLogger(__name__)
+
+
+class NativeEngine(Engine):
+    def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
+                 dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
+                 vision_chunk: int = 64, check_every: int = 8, **_unused):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.tokenizer = tokenizer
+        self.params = params
+        self.max_batch_size = max_batch_size
+        self.vision_chunk = vision_chunk
+        self.check_every = check_every
+        log.info("loading %s natively (%s, %s)", checkpoint.path, self.device, self.dtype)
+        loaded = load_model(checkpoint, self.device, self.dtype)
+        self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        self.pad_id = 0
+        self.sampler = Sampler(params, vocab=self.text_spec.vocab)
+        self.stops = torch.tensor(params.stops or (-1,), device=self.device)
+        self.eos_block = torch.tensor([t for t in params.stops if 0 <= t < self.text_spec.vocab] or [0],
+                                      device=self.device)
+        self.max_batch_tokens = max_batch_tokens or self._auto_batch_tokens()
+        self.cache: KVCache | None = None
+
+    def _auto_batch_tokens(self) -> int:
+        """Tokens (prompt + output, summed over rows) one batch may hold: the KV cache's share of free memory."""
+        if self.device.type != "cuda":
+            return 1 << 20
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_token = KVCache.bytes_per_token(self.text_spec, self.dtype)
+        return max(int(free * 0.6) // per_token, 4096)
+
+    # -----------------------------------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run requests in sub-batches that fit the token budget; results keep the request order."""
+        results: list[Result] = []
+        for chunk in self._split(requests):
+            results.extend(self._run(chunk))
+        return results
+
+    def _split(self, requests: list[Request]) -> list[list[Request]]:
+        out, cur, width = [], [], 0
+        for r in requests:
+            need = len(r.prompt_ids) + self.params.max_new_tokens
+            new_width = max(width, need)
+            if cur and (new_width * (len(cur) + 1) > self.max_batch_tokens or len(cur) >= self.max_batch_size):
+                out.append(cur)
+                cur, new_width = [], need
+            cur.append(r)
+            width = new_width
+        if cur:
+            out.append(cur)
+        return out
+
+    @torch.inference_mode()
+    def _run(self, requests: list[Request]) -> list[Result]:
+        p, lm = self.params, self.model.lm
+        b = len(requests)
+        lengths_list = [len(r.prompt_ids) for r in requests]
+        width = max(lengths_list)
+        span = width + p.max_new_tokens
+        cache = self._cache(b, span)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        ids = ids.to(self.device)
+        lengths = torch.tensor(lengths_list, device=self.device)
+
+        x = lm.embed(ids)  # [B, P, C]
+        features = self._vision(requests)
+        if features is not None:
+            slots = ids == self.image_token_id
+            if int(slots.sum()) != features.shape[0]:
+                raise RuntimeError(f"{int(slots.sum())} image context tokens for {features.shape[0]} image features")
+            x[slots] = features.to(x.dtype)
+
+        vocab = self.text_spec.vocab
+        seen = torch.zeros((b, vocab), dtype=torch.bool, device=self.device)
+        if p.repetition_penalty != 1.0:
+            seen.scatter_(1, ids.clamp(max=vocab - 1), True)
+            seen[:, self.pad_id] = False
+            for i, r in enumerate(requests):  # the pad id may be a real token of a row
+                if self.pad_id in r.prompt_ids:
+                    seen[i, self.pad_id] = True
+        seeds = torch.tensor([row_seed(p.seed, r.id) for r in requests], device=self.device, dtype=torch.int64)
+
+        h = lm.prefill(x, lengths, cache)  # [B, C]
+        out = torch.full((b, p.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        positions = lengths.clone()
+        for step in range(p.max_new_tokens):
+            block = self.eos_block if step < p.min_new_tokens else None
+            token = self.sampler(lm.logits(h), seen, seeds, step, block)
+            token = torch.where(done, self.pad_id, token)
+            out[:, step] = token
+            seen[torch.arange(b, device=self.device), token] = True
+            done |= torch.isin(token, self.stops)
+            if step + 1 == p.max_new_tokens or ((step + 1) % self.check_every == 0 and bool(done.all())):
+                break
+            h = lm.decode(lm.embed(token)[:, None], positions, cache, span)
+            positions += 1
+        tokens = out.tolist()
+        return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
+
+    def _vision(self, requests: list[Request]) -> torch.Tensor | None:
+        """Image embeddings of all tiles of the batch, in request order: [T * tokens_per_tile, C]."""
+        tiles = [r.pixel_values for r in requests if r.pixel_values is not None]
+        if not tiles:
+            return None
+        pixels = torch.cat(tiles)  # [T, 3, S, S]
+        out = []
+        for start in range(0, pixels.shape[0], self.vision_chunk):
+            chunk = pixels[start : start + self.vision_chunk].to(self.device, self.dtype, non_blocking=True)
+            out.append(self.model.vision(chunk).flatten(0, 1))
+        return torch.cat(out)
+
+    def _cache(self, batch: int, positions: int) -> KVCache:
+        c = self.cache
+        if c is None or c.batch < batch or c.positions < positions:
+            # Grow to at least the configured batch, and round positions up to limit reallocation.
+            rows = max(batch, min(self.max_batch_size, batch if c is None else max(c.batch, batch)))
+            span = 256 * math.ceil(max(positions, c.positions if c else 0) / 256)
+            self.cache = None
+            c = self.cache = KVCache(self.text_spec, rows, span, self.device, self.dtype)
+        return c
+
+    def close(self) -> None:
+        self.cache = None
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
