@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--force", action="store_true", help="rewrite it even if an identical one is there")
+    tiny.add_argument("--layout", choices=("hf", "opengvlab"), default="hf",
+                      help="transformers-native (model_type internvl) or OpenGVLab's InternVLChatModel layout")
+    tiny.add_argument("--llm", choices=("qwen2", "internlm2", "llama", "phi3"), default="qwen2",
+                      help="language model family (internlm2 needs --layout opengvlab)")
+    tiny.add_argument("--vision", choices=("300m", "6b"), default="300m",
+                      help="InternViT-300M's structure (LayerNorm, qkv bias) or InternViT-6B's (RMSNorm, qk norm)")
     _verbosity(tiny)
     tiny.set_defaults(func=_make_tiny)
     return parser
@@ -98,8 +104,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from batchvl.models.tiny import make_tiny_model
 
     try:
-        made = make_tiny_model(args.dir, seed=args.seed, force=args.force)
-    except FileExistsError as e:
+        made = make_tiny_model(args.dir, seed=args.seed, force=args.force, layout=args.layout, llm=args.llm,
+                               vision=args.vision)
+    except (FileExistsError, ValueError) as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
     print(f"{'wrote' if made else 'reusing'} tiny InternVL checkpoint at {args.dir}")

@@ -76,7 +76,7 @@ class GenerationSpec:
 
 @dataclass
 class EngineSpec:
-    backend: str = "transformers"
+    backend: str = "native"
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = 8

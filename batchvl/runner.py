@@ -32,6 +32,7 @@ from batchvl.models.checkpoint import (
     resolve_model_dir,
     stop_token_ids,
 )
+from batchvl.models.loader import build_specs
 from batchvl.prepare import PrepareSettings, RowPreparer
 from batchvl.progress import Progress
 from batchvl.prompt import PromptBuilder
@@ -84,6 +85,8 @@ def plan_job(job: Job) -> Plan:
             and not job.engine.trust_remote_code:
         raise JobError("engine.trust_remote_code: this is an OpenGVLab-layout checkpoint (InternVLChatModel); the "
                        "transformers backend can only load it with its own code: set engine.trust_remote_code: true")
+    if job.engine.backend == "native":
+        build_specs(checkpoint)  # an unsupported family or config fails here, before any work
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
     template = _resolve_template(job, checkpoint, tokenizer)
     files = job.input.files

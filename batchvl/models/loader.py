@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchvl.job import JobError
 from batchvl.models import internlm2, llama, phi3, qwen2
 from batchvl.models.checkpoint import LAYOUT_HF, CheckpointInfo
 from batchvl.models.decoder import DecoderLM, DecoderSpec
@@ -35,8 +36,12 @@ _ARCH_TO_FAMILY = {
 }
 
 
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded natively: an unsupported family, or weights that do not fit."""
+class CheckpointError(JobError):
+    """The checkpoint cannot be loaded natively: an unsupported family, or weights that do not fit.
+    Like every JobError it reaches the user as one line naming the key (`model: ...`)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"model: {message}")
 
 
 def text_family(ck: CheckpointInfo) -> str:

@@ -42,7 +42,12 @@ dynamic NTK past ``max_position_embeddings``) are computed on the target device,
 Because a KV cache keeps keys rotated with whatever frequencies were current when they were written, exact
 parity past the switching points needs tables per forward step; for sequences that stay within
 ``original_max_position_embeddings`` (longrope) or ``max_position_embeddings`` (dynamic) one static table is
-exact for every position.
+exact for every position. In transformers 5.17 generation, longrope decides per forward call: the prefill
+uses ``max(prompt positions) + 1``, each decode step ``max(step positions) + 1`` (batch-wide), so the step
+whose largest position reaches ``original_max_position_embeddings`` switches to the long factors while the
+cached keys keep the short ones. (``Phi3ForCausalLM.prepare_inputs_for_generation`` tries to drop the cache at
+that point to re-prefill with long factors, but in 5.17 it still feeds only the newest token, so its output
+past the switch has no context; ``InternVLForConditionalGeneration`` has no such hook.)
 """
 
 from __future__ import annotations

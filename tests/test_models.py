@@ -1,0 +1,96 @@
+"""Model pieces that parity runs do not isolate: pixel shuffle versions, the loader's checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from batchvl.cli import main
+from batchvl.models.checkpoint import CheckpointInfo
+from batchvl.models.internvit import pixel_shuffle
+from batchvl.models.loader import CheckpointError, load_model
+from batchvl.models.tiny import make_tiny_model
+
+from .conftest import base_job, write_job, write_jsonl
+
+
+def reference_pixel_shuffle(x, scale_factor=0.5, ps_version="v2"):
+    # Restated from InternVLChatModel.pixel_shuffle.
+    n, w, h, c = x.size()
+    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+    if ps_version != "v1":
+        x = x.permute(0, 2, 1, 3).contiguous()
+    return x
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_pixel_shuffle_matches_internvl(version):
+    x = torch.randn(3, 8, 8, 5)
+    assert torch.equal(pixel_shuffle(x, 0.5, version), reference_pixel_shuffle(x, 0.5, version))
+    assert not torch.equal(pixel_shuffle(x, 0.5, "v1"), pixel_shuffle(x, 0.5, "v2"))
+
+
+@pytest.fixture
+def opengvlab_model(tmp_path):
+    path = tmp_path / "og"
+    make_tiny_model(path, layout="opengvlab", llm="internlm2")
+    return path
+
+
+def test_a_missing_weight_is_named(opengvlab_model):
+    index = json.loads((opengvlab_model / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "language_model.model.layers.1.feed_forward.w3.weight"
+    shard = opengvlab_model / index[name]
+    weights = load_file(shard)
+    del weights[name]
+    save_file(weights, shard)
+    with pytest.raises(CheckpointError, match=r"^model: 1 parameter\(s\) not \(fully\) loaded.*layers\.1\.gate_up"):
+        load_model(CheckpointInfo.read(opengvlab_model), torch.device("cpu"), torch.float32)
+
+
+def test_a_misshapen_weight_is_named(opengvlab_model):
+    index = json.loads((opengvlab_model / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "mlp1.1.weight"
+    weights = load_file(opengvlab_model / index[name])
+    weights[name] = weights[name][:, :10].contiguous()
+    save_file(weights, opengvlab_model / index[name])
+    with pytest.raises(CheckpointError, match="mlp1.1.weight: shape"):
+        load_model(CheckpointInfo.read(opengvlab_model), torch.device("cpu"), torch.float32)
+
+
+def test_weights_are_converted_to_the_dtype(opengvlab_model):
+    loaded = load_model(CheckpointInfo.read(opengvlab_model), torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+def test_unsupported_language_model_is_a_job_error(opengvlab_model, tmp_path, capsys):
+    config = json.loads((opengvlab_model / "config.json").read_text())
+    config["llm_config"]["architectures"] = ["MistralForCausalLM"]
+    config["llm_config"]["model_type"] = "mistral"
+    (opengvlab_model / "config.json").write_text(json.dumps(config))
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": 1, "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", base_job(opengvlab_model, rows, tmp_path / "out",
+                                                    input={"image_column": None}, engine={"backend": "native"}))
+    assert main(["validate", str(job)]) == 2
+    assert "model: language model mistral is not supported natively" in capsys.readouterr().err
+
+
+def test_opengvlab_layout_on_the_transformers_backend_needs_remote_code(opengvlab_model, tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": 1, "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", base_job(opengvlab_model, rows, tmp_path / "out",
+                                                    input={"image_column": None}))
+    assert main(["validate", str(job)]) == 2
+    assert "engine.trust_remote_code:" in capsys.readouterr().err
+
+
+def test_opengvlab_checkpoint_without_chat_template_uses_its_named_template(opengvlab_model, tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": 1, "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", base_job(opengvlab_model, rows, tmp_path / "out",
+                                                    input={"image_column": None}, engine={"backend": "native"}))
+    assert main(["validate", str(job)]) == 0
+    assert "InternVL conversation template internlm2-chat" in capsys.readouterr().out
