@@ -60,7 +60,28 @@ def _parser() -> argparse.ArgumentParser:
                       help="InternViT-300M's structure (LayerNorm, qkv bias) or InternViT-6B's (RMSNorm, qk norm)")
     _verbosity(tiny)
     tiny.set_defaults(func=_make_tiny)
+    check = sub.add_parser("check-parity", help="compare the native engine with transformers on random weights")
+    check.add_argument("--shape", action="append", default=None,
+                       help="tiny, internvl2-1b, internvl2-4b or internvit-6b (repeatable; default tiny)")
+    check.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
+    check.add_argument("--device", default="auto")
+    check.add_argument("--dtype", default="auto")
+    check.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    _verbosity(check)
+    check.set_defaults(func=_check_parity)
     return parser
+
+
+def _check_parity(args: argparse.Namespace) -> int:
+    from batchvl.check import SHAPES
+    from batchvl.check import main as check_main
+
+    shapes = args.shape or ["tiny"]
+    for shape in shapes:
+        if shape not in SHAPES:
+            print(f"batchvl: error: --shape: unknown shape {shape!r} (known: {', '.join(SHAPES)})", file=sys.stderr)
+            return EXIT_JOB_ERROR
+    return check_main(shapes, args.tokens, args.device, args.dtype, args.out)
 
 
 def _verbosity(p: argparse.ArgumentParser) -> None:

@@ -94,3 +94,12 @@ def test_opengvlab_checkpoint_without_chat_template_uses_its_named_template(open
                                                     input={"image_column": None}, engine={"backend": "native"}))
     assert main(["validate", str(job)]) == 0
     assert "InternVL conversation template internlm2-chat" in capsys.readouterr().out
+
+
+def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
+    from batchvl.check import check_parity
+
+    checks, info = check_parity("tiny", tokens=8, device="cpu", dtype="float32")
+    assert info["dtype"] == "float32" and len(checks) == 4
+    for c in checks:
+        assert c.rel_err_native_vs_ref < 1e-5 and c.agree_prefix == 8, c

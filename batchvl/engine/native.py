@@ -48,6 +48,8 @@ class NativeEngine(Engine):
                                       device=self.device)
         self.max_batch_tokens = max_batch_tokens or self._auto_batch_tokens()
         self.cache: KVCache | None = None
+        self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
+        self.last_tokens: list[list[int]] = []  # the last batch's generated ids, before any stop cut
 
     def _auto_batch_tokens(self) -> int:
         """Tokens (prompt + output, summed over rows) one batch may hold: the KV cache's share of free memory."""
@@ -118,7 +120,10 @@ class NativeEngine(Engine):
         positions = lengths.clone()
         for step in range(p.max_new_tokens):
             block = self.eos_block if step < p.min_new_tokens else None
-            token = self.sampler(lm.logits(h), seen, seeds, step, block)
+            logits = lm.logits(h)  # [B, V] float32
+            if step == 0 and self.first_step_logits is not None:
+                self.first_step_logits.append(logits[:, :vocab].cpu())
+            token = self.sampler(logits, seen, seeds, step, block)
             token = torch.where(done, self.pad_id, token)
             out[:, step] = token
             seen[torch.arange(b, device=self.device), token] = True
@@ -128,6 +133,7 @@ class NativeEngine(Engine):
             h = lm.decode(lm.embed(token)[:, None], positions, cache, span)
             positions += 1
         tokens = out.tolist()
+        self.last_tokens = tokens
         return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
 
     def _vision(self, requests: list[Request]) -> torch.Tensor | None:
