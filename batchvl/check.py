@@ -66,6 +66,7 @@ class RowCheck:
     rel_err_ref_vs_fp32: float  # transformers (dtype) vs transformers (float32)
     agree_prefix: int  # leading tokens native and transformers (dtype) agree on
     agree_positions: int  # positions where they agree
+    ref_fp32_agree_prefix: int  # the same for transformers (dtype) vs transformers (float32): the noise floor
     tokens: int
 
 
@@ -131,6 +132,10 @@ def reference(model, request: Request, tokens: int, device) -> tuple[torch.Tenso
     return logits, out[0, ids.shape[1]:].tolist()
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -174,16 +179,16 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     checks = []
     for i, r in enumerate(rows):
         ref_logits, ref_ids = refs[dt][i]
-        fp32_logits, _ = refs[torch.float32][i]
+        fp32_logits, fp32_ids = refs[torch.float32][i]
         mine = native_ids[i]
-        prefix = next((j for j, (a, b) in enumerate(zip(mine, ref_ids, strict=True)) if a != b), tokens)
+        prefix = _common_prefix(mine, ref_ids)
         checks.append(RowCheck(
             id=r.id, prompt_tokens=len(r.prompt_ids),
             rel_err_native_vs_ref=rel_err(native_logits[i], ref_logits),
             rel_err_native_vs_fp32=rel_err(native_logits[i], fp32_logits),
             rel_err_ref_vs_fp32=rel_err(ref_logits, fp32_logits),
             agree_prefix=prefix, agree_positions=sum(a == b for a, b in zip(mine, ref_ids, strict=True)),
-            tokens=tokens))
+            ref_fp32_agree_prefix=_common_prefix(ref_ids, fp32_ids), tokens=tokens))
     if tmp:
         tmp.cleanup()
     return checks, info
@@ -193,10 +198,12 @@ def format_table(checks: list[RowCheck], info: dict) -> str:
     head = (f"shape {info['shape']} on {info['device']}, {info['dtype']}, torch {info['torch']}; "
             f"first-step logits relative error and greedy agreement over {info['tokens']} tokens")
     lines = [head, "| row | prompt tokens | native vs transformers | native vs fp32 | transformers vs fp32 "
-             "| agree (prefix) | agree (positions) |", "|---|---|---|---|---|---|---|"]
+             "| agree (prefix) | agree (positions) | transformers vs fp32 agree (prefix) |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in checks:
         lines.append(f"| {c.id} | {c.prompt_tokens} | {c.rel_err_native_vs_ref:.2e} | {c.rel_err_native_vs_fp32:.2e} "
-                     f"| {c.rel_err_ref_vs_fp32:.2e} | {c.agree_prefix}/{c.tokens} | {c.agree_positions}/{c.tokens} |")
+                     f"| {c.rel_err_ref_vs_fp32:.2e} | {c.agree_prefix}/{c.tokens} | {c.agree_positions}/{c.tokens} "
+                     f"| {c.ref_fp32_agree_prefix}/{c.tokens} |")
     return "\n".join(lines)
 
 

@@ -128,13 +128,27 @@ class NativeEngine(Engine):
             out[:, step] = token
             seen[torch.arange(b, device=self.device), token] = True
             done |= torch.isin(token, self.stops)
-            if step + 1 == p.max_new_tokens or ((step + 1) % self.check_every == 0 and bool(done.all())):
+            if (step + 1) % self.check_every == 0:  # the only host synchronisation of the loop
+                if p.stop:
+                    done |= self._stop_string_hits(out[:, : step + 1], done)
+                if bool(done.all()):
+                    break
+            if step + 1 == p.max_new_tokens:
                 break
             h = lm.decode(lm.embed(token)[:, None], positions, cache, span)
             positions += 1
         tokens = out.tolist()
         self.last_tokens = tokens
         return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
+
+    def _stop_string_hits(self, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Rows (not yet done) whose text so far holds a stop string: [B] bool on the device."""
+        hits = torch.zeros_like(done)
+        for i, (row, finished) in enumerate(zip(tokens.tolist(), done.tolist(), strict=True)):
+            if not finished:
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                hits[i] = any(s in text for s in self.params.stop)
+        return hits
 
     def _vision(self, requests: list[Request]) -> torch.Tensor | None:
         """Image embeddings of all tiles of the batch, in request order: [T * tokens_per_tile, C]."""
