@@ -65,3 +65,22 @@ def base_job(model: Path, input_path: Path, out: Path, **sections) -> dict:
     for key, value in sections.items():
         job.setdefault(key, {}).update(value) if isinstance(value, dict) else job.__setitem__(key, value)
     return job
+
+
+def make_stopper(src: Path, dst: Path) -> Path:
+    """A copy of a tiny checkpoint whose LM head is zero (greedy always picks id 0, <|endoftext|>) and whose
+    generation config makes id 0 an EOS id: every row stops at its first token."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    (head,) = [k for k in index if k.endswith("lm_head.weight")]
+    weights = load_file(dst / index[head])
+    weights[head].zero_()
+    save_file(weights, dst / index[head], metadata={"format": "pt"})
+    gen = json.loads((dst / "generation_config.json").read_text())
+    gen["eos_token_id"] = [2, 0]
+    (dst / "generation_config.json").write_text(json.dumps(gen))
+    return dst

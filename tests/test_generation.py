@@ -10,11 +10,10 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from safetensors.torch import load_file, save_file
 
 from batchvl.cli import main
 
-from .conftest import base_job, write_job, write_jsonl
+from .conftest import base_job, make_stopper, write_job, write_jsonl
 
 ROWS = [
     {"id": "a", "prompt": "Describe this image.", "image": "wide.jpg"},
@@ -42,18 +41,7 @@ def rows(images):
 
 @pytest.fixture
 def stopper(tiny_model, tmp_path):
-    """The tiny model with its LM head zeroed (greedy always picks id 0) and id 0 made an EOS id."""
-    model = tmp_path / "stopper"
-    shutil.copytree(tiny_model, model)
-    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
-    (head,) = [k for k in index if k.endswith("lm_head.weight")]
-    weights = load_file(model / index[head])
-    weights[head].zero_()
-    save_file(weights, model / index[head], metadata={"format": "pt"})
-    gen = json.loads((model / "generation_config.json").read_text())
-    gen["eos_token_id"] = [2, 0]
-    (model / "generation_config.json").write_text(json.dumps(gen))
-    return model
+    return make_stopper(tiny_model, tmp_path / "stopper")
 
 
 def both_backends(tmp_path, model, rows, **generation):

@@ -11,7 +11,7 @@ import pytest
 
 from batchvl.cli import main
 
-from .conftest import base_job, random_image, write_job, write_jsonl
+from .conftest import base_job, make_stopper, random_image, write_job, write_jsonl
 from .reference import reference_generate, reference_prompt
 
 
@@ -143,22 +143,7 @@ def test_max_dynamic_patch_from_job_and_from_row(tiny_model, images, tmp_path, m
 
 def test_generation_config_eos_stops_the_row(tiny_model, tmp_path):
     """A checkpoint whose generation config adds an EOS id that the model always emits first stops at once."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    model = tmp_path / "stopper"
-    shutil.copytree(tiny_model, model)
-    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
-    (head,) = [k for k in index if k.endswith("lm_head.weight")]
-    weights = load_file(model / index[head])
-    weights[head].zero_()  # every logit 0: greedy picks id 0, <|endoftext|>
-    save_file(weights, model / index[head], metadata={"format": "pt"})
-    gen = json.loads((model / "generation_config.json").read_text())
-    gen["eos_token_id"] = [2, 0]
-    (model / "generation_config.json").write_text(json.dumps(gen))
-
+    model = make_stopper(tiny_model, tmp_path / "stopper")
     inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "hi"}])
     write_job(tmp_path / "job.yaml", base_job(model, inp, tmp_path / "out", input={"image_column": None}))
     assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 0

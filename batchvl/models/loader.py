@@ -21,7 +21,7 @@ from torch import nn
 
 from batchvl.job import JobError
 from batchvl.models import internlm2, llama, phi3, qwen2
-from batchvl.models.checkpoint import LAYOUT_HF, CheckpointInfo
+from batchvl.models.checkpoint import LAYOUT_HF, LAYOUT_OPENGVLAB, CheckpointInfo
 from batchvl.models.decoder import DecoderLM, DecoderSpec
 from batchvl.models.internvit import VisionEncoder, VisionSpec
 
@@ -134,12 +134,12 @@ def _load_weights(model: InternVL, ck: CheckpointInfo, vs: VisionSpec, ts: Decod
 
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}
-    skip_rows = vs.layers_to_run  # layers past the selected one are never run, so never loaded
+    vit_layers = vs.layers_to_run
     load_device = str(device) if device.type == "cuda" else "cpu"
     for file in shard_files(ck.path):
         with safe_open(str(file), framework="pt", device=load_device) as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-                for target, offset, tensor in _route(name, ck.layout, vs, ts, family, skip_rows, f):
+                for target, offset, tensor in _route(name, ck.layout, vs, ts, family, vit_layers, f):
                     param = params.get(target)
                     if param is None:
                         raise CheckpointError(f"weight {name} maps to {target}, which the model does not have")
@@ -157,15 +157,35 @@ def _load_weights(model: InternVL, ck: CheckpointInfo, vs: VisionSpec, ts: Decod
         raise CheckpointError(f"{len(missing)} parameter(s) not (fully) loaded, e.g. {missing[:5]}")
 
 
-_HF_VIT_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-_OG_VIT_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
-_HF_VIT = {
-    "attention.projection_layer": "proj", "attention.q_norm": "q_norm", "attention.k_norm": "k_norm",
-    "layernorm_before": "norm1", "layernorm_after": "norm2", "mlp.fc1": "fc1", "mlp.fc2": "fc2",
-}
-_OG_VIT = {
-    "attn.qkv": "qkv", "attn.proj": "proj", "attn.q_norm": "q_norm", "attn.k_norm": "k_norm",
-    "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "fc1", "mlp.fc2": "fc2",
+@dataclass(frozen=True)
+class _VitNames:
+    """How one layout spells the vision tower's weights."""
+
+    top: dict[str, str]  # embedding parameters -> ours
+    layer: re.Pattern  # "<layers>.<i>.<rest>"
+    modules: dict[str, str]  # per-layer module (or bare parameter) -> ours
+    qkv_parts: tuple[str, ...] = ()  # separate q, k, v modules to stack into our fused qkv
+
+
+_VIT_NAMES = {
+    LAYOUT_HF: _VitNames(
+        top={"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+             "embeddings.patch_embeddings.projection.weight": "patch_embed.weight",
+             "embeddings.patch_embeddings.projection.bias": "patch_embed.bias"},
+        layer=re.compile(r"^encoder\.layer\.(\d+)\.(.+)$"),
+        modules={"attention.projection_layer": "proj", "attention.q_norm": "q_norm", "attention.k_norm": "k_norm",
+                 "layernorm_before": "norm1", "layernorm_after": "norm2", "mlp.fc1": "fc1", "mlp.fc2": "fc2",
+                 "lambda_1": "ls1", "lambda_2": "ls2"},
+        qkv_parts=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    ),
+    LAYOUT_OPENGVLAB: _VitNames(
+        top={"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+             "embeddings.patch_embedding.weight": "patch_embed.weight",
+             "embeddings.patch_embedding.bias": "patch_embed.bias"},
+        layer=re.compile(r"^encoder\.layers\.(\d+)\.(.+)$"),
+        modules={"attn.qkv": "qkv", "attn.proj": "proj", "attn.q_norm": "q_norm", "attn.k_norm": "k_norm",
+                 "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "fc1", "mlp.fc2": "fc2", "ls1": "ls1", "ls2": "ls2"},
+    ),
 }
 
 
@@ -178,7 +198,7 @@ def _route(name: str, layout: str, vs: VisionSpec, ts: DecoderSpec, family: Modu
             lm_name = name.removeprefix("language_model.").removeprefix("model.")
             return [("lm." + t, o, x) for t, o, x in family.map_weight(lm_name, f.get_tensor(name), ts)]
         if name.startswith("vision_tower."):
-            return _route_vit_hf(name.removeprefix("vision_tower."), vs, vit_layers, f, name)
+            return _route_vit(name.removeprefix("vision_tower."), _VIT_NAMES[layout], vs, vit_layers, f, name)
         if name.startswith("multi_modal_projector."):
             part = {"layer_norm": "norm", "linear_1": "fc1", "linear_2": "fc2"}
             mod, _, kind = name.removeprefix("multi_modal_projector.").rpartition(".")
@@ -188,7 +208,7 @@ def _route(name: str, layout: str, vs: VisionSpec, ts: DecoderSpec, family: Modu
             lm_name = name.removeprefix("language_model.").removeprefix("model.")
             return [("lm." + t, o, x) for t, o, x in family.map_weight(lm_name, f.get_tensor(name), ts)]
         if name.startswith("vision_model."):
-            return _route_vit_og(name.removeprefix("vision_model."), vit_layers, f, name)
+            return _route_vit(name.removeprefix("vision_model."), _VIT_NAMES[layout], vs, vit_layers, f, name)
         if name.startswith("mlp1."):
             index, _, kind = name.removeprefix("mlp1.").partition(".")
             part = {"0": "norm", "1": "fc1", "3": "fc2"}[index]
@@ -196,42 +216,21 @@ def _route(name: str, layout: str, vs: VisionSpec, ts: DecoderSpec, family: Modu
     raise CheckpointError(f"unexpected weight {name!r} in a {layout}-layout checkpoint")
 
 
-def _route_vit_hf(name: str, vs: VisionSpec, vit_layers: int, f: Any, full: str):
-    simple = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-              "embeddings.patch_embeddings.projection.weight": "patch_embed.weight",
-              "embeddings.patch_embeddings.projection.bias": "patch_embed.bias"}
-    if name in simple:
-        return [(f"vision.vit.{simple[name]}", 0, f.get_tensor(full))]
-    m = _HF_VIT_LAYER.match(name)
+def _route_vit(name: str, names: _VitNames, vs: VisionSpec, vit_layers: int, f: Any, full: str):
+    if name in names.top:
+        return [(f"vision.vit.{names.top[name]}", 0, f.get_tensor(full))]
+    m = names.layer.match(name)
     if not m:
         raise CheckpointError(f"unexpected vision weight {full!r}")
     i, rest = int(m.group(1)), m.group(2)
-    if i >= vit_layers:
+    if i >= vit_layers:  # past the selected layer: never run, so never loaded
         return []
     prefix = f"vision.vit.blocks.{i}."
-    if rest in ("lambda_1", "lambda_2"):
-        return [(prefix + {"lambda_1": "ls1", "lambda_2": "ls2"}[rest], 0, f.get_tensor(full))]
+    if rest in names.modules:  # a bare parameter (layer scale)
+        return [(prefix + names.modules[rest], 0, f.get_tensor(full))]
     mod, _, kind = rest.rpartition(".")
-    qkv = {"attention.q_proj": 0, "attention.k_proj": vs.hidden, "attention.v_proj": 2 * vs.hidden}
-    if mod in qkv:
-        return [(prefix + "qkv." + kind, qkv[mod], f.get_tensor(full))]
-    return [(prefix + _HF_VIT[mod] + "." + kind, 0, f.get_tensor(full))]
-
-
-def _route_vit_og(name: str, vit_layers: int, f: Any, full: str):
-    simple = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-              "embeddings.patch_embedding.weight": "patch_embed.weight",
-              "embeddings.patch_embedding.bias": "patch_embed.bias"}
-    if name in simple:
-        return [(f"vision.vit.{simple[name]}", 0, f.get_tensor(full))]
-    m = _OG_VIT_LAYER.match(name)
-    if not m:
+    if mod in names.qkv_parts:
+        return [(prefix + "qkv." + kind, names.qkv_parts.index(mod) * vs.hidden, f.get_tensor(full))]
+    if mod not in names.modules:
         raise CheckpointError(f"unexpected vision weight {full!r}")
-    i, rest = int(m.group(1)), m.group(2)
-    if i >= vit_layers:
-        return []
-    prefix = f"vision.vit.blocks.{i}."
-    if rest in ("ls1", "ls2"):
-        return [(prefix + rest, 0, f.get_tensor(full))]
-    mod, _, kind = rest.rpartition(".")
-    return [(prefix + _OG_VIT[mod] + "." + kind, 0, f.get_tensor(full))]
+    return [(prefix + names.modules[mod] + "." + kind, 0, f.get_tensor(full))]
