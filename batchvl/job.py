@@ -36,6 +36,10 @@ class InputSpec:
     image_column: str | None = None
     media_root: str | None = None
     max_dynamic_patch_column: str | None = None
+    messages_column: str | None = None
+    video_column: str | None = None
+    video_frames_column: str | None = None
+    video_bound_column: str | None = None
     # Filled in by load_job from the job file's location; not a key.
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -58,6 +62,14 @@ class MediaSpec:
     min_dynamic_patch: int | None = None
     use_thumbnail: bool | None = None
     prepare_threads: int = 0  # 0: one per core
+    prefetch: int = 64  # rows prepared ahead of the engine, at most
+    prefetch_mb: int = 2048  # bytes of fetched and prepared media held ahead, at most
+    http_timeout_s: float = 30.0
+    http_retries: int = 3
+    http_concurrency: int = 64
+    max_image_pixels: int = 1 << 28
+    video_frames: int = 8
+    video_max_dynamic_patch: int = 1
 
 
 @dataclass
@@ -260,8 +272,19 @@ def _check(job: Job) -> None:
     lo, hi = job.media.min_dynamic_patch, job.media.max_dynamic_patch
     if lo is not None and hi is not None and lo > hi:
         raise JobError(f"media.min_dynamic_patch: {lo} is larger than media.max_dynamic_patch {hi}")
-    if job.prompt is None and job.input.prompt_column is None:
-        raise JobError("prompt: missing: set `prompt` or `input.prompt_column`")
+    if job.prompt is None and job.input.prompt_column is None and job.input.messages_column is None:
+        raise JobError("prompt: missing: set `prompt`, `input.prompt_column` or `input.messages_column`")
+    if job.input.messages_column is not None:
+        for key in ("prompt_column", "image_column", "video_column"):
+            if getattr(job.input, key) is not None:
+                raise JobError(f"input.{key}: not used with input.messages_column (messages carry their own "
+                               "text and images); remove one of them")
+    for key in ("prefetch", "prefetch_mb", "http_concurrency", "max_image_pixels", "video_frames",
+                "video_max_dynamic_patch"):
+        _at_least(f"media.{key}", getattr(job.media, key), 1)
+    _at_least("media.http_retries", job.media.http_retries, 0)
+    if job.media.http_timeout_s <= 0:
+        raise JobError(f"media.http_timeout_s: must be > 0, got {job.media.http_timeout_s}")
     if not job.model.strip():
         raise JobError("model: is empty")
     if job.chat_template not in ("auto", "none") and not job.resolve(job.chat_template).is_file():

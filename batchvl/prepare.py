@@ -1,12 +1,18 @@
-"""From an input row to an engine request: prompt, media references, tiles, token ids.
+"""From an input row to an engine request, in two stages.
 
-Everything here is CPU work that runs on the preparation threads, ahead of the engine. Any problem with a
-row (bad media, a missing prompt, too long a prompt) becomes that row's error result.
+1. `plan` (cheap, on the prefetch loop): read the row's prompt or messages and its media references into a
+   `RowPlan`: the conversation with one `<image>` placeholder per image (video frames already announced as
+   `Frame{i}: <image>`), and the list of media to fetch, with per-item tile limits.
+2. `build` (CPU work, on the preparation threads): decode the fetched media, tile and normalise it, render
+   the conversation with the chat template and tokenize.
+
+Any problem with a row (bad record, bad media, too long a prompt) becomes that row's error result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +20,14 @@ import torch
 
 from batchvl.core import Request, Result, Row, RowError
 from batchvl.io.writer import jsonish
+from batchvl.media.fetch import Blob
 from batchvl.media.image import decode_image
-from batchvl.media.sources import as_reference_list, describe, load_bytes
+from batchvl.media.sources import as_reference_list
 from batchvl.media.tiling import normalize_tiles, tile_image
-from batchvl.prompt import PromptBuilder, fill_fields, place_images
+from batchvl.media.video import decode_frames
+from batchvl.prompt import IMAGE_PLACEHOLDER, LMDEPLOY_IMAGE_TOKEN, PromptBuilder, fill_fields, place_images
+
+VIDEO_PLACEHOLDER = "<video>"
 
 
 @dataclass(frozen=True)
@@ -33,46 +43,128 @@ class PrepareSettings:
     use_thumbnail: bool
     tile_size: int
     max_prompt_tokens: int
+    messages_column: str | None = None
+    video_column: str | None = None
+    video_frames_column: str | None = None
+    video_bound_column: str | None = None
+    video_frames: int = 8
+    video_max_tiles: int = 1
+    max_image_pixels: int | None = None
+
+
+@dataclass(frozen=True)
+class MediaRef:
+    kind: str  # image | video
+    ref: Any
+    max_tiles: int
+    frames: int = 0  # video: frames to sample
+    bound: tuple[float, float] | None = None  # video: (start, end) seconds
+
+
+@dataclass
+class RowPlan:
+    row: Row
+    media_root: Path
+    messages: list[dict[str, str]]  # role + content with <image> placeholders, in media order
+    media: list[MediaRef] = field(default_factory=list)
+    keep: dict[str, Any] = field(default_factory=dict)
 
 
 class RowPreparer:
-    """Prepares rows for the engine. Thread-safe: it holds no per-row state."""
+    """Plans and builds rows. Thread-safe: it holds no per-row state."""
 
     def __init__(self, settings: PrepareSettings, prompts: PromptBuilder):
         self.s = settings
         self.prompts = prompts
 
-    def __call__(self, row: Row, media_root: Path) -> Request | Result:
+    # ---- stage 1: the plan ------------------------------------------------------------------------------
+
+    def plan(self, row: Row, media_root: Path) -> RowPlan | Result:
         keep = self._keep(row.data) if row.data is not None else {}
         if row.error is not None:
             return Result.failed(row.id, row.error, keep)
         try:
-            return self._prepare(row, media_root, keep)
+            if self.s.messages_column is not None:
+                messages, media = self._plan_messages(row.data)
+            else:
+                messages, media = self._plan_prompt(row.data)
         except RowError as e:
             return Result.failed(row.id, str(e), keep)
-        except Exception as e:  # a bug or an unforeseen input must still cost one row, not the run
-            return Result.failed(row.id, f"internal: {type(e).__name__}: {e}", keep)
+        return RowPlan(row, media_root, messages, media, keep)
 
-    def _prepare(self, row: Row, media_root: Path, keep: dict[str, Any]) -> Request:
-        s, data = self.s, row.data
+    def _plan_prompt(self, data: dict[str, Any]) -> tuple[list[dict[str, str]], list[MediaRef]]:
+        s = self.s
         text = self._prompt_text(data)
-        refs = as_reference_list(data.get(s.image_column)) if s.image_column else []
-        max_tiles = self._max_tiles(data)
+        max_tiles = self._row_int(data, s.max_dynamic_patch_column, s.max_tiles)
+        images = [MediaRef("image", r, max_tiles) for r in self._refs(data, s.image_column)]
+        text = place_images(text, len(images))
+        videos = self._refs(data, s.video_column)
+        if not videos:
+            return [{"role": "user", "content": text}], images
+        if len(videos) > 1:
+            raise RowError("input: one video per row is supported")
+        frames = self._row_int(data, s.video_frames_column, s.video_frames)
+        bound = self._bound(data)
+        video = MediaRef("video", videos[0], s.video_max_tiles, frames, bound)
+        announce = "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(frames))
+        if VIDEO_PLACEHOLDER in text:  # the video goes where the prompt says, among its images
+            before = text.split(VIDEO_PLACEHOLDER)[0].count(IMAGE_PLACEHOLDER)
+            text = text.replace(VIDEO_PLACEHOLDER, announce, 1)
+            return [{"role": "user", "content": text}], images[:before] + [video] + images[before:]
+        return [{"role": "user", "content": announce + text}], [video] + images
+
+    def _plan_messages(self, data: dict[str, Any]) -> tuple[list[dict[str, str]], list[MediaRef]]:
+        from batchvl.messages import flatten_messages
+
+        return flatten_messages(data.get(self.s.messages_column), self.s.max_tiles, self.s.messages_column)
+
+    # ---- stage 2: the build (CPU) -----------------------------------------------------------------------
+
+    def build(self, plan: RowPlan, blobs: Sequence[Blob]) -> Request | Result:
+        try:
+            return self._build(plan, blobs)
+        except RowError as e:
+            return Result.failed(plan.row.id, str(e), plan.keep)
+        except Exception as e:  # a bug or an unforeseen input must cost one row, not the run
+            return Result.failed(plan.row.id, f"internal: {type(e).__name__}: {e}", plan.keep)
+
+    def _build(self, plan: RowPlan, blobs: Sequence[Blob]) -> Request:
+        s = self.s
         tiles_per_image: list[int] = []
         pixels: list[torch.Tensor] = []
-        for ref in refs:
-            image = decode_image(load_bytes(ref, media_root), describe(ref))
-            tiles = tile_image(image, min(s.min_tiles, max_tiles), max_tiles, s.use_thumbnail, s.tile_size)
-            tiles_per_image.append(len(tiles))
-            pixels.append(normalize_tiles(tiles))
-        text = place_images(text, len(refs))
-        ids = self.prompts.encode(text, tiles_per_image)
+        for item, blob in zip(plan.media, blobs, strict=True):
+            if item.kind == "video":
+                images = decode_frames(blob, item.frames, item.bound)
+            else:
+                images = [decode_image(blob.data, blob.name, s.max_image_pixels)]
+            for image in images:
+                tiles = tile_image(image, min(s.min_tiles, item.max_tiles), item.max_tiles, s.use_thumbnail,
+                                   s.tile_size)
+                tiles_per_image.append(len(tiles))
+                pixels.append(normalize_tiles(tiles))
+        ids = self.prompts.encode_messages(plan.messages, tiles_per_image)
         if len(ids) > s.max_prompt_tokens:
             raise RowError(f"prompt: {len(ids)} tokens, more than the model accepts with room to generate "
                            f"({s.max_prompt_tokens}); use fewer tiles (media.max_dynamic_patch) or a shorter prompt")
-        pixel_values = torch.cat(pixels) if pixels else None
-        return Request(id=row.id, prompt_ids=ids, pixel_values=pixel_values, tiles_per_image=tiles_per_image,
-                       keep=keep)
+        return Request(id=plan.row.id, prompt_ids=ids, pixel_values=torch.cat(pixels) if pixels else None,
+                       tiles_per_image=tiles_per_image, keep=plan.keep)
+
+    # ---- both stages at once, for callers without a fetch loop ------------------------------------------
+
+    def __call__(self, row: Row, media_root: Path) -> Request | Result:
+        """Plan, fetch (synchronously) and build one row."""
+        from batchvl.media.sources import load_blob
+
+        plan = self.plan(row, media_root)
+        if isinstance(plan, Result):
+            return plan
+        try:
+            blobs = [load_blob(m.ref, media_root, read_local=m.kind != "video") for m in plan.media]
+        except RowError as e:
+            return Result.failed(row.id, str(e), plan.keep)
+        return self.build(plan, blobs)
+
+    # ---- helpers ----------------------------------------------------------------------------------------
 
     def _prompt_text(self, data: dict[str, Any]) -> str:
         s = self.s
@@ -81,19 +173,39 @@ class RowPreparer:
             if value is not None:
                 if not isinstance(value, str):
                     raise RowError(f"input: {s.prompt_column!r} must be a string, got {type(value).__name__}")
-                return value
+                return value.replace(LMDEPLOY_IMAGE_TOKEN, IMAGE_PLACEHOLDER)
             if s.prompt is None:
                 raise RowError(f"input: the row has no prompt in column {s.prompt_column!r}")
         return fill_fields(s.prompt, data)
 
-    def _max_tiles(self, data: dict[str, Any]) -> int:
-        column = self.s.max_dynamic_patch_column
+    @staticmethod
+    def _refs(data: dict[str, Any], column: str | None) -> list[Any]:
+        if column is None:
+            return []
+        cell = data.get(column)
+        if isinstance(cell, (int, float, bool)):
+            raise RowError(f"input: {column!r} holds a {type(cell).__name__}, not a media reference")
+        return as_reference_list(cell)
+
+    @staticmethod
+    def _row_int(data: dict[str, Any], column: str | None, default: int) -> int:
         value = data.get(column) if column else None
         if value is None:
-            return self.s.max_tiles
+            return default
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RowError(f"input: {column!r} must be an integer >= 1, got {value!r}")
         return value
+
+    def _bound(self, data: dict[str, Any]) -> tuple[float, float] | None:
+        column = self.s.video_bound_column
+        value = data.get(column) if column else None
+        if value is None:
+            return None
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not ok or value[0] >= value[1]:
+            raise RowError(f"input: {column!r} must be [start, end] in seconds with start < end, got {value!r}")
+        return float(value[0]), float(value[1])
 
     def _keep(self, data: dict[str, Any]) -> dict[str, Any]:
         if self.s.keep_as_json:

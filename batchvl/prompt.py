@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import jinja2
+
 from batchvl.core import RowError
 from batchvl.templates import ConversationTemplate
 
@@ -63,9 +65,13 @@ class PromptBuilder:
 
     def render(self, text: str) -> str:
         """The user turn through the chat template, ending with the assistant's generation prompt."""
+        return self.render_messages([{"role": "user", "content": text}])
+
+    def render_messages(self, messages: list[dict[str, str]]) -> str:
+        """A conversation (string contents) through the chat template, ending with the generation prompt.
+        Without a template the turns' contents are concatenated."""
         if self.template is None:
-            return text
-        messages = [{"role": "user", "content": text}]
+            return "".join(m["content"] for m in messages)
         if isinstance(self.template, ConversationTemplate):
             return self.template.render(messages, system_message=self.system_message)
         return self.tokenizer.apply_chat_template(
@@ -85,6 +91,14 @@ class PromptBuilder:
 
     def encode(self, text: str, tiles_per_image: list[int]) -> list[int]:
         """Token ids for a user prompt whose placeholders are already in place."""
-        full = self.expand(self.render(text), tiles_per_image)
+        return self.encode_messages([{"role": "user", "content": text}], tiles_per_image)
+
+    def encode_messages(self, messages: list[dict[str, str]], tiles_per_image: list[int]) -> list[int]:
+        """Token ids for a conversation whose placeholders are in place, images in order across turns."""
+        try:
+            rendered = self.render_messages(messages)
+        except (ValueError, TypeError, jinja2.TemplateError) as e:  # e.g. turns that do not alternate
+            raise RowError(f"messages: the chat template refused them: {e}") from None
+        full = self.expand(rendered, tiles_per_image)
         add_special = not (self._bos and full.startswith(self._bos))
         return self.tokenizer(full, add_special_tokens=add_special)["input_ids"]

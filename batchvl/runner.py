@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ from batchvl.engine import GenerationParams, make_engine
 from batchvl.io.readers import columns_of, count_rows, read_rows
 from batchvl.io.writer import PartWriter, clear_output, done_ids, output_schema
 from batchvl.job import Job, JobError
+from batchvl.media.fetch import FetchSettings
+from batchvl.media.prefetch import Prefetcher
 from batchvl.models.checkpoint import (
     LAYOUT_OPENGVLAB,
     CheckpointInfo,
@@ -123,6 +123,8 @@ def _check_columns(job: Job, file: Path) -> None:
         "input.prompt_column": job.input.prompt_column,
         "input.image_column": job.input.image_column,
         "input.max_dynamic_patch_column": job.input.max_dynamic_patch_column,
+        "input.messages_column": job.input.messages_column,
+        "input.video_column": job.input.video_column,
         **{f"output.keep_columns[{i}]": c for i, c in enumerate(job.output.keep_columns)},
     }
     try:
@@ -210,17 +212,18 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True) -> Summary
     writer = PartWriter(out_dir, schema, job.output.rows_per_file)
     summary = Summary(skipped=len(plan.done))
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
+    prefetcher = None
     try:
         rows = ((f, r) for f, r in read_rows(plan.files, job.input.id_column) if r.id not in plan.done)
-        threads = job.media.prepare_threads or os.cpu_count() or 1
-        lookahead = 2 * job.engine.max_batch_size + threads
-        prepared = _prefetch(rows, lambda f, r: preparer(r, job.media_root_for(f)), threads, lookahead)
-        for batch in _batches(prepared, job.engine.max_batch_size):
+        prefetcher = _prefetcher(job, rows, preparer)
+        for batch in _batches(prefetcher, job.engine.max_batch_size):
             for result in _run_batch(engine, batch):
                 writer.add(result)
                 _count(summary, result)
                 bar.update(result)
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         writer.close()
         bar.close()
         engine.close()
@@ -249,16 +252,13 @@ def _batches(items: Iterable[Request | Result], size: int) -> Iterator[list[Requ
         yield batch
 
 
-def _prefetch(rows: Iterable[tuple[Path, Row]], prepare, threads: int, lookahead: int) -> Iterator[Any]:
-    """Prepare rows on a thread pool, at most `lookahead` ahead of the consumer, yielding in input order."""
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchvl-prepare") as pool:
-        pending: deque = deque()
-        for file, row in rows:
-            pending.append(pool.submit(prepare, file, row))
-            if len(pending) >= lookahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+def _prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer) -> Prefetcher:
+    m = job.media
+    threads = m.prepare_threads or os.cpu_count() or 1
+    fetch = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
+                          http_concurrency=m.http_concurrency)
+    return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, job.engine.max_batch_size),
+                      max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch)
 
 
 def _count(summary: Summary, result: Result) -> None:
@@ -282,6 +282,10 @@ def _preparer(job: Job, plan: Plan) -> RowPreparer:
         keep_as_json=any(f.suffix == ".jsonl" for f in plan.files),
         min_tiles=min_tiles, max_tiles=max_tiles, use_thumbnail=use_thumbnail, tile_size=ck.tile_size,
         max_prompt_tokens=ck.max_positions - job.generation.max_new_tokens,
+        messages_column=job.input.messages_column, video_column=job.input.video_column,
+        video_frames_column=job.input.video_frames_column, video_bound_column=job.input.video_bound_column,
+        video_frames=job.media.video_frames, video_max_tiles=job.media.video_max_dynamic_patch,
+        max_image_pixels=job.media.max_image_pixels,
     )
     system = default_system_message(plan.template.name, ck.config) \
         if isinstance(plan.template, ConversationTemplate) else None

@@ -63,7 +63,7 @@ def test_every_reference_kind_gives_the_bytes(tmp_path, http_server):
 @pytest.mark.parametrize("ref,words", [
     ("nope.png", "no such file"),
     ("sub", "is a directory"),
-    ("ftp://host/x.png", "unsupported URL scheme 'ftp'"),
+    ("foo://host/x.png", "unsupported URL scheme 'foo'"),
     ("data:image/png;base64,@@@not-base64", "malformed base64"),
     ("data:image/png;base64", "malformed data URI"),
     ({"bytes": None, "path": None}, "neither bytes nor path"),

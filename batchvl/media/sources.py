@@ -1,22 +1,20 @@
-"""Turning a media reference from a row into bytes.
+"""Media references: what a row's cell may hold, and a synchronous way to load one.
 
 A reference is a path (relative to the media root, or absolute, or file://), an http(s) URL, a data: URI,
-raw bytes, or a Hugging Face `datasets` image struct {bytes, path}. A cell may also hold a list of these.
+raw bytes, a Hugging Face `datasets` image struct {bytes, path}, or an fsspec URL (s3://, gs://, ...). A
+cell may also hold a list of these. The asynchronous fetching itself is in `fetch.py`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from batchvl.core import RowError
-
-HTTP_TIMEOUT_S = 30.0
 
 
 def as_reference_list(cell: Any) -> list[Any]:
@@ -40,44 +38,7 @@ def describe(ref: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def load_bytes(ref: Any, media_root: Path) -> bytes:
-    """The bytes a reference points at. Raises RowError with a message naming the reference."""
-    if isinstance(ref, (bytes, bytearray, memoryview)):
-        return bytes(ref)
-    if isinstance(ref, dict):
-        data, path = ref.get("bytes"), ref.get("path")
-        if data is not None:
-            return load_bytes(data, media_root)
-        if path:
-            return load_bytes(path, media_root)
-        raise RowError("media: image struct has neither bytes nor path")
-    if not isinstance(ref, str):
-        raise RowError(f"media: expected a path, URL, data URI, bytes or image struct, got {type(ref).__name__}")
-    if ref.startswith("data:"):
-        return _decode_data_uri(ref)
-    scheme = urllib.parse.urlsplit(ref).scheme.lower()
-    if scheme in ("http", "https"):
-        return _fetch_http(ref)
-    if scheme == "file":
-        return _read_file(Path(urllib.parse.unquote(urllib.parse.urlsplit(ref).path)), ref)
-    if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise RowError(f"media: unsupported URL scheme {scheme!r} in {describe(ref)}")
-    path = Path(ref).expanduser()
-    return _read_file(path if path.is_absolute() else media_root / path, ref)
-
-
-def _read_file(path: Path, ref: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise RowError(f"media: no such file: {path}") from None
-    except IsADirectoryError:
-        raise RowError(f"media: is a directory, not a file: {path}") from None
-    except OSError as e:
-        raise RowError(f"media: cannot read {path}: {e.strerror or e}") from None
-
-
-def _decode_data_uri(uri: str) -> bytes:
+def decode_data_uri(uri: str) -> bytes:
     header, comma, payload = uri.partition(",")
     if not comma:
         raise RowError(f"media: malformed data URI (no comma): {describe(uri)}")
@@ -89,13 +50,20 @@ def _decode_data_uri(uri: str) -> bytes:
         raise RowError(f"media: malformed base64 in data URI: {e}") from None
 
 
-def _fetch_http(url: str) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "batchvl"})
-    try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
-            return response.read()
-    except urllib.error.HTTPError as e:
-        raise RowError(f"media: HTTP {e.code} for {describe(url)}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise RowError(f"media: cannot fetch {describe(url)}: {reason}") from None
+def load_blob(ref: Any, media_root: Path | None, read_local: bool = True):
+    """Fetch one reference synchronously (for callers outside the prefetch loop)."""
+    from batchvl.media.fetch import Fetcher
+
+    async def one():
+        fetcher = Fetcher()
+        try:
+            return await fetcher.fetch(ref, Path(media_root or "."), read_local)
+        finally:
+            await fetcher.close()
+
+    return asyncio.run(one())
+
+
+def load_bytes(ref: Any, media_root: Path | None) -> bytes:
+    """The bytes a reference points at. Raises RowError with a message naming the reference."""
+    return load_blob(ref, media_root).data

@@ -1,0 +1,193 @@
+"""Preparing rows ahead of the engine: asyncio for fetching, a thread pool for CPU work, bounded memory.
+
+A background thread runs an event loop. For each input row, in order, it takes a row slot (at most
+`max_rows` rows are in flight or waiting to be consumed), plans the row, fetches its media concurrently
+with every other row's, reserves their bytes against `max_bytes`, and hands decoding, tiling, normalising
+and tokenizing to a thread pool. The consumer iterates results in input order; taking one frees its slot
+and its bytes. The engine therefore never waits for media unless the whole pipeline is slower than it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from batchvl.core import Request, Result, Row, RowError
+from batchvl.media.fetch import Fetcher, FetchSettings
+from batchvl.prepare import RowPlan, RowPreparer
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+class ByteBudget:
+    """An async byte allowance. A request that does not fit waits, unless `urgent()` says the consumer is
+    waiting for exactly this row (it must never wait behind rows that are waiting for it) or nothing else
+    is held (a single row larger than the whole budget still goes through, alone)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Event()
+
+    async def acquire(self, n: int, urgent: Callable[[], bool] = lambda: False) -> None:
+        while not (self.used == 0 or self.used + n <= self.limit or urgent()):
+            self._changed.clear()
+            await self._changed.wait()
+        self.used += n
+
+    def release(self, n: int) -> None:
+        """Give bytes back (n may be 0: a nudge to re-check `urgent`)."""
+        self.used -= n
+        self._changed.set()
+
+
+def item_bytes(item: Request | Result) -> int:
+    if isinstance(item, Request) and item.pixel_values is not None:
+        return item.pixel_values.numel() * item.pixel_values.element_size()
+    return 0
+
+
+class Prefetcher:
+    """Iterate prepared rows (Request or error Result) in input order, prepared ahead in the background."""
+
+    def __init__(self, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer,
+                 media_root_for: Callable[[Path], Path], max_rows: int = 64, max_bytes: int = 2 << 30,
+                 threads: int = 4, fetch: FetchSettings | None = None):
+        self.rows = iter(rows)
+        self.preparer = preparer
+        self.media_root_for = media_root_for
+        self.max_rows = max(1, max_rows)
+        self.max_bytes = max_bytes
+        self.fetch_settings = fetch or FetchSettings()
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchvl-prepare")
+        self._out: queue.Queue = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._stop = False
+        self.peak_bytes = 0  # the most bytes held at once (for tests and the log)
+        self._thread = threading.Thread(target=self._run, name="batchvl-prefetch", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    # ---- consumer side (the caller's thread) ------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Request | Result]:
+        while True:
+            got = self._out.get()
+            if got is _END:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            item, held = got.result()
+            if not self._loop.is_closed():  # once the producer has finished, nothing waits for a release
+                try:
+                    self._loop.call_soon_threadsafe(self._release, held)
+                except RuntimeError:  # it closed in between
+                    pass
+            yield item
+
+    def close(self) -> None:
+        self._stop = True
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._cancel_all)
+        self._thread.join(timeout=10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- producer side (the loop thread) ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._produce())
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._loop.close()
+
+    async def _produce(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_rows)
+        self._budget = ByteBudget(self.max_bytes)
+        self._fetcher = Fetcher(self.fetch_settings)
+        self._tasks: set[asyncio.Task] = set()
+        self._submitted = 0  # rows handed to tasks so far
+        self._consumed = 0  # rows the consumer has taken: the row it waits for is number _consumed
+        self._ready.set()
+        failure: Exception | None = None
+        try:
+            while not self._stop:
+                await self._slots.acquire()
+                try:
+                    file, row = next(self.rows)
+                except StopIteration:
+                    break
+                except Exception as e:  # the input itself failed (unreadable file): the run stops, loudly
+                    failure = e
+                    break
+                result: concurrent.futures.Future = concurrent.futures.Future()
+                self._out.put(result)
+                task = asyncio.create_task(self._prepare(file, row, self._submitted, result))
+                self._submitted += 1
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if failure is not None:  # after the rows before it, which the consumer still gets
+                self._out.put(failure)
+        finally:
+            await self._fetcher.close()
+            self._out.put(_END)
+
+    async def _prepare(self, file: Path, row: Row, seq: int, result: concurrent.futures.Future) -> None:
+        held = 0
+        try:
+            plan = self.preparer.plan(row, self.media_root_for(file))
+            if isinstance(plan, Result):
+                result.set_result((plan, 0))
+                return
+            item, held = await self._fetch_and_build(plan, lambda: self._consumed == seq)
+            result.set_result((item, held))
+        except BaseException as e:  # never leave the consumer waiting
+            if held:
+                self._budget.release(held)
+            if not result.done():
+                result.set_result((Result.failed(row.id, f"internal: {type(e).__name__}: {e}"), 0))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    async def _fetch_and_build(self, plan: RowPlan, urgent: Callable[[], bool]) -> tuple[Request | Result, int]:
+        try:
+            blobs = await asyncio.gather(*(self._fetcher.fetch(m.ref, plan.media_root, read_local=m.kind != "video")
+                                           for m in plan.media))
+        except RowError as e:
+            return Result.failed(plan.row.id, str(e), plan.keep), 0
+        raw = sum(b.size for b in blobs)
+        await self._budget.acquire(raw, urgent)
+        self.peak_bytes = max(self.peak_bytes, self._budget.used)
+        try:
+            item = await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.build, plan, blobs)
+        finally:
+            self._budget.release(raw)
+        held = item_bytes(item)
+        await self._budget.acquire(held, urgent)
+        self.peak_bytes = max(self.peak_bytes, self._budget.used)
+        return item, held
+
+    def _release(self, held: int) -> None:
+        self._consumed += 1
+        self._slots.release()
+        self._budget.release(held)  # also wakes the row the consumer now waits for
+
+    def _cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self._slots.release()  # wake the producer if it waits for a slot
+
+

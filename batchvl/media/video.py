@@ -1,0 +1,93 @@
+"""Video frames, sampled the InternVL way.
+
+InternVL's `get_index` splits the clip (or the `bound` [start, end] in seconds) into `num_segments` equal
+segments and takes the frame in the middle of each. Frames are decoded with decord; if decord is missing
+and PyAV is installed, PyAV decodes instead. Each frame then becomes one or more tiles like any image.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from batchvl.core import RowError
+from batchvl.media.fetch import Blob
+
+
+def frame_indices(max_frame: int, fps: float, num_segments: int, bound: Sequence[float] | None = None,
+                  first_idx: int = 0) -> list[int]:
+    """InternVL's get_index: the middle frame of each of `num_segments` equal segments.
+
+    `max_frame` is the last frame's index (frames - 1); `bound` is (start, end) in seconds, or None for the
+    whole clip.
+    """
+    start, end = (bound[0], bound[1]) if bound else (-100000, 100000)
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg_size = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + seg_size / 2 + np.round(seg_size * i)) for i in range(num_segments)]
+
+
+def decode_frames(blob: Blob, num_segments: int, bound: Sequence[float] | None = None) -> list[Image.Image]:
+    """The sampled frames of a video as RGB images."""
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        decord = None
+    if decord is not None:
+        return _decord_frames(blob, num_segments, bound)
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        raise RowError("media: video needs decord (pip install decord), or PyAV as a fallback (pip install av)") \
+            from None
+    return _pyav_frames(blob, num_segments, bound)
+
+
+def _decord_frames(blob: Blob, num_segments: int, bound) -> list[Image.Image]:
+    import decord
+
+    source = str(blob.path) if blob.path is not None else io.BytesIO(blob.data)
+    try:
+        reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
+    except Exception as e:  # decord raises DECORDError (a RuntimeError) with ffmpeg's message
+        raise RowError(f"media: cannot decode video {blob.name}: {str(e).splitlines()[0][:200]}") from None
+    if len(reader) == 0:
+        raise RowError(f"media: video has no frames: {blob.name}")
+    indices = frame_indices(len(reader) - 1, float(reader.get_avg_fps()), num_segments, bound)
+    try:
+        frames = reader.get_batch(indices).asnumpy()  # [N, H, W, 3] uint8
+    except Exception as e:
+        raise RowError(f"media: cannot read frames of {blob.name}: {str(e).splitlines()[0][:200]}") from None
+    return [Image.fromarray(f).convert("RGB") for f in frames]
+
+
+def _pyav_frames(blob: Blob, num_segments: int, bound) -> list[Image.Image]:
+    import av
+
+    source = str(blob.path) if blob.path is not None else io.BytesIO(blob.data)
+    try:
+        with av.open(source) as container:
+            if not container.streams.video:
+                raise RowError(f"media: no video stream in {blob.name}")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 1)
+            # With a frame count in the header, keep only the sampled frames; without one, keep them all.
+            wanted = set(frame_indices(stream.frames - 1, fps, num_segments, bound)) if stream.frames else None
+            frames = {}
+            for i, frame in enumerate(container.decode(stream)):
+                if wanted is None or i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+            count = stream.frames or len(frames)
+    except RowError:
+        raise
+    except Exception as e:  # av.error.* for damaged or non-video files
+        raise RowError(f"media: cannot decode video {blob.name}: {e}") from None
+    if not frames:
+        raise RowError(f"media: video has no frames: {blob.name}")
+    indices = frame_indices(count - 1, fps, num_segments, bound)
+    last = max(frames)
+    return [Image.fromarray(frames[min(i, last)] if i in frames else frames[last]) for i in indices]

@@ -1,0 +1,63 @@
+"""A local HTTP server for media tests: fixed bodies per path, optional delays and failure counts."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    delay_s: float = 0.0
+    fail_first: int = 0  # answer 503 this many times before succeeding
+    hits: int = 0
+
+
+@dataclass
+class MediaServer:
+    routes: dict[str, Route] = field(default_factory=dict)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+    def start(self) -> str:
+        owner = self
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                route = owner.routes.get(self.path)
+                with lock:
+                    owner.in_flight += 1
+                    owner.peak_in_flight = max(owner.peak_in_flight, owner.in_flight)
+                try:
+                    if route is None:
+                        self.send_error(404)
+                        return
+                    route.hits += 1
+                    time.sleep(route.delay_s)
+                    if route.hits <= route.fail_first:
+                        self.send_error(503)
+                        return
+                    self.send_response(route.status)
+                    self.send_header("Content-Length", str(len(route.body)))
+                    self.end_headers()
+                    self.wfile.write(route.body)
+                finally:
+                    with lock:
+                        owner.in_flight -= 1
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
