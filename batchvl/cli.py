@@ -69,7 +69,21 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--out", type=Path, help="also write the figures as JSON here")
     _verbosity(check)
     check.set_defaults(func=_check_parity)
+
+    bench = sub.add_parser("bench-media", help="measure media preparation against a naive Pillow loop")
+    bench.add_argument("--images", type=int, default=200, help="images per workload")
+    bench.add_argument("--naive-images", type=int, default=50, help="images the naive loop prepares")
+    bench.add_argument("--threads", type=int, default=0, help="preparation threads (0: one per core)")
+    bench.add_argument("--workload", action="append", choices=("7tile", "mixed"), default=None)
+    _verbosity(bench)
+    bench.set_defaults(func=_bench_media)
     return parser
+
+
+def _bench_media(args: argparse.Namespace) -> int:
+    from batchvl.bench_media import main as bench_main
+
+    return bench_main(args.images, args.threads, args.workload or ["7tile", "mixed"], args.naive_images)
 
 
 def _check_parity(args: argparse.Namespace) -> int:

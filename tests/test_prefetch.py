@@ -148,3 +148,13 @@ def test_an_unreadable_input_stops_the_run_loudly():
     with pytest.raises(OSError, match="disk gone"):
         list(pre)
     pre.close()
+
+
+def test_bench_media_runs_both_methods_on_both_workloads():
+    from batchvl.bench_media import format_table, run
+
+    results = run(images=3, threads=2, workloads=["7tile", "mixed"], naive_images=2)
+    assert [(r.workload, r.method) for r in results] == [
+        ("7tile", "naive loop"), ("7tile", "batchvl prefetch"), ("mixed", "naive loop"), ("mixed", "batchvl prefetch")]
+    assert results[1].tiles == 21  # 3 images x 7 tiles
+    assert "images/s" in format_table(results)

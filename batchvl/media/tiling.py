@@ -68,9 +68,16 @@ def tile_image(image: Image.Image, min_tiles: int, max_tiles: int, use_thumbnail
     return tiles
 
 
+# (v / 255 - mean) / std for every uint8 value v, per channel, computed in float32 exactly as
+# ToTensor + Normalize compute it, so a table lookup gives bit-identical results in one pass.
+_NORMALIZE_LUT = ((np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)) - IMAGENET_MEAN[:, None]) \
+    / IMAGENET_STD[:, None]  # [3, 256]
+
+
 def normalize_tiles(tiles: list[Image.Image]) -> torch.Tensor:
     """Tiles as a float32 tensor [T, 3, S, S]: scaled to [0, 1], then ImageNet mean/std normalised."""
     arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])  # [T, S, S, 3]
-    out = arr.astype(np.float32) / np.float32(255.0)
-    out = (out - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
+    out = np.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=np.float32)
+    for c in range(3):
+        np.take(_NORMALIZE_LUT[c], arr[..., c], out=out[:, c])
+    return torch.from_numpy(out)
