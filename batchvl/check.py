@@ -28,33 +28,9 @@ from batchvl.media.tiling import normalize_tiles, tile_image
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.tiny import build_tokenizer
 from batchvl.prompt import PromptBuilder, place_images
+from batchvl.shapes import SHAPES as SHAPES_ALL
 
-QWEN2_05B = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, intermediate_size=4864, vocab_size=151655, rope_theta=1000000.0,
-                 max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False)
-PHI3_MINI_128K = dict(model_type="phi3", hidden_size=3072, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, intermediate_size=8192, vocab_size=32020, rope_theta=10000.0,
-                      max_position_embeddings=131072, original_max_position_embeddings=4096, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False,
-                      # The real factor lists are not at hand; these have the right length (head_dim / 2).
-                      rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.002 * i for i in range(48)],
-                                    "long_factor": [1.0 + 0.4 * i for i in range(48)]})
-VIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                norm_type="layer_norm", attention_bias=True, use_qk_norm=False, image_size=448, patch_size=14)
-VIT_6B = dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
-              norm_type="rms_norm", attention_bias=False, use_qk_norm=True, image_size=448, patch_size=14)
-TINY_TEXT = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=512, max_position_embeddings=8192,
-                 tie_word_embeddings=False)
-TINY_VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                norm_type="layer_norm", attention_bias=True, use_qk_norm=False, image_size=448, patch_size=56)
-
-SHAPES = {
-    "tiny": (TINY_VIT, TINY_TEXT),
-    "internvl2-1b": (VIT_300M, QWEN2_05B),  # InternViT-300M + Qwen2-0.5B (InternVL2-1B, 2.5-1B)
-    "internvl2-4b": (VIT_300M, PHI3_MINI_128K),  # InternViT-300M + Phi-3-mini-128k (InternVL2-4B)
-    "internvit-6b": (VIT_6B, QWEN2_05B),  # InternViT-6B-448px (InternVL 1.5, 2-26B and up) + a small LLM
-}
+SHAPES = {name: SHAPES_ALL[name] for name in ("tiny", "internvl2-1b", "internvl2-4b", "internvit-6b")}
 
 
 @dataclass
@@ -70,11 +46,12 @@ class RowCheck:
     tokens: int
 
 
-def build_checkpoint(shape: str, out: Path, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Path:
+def build_checkpoint(shape: str, out: Path, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                     shapes: dict | None = None) -> Path:
     """A random transformers-native checkpoint of the named shape, written with save_pretrained."""
     from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
 
-    vision, text = SHAPES[shape]
+    vision, text = (shapes or SHAPES)[shape]
     tokenizer = build_tokenizer()
     config = InternVLConfig(vision_config=dict(vision), text_config=dict(text, eos_token_id=tokenizer.eos_token_id),
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),

@@ -70,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     _verbosity(check)
     check.set_defaults(func=_check_parity)
 
+    full = sub.add_parser("bench", help="the whole pipeline on the GPU, native engine vs transformers")
+    full.add_argument("--shape", default="internvl2-1b",
+                      choices=("internvl2-1b", "internvl2-2b", "internvl2-8b", "internvl3-8b", "internvl2-26b",
+                               "internvl2-4b"))
+    full.add_argument("--workload", default="caption-7tile", choices=("caption-7tile", "mixed"))
+    full.add_argument("--rows", type=int, default=512)
+    full.add_argument("--batch", type=int, default=64, help="engine.max_batch_size of the native side")
+    full.add_argument("--baseline", choices=("transformers",), default=None)
+    full.add_argument("--baseline-rows", type=int, default=64)
+    full.add_argument("--baseline-batch", type=int, default=0, help="default: --batch")
+    full.add_argument("--workdir", type=Path, default=None, help="where the weights and images go (a temp dir)")
+    _verbosity(full)
+    full.set_defaults(func=_bench)
+
     bench = sub.add_parser("bench-media", help="measure media preparation against a naive Pillow loop")
     bench.add_argument("--images", type=int, default=200, help="images per workload")
     bench.add_argument("--naive-images", type=int, default=50, help="images the naive loop prepares")
@@ -78,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     _verbosity(bench)
     bench.set_defaults(func=_bench_media)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from batchvl.bench import main as bench_main
+
+    return bench_main(args.shape, args.workload, args.rows, args.batch, args.baseline, args.baseline_rows,
+                      args.baseline_batch or args.batch, args.workdir)
 
 
 def _bench_media(args: argparse.Namespace) -> int:

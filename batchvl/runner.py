@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from batchvl.core import Request, Result, Row
 from batchvl.engine import GenerationParams, make_engine
+from batchvl.engine.timing import StageTimes
 from batchvl.io.readers import columns_of, count_rows, read_rows
 from batchvl.io.writer import PartWriter, clear_output, done_ids, output_schema
 from batchvl.job import Job, JobError
@@ -183,6 +184,8 @@ class Summary:
     output_tokens: int = 0
     skipped: int = 0
     elapsed_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=dict)  # media wait, vision, prefill, decode, writing
+    load_s: float = 0.0  # building the engine (loading the model), part of elapsed_s
 
     def line(self, out_dir: Path) -> str:
         t = max(self.elapsed_s, 1e-9)
@@ -192,8 +195,9 @@ class Summary:
                 f"{self.output_tokens / t:.1f} output tokens/s -> {out_dir}")
 
 
-def run_job(job: Job, overwrite: bool = False, progress: bool = True) -> Summary:
-    """Run a job to the end and return its summary."""
+def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False) -> Summary:
+    """Run a job to the end and return its summary. `sync_times` synchronises the device at each stage
+    boundary, so the time split is exact (benchmarks); it costs a little throughput."""
     start = time.perf_counter()
     plan = plan_job(job)
     out_dir = job.output_dir
@@ -205,22 +209,27 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True) -> Summary
     preparer = _preparer(job, plan)
     schema = output_schema(_keep_types(job, plan.files))
     params = _generation_params(job, plan)
+    load_start = time.perf_counter()
     engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
                          device=job.engine.device, dtype=job.engine.dtype,
                          max_batch_size=job.engine.max_batch_size, max_batch_tokens=job.engine.max_batch_tokens,
                          trust_remote_code=job.engine.trust_remote_code)
     writer = PartWriter(out_dir, schema, job.output.rows_per_file)
-    summary = Summary(skipped=len(plan.done))
+    summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
     prefetcher = None
     try:
         rows = ((f, r) for f, r in read_rows(plan.files, job.input.id_column) if r.id not in plan.done)
         prefetcher = _prefetcher(job, rows, preparer)
-        for batch in _batches(prefetcher, job.engine.max_batch_size):
-            for result in _run_batch(engine, batch):
-                writer.add(result)
-                _count(summary, result)
-                bar.update(result)
+        times = getattr(engine, "times", None) or StageTimes()
+        times.sync = sync_times
+        for batch in _batches(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size):
+            results = _run_batch(engine, batch)
+            with times.stage("writing"):
+                for result in results:
+                    writer.add(result)
+                    _count(summary, result)
+                    bar.update(result)
     finally:
         if prefetcher is not None:
             prefetcher.close()
@@ -228,7 +237,22 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True) -> Summary
         bar.close()
         engine.close()
     summary.elapsed_s = time.perf_counter() - start
+    summary.stage_s = dict(times.seconds)
     return summary
+
+
+def _timed(items: Iterable[Any], times: StageTimes, stage: str) -> Iterator[Any]:
+    """Yield from `items`, adding the time spent waiting for each one to `stage`."""
+    it = iter(items)
+    while True:
+        with times.stage(stage):
+            item = next(it, _DONE)
+        if item is _DONE:
+            return
+        yield item
+
+
+_DONE = object()
 
 
 def _run_batch(engine, batch: list[Request | Result]) -> list[Result]:

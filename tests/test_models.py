@@ -103,3 +103,16 @@ def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
     assert info["dtype"] == "float32" and len(checks) == 4
     for c in checks:
         assert c.rel_err_native_vs_ref < 1e-5 and c.agree_prefix == 8, c
+
+
+def test_bench_runs_both_sides_on_the_cpu():
+    from batchvl.bench import bench, format_sides
+
+    sides, _ = bench("tiny", "caption-7tile", rows=4, batch=2, baseline="transformers", baseline_rows=2,
+                     baseline_batch=2, device="cpu")
+    native, reference = sides
+    assert (native.rows, native.images, reference.rows) == (4, 4, 2)
+    assert native.output_tokens == 4 * 128 and native.flops > 0  # ignore_eos: every row runs to 128 tokens
+    assert {"vision", "prefill", "decode", "media wait", "writing"} <= set(native.stages)
+    assert "generate" in reference.stages
+    assert "native" in format_sides(sides, 800.0)

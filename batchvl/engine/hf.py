@@ -13,6 +13,7 @@ import torch
 
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
+from batchvl.engine.timing import StageTimes
 from batchvl.models.checkpoint import LAYOUT_HF, CheckpointInfo
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class TransformersEngine(Engine):
         self.max_batch_size = max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else params.eos_token_ids[0]
         self.remote = checkpoint.layout != LAYOUT_HF
+        self.times = StageTimes()
         log.info("loading %s with transformers (%s, %s)", checkpoint.path, self.device, self.dtype)
         if self.remote:
             from transformers import AutoModel
@@ -67,8 +69,9 @@ class TransformersEngine(Engine):
         else:
             torch.manual_seed(p.seed)
             kwargs.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  pixel_values=pixel_values, **kwargs)
+        with self.times.stage("generate"):
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      pixel_values=pixel_values, **kwargs)
         new = out if self.remote else out[:, width:]  # [B, N]
         return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, new.tolist(), strict=True)]
 

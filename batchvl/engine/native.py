@@ -17,7 +17,9 @@ import torch
 
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
+from batchvl.engine.graphs import DecodeGraphs
 from batchvl.engine.sampler import Sampler, row_seed
+from batchvl.engine.timing import StageTimes
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.decoder import KVCache
 from batchvl.models.loader import load_model
@@ -25,11 +27,13 @@ from batchvl.prompt import IMG_CONTEXT
 
 log = logging.getLogger(__name__)
 
+SPAN_BUCKET = 256  # attended lengths are rounded up to this, so one decode graph serves many batches
+
 
 class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
-                 vision_chunk: int = 64, check_every: int = 8, **_unused):
+                 vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True, **_unused):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -48,6 +52,11 @@ class NativeEngine(Engine):
                                       device=self.device)
         self.max_batch_tokens = max_batch_tokens or self._auto_batch_tokens()
         self.cache: KVCache | None = None
+        self.times = StageTimes()
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.model.lm.rope(self.text_spec.max_positions)  # fixed tables: graphs read them in place
+            self.graphs = DecodeGraphs(self.model.lm)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
         self.last_tokens: list[list[int]] = []  # the last batch's generated ids, before any stop cut
 
@@ -88,7 +97,9 @@ class NativeEngine(Engine):
         b = len(requests)
         lengths_list = [len(r.prompt_ids) for r in requests]
         width = max(lengths_list)
-        span = width + p.max_new_tokens
+        need = width + p.max_new_tokens
+        # Bucketed, so that decode graphs get reused; never past the model's context (the rotary tables).
+        span = min(SPAN_BUCKET * math.ceil(need / SPAN_BUCKET), max(need, self.text_spec.max_positions))
         cache = self._cache(b, span)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         for i, r in enumerate(requests):
@@ -96,13 +107,16 @@ class NativeEngine(Engine):
         ids = ids.to(self.device)
         lengths = torch.tensor(lengths_list, device=self.device)
 
-        x = lm.embed(ids)  # [B, P, C]
-        features = self._vision(requests)
-        if features is not None:
-            slots = ids == self.image_token_id
-            if int(slots.sum()) != features.shape[0]:
-                raise RuntimeError(f"{int(slots.sum())} image context tokens for {features.shape[0]} image features")
-            x[slots] = features.to(x.dtype)
+        with self.times.stage("vision"):
+            features = self._vision(requests)
+        with self.times.stage("prefill"):
+            x = lm.embed(ids)  # [B, P, C]
+            if features is not None:
+                slots = ids == self.image_token_id
+                if int(slots.sum()) != features.shape[0]:
+                    raise RuntimeError(f"{int(slots.sum())} image context tokens for {features.shape[0]} features")
+                x[slots] = features.to(x.dtype)
+            logits = lm.logits(lm.prefill(x, lengths, cache))  # [B, V] float32, each row's last token only
 
         vocab = self.text_spec.vocab
         seen = torch.zeros((b, vocab), dtype=torch.bool, device=self.device)
@@ -113,33 +127,40 @@ class NativeEngine(Engine):
                 if self.pad_id in r.prompt_ids:
                     seen[i, self.pad_id] = True
         seeds = torch.tensor([row_seed(p.seed, r.id) for r in requests], device=self.device, dtype=torch.int64)
+        if self.first_step_logits is not None:
+            self.first_step_logits.append(logits[:, :vocab].cpu())
 
-        h = lm.prefill(x, lengths, cache)  # [B, C]
         out = torch.full((b, p.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         positions = lengths.clone()
-        for step in range(p.max_new_tokens):
-            block = self.eos_block if step < p.min_new_tokens else None
-            logits = lm.logits(h)  # [B, V] float32
-            if step == 0 and self.first_step_logits is not None:
-                self.first_step_logits.append(logits[:, :vocab].cpu())
-            token = self.sampler(logits, seen, seeds, step, block)
-            token = torch.where(done, self.pad_id, token)
-            out[:, step] = token
-            seen[torch.arange(b, device=self.device), token] = True
-            done |= torch.isin(token, self.stops)
-            if (step + 1) % self.check_every == 0:  # the only host synchronisation of the loop
-                if p.stop:
-                    done |= self._stop_string_hits(out[:, : step + 1], done)
-                if bool(done.all()):
+        rows = torch.arange(b, device=self.device)
+        with self.times.stage("decode"):
+            for step in range(p.max_new_tokens):
+                block = self.eos_block if step < p.min_new_tokens else None
+                token = self.sampler(logits, seen, seeds, step, block)
+                token = torch.where(done, self.pad_id, token)
+                out[:, step] = token
+                seen[rows, token] = True
+                done |= torch.isin(token, self.stops)
+                if (step + 1) % self.check_every == 0:  # the only host synchronisation of the loop
+                    if p.stop:
+                        done |= self._stop_string_hits(out[:, : step + 1], done)
+                    if bool(done.all()):
+                        break
+                if step + 1 == p.max_new_tokens:
                     break
-            if step + 1 == p.max_new_tokens:
-                break
-            h = lm.decode(lm.embed(token)[:, None], positions, cache, span)
-            positions += 1
+                logits = self._decode(token, positions, cache, span)
+                positions += 1
         tokens = out.tolist()
         self.last_tokens = tokens
         return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
+
+    def _decode(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
+        """Logits [B, V] for each row's newest token: a replayed CUDA graph on the GPU, eager elsewhere."""
+        if self.graphs is not None:
+            return self.graphs.step(token, positions, cache, span)
+        lm = self.model.lm
+        return lm.logits(lm.decode(lm.embed(token)[:, None], positions, cache, span))
 
     def _stop_string_hits(self, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """Rows (not yet done) whose text so far holds a stop string: [B] bool on the device."""
@@ -167,12 +188,14 @@ class NativeEngine(Engine):
         if c is None or c.batch < batch or c.positions < positions:
             # Grow to at least the configured batch, and round positions up to limit reallocation.
             rows = max(batch, min(self.max_batch_size, batch if c is None else max(c.batch, batch)))
-            span = 256 * math.ceil(max(positions, c.positions if c else 0) / 256)
+            span = SPAN_BUCKET * math.ceil(max(positions, c.positions if c else 0) / SPAN_BUCKET)
             self.cache = None
             c = self.cache = KVCache(self.text_spec, rows, span, self.device, self.dtype)
         return c
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.reset()
         self.cache = None
         del self.model
         if self.device.type == "cuda":

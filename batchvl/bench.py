@@ -1,0 +1,192 @@
+"""`batchvl bench`: the whole pipeline on the GPU, native engine against transformers, side by side.
+
+It builds random bf16 weights of a named real shape on the GPU (saved as a transformers-native
+checkpoint, so both sides load the same weights), writes synthetic JPEG files, and runs the same job
+twice through `run_job`: reading, media preparation, engine, Parquet writing. Output lengths are forced
+(`ignore_eos`), since random weights would stop anywhere. Speed is printed, never asserted.
+
+Workloads (fixed, so figures compare across runs):
+- `caption-7tile`: every image 1344x896 (3x2 tiles + thumbnail = 7 tiles), a short prompt, 128 tokens out;
+- `mixed`: `bench-media`'s realistic size mix, max_dynamic_patch 12, output lengths 32..256 (seeded; set
+  per row through `generation.max_new_tokens` = 256 and a per-row stop is not available, so all rows run
+  the mean length 144 instead; see the note printed).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from batchvl.job import load_job
+from batchvl.models.checkpoint import CheckpointInfo
+from batchvl.models.loader import build_specs
+from batchvl.runner import Summary, run_job
+from batchvl.shapes import SHAPES
+
+WORKLOADS = {"caption-7tile": dict(images="7tile", max_new_tokens=128),
+             "mixed": dict(images="mixed", max_new_tokens=144)}
+SHORT_TEMPLATE = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                  "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@dataclass
+class Side:
+    name: str
+    rows: int
+    images: int
+    output_tokens: int
+    seconds: float
+    flops: float
+    peak_gib: float
+    stages: dict[str, float]
+
+
+def matmul_peak_tflops(device: torch.device) -> float:
+    """bf16 8192^3 matrix products, timed with CUDA events: the rate MFU is measured against."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192**3 / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def flops_per_row(ck: CheckpointInfo, tiles: int, prompt_tokens: int, output_tokens: int) -> float:
+    """Matmul and attention FLOPs for one row: vision over its tiles, prefill, then decode."""
+    vs, ts, _ = build_specs(ck)
+    n = vs.grid * vs.grid + 1
+    vit_layer = 2 * n * (4 * vs.hidden * vs.hidden + 2 * vs.hidden * vs.intermediate) + 4 * n * n * vs.hidden
+    shuffled = vs.hidden * 4
+    vision = tiles * (vs.layers_to_run * vit_layer + 2 * n * 3 * vs.patch_size**2 * vs.hidden
+                      + 2 * vs.tokens_per_tile * (shuffled * ts.hidden + ts.hidden * ts.hidden))
+    per_token = 2 * ts.layers * (ts.hidden * (ts.q_width + 2 * ts.kv_width) + ts.q_width * ts.hidden
+                                 + 3 * ts.hidden * ts.intermediate)
+    attn = 4 * ts.layers * ts.q_width  # per (query, key) pair
+    p, o = prompt_tokens, output_tokens
+    prefill = p * per_token + attn * p * (p + 1) / 2
+    decode = o * per_token + attn * (o * p + o * (o - 1) / 2)
+    head = 2 * ts.hidden * ts.vocab * (o + 1)
+    return vision + prefill + decode + head
+
+
+def prepare_data(root: Path, workload: str, rows: int) -> Path:
+    from batchvl.bench_media import write_images
+
+    paths = write_images(root / "images", WORKLOADS[workload]["images"], rows)
+    with open(root / "rows.jsonl", "w") as f:
+        for p in paths:
+            f.write(json.dumps({"id": p.stem, "prompt": "Describe this image in detail.", "image": str(p)}) + "\n")
+    (root / "short.jinja").write_text(SHORT_TEMPLATE)
+    return root / "rows.jsonl"
+
+
+def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, batch: int, workload: str,
+             rows: int, device: str = "cuda") -> Side:
+    subset = root / f"rows-{name}.jsonl"
+    lines = rows_file.read_text().splitlines()[:rows]
+    subset.write_text("\n".join(lines) + "\n")
+    job_file = root / f"{name}.yaml"
+    max_new = WORKLOADS[workload]["max_new_tokens"]
+    job_file.write_text(json.dumps({
+        "model": str(model), "chat_template": str(root / "short.jinja"),
+        "input": {"path": str(subset), "id_column": "id", "prompt_column": "prompt", "image_column": "image"},
+        "output": {"path": str(root / f"out-{name}"), "rows_per_file": 4096},
+        "media": {"max_dynamic_patch": 12},
+        "generation": {"max_new_tokens": max_new, "ignore_eos": True},
+        "engine": {"backend": backend, "device": device, "dtype": "bfloat16" if device == "cuda" else "float32",
+                   "max_batch_size": batch},
+    }))
+    job = load_job(job_file)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    summary: Summary = run_job(job, overwrite=True, progress=False, sync_times=cuda)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(job.output_dir, columns=["id", "prompt_tokens", "output_tokens", "error"]).to_pylist()
+    errors = [r["error"] for r in table if r["error"]]
+    if errors:
+        raise RuntimeError(f"{len(errors)} rows failed, e.g. {errors[0]}")
+    ck = CheckpointInfo.read(model)
+    tiles = _tiles_of(subset)
+    flops = sum(flops_per_row(ck, tiles[r["id"]], r["prompt_tokens"], r["output_tokens"]) for r in table)
+    # Rates are over the run after the model has loaded: loading is a one-off, not throughput.
+    stages = dict(summary.stage_s, load=summary.load_s)
+    return Side(name, len(table), summary.images, summary.output_tokens, summary.elapsed_s - summary.load_s, flops,
+                peak, stages)
+
+
+def _tiles_of(rows_file: Path) -> dict[str, int]:
+    from PIL import Image
+
+    from batchvl.media.tiling import choose_grid
+
+    out = {}
+    for line in rows_file.read_text().splitlines():
+        row = json.loads(line)
+        with Image.open(row["image"]) as im:
+            cols, rows = choose_grid(im.width, im.height, 1, 12)
+        out[row["id"]] = cols * rows + (1 if cols * rows > 1 else 0)
+    return out
+
+
+def format_sides(sides: list[Side], peak: float) -> str:
+    lines = ["| side | rows | images/s | output tok/s | TFLOP/s | MFU | peak GiB | media wait | vision | prefill "
+             "| decode | generate | writing | run s | load s |", "|" + "---|" * 15]
+    for s in sides:
+        st = s.stages
+        tflops = s.flops / s.seconds / 1e12
+        cells = [f"{st.get(k, 0):.1f}" for k in ("media wait", "vision", "prefill", "decode", "generate", "writing")]
+        lines.append(f"| {s.name} | {s.rows} | {s.images / s.seconds:.2f} | {s.output_tokens / s.seconds:.0f} "
+                     f"| {tflops:.0f} | {100 * tflops / peak:.1f}% | {s.peak_gib:.1f} | " + " | ".join(cells)
+                     + f" | {s.seconds:.1f} | {st.get('load', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
+          baseline_batch: int, workdir: Path | None = None, device: str = "cuda") -> tuple[list[Side], float]:
+    """Run both sides; returns them and the matmul peak (TFLOP/s; nan on the CPU)."""
+    from batchvl.check import build_checkpoint
+
+    dev = torch.device(device)
+    peak = matmul_peak_tflops(dev) if dev.type == "cuda" else float("nan")
+    import transformers
+
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"bench {shape} / {workload}: {name}, torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        model = build_checkpoint(shape, root / "model", dev, dtype, shapes=SHAPES)
+        rows_file = prepare_data(root, workload, max(rows, baseline_rows))
+        print(f"setup (weights + {max(rows, baseline_rows)} JPEGs): {time.perf_counter() - t0:.0f} s", flush=True)
+        sides = [run_side("native", root, model, rows_file, "native", batch, workload, rows, device)]
+        print(format_sides(sides, peak), flush=True)
+        if baseline:
+            sides.append(run_side(baseline, root, model, rows_file, baseline, baseline_batch, workload,
+                                  baseline_rows, device))
+    return sides, peak
+
+
+def main(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
+         baseline_batch: int, workdir: Path | None) -> int:
+    sides, peak = bench(shape, workload, rows, batch, baseline, baseline_rows, baseline_batch, workdir)
+    print(format_sides(sides, peak))
+    if len(sides) == 2:
+        ratio = (sides[0].images / sides[0].seconds) / (sides[1].images / sides[1].seconds)
+        print(f"native / {baseline}: {ratio:.2f}x images/s")
+    return 0
