@@ -115,7 +115,7 @@ def pipeline(paths: list[Path], max_tiles: int, threads: int) -> tuple[int, floa
     for item in pre:
         if not isinstance(item, Request):
             raise RuntimeError(f"preparation failed: {item.error}")
-        tiles += item.pixel_values.shape[0]
+        tiles += item.tiles.shape[0]
     seconds = time.perf_counter() - start
     pre.close()
     return tiles, seconds

@@ -24,7 +24,7 @@ import torch
 
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams, pick_device, pick_dtype
-from batchvl.media.tiling import normalize_tiles, tile_image
+from batchvl.media.tiling import tile_image, tiles_to_uint8
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.tiny import build_tokenizer
 from batchvl.prompt import PromptBuilder, place_images
@@ -93,15 +93,15 @@ def sample_rows(tokenizer, template: str, tokens_per_tile: int) -> list[Request]
         tiles = [tile_image(im, 1, 12) for im in images]
         counts = [len(t) for t in tiles]
         ids = builder.encode(place_images(text, len(images)), counts)
-        pixels = torch.cat([normalize_tiles(t) for t in tiles]) if tiles else None
-        rows.append(Request(id=rid, prompt_ids=ids, pixel_values=pixels, tiles_per_image=counts))
+        pixels = torch.cat([tiles_to_uint8(t) for t in tiles]) if tiles else None
+        rows.append(Request(id=rid, prompt_ids=ids, tiles=pixels, tiles_per_image=counts))
     return rows
 
 
 @torch.inference_mode()
 def reference(model, request: Request, tokens: int, device) -> tuple[torch.Tensor, list[int]]:
     ids = torch.tensor([request.prompt_ids], device=device)
-    pixels = request.pixel_values.to(device, model.dtype) if request.pixel_values is not None else None
+    pixels = request.pixel_values(device, model.dtype) if request.tiles is not None else None
     logits = model(input_ids=ids, pixel_values=pixels).logits[0, -1].float().cpu()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                          max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,

@@ -32,9 +32,15 @@ class Request:
 
     id: str
     prompt_ids: list[int]
-    pixel_values: torch.Tensor | None  # [T, 3, S, S] float32, ImageNet-normalised; None when text-only
+    tiles: torch.Tensor | None  # [T, S, S, 3] uint8 RGB tiles, in image order; None when text-only
     tiles_per_image: list[int]
     keep: dict[str, Any] = field(default_factory=dict)
+
+    def pixel_values(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """The tiles as the vision tower takes them: [T, 3, S, S], ImageNet-normalised, on `device`."""
+        from batchvl.media.tiling import normalize_uint8
+
+        return None if self.tiles is None else normalize_uint8(self.tiles.to(device), dtype)
 
 
 @dataclass(slots=True)

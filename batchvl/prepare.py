@@ -23,7 +23,7 @@ from batchvl.io.writer import jsonish
 from batchvl.media.fetch import Blob
 from batchvl.media.image import decode_image
 from batchvl.media.sources import as_reference_list
-from batchvl.media.tiling import normalize_tiles, tile_image
+from batchvl.media.tiling import tile_image, tiles_to_uint8
 from batchvl.media.video import decode_frames
 from batchvl.prompt import IMAGE_PLACEHOLDER, LMDEPLOY_IMAGE_TOKEN, PromptBuilder, fill_fields, place_images
 
@@ -141,12 +141,12 @@ class RowPreparer:
                 tiles = tile_image(image, min(s.min_tiles, item.max_tiles), item.max_tiles, s.use_thumbnail,
                                    s.tile_size)
                 tiles_per_image.append(len(tiles))
-                pixels.append(normalize_tiles(tiles))
+                pixels.append(tiles_to_uint8(tiles))
         ids = self.prompts.encode_messages(plan.messages, tiles_per_image)
         if len(ids) > s.max_prompt_tokens:
             raise RowError(f"prompt: {len(ids)} tokens, more than the model accepts with room to generate "
                            f"({s.max_prompt_tokens}); use fewer tiles (media.max_dynamic_patch) or a shorter prompt")
-        return Request(id=plan.row.id, prompt_ids=ids, pixel_values=torch.cat(pixels) if pixels else None,
+        return Request(id=plan.row.id, prompt_ids=ids, tiles=torch.cat(pixels) if pixels else None,
                        tiles_per_image=tiles_per_image, keep=plan.keep)
 
     # ---- both stages at once, for callers without a fetch loop ------------------------------------------

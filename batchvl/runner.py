@@ -78,8 +78,9 @@ def _template_note(template: str | ConversationTemplate | None) -> str:
     return " (jinja)"
 
 
-def plan_job(job: Job) -> Plan:
-    """Check everything a run would, without changing anything. Raises JobError naming the key."""
+def plan_model(job: Job) -> Plan:
+    """The model half of the plan: checkpoint, tokenizer and chat template, checked; no input or output.
+    (The pipeline API hands rows over in memory and needs only this.)"""
     path = resolve_model_dir(job.model, job.base_dir)
     checkpoint = CheckpointInfo.read(path)
     if job.engine.backend == "transformers" and checkpoint.layout == LAYOUT_OPENGVLAB \
@@ -90,12 +91,19 @@ def plan_job(job: Job) -> Plan:
         build_specs(checkpoint)  # an unsupported family or config fails here, before any work
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
     template = _resolve_template(job, checkpoint, tokenizer)
-    files = job.input.files
-    for file in files:
+    return Plan(job, checkpoint, tokenizer, template, files=[], rows=0)
+
+
+def plan_job(job: Job) -> Plan:
+    """Check everything a run would, without changing anything. Raises JobError naming the key."""
+    plan = plan_model(job)
+    plan.files = job.input.files
+    for file in plan.files:
         _check_columns(job, file)
     _check_writable(job.output_dir)
-    rows = count_rows(files)
-    return Plan(job, checkpoint, tokenizer, template, files, rows, done_ids(job.output_dir))
+    plan.rows = count_rows(plan.files)
+    plan.done = done_ids(job.output_dir)
+    return plan
 
 
 def _resolve_template(job: Job, checkpoint: CheckpointInfo, tokenizer: Any) -> str | ConversationTemplate | None:

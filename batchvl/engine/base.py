@@ -49,6 +49,10 @@ class Engine(ABC):
     def generate(self, requests: list[Request]) -> list[Result]:
         ...
 
+    def set_params(self, params: GenerationParams) -> None:
+        """Use `params` for the next batches."""
+        self.params = params
+
     def close(self) -> None:  # noqa: B027 - optional hook, most engines need nothing here
         """Release device memory. The default does nothing."""
 

@@ -14,6 +14,7 @@ import torch
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.timing import StageTimes
+from batchvl.media.tiling import normalize_uint8
 from batchvl.models.checkpoint import LAYOUT_HF, CheckpointInfo
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ class TransformersEngine(Engine):
         for i, r in enumerate(requests):  # left padding: every row's last prompt token is at the same column
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
-        tiles = [r.pixel_values for r in requests if r.pixel_values is not None]
-        pixel_values = torch.cat(tiles).to(self.device, self.dtype) if tiles else None  # [T, 3, S, S]
+        tiles = [r.tiles for r in requests if r.tiles is not None]
+        pixel_values = normalize_uint8(torch.cat(tiles).to(self.device), self.dtype) if tiles else None  # [T,3,S,S]
         kwargs = dict(max_new_tokens=p.max_new_tokens, eos_token_id=list(p.stops) or None,
                       pad_token_id=self.pad_id, repetition_penalty=p.repetition_penalty,
                       min_new_tokens=p.min_new_tokens or None)

@@ -20,6 +20,7 @@ from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_de
 from batchvl.engine.graphs import DecodeGraphs
 from batchvl.engine.sampler import Sampler, row_seed
 from batchvl.engine.timing import StageTimes
+from batchvl.media.tiling import normalize_uint8
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.decoder import KVCache
 from batchvl.models.loader import load_model
@@ -46,19 +47,25 @@ class NativeEngine(Engine):
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.pad_id = 0
-        self.sampler = Sampler(params, vocab=self.text_spec.vocab)
-        self.stops = torch.tensor(params.stops or (-1,), device=self.device)
-        self.eos_block = torch.tensor([t for t in params.stops if 0 <= t < self.text_spec.vocab] or [0],
-                                      device=self.device)
+        self.set_params(params)
         self.max_batch_tokens = max_batch_tokens or self._auto_batch_tokens()
         self.cache: KVCache | None = None
         self.times = StageTimes()
+        self._pinned: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.model.lm.rope(self.text_spec.max_positions)  # fixed tables: graphs read them in place
             self.graphs = DecodeGraphs(self.model.lm)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
         self.last_tokens: list[list[int]] = []  # the last batch's generated ids, before any stop cut
+
+    def set_params(self, params: GenerationParams) -> None:
+        """Use `params` for the next batches (the pipeline API changes them per call)."""
+        self.params = params
+        self.sampler = Sampler(params, vocab=self.text_spec.vocab)
+        self.stops = torch.tensor(params.stops or (-1,), device=self.device)
+        self.eos_block = torch.tensor([t for t in params.stops if 0 <= t < self.text_spec.vocab] or [0],
+                                      device=self.device)
 
     def _auto_batch_tokens(self) -> int:
         """Tokens (prompt + output, summed over rows) one batch may hold: the KV cache's share of free memory."""
@@ -140,7 +147,8 @@ class NativeEngine(Engine):
                 token = self.sampler(logits, seen, seeds, step, block)
                 token = torch.where(done, self.pad_id, token)
                 out[:, step] = token
-                seen[rows, token] = True
+                if p.repetition_penalty != 1.0:
+                    seen[rows, token] = True
                 done |= torch.isin(token, self.stops)
                 if (step + 1) % self.check_every == 0:  # the only host synchronisation of the loop
                     if p.stop:
@@ -172,16 +180,35 @@ class NativeEngine(Engine):
         return hits
 
     def _vision(self, requests: list[Request]) -> torch.Tensor | None:
-        """Image embeddings of all tiles of the batch, in request order: [T * tokens_per_tile, C]."""
-        tiles = [r.pixel_values for r in requests if r.pixel_values is not None]
+        """Image embeddings of all tiles of the batch, in request order: [T * tokens_per_tile, C].
+
+        The uint8 tiles go to the device through a pinned buffer (a quarter of float32's bytes) and are
+        normalised there, one chunk of `vision_chunk` tiles at a time."""
+        tiles = [r.tiles for r in requests if r.tiles is not None]
         if not tiles:
             return None
-        pixels = torch.cat(tiles)  # [T, 3, S, S]
+        total = sum(t.shape[0] for t in tiles)
+        host = self._staging(total, tiles[0].shape[1:])
+        torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
+        pixels = host.to(self.device, non_blocking=True)
         out = []
-        for start in range(0, pixels.shape[0], self.vision_chunk):
-            chunk = pixels[start : start + self.vision_chunk].to(self.device, self.dtype, non_blocking=True)
+        for start in range(0, total, self.vision_chunk):
+            chunk = normalize_uint8(pixels[start : start + self.vision_chunk], self.dtype)  # [t, 3, S, S]
             out.append(self.model.vision(chunk).flatten(0, 1))
         return torch.cat(out)
+
+    def _staging(self, tiles: int, shape: torch.Size) -> torch.Tensor:
+        """A host buffer for `tiles` uint8 tiles: pinned on CUDA (so the copy runs asynchronously), reused."""
+        if self.device.type != "cuda":
+            return torch.empty((tiles, *shape), dtype=torch.uint8)
+        buf = self._pinned
+        if buf is None or buf.shape[0] < tiles or buf.shape[1:] != shape:
+            # The previous copy from it must be done before it is replaced or reused.
+            torch.cuda.current_stream(self.device).synchronize()
+            buf = self._pinned = torch.empty((max(tiles, 1024), *shape), dtype=torch.uint8, pin_memory=True)
+        else:
+            torch.cuda.current_stream(self.device).synchronize()
+        return buf[:tiles]
 
     def _cache(self, batch: int, positions: int) -> KVCache:
         c = self.cache

@@ -49,8 +49,8 @@ class ByteBudget:
 
 
 def item_bytes(item: Request | Result) -> int:
-    if isinstance(item, Request) and item.pixel_values is not None:
-        return item.pixel_values.numel() * item.pixel_values.element_size()
+    if isinstance(item, Request) and item.tiles is not None:
+        return item.tiles.numel() * item.tiles.element_size()
     return 0
 
 

@@ -74,10 +74,26 @@ _NORMALIZE_LUT = ((np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
     / IMAGENET_STD[:, None]  # [3, 256]
 
 
+def tiles_to_uint8(tiles: list[Image.Image]) -> torch.Tensor:
+    """Tiles as one uint8 tensor [T, S, S, 3]: a quarter of the bytes of normalised float32, to hold and to
+    copy to the GPU, which normalises them (normalize_uint8) with the same table."""
+    return torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]))
+
+
+_LUT_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def normalize_uint8(tiles: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 tiles [T, S, S, 3] (on any device) -> [T, 3, S, S] scaled to [0, 1] and ImageNet-normalised, in
+    float32 exactly as ToTensor + Normalize compute it, then cast to `dtype`."""
+    lut = _LUT_CACHE.get(tiles.device)
+    if lut is None:
+        lut = _LUT_CACHE[tiles.device] = torch.from_numpy(_NORMALIZE_LUT.reshape(-1).copy()).to(tiles.device)
+    channel = torch.arange(3, device=tiles.device, dtype=torch.long) * 256  # row of each channel in the table
+    out = lut[tiles.long() + channel]  # [T, S, S, 3] float32
+    return out.permute(0, 3, 1, 2).contiguous().to(dtype)
+
+
 def normalize_tiles(tiles: list[Image.Image]) -> torch.Tensor:
     """Tiles as a float32 tensor [T, 3, S, S]: scaled to [0, 1], then ImageNet mean/std normalised."""
-    arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])  # [T, S, S, 3]
-    out = np.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=np.float32)
-    for c in range(3):
-        np.take(_NORMALIZE_LUT[c], arr[..., c], out=out[:, c])
-    return torch.from_numpy(out)
+    return normalize_uint8(tiles_to_uint8(tiles))

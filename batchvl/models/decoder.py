@@ -99,12 +99,14 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
-    def prefill(self, x, cos, sin, mask, cache: KVCache) -> torch.Tensor:
+    def prefill(self, x, cos, sin, cache: KVCache) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin)
         n = x.shape[1]
         cache.k[self.index, : x.shape[0], :, :n] = k
         cache.v[self.index, : x.shape[0], :, :n] = v
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.s.kv_heads != self.s.heads)
+        # Plain causal attention (flash kernels): rows are right-padded, so a real token's keys are all real;
+        # padding positions compute garbage that nothing reads, and decode overwrites their cache entries.
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.s.kv_heads != self.s.heads)
         return self._finish(x, attn)
 
     def decode(self, x, cos, sin, positions, mask, cache: KVCache) -> torch.Tensor:
@@ -166,10 +168,8 @@ class DecoderLM(nn.Module):
         b, p, _ = x.shape
         idx = torch.arange(p, device=x.device)
         cos, sin = self._pick(self.rope(p), idx[None].expand(b, -1), lengths[:, None])  # [B, P, rot]
-        causal = idx[None, :] <= idx[:, None]  # [P(q), P(k)]
-        mask = (causal[None] & (idx[None, None, :] < lengths[:, None, None]))[:, None]  # [B, 1, P, P]
         for layer in self.layers:
-            x = layer.prefill(x, cos, sin, mask, cache)
+            x = layer.prefill(x, cos, sin, cache)
         last = x[torch.arange(b, device=x.device), lengths - 1]  # [B, C]
         return self.norm(last)
 
