@@ -138,3 +138,19 @@ def test_hub_name_resolves_from_the_local_cache_offline(tiny_model, rows, tmp_pa
                           env=env)
     assert proc.returncode == 0, proc.stderr
     assert "0123abcd" in proc.stdout
+
+
+def test_prefill_in_row_chunks_gives_the_same_tokens(tiny_model):
+    from batchvl.check import sample_rows
+    from batchvl.engine.base import GenerationParams
+    from batchvl.engine.native import NativeEngine
+    from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
+
+    ck = CheckpointInfo.read(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    rows = sample_rows(tokenizer, checkpoint_chat_template(tiny_model, tokenizer), ck.tokens_per_tile)
+    params = GenerationParams(max_new_tokens=6, eos_token_ids=(tokenizer.eos_token_id,))
+    engine = NativeEngine(ck, tokenizer, params, device="cpu", dtype="float32", max_batch_size=4)
+    whole = [r.text for r in engine.generate(rows)]
+    engine.prefill_tokens = 1  # one row at a time
+    assert [r.text for r in engine.generate(rows)] == whole

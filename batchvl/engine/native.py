@@ -34,13 +34,15 @@ SPAN_BUCKET = 256  # attended lengths are rounded up to this, so one decode grap
 class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
-                 vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True, **_unused):
+                 vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
+                 prefill_tokens: int = 65536, **_unused):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
         self.params = params
         self.max_batch_size = max_batch_size
         self.vision_chunk = vision_chunk
+        self.prefill_tokens = prefill_tokens
         self.check_every = check_every
         log.info("loading %s natively (%s, %s)", checkpoint.path, self.device, self.dtype)
         loaded = load_model(checkpoint, self.device, self.dtype)
@@ -123,7 +125,11 @@ class NativeEngine(Engine):
                 if int(slots.sum()) != features.shape[0]:
                     raise RuntimeError(f"{int(slots.sum())} image context tokens for {features.shape[0]} features")
                 x[slots] = features.to(x.dtype)
-            logits = lm.logits(lm.prefill(x, lengths, cache))  # [B, V] float32, each row's last token only
+            # In row chunks of at most `prefill_tokens` tokens: activations stay bounded while decode runs
+            # over the whole batch.
+            step_rows = max(1, self.prefill_tokens // max(width, 1))
+            logits = torch.cat([lm.logits(lm.prefill(x[r : r + step_rows], lengths[r : r + step_rows], cache, r))
+                                for r in range(0, b, step_rows)])  # [B, V] float32, each row's last token only
 
         vocab = self.text_spec.vocab
         seen = torch.zeros((b, vocab), dtype=torch.bool, device=self.device)

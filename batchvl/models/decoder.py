@@ -99,11 +99,11 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
-    def prefill(self, x, cos, sin, cache: KVCache) -> torch.Tensor:
+    def prefill(self, x, cos, sin, cache: KVCache, row0: int = 0) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin)
-        n = x.shape[1]
-        cache.k[self.index, : x.shape[0], :, :n] = k
-        cache.v[self.index, : x.shape[0], :, :n] = v
+        b, n = x.shape[0], x.shape[1]
+        cache.k[self.index, row0 : row0 + b, :, :n] = k
+        cache.v[self.index, row0 : row0 + b, :, :n] = v
         # Plain causal attention (flash kernels): rows are right-padded, so a real token's keys are all real;
         # padding positions compute garbage that nothing reads, and decode overwrites their cache entries.
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.s.kv_heads != self.s.heads)
@@ -163,13 +163,14 @@ class DecoderLM(nn.Module):
             sin = torch.where(long, tables[3][index], sin)
         return cos, sin
 
-    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """x [B, P, C] right-padded embeddings, lengths [B] -> final hidden state of each row's last token [B, C]."""
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: KVCache, row0: int = 0) -> torch.Tensor:
+        """x [B, P, C] right-padded embeddings, lengths [B] -> final hidden state of each row's last token [B, C].
+        The rows' K/V go to cache rows row0 .. row0 + B (a batch may be prefilled in row chunks)."""
         b, p, _ = x.shape
         idx = torch.arange(p, device=x.device)
         cos, sin = self._pick(self.rope(p), idx[None].expand(b, -1), lengths[:, None])  # [B, P, rot]
         for layer in self.layers:
-            x = layer.prefill(x, cos, sin, cache)
+            x = layer.prefill(x, cos, sin, cache, row0)
         last = x[torch.arange(b, device=x.device), lengths - 1]  # [B, C]
         return self.norm(last)
 
