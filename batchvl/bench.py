@@ -91,7 +91,7 @@ def prepare_data(root: Path, workload: str, rows: int) -> Path:
 
 
 def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, batch: int, workload: str,
-             rows: int, device: str = "cuda") -> Side:
+             rows: int, device: str = "cuda", overlap: bool = True) -> Side:
     subset = root / f"rows-{name}.jsonl"
     lines = rows_file.read_text().splitlines()[:rows]
     subset.write_text("\n".join(lines) + "\n")
@@ -104,7 +104,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
         "media": {"max_dynamic_patch": 12},
         "generation": {"max_new_tokens": max_new, "ignore_eos": True},
         "engine": {"backend": backend, "device": device, "dtype": "bfloat16" if device == "cuda" else "float32",
-                   "max_batch_size": batch},
+                   "max_batch_size": batch, **({} if backend != "native" else {"overlap_vision": overlap})},
     }))
     job = load_job(job_file)
     cuda = device == "cuda"
@@ -155,8 +155,15 @@ def format_sides(sides: list[Side], peak: float) -> str:
     return "\n".join(lines)
 
 
+def texts_of(out_dir: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    return {r["id"]: r["text"] for r in pq.read_table(out_dir, columns=["id", "text"]).to_pylist()}
+
+
 def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
-          baseline_batch: int, workdir: Path | None = None, device: str = "cuda") -> tuple[list[Side], float]:
+          baseline_batch: int, workdir: Path | None = None, device: str = "cuda",
+          check_overlap: bool = False) -> tuple[list[Side], float]:
     """Run both sides; returns them and the matmul peak (TFLOP/s; nan on the CPU)."""
     from batchvl.check import build_checkpoint
 
@@ -176,6 +183,12 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
         print(f"setup (weights + {max(rows, baseline_rows)} JPEGs): {time.perf_counter() - t0:.0f} s", flush=True)
         sides = [run_side("native", root, model, rows_file, "native", batch, workload, rows, device)]
         print(format_sides(sides, peak), flush=True)
+        if check_overlap:  # the same rows without the overlapped vision pass must give the same text
+            serial = run_side("native-serial", root, model, rows_file, "native", batch, workload, rows, device,
+                              overlap=False)
+            same = texts_of(root / "out-native") == texts_of(root / "out-native-serial")
+            print(format_sides([serial], peak))
+            print(f"overlapped vision gives the same text as serial: {same}", flush=True)
         if baseline:
             sides.append(run_side(baseline, root, model, rows_file, baseline, baseline_batch, workload,
                                   baseline_rows, device))
@@ -183,8 +196,9 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
 
 
 def main(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
-         baseline_batch: int, workdir: Path | None) -> int:
-    sides, peak = bench(shape, workload, rows, batch, baseline, baseline_rows, baseline_batch, workdir)
+         baseline_batch: int, workdir: Path | None, check_overlap: bool = False) -> int:
+    sides, peak = bench(shape, workload, rows, batch, baseline, baseline_rows, baseline_batch, workdir,
+                        check_overlap=check_overlap)
     print(format_sides(sides, peak))
     if len(sides) == 2:
         ratio = (sides[0].images / sides[0].seconds) / (sides[1].images / sides[1].seconds)

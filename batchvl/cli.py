@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     full.add_argument("--baseline-rows", type=int, default=64)
     full.add_argument("--baseline-batch", type=int, default=0, help="default: --batch")
     full.add_argument("--workdir", type=Path, default=None, help="where the weights and images go (a temp dir)")
+    full.add_argument("--check-overlap", action="store_true",
+                      help="also run the native side without overlapped vision and compare the text")
     _verbosity(full)
     full.set_defaults(func=_bench)
 
@@ -98,7 +100,7 @@ def _bench(args: argparse.Namespace) -> int:
     from batchvl.bench import main as bench_main
 
     return bench_main(args.shape, args.workload, args.rows, args.batch, args.baseline, args.baseline_rows,
-                      args.baseline_batch or args.batch, args.workdir)
+                      args.baseline_batch or args.batch, args.workdir, args.check_overlap)
 
 
 def _bench_media(args: argparse.Namespace) -> int:

@@ -221,6 +221,7 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
     engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
                          device=job.engine.device, dtype=job.engine.dtype,
                          max_batch_size=job.engine.max_batch_size, max_batch_tokens=job.engine.max_batch_tokens,
+                         overlap_vision=job.engine.overlap_vision,
                          trust_remote_code=job.engine.trust_remote_code)
     writer = PartWriter(out_dir, schema, job.output.rows_per_file)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
@@ -231,7 +232,8 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
         prefetcher = _prefetcher(job, rows, preparer)
         times = getattr(engine, "times", None) or StageTimes()
         times.sync = sync_times
-        for batch in _batches(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size):
+        for batch in _with_lookahead(engine, _batches(_timed(prefetcher, times, "media wait"),
+                                                      job.engine.max_batch_size)):
             results = _run_batch(engine, batch)
             with times.stage("writing"):
                 for result in results:
@@ -261,6 +263,19 @@ def _timed(items: Iterable[Any], times: StageTimes, stage: str) -> Iterator[Any]
 
 
 _DONE = object()
+
+
+def _with_lookahead(engine, batches: Iterator[list[Request | Result]]) -> Iterator[list[Request | Result]]:
+    """Yield batches one behind, telling the engine which requests come next (`engine.lookahead`), so it can
+    start their vision pass while the current batch decodes. Engines without the hook just run in turn."""
+    hook = getattr(engine, "lookahead", None)
+    current = next(batches, None)
+    while current is not None:
+        following = next(batches, None)
+        if hook is not None:
+            hook([x for x in following or [] if isinstance(x, Request)])
+        yield current
+        current = following
 
 
 def _run_batch(engine, batch: list[Request | Result]) -> list[Result]:
