@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     full.add_argument("--baseline-batch", type=int, default=0, help="default: --batch")
     full.add_argument("--workdir", type=Path, default=None, help="where the weights and images go (a temp dir)")
     full.add_argument("--check-overlap", action="store_true",
-                      help="also run the native side without overlapped vision and compare the text")
+                      help="also run the native side with the experimental overlapped vision and compare the text")
     _verbosity(full)
     full.set_defaults(func=_bench)
 

@@ -93,7 +93,7 @@ class EngineSpec:
     dtype: str = "auto"
     max_batch_size: int = 8
     max_batch_tokens: int = 0  # 0: from free device memory (native backend)
-    overlap_vision: bool = True  # native, CUDA: the next batch's vision pass runs while this one decodes
+    overlap_vision: bool = False  # native, CUDA, experimental: the next batch's vision runs while this one decodes
     trust_remote_code: bool = False
 
 

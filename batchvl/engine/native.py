@@ -35,7 +35,7 @@ class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
-                 prefill_tokens: int = 65536, overlap_vision: bool = True, **_unused):
+                 prefill_tokens: int = 65536, overlap_vision: bool = False, **_unused):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
