@@ -149,21 +149,6 @@ class RowPreparer:
         return Request(id=plan.row.id, prompt_ids=ids, tiles=torch.cat(pixels) if pixels else None,
                        tiles_per_image=tiles_per_image, keep=plan.keep)
 
-    # ---- both stages at once, for callers without a fetch loop ------------------------------------------
-
-    def __call__(self, row: Row, media_root: Path) -> Request | Result:
-        """Plan, fetch (synchronously) and build one row."""
-        from batchvl.media.sources import load_blob
-
-        plan = self.plan(row, media_root)
-        if isinstance(plan, Result):
-            return plan
-        try:
-            blobs = [load_blob(m.ref, media_root, read_local=m.kind != "video") for m in plan.media]
-        except RowError as e:
-            return Result.failed(row.id, str(e), plan.keep)
-        return self.build(plan, blobs)
-
     # ---- helpers ----------------------------------------------------------------------------------------
 
     def _prompt_text(self, data: dict[str, Any]) -> str:
