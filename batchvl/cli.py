@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 from batchvl.job import JobError, load_job
 
 EXIT_JOB_ERROR = 2
+EXIT_WRITE_ERROR = 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     _setup_logging(args)
     try:
         return args.func(args)
@@ -43,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = job_command("run", "run a job")
     run.add_argument("--overwrite", action="store_true", help="remove earlier output and start over")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="run the rows whose error is set again; their new rows replace the old ones")
     run.set_defaults(func=_run)
 
     validate = job_command("validate", "check a job and print its plan; changes nothing")
@@ -141,10 +147,22 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from batchvl.runner import run_job
+    from batchvl.runner import OutputWriteError, run_job
 
     job = load_job(args.job, args.overrides)
-    summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet, retry_errors=args.retry_errors)
+    except OutputWriteError as e:
+        print(f"batchvl: error: {e}", file=sys.stderr)
+        return EXIT_WRITE_ERROR
+    if summary.interrupted:
+        import signal
+
+        again = [a for a in args.argv if a != "--overwrite"]  # resuming must not start over
+        print(f"batchvl: stopped by {signal.Signals(summary.interrupted).name} after {summary.committed} rows done "
+              f"in this run ({summary.ok} ok, {summary.failed} failed); to resume, run the same command: "
+              f"{shlex.join(['batchvl', *again])}", file=sys.stderr)
+        return 128 + summary.interrupted
     print(summary.line(job.output_dir))
     return 0
 

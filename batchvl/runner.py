@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,12 +19,25 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from batchvl.core import Request, Result, Row
 from batchvl.engine import GenerationParams, make_engine
 from batchvl.engine.timing import StageTimes
+from batchvl.faults import fault_point
+from batchvl.fingerprint import check_fingerprint, job_fingerprint, read_fingerprint, write_fingerprint
 from batchvl.io.readers import columns_of, count_rows, read_rows
-from batchvl.io.writer import PartWriter, clear_output, done_ids, output_schema
+from batchvl.io.writer import (
+    SUMMARY_NAME,
+    PartWriter,
+    clear_output,
+    drop_rows,
+    error_kind,
+    output_schema,
+    read_done,
+    remove_temp_parts,
+    write_json_atomic,
+)
 from batchvl.job import Job, JobError
 from batchvl.media.fetch import FetchSettings
 from batchvl.media.prefetch import Prefetcher
@@ -55,6 +71,9 @@ class Plan:
     files: list[Path]
     rows: int
     done: set[str] = field(default_factory=set)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    done_ok: int = 0  # rows of the output folder without error, and failed ones by error kind
+    done_failed: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
         job = self.job
@@ -94,15 +113,19 @@ def plan_model(job: Job) -> Plan:
     return Plan(job, checkpoint, tokenizer, template, files=[], rows=0)
 
 
-def plan_job(job: Job) -> Plan:
-    """Check everything a run would, without changing anything. Raises JobError naming the key."""
+def plan_job(job: Job, check_output: bool = True) -> Plan:
+    """Check everything a run would, without changing anything. Raises JobError naming the key.
+    `check_output`: also refuse an output folder written by a job with a different fingerprint."""
     plan = plan_model(job)
     plan.files = job.input.files
     for file in plan.files:
         _check_columns(job, file)
     _check_writable(job.output_dir)
+    plan.fingerprint = job_fingerprint(job, plan.checkpoint, plan.template)
+    if check_output:
+        check_fingerprint(job, plan.fingerprint)
     plan.rows = count_rows(plan.files)
-    plan.done = done_ids(job.output_dir)
+    plan.done, plan.done_ok, plan.done_failed = read_done(job.output_dir)
     return plan
 
 
@@ -194,6 +217,8 @@ class Summary:
     elapsed_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)  # media wait, vision, prefill, decode, writing
     load_s: float = 0.0  # building the engine (loading the model), part of elapsed_s
+    interrupted: int = 0  # the signal that stopped the run early (SIGINT, SIGTERM), 0 if it ran to the end
+    committed: int = 0  # rows of this run committed to part files
 
     def line(self, out_dir: Path) -> str:
         t = max(self.elapsed_s, 1e-9)
@@ -203,17 +228,79 @@ class Summary:
                 f"{self.output_tokens / t:.1f} output tokens/s -> {out_dir}")
 
 
-def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False) -> Summary:
-    """Run a job to the end and return its summary. `sync_times` synchronises the device at each stage
-    boundary, so the time split is exact (benchmarks); it costs a little throughput."""
+class OutputWriteError(Exception):
+    """Writing the output failed (disk full, permissions). The run stops; what was committed stays, resumable."""
+
+
+DUPLICATE_ERROR = "input: duplicate id"
+
+
+def duplicate_key(row_id: str, source: str) -> str:
+    """The output id of the error row for a later duplicate of `row_id`, read at `source` (`file:line`)."""
+    return f"{row_id}#dup@{source}"
+
+
+class _Stop:
+    """SIGINT / SIGTERM while running: the first asks the loop to stop after the batch in flight; a second exits
+    at once with the same code (safe: part files are renamed into place whole, or not at all)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            os._exit(128 + self.signum)
+        self.signum = signum
+        name = signal.Signals(signum).name
+        os.write(2, f"\nbatchvl: {name}: finishing the batch in flight, then stopping "
+                    f"(again to stop at once)\n".encode())
+
+
+def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False,
+            retry_errors: bool = False) -> Summary:
+    """Run a job to the end (or to SIGINT/SIGTERM: `Summary.interrupted`) and return its summary.
+    `sync_times` synchronises the device at each stage boundary, so the time split is exact (benchmarks); it
+    costs a little throughput. `retry_errors` runs the rows whose `error` is set again."""
     start = time.perf_counter()
-    plan = plan_job(job)
+    plan = plan_job(job, check_output=not overwrite)
     out_dir = job.output_dir
     if overwrite:
         removed = clear_output(out_dir)
         log.info("--overwrite: removed %d part file(s) from %s", removed, out_dir)
-        plan.done = set()
+        plan.done, plan.done_ok, plan.done_failed = set(), 0, {}
+    leftovers = remove_temp_parts(out_dir)
+    if leftovers:
+        log.info("removed %d temporary part file(s) left by an interrupted run", leftovers)
+    if read_fingerprint(out_dir) is None:
+        if plan.done:
+            log.warning("%s has no %s (written by an older batchvl); taking this job's", out_dir, "fingerprint")
+        write_fingerprint(out_dir, plan.fingerprint)
+    if retry_errors:
+        dropped = drop_rows(out_dir, lambda _id, error: error is not None and not error.startswith(DUPLICATE_ERROR))
+        log.info("--retry-errors: %d error row(s) removed from the output, to run again", dropped)
+        plan.done, plan.done_ok, plan.done_failed = read_done(out_dir)
     log.info("plan:\n%s", plan.describe())
+    with _Stop() as stop:
+        summary = _run(job, plan, stop, start, progress, sync_times)
+    summary.interrupted = stop.signum
+    return summary
+
+
+def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_times: bool) -> Summary:
+    out_dir = job.output_dir
     preparer = _preparer(job, plan)
     schema = output_schema(_keep_types(job, plan.files))
     params = _generation_params(job, plan)
@@ -223,32 +310,112 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
                          max_batch_size=job.engine.max_batch_size, max_batch_tokens=job.engine.max_batch_tokens,
                          overlap_vision=job.engine.overlap_vision,
                          trust_remote_code=job.engine.trust_remote_code)
-    writer = PartWriter(out_dir, schema, job.output.rows_per_file)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
+    counts = _OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start)
+    writer = PartWriter(out_dir, schema, job.output.rows_per_file, on_commit=counts.commit)
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
     prefetcher = None
+    writer_ok = True
+
+    def write(action, *args) -> None:
+        nonlocal writer_ok
+        try:
+            action(*args)
+        except OSError as e:
+            writer_ok = False
+            raise OutputWriteError(f"output.path: cannot write to {out_dir}: {e}; what was committed is kept, "
+                                   "rerun the same command to resume") from None
+
+    times = getattr(engine, "times", None) or StageTimes()
     try:
-        rows = ((f, r) for f, r in read_rows(plan.files, job.input.id_column) if r.id not in plan.done)
+        rows = _pending_rows(plan.files, job.input.id_column, plan.done)
         prefetcher = _prefetcher(job, rows, preparer)
-        times = getattr(engine, "times", None) or StageTimes()
         times.sync = sync_times
         for batch in _with_lookahead(engine, _batches(_timed(prefetcher, times, "media wait"),
                                                       job.engine.max_batch_size)):
+            if stop.signum:
+                break
+            fault_point("batch")
             results = _run_batch(engine, batch)
             with times.stage("writing"):
                 for result in results:
-                    writer.add(result)
+                    write(writer.add, result)
                     _count(summary, result)
                     bar.update(result)
+        write(writer.close)
     finally:
         if prefetcher is not None:
             prefetcher.close()
-        writer.close()
+        if writer_ok:
+            try:
+                writer.close()  # after an error elsewhere: commit the finished rows still buffered
+            except OSError:
+                log.exception("could not commit the last rows")
         bar.close()
         engine.close()
+        counts.write("interrupted" if stop.signum else "finished")
+    summary.committed = counts.this_run
     summary.elapsed_s = time.perf_counter() - start
     summary.stage_s = dict(times.seconds)
     return summary
+
+
+class _OutputCounts:
+    """The output folder's `_summary.json`: rows ok and failed (by error kind) over the whole folder, and this
+    run's committed rows, seconds and rows/s. Rewritten atomically at each commit."""
+
+    def __init__(self, out_dir: Path, ok: int, failed: dict[str, int], start: float):
+        self.out_dir, self.ok, self.failed, self.start = out_dir, ok, failed, start
+        self.this_run = 0
+
+    def commit(self, results: list[Result]) -> None:
+        for r in results:
+            if r.error is None:
+                self.ok += 1
+            else:
+                kind = error_kind(r.error)
+                self.failed[kind] = self.failed.get(kind, 0) + 1
+        self.this_run += len(results)
+        self.write("running")
+
+    def write(self, state: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        try:
+            write_json_atomic(self.out_dir / SUMMARY_NAME, {
+                "state": state,
+                "rows_ok": self.ok,
+                "rows_failed": sum(self.failed.values()),
+                "failed_by_kind": dict(sorted(self.failed.items())),
+                "rows_this_run": self.this_run,
+                "elapsed_s": round(elapsed, 3),
+                "rows_per_s": round(self.this_run / max(elapsed, 1e-9), 3),
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            })
+        except OSError as e:  # the summary is informative; the parts are what counts
+            log.warning("could not write %s: %s", SUMMARY_NAME, e)
+
+
+def read_summary(out_dir: Path) -> dict[str, Any]:
+    return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+
+
+def _pending_rows(files: list[Path], id_column: str | None, done: set[str]) -> Iterator[tuple[Path, Row]]:
+    """The input rows still to run. The first occurrence of an id is the row; a later one becomes an error row
+    with id `duplicate_key(id, source)`, so that output ids stay unique. Ids (and duplicate keys) already in
+    the output are skipped: that is how a rerun resumes."""
+    first: dict[str, str] = {}
+    for file, row in read_rows(files, id_column):
+        fault_point("read")
+        seen = first.get(row.id)
+        if seen is None:
+            first[row.id] = row.source
+            if row.id not in done:
+                yield file, row
+            continue
+        key = duplicate_key(row.id, row.source)
+        if key not in done:
+            yield file, Row(id=key, source=row.source, data=None,
+                            error=f"{DUPLICATE_ERROR} {row.id!r} (first at {seen})")
 
 
 def _timed(items: Iterable[Any], times: StageTimes, stage: str) -> Iterator[Any]:
@@ -281,8 +448,26 @@ def _with_lookahead(engine, batches: Iterator[list[Request | Result]]) -> Iterat
 def _run_batch(engine, batch: list[Request | Result]) -> list[Result]:
     """Run the requests of a batch; error results pass through. Output keeps the batch's order."""
     requests = [x for x in batch if isinstance(x, Request)]
-    results = iter(engine.generate(requests) if requests else [])
+    results = iter(_generate(engine, requests) if requests else [])
     return [next(results) if isinstance(x, Request) else x for x in batch]
+
+
+def _generate(engine, requests: list[Request]) -> list[Result]:
+    """engine.generate, but a batch that runs out of device memory is split in halves and retried, down to one
+    row; a row that does not fit alone becomes an error row (`oom: ...`)."""
+    try:
+        return engine.generate(requests)
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(requests) == 1:
+            r = requests[0]
+            return [Result.failed(r.id, f"oom: device out of memory for this row alone ({len(r.prompt_ids)} "
+                                        f"prompt tokens, {sum(r.tiles_per_image)} tiles)", r.keep)]
+        half = len(requests) // 2
+        log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
+                    len(requests) - half)
+        return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
 
 
 def _batches(items: Iterable[Request | Result], size: int) -> Iterator[list[Request | Result]]:

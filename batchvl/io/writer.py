@@ -3,6 +3,10 @@
 Each part is written under a hidden temporary name, flushed to disk, then renamed into place, so a reader
 never sees a half-written file. Rows already present are found again by reading the `id` column of the
 parts, which is how a rerun skips them.
+
+Besides the parts, the folder holds `_batchvl.json` (the fingerprint of the job that wrote it, see
+batchvl.fingerprint) and `_summary.json` (counts, rewritten at each commit). Their names start with `_`, so
+globs of `part-*.parquet` (and pyarrow's dataset discovery) skip them.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchvl.core import Result
+from batchvl.faults import fault_point
 
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-part-"
+FINGERPRINT_NAME = "_batchvl.json"
+SUMMARY_NAME = "_summary.json"
 
 BASE_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -47,19 +54,93 @@ def part_files(out_dir: Path) -> list[Path]:
 
 def done_ids(out_dir: Path) -> set[str]:
     """Ids of every row already committed to the output folder."""
+    return read_done(out_dir)[0]
+
+
+def error_kind(error: str) -> str:
+    """The kind of an error: the text before its first ':' (`media`, `input`, `prompt`, ...)."""
+    return error.split(":", 1)[0].strip() or "unknown"
+
+
+def read_done(out_dir: Path) -> tuple[set[str], int, dict[str, int]]:
+    """(ids committed, rows without error, failed rows by error kind) of the output folder."""
     ids: set[str] = set()
+    ok = 0
+    failed: dict[str, int] = {}
     for part in part_files(out_dir):
-        ids.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
-    return ids
+        table = pq.read_table(part, columns=["id", "error"])
+        ids.update(table.column("id").to_pylist())
+        for error in table.column("error").to_pylist():
+            if error is None:
+                ok += 1
+            else:
+                kind = error_kind(error)
+                failed[kind] = failed.get(kind, 0) + 1
+    return ids, ok, failed
+
+
+def temp_parts(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob(TMP_PREFIX + "*")) if out_dir.is_dir() else []
+
+
+def remove_temp_parts(out_dir: Path) -> int:
+    """Remove the temporary files a killed run left behind (never renamed, so never part of the output)."""
+    leftovers = temp_parts(out_dir)
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def clear_output(out_dir: Path) -> int:
-    """Remove batchvl's part files (committed and temporary) and nothing else. Returns how many."""
+    """Remove batchvl's part files (committed and temporary) and its `_` files, nothing else. Returns how many
+    part files."""
     removed = 0
-    for path in [*part_files(out_dir), *out_dir.glob(TMP_PREFIX + "*")] if out_dir.is_dir() else []:
+    for path in [*part_files(out_dir), *temp_parts(out_dir)]:
         path.unlink()
         removed += 1
+    for name in (FINGERPRINT_NAME, SUMMARY_NAME):
+        (out_dir / name).unlink(missing_ok=True)
     return removed
+
+
+def drop_rows(out_dir: Path, drop) -> int:
+    """Rewrite every part file holding rows for which `drop(id, error)` is true without them (temp file,
+    fsync, rename over the part: atomic per part; a part left empty is removed). Returns the rows dropped."""
+    dropped = 0
+    for part in part_files(out_dir):
+        table = pq.read_table(part)
+        keep = [not drop(i, e) for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist(),
+                                               strict=True)]
+        gone = keep.count(False)
+        if not gone:
+            continue
+        if gone == len(keep):
+            part.unlink()
+        else:
+            _write_atomic(table.filter(pa.array(keep)), part)
+        _fsync_dir(out_dir)
+        dropped += gone
+    return dropped
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to `path` through a temporary file, fsync and rename: readers see the old or the new file."""
+    tmp = path.with_name(f".tmp{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def jsonish(value: Any) -> str | None:
@@ -70,10 +151,12 @@ def jsonish(value: Any) -> str | None:
 
 
 class PartWriter:
-    """Buffers results and commits them as part files of at most `rows_per_file` rows."""
+    """Buffers results and commits them as part files of at most `rows_per_file` rows. `on_commit(results)` is
+    called after each part is in place."""
 
-    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int):
+    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int, on_commit=None):
         self.out_dir = out_dir
+        self.on_commit = on_commit
         self.schema = schema
         self.rows_per_file = rows_per_file
         self._rows: list[Result] = []
@@ -93,15 +176,22 @@ class PartWriter:
         table = self._to_table(self._rows)
         name = f"part-{self._run}-{self._seq:05d}.parquet"
         tmp = self.out_dir / f"{TMP_PREFIX}{name}"
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out_dir / name)
-        _fsync_dir(self.out_dir)
+        try:
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point("write")
+            os.replace(tmp, self.out_dir / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # best effort; a rerun removes it too
+            raise
         self._seq += 1
         self.rows_written += len(self._rows)
-        self._rows = []
+        committed, self._rows = self._rows, []  # in place: never written twice, even if the fsync below fails
+        _fsync_dir(self.out_dir)
+        if self.on_commit is not None:
+            self.on_commit(committed)
 
     def close(self) -> None:
         self.flush()

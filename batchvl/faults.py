@@ -1,0 +1,39 @@
+"""Fault injection for the crash tests: `BATCHVL_FAULT=kill:<point>:<n>` SIGKILLs this process at the n-th
+time it reaches `<point>` (1-based). Points: `read` (after reading n input rows), `batch` (before the n-th
+engine batch), `write` (after the n-th part's temporary file is written and fsynced, before its rename).
+Unset (the normal case), `fault_point` costs one dict lookup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+ENV = "BATCHVL_FAULT"
+POINTS = ("read", "batch", "write")
+
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def _spec() -> tuple[str, int] | None:
+    text = os.environ.get(ENV)
+    if not text:
+        return None
+    action, _, rest = text.partition(":")
+    point, _, n = rest.partition(":")
+    if action != "kill" or point not in POINTS or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"{ENV}: expected kill:<{'|'.join(POINTS)}>:<n>, got {text!r}")
+    return point, int(n)
+
+
+def fault_point(name: str) -> None:
+    """Mark that the process reached point `name`; kill it here if BATCHVL_FAULT asks for this one."""
+    spec = _spec()
+    if spec is None or spec[0] != name:
+        return
+    with _lock:
+        _counts[name] = _counts.get(name, 0) + 1
+        hit = _counts[name] == spec[1]
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)

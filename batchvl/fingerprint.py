@@ -1,0 +1,139 @@
+"""The fingerprint of a job: what determines its results. An output folder records the fingerprint of the job
+that wrote it (`_batchvl.json`); a rerun with a different one is refused, so one folder never mixes rows of
+two different jobs. Only settings that change the text of a row count. The list is explicit, here:
+
+- model: its resolved path, a hash of config.json and generation_config.json, and a hash of the weight index
+  files and the names and sizes of the weight files;
+- the prompt: `prompt`, the input columns a row's prompt, media and id come from, the chat template (its text);
+- output.keep_columns (the output's columns);
+- every key of `generation`;
+- the media settings that change tiles or frames (effective values, checkpoint defaults filled in);
+- the effective engine dtype.
+
+Not counted, as they do not change results: engine.max_batch_size, max_batch_tokens, backend, device (for
+the same dtype), overlap_vision, media prefetch sizes, threads, HTTP settings, output.rows_per_file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from batchvl.io.writer import FINGERPRINT_NAME, write_json_atomic
+from batchvl.job import Job, JobError
+
+VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha(path: Path) -> str | None:
+    return _sha(path.read_bytes()) if path.is_file() else None
+
+
+def _weights_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.name.endswith(".index.json") or f.suffix in WEIGHT_SUFFIXES):
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            if f.name.endswith(".index.json"):
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _template_text(template: Any) -> str | None:
+    if template is None:
+        return None
+    if isinstance(template, str):
+        return template
+    return json.dumps(dataclasses.asdict(template), sort_keys=True, default=str) \
+        if dataclasses.is_dataclass(template) else repr(template)
+
+
+def _dtype(job: Job) -> str:
+    if job.engine.dtype != "auto":
+        return job.engine.dtype
+    from batchvl.engine.base import pick_device, pick_dtype
+
+    return str(pick_dtype("auto", pick_device(job.engine.device))).removeprefix("torch.")
+
+
+def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
+    """A flat mapping of dotted keys to values (hashes for files and templates)."""
+    ck = checkpoint
+    text = _template_text(template)
+    m, i = job.media, job.input
+    fp: dict[str, Any] = {
+        "model.path": str(Path(ck.path).resolve()),
+        "model.config": _file_sha(Path(ck.path) / "config.json"),
+        "model.generation_config": _file_sha(Path(ck.path) / "generation_config.json"),
+        "model.weights": _weights_sha(Path(ck.path)),
+        "prompt": job.prompt,
+        "input.id_column": i.id_column,
+        "input.prompt_column": i.prompt_column,
+        "input.messages_column": i.messages_column,
+        "input.image_column": i.image_column,
+        "input.video_column": i.video_column,
+        "input.video_frames_column": i.video_frames_column,
+        "input.video_bound_column": i.video_bound_column,
+        "input.max_dynamic_patch_column": i.max_dynamic_patch_column,
+        "output.keep_columns": list(job.output.keep_columns),
+        "chat_template": None if text is None else _sha(text.encode()),
+        "media.max_dynamic_patch": m.max_dynamic_patch or ck.max_dynamic_patch,
+        "media.min_dynamic_patch": m.min_dynamic_patch or ck.min_dynamic_patch,
+        "media.use_thumbnail": ck.use_thumbnail if m.use_thumbnail is None else m.use_thumbnail,
+        "media.video_frames": m.video_frames,
+        "media.video_max_dynamic_patch": m.video_max_dynamic_patch,
+        "media.max_image_pixels": m.max_image_pixels,
+        "engine.dtype": _dtype(job),
+    }
+    for f in dataclasses.fields(job.generation):
+        fp[f"generation.{f.name}"] = getattr(job.generation, f.name)
+    return json.loads(json.dumps(fp))  # as it reads back from the file (lists, not tuples)
+
+
+def read_fingerprint(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / FINGERPRINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return dict(data["job"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise JobError(f"output.path: cannot read {path}: {e}; use --overwrite to start over") from None
+
+
+def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / FINGERPRINT_NAME, {"version": VERSION, "job": fingerprint})
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]  # a hash
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each key whose value changed, in a stable order."""
+    keys = list(new) + [k for k in old if k not in new]
+    return [f"{k}: {_show(old.get(k))} -> {_show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_fingerprint(job: Job, fingerprint: dict[str, Any]) -> None:
+    """Raise JobError if the output folder was written by a job with a different fingerprint."""
+    old = read_fingerprint(job.output_dir)
+    if old is None:
+        return
+    changed = differences(old, fingerprint)
+    if changed:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise JobError(f"output.path: {job.output.path} was written with a different job ({shown}); "
+                       "use --overwrite to start over")

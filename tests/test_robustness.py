@@ -1,0 +1,230 @@
+"""Refusing a changed job, --retry-errors, duplicate ids, signals, kill -9 at fault points, _summary.json,
+out-of-memory splitting and write failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from batchvl.cli import main
+
+from .conftest import base_job, random_image, write_job, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def text_job(tmp_path, tiny_model, rows, out="out", **sections):
+    inp = write_jsonl(tmp_path / "rows.jsonl", rows)
+    job = base_job(tiny_model, inp, tmp_path / out, input={"image_column": None}, **sections)
+    return write_job(tmp_path / f"job-{out}.yaml", job)
+
+
+def output(out: Path) -> list[dict]:
+    return pq.read_table(out).to_pylist() if list(out.glob("part-*.parquet")) else []
+
+
+def by_id(out: Path) -> dict[str, dict]:
+    rows = output(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "an id appears more than once"
+    return {r["id"]: r for r in rows}
+
+
+def test_changed_job_is_refused_and_overwrite_starts_over(tiny_model, tmp_path, capsys):
+    job = text_job(tmp_path, tiny_model, [{"id": "a", "prompt": "hi"}], generation={"max_new_tokens": 4})
+    assert main(["run", str(job), "--quiet"]) == 0
+    fp = json.loads((tmp_path / "out" / "_batchvl.json").read_text())["job"]
+    assert fp["generation.max_new_tokens"] == 4 and "engine.max_batch_size" not in fp
+    capsys.readouterr()
+
+    assert main(["run", str(job), "--quiet", "--set", "generation.max_new_tokens=6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("batchvl: error: output.path: ") and "was written with a different job" in err
+    assert "(generation.max_new_tokens: 4 -> 6)" in err and "use --overwrite to start over" in err
+    assert main(["validate", str(job), "--set", "media.max_dynamic_patch=2"]) == 2
+    assert "media.max_dynamic_patch: 12 -> 2" in capsys.readouterr().err
+
+    # settings that do not change results do not count
+    for setting in ("engine.max_batch_size=1", "media.prefetch=5", "media.prepare_threads=2",
+                    "output.rows_per_file=7", "engine.dtype=float32", "media.max_dynamic_patch=12"):
+        assert main(["run", str(job), "--quiet", "--set", setting]) == 0, setting
+    assert "0 rows ok, 0 failed, 1 already done" in capsys.readouterr().out
+
+    assert main(["run", str(job), "--quiet", "--overwrite", "--set", "generation.max_new_tokens=6"]) == 0
+    assert json.loads((tmp_path / "out" / "_batchvl.json").read_text())["job"]["generation.max_new_tokens"] == 6
+    assert list(by_id(tmp_path / "out")) == ["a"]
+    assert main(["run", str(job), "--quiet"]) == 2  # now the old setting is the different one
+
+
+def test_retry_errors_runs_failed_rows_again(tiny_model, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": f"r{i}", "prompt": "describe", "image": f"{i}.png"}
+                                                for i in range(4)])
+    for i in (0, 1, 3):
+        random_image(64, 48, seed=i).save(tmp_path / f"{i}.png")
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out",
+                                                    generation={"max_new_tokens": 4}, output={"rows_per_file": 2}))
+    assert main(["run", str(job), "--quiet"]) == 0
+    first = by_id(tmp_path / "out")
+    assert first["r2"]["error"].startswith("media:") and first["r2"]["text"] is None
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["rows_ok"] == 3 and summary["failed_by_kind"] == {"media": 1}
+
+    assert main(["run", str(job), "--quiet"]) == 0  # a plain rerun leaves error rows alone
+    assert by_id(tmp_path / "out")["r2"]["error"] is not None
+    random_image(64, 48, seed=2).save(tmp_path / "2.png")
+    capsys.readouterr()
+    assert main(["run", str(job), "--quiet", "--retry-errors"]) == 0
+    assert "1 rows ok, 0 failed, 3 already done" in capsys.readouterr().out
+    after = by_id(tmp_path / "out")
+    assert sorted(after) == ["r0", "r1", "r2", "r3"]
+    assert after["r2"]["error"] is None and after["r2"]["text"] is not None
+    assert all(after[k] == first[k] for k in ("r0", "r1", "r3"))
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["rows_ok"] == 4 and summary["rows_failed"] == 0 and summary["state"] == "finished"
+
+
+def test_duplicate_ids_keep_the_first_and_become_keyed_error_rows(tiny_model, tmp_path):
+    rows = [{"id": "x", "prompt": "one"}, {"id": "y", "prompt": "two"}, {"id": "x", "prompt": "three"},
+            {"id": "x", "prompt": "four"}]
+    job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 4})
+    assert main(["run", str(job), "--quiet"]) == 0
+    out = by_id(tmp_path / "out")
+    assert sorted(out) == ["x", "x#dup@rows.jsonl:3", "x#dup@rows.jsonl:4", "y"]
+    assert out["x"]["error"] is None
+    assert out["x#dup@rows.jsonl:3"]["error"] == "input: duplicate id 'x' (first at rows.jsonl:1)"
+    assert out["x#dup@rows.jsonl:4"]["finish_reason"] == "error"
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["rows_ok"] == 2 and summary["failed_by_kind"] == {"input": 2}
+    assert main(["run", str(job), "--quiet"]) == 0  # a rerun adds nothing
+    assert main(["run", str(job), "--quiet", "--retry-errors"]) == 0  # duplicates stay reported, once
+    assert by_id(tmp_path / "out") == out
+
+
+CRASH_ROWS = [{"id": f"r{i:02d}", "prompt": f"row number {i} says"} for i in range(12)]
+
+
+def crash_job(tmp_path, tiny_model, out, rows=CRASH_ROWS, new_tokens=8):
+    return text_job(tmp_path, tiny_model, rows, out=out, generation={"max_new_tokens": new_tokens},
+                    engine={"max_batch_size": 2}, output={"rows_per_file": 2})
+
+
+def spawn(job: Path, fault: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("BATCHVL_FAULT", None)
+    if fault:
+        env["BATCHVL_FAULT"] = fault
+    return subprocess.Popen([sys.executable, "-m", "batchvl", "run", str(job), "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def clean_texts(tiny_model, tmp_path):
+    def run(rows=CRASH_ROWS, new_tokens=8):
+        job = crash_job(tmp_path, tiny_model, "clean", rows, new_tokens)
+        assert main(["run", str(job), "--quiet"]) == 0
+        return {k: r["text"] for k, r in by_id(tmp_path / "clean").items()}
+    return run
+
+
+def test_sigterm_finishes_the_batch_in_flight_and_resumes(tiny_model, tmp_path, clean_texts):
+    rows = [{"id": f"r{i:02d}", "prompt": f"row number {i} says"} for i in range(40)]
+    job = crash_job(tmp_path, tiny_model, "out", rows, new_tokens=16)
+    proc = spawn(job)
+    deadline = time.time() + 120
+    while not list((tmp_path / "out").glob("part-*.parquet")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM after" in last and "to resume, run the same command: batchvl run" in last
+    done = by_id(tmp_path / "out")
+    assert 0 < len(done) < 40 and len(done) % 2 == 0  # whole batches only
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["state"] == "interrupted"
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert {k: r["text"] for k, r in by_id(tmp_path / "out").items()} == clean_texts(rows, 16)
+
+
+@pytest.mark.parametrize("fault", ["read:5", "batch:3", "write:2"])
+def test_kill_9_at_a_fault_point_then_rerun_gives_every_row_once(tiny_model, tmp_path, clean_texts, fault):
+    job = crash_job(tmp_path, tiny_model, "out")
+    proc = spawn(job, f"kill:{fault}")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    killed_with = len(output(tmp_path / "out"))
+    assert killed_with < len(CRASH_ROWS)
+    if fault == "write:2":
+        assert list((tmp_path / "out").glob(".tmp-part-*")) and killed_with == 2
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+    assert {k: r["text"] for k, r in by_id(tmp_path / "out").items()} == clean_texts()
+
+
+def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, monkeypatch):
+    import batchvl.runner as runner
+
+    real = runner.make_engine
+    sizes = []
+
+    class Flaky:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def generate(self, requests):
+            sizes.append(len(requests))
+            if len(requests) > 1 or requests[0].id == "r3":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            return self.engine.generate(requests)
+
+        def close(self):
+            self.engine.close()
+
+    monkeypatch.setattr(runner, "make_engine", lambda *a, **k: Flaky(real(*a, **k)))
+    rows = [{"id": f"r{i}", "prompt": f"row {i}"} for i in range(5)]
+    job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 4}, engine={"max_batch_size": 4})
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert sizes == [4, 2, 1, 1, 2, 1, 1, 1]
+    out = by_id(tmp_path / "out")
+    assert sorted(out) == [f"r{i}" for i in range(5)]
+    assert out["r3"]["error"].startswith("oom: device out of memory for this row alone")
+    assert all(out[f"r{i}"]["text"] is not None for i in (0, 1, 2, 4))
+
+
+def test_write_failure_stops_with_exit_1_and_stays_resumable(tiny_model, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import batchvl.io.writer as writer
+
+    real = writer.pq.write_table
+    calls = []
+
+    def failing(table, where, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(writer.pq, "write_table", failing)
+    rows = [{"id": f"r{i}", "prompt": f"row {i}"} for i in range(6)]
+    job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 4}, output={"rows_per_file": 2},
+                   engine={"max_batch_size": 2})
+    assert main(["run", str(job), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("batchvl: error: output.path: cannot write to ")
+    assert "No space left on device" in err
+    assert sorted(by_id(tmp_path / "out")) == ["r0", "r1"]
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+    monkeypatch.setattr(writer.pq, "write_table", real)
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert sorted(by_id(tmp_path / "out")) == [f"r{i}" for i in range(6)]
