@@ -7,9 +7,9 @@ twice through `run_job`: reading, media preparation, engine, Parquet writing. Ou
 
 Workloads (fixed, so figures compare across runs):
 - `caption-7tile`: every image 1344x896 (3x2 tiles + thumbnail = 7 tiles), a short prompt, 128 tokens out;
-- `mixed`: `bench-media`'s realistic size mix, max_dynamic_patch 12, output lengths 32..256 (seeded; set
-  per row through `generation.max_new_tokens` = 256 and a per-row stop is not available, so all rows run
-  the mean length 144 instead; see the note printed).
+- `mixed`: `bench-media`'s realistic size mix, max_dynamic_patch 12, output lengths drawn per row between
+  32 and 256 (seeded; `input.max_new_tokens_column`);
+- `video`: synthetic mp4 clips, 8 frames x 1 tile each, 256 tokens out.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from batchvl.runner import Summary, run_job
 from batchvl.shapes import SHAPES
 
 WORKLOADS = {"caption-7tile": dict(images="7tile", max_new_tokens=128),
-             "mixed": dict(images="mixed", max_new_tokens=144)}
+             "mixed": dict(images="mixed", max_new_tokens=256),  # each row 32..256 (seeded), its own limit
+             "video": dict(images=None, max_new_tokens=256)}  # 8 frames x 1 tile from synthetic mp4 files
 SHORT_TEMPLATE = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                   "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
@@ -79,13 +80,63 @@ def flops_per_row(ck: CheckpointInfo, tiles: int, prompt_tokens: int, output_tok
     return vision + prefill + decode + head
 
 
+def write_videos(folder: Path, count: int, frames: int = 48, size: tuple[int, int] = (640, 360)) -> list[Path]:
+    """Synthetic mp4 clips (moving shapes over noise), with PyAV if installed, else OpenCV."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        base = rng.integers(0, 255, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        base = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))
+        clip = [np.roll(base, 6 * t, axis=1) for t in range(frames)]
+        path = folder / f"clip-{i:05d}.mp4"
+        _write_mp4(path, clip, fps=24)
+        paths.append(path)
+    return paths
+
+
+def _write_mp4(path: Path, frames: list, fps: int) -> None:
+    try:
+        import av
+    except ImportError:
+        import cv2
+
+        h, w = frames[0].shape[:2]
+        out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        for f in frames:
+            out.write(f[:, :, ::-1])
+        out.release()
+        return
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def prepare_data(root: Path, workload: str, rows: int) -> Path:
+    import random
+
     from batchvl.bench_media import write_images
 
-    paths = write_images(root / "images", WORKLOADS[workload]["images"], rows)
+    lengths = random.Random(0)
     with open(root / "rows.jsonl", "w") as f:
-        for p in paths:
-            f.write(json.dumps({"id": p.stem, "prompt": "Describe this image in detail.", "image": str(p)}) + "\n")
+        if workload == "video":
+            for p in write_videos(root / "videos", rows):
+                f.write(json.dumps({"id": p.stem, "prompt": "Describe what happens in the video.",
+                                    "video": str(p)}) + "\n")
+        else:
+            for p in write_images(root / "images", WORKLOADS[workload]["images"], rows):
+                row = {"id": p.stem, "prompt": "Describe this image in detail.", "image": str(p)}
+                if workload == "mixed":
+                    row["limit"] = lengths.randint(32, 256)
+                f.write(json.dumps(row) + "\n")
     (root / "short.jinja").write_text(SHORT_TEMPLATE)
     return root / "rows.jsonl"
 
@@ -97,9 +148,12 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     subset.write_text("\n".join(lines) + "\n")
     job_file = root / f"{name}.yaml"
     max_new = WORKLOADS[workload]["max_new_tokens"]
+    columns = {"video_column": "video", "image_column": None} if workload == "video" else {"image_column": "image"}
+    if workload == "mixed":
+        columns["max_new_tokens_column"] = "limit"
     job_file.write_text(json.dumps({
         "model": str(model), "chat_template": str(root / "short.jinja"),
-        "input": {"path": str(subset), "id_column": "id", "prompt_column": "prompt", "image_column": "image"},
+        "input": {"path": str(subset), "id_column": "id", "prompt_column": "prompt", **columns},
         "output": {"path": str(root / f"out-{name}"), "rows_per_file": 4096},
         "media": {"max_dynamic_patch": 12},
         "generation": {"max_new_tokens": max_new, "ignore_eos": True},
@@ -120,7 +174,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     if errors:
         raise RuntimeError(f"{len(errors)} rows failed, e.g. {errors[0]}")
     ck = CheckpointInfo.read(model)
-    tiles = _tiles_of(subset)
+    tiles = _tiles_of(subset) if workload != "video" else {r["id"]: 8 for r in table}
     flops = sum(flops_per_row(ck, tiles[r["id"]], r["prompt_tokens"], r["output_tokens"]) for r in table)
     # Rates are over the run after the model has loaded: loading is a one-off, not throughput.
     stages = dict(summary.stage_s, load=summary.load_s)

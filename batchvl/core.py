@@ -35,6 +35,7 @@ class Request:
     tiles: torch.Tensor | None  # [T, S, S, 3] uint8 RGB tiles, in image order; None when text-only
     tiles_per_image: list[int]
     keep: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None  # this row's own limit (input.max_new_tokens_column), at most the job's
 
     def pixel_values(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         """The tiles as the vision tower takes them: [T, 3, S, S], ImageNet-normalised, on `device`."""

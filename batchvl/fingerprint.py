@@ -83,6 +83,7 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "input.video_frames_column": i.video_frames_column,
         "input.video_bound_column": i.video_bound_column,
         "input.max_dynamic_patch_column": i.max_dynamic_patch_column,
+        "input.max_new_tokens_column": i.max_new_tokens_column,
         "output.keep_columns": list(job.output.keep_columns),
         "chat_template": None if text is None else _sha(text.encode()),
         "media.max_dynamic_patch": m.max_dynamic_patch or ck.max_dynamic_patch,

@@ -36,6 +36,7 @@ class InputSpec:
     image_column: str | None = None
     media_root: str | None = None
     max_dynamic_patch_column: str | None = None
+    max_new_tokens_column: str | None = None
     messages_column: str | None = None
     video_column: str | None = None
     video_frames_column: str | None = None

@@ -50,6 +50,8 @@ class PrepareSettings:
     video_frames: int = 8
     video_max_tiles: int = 1
     max_image_pixels: int | None = None
+    max_new_tokens_column: str | None = None
+    max_new_tokens: int = 0  # the job's generation.max_new_tokens: a row may ask for fewer, not more
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class RowPlan:
     messages: list[dict[str, str]]  # role + content with <image> placeholders, in media order
     media: list[MediaRef] = field(default_factory=list)
     keep: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None
 
 
 class RowPreparer:
@@ -88,9 +91,10 @@ class RowPreparer:
                 messages, media = self._plan_messages(row.data)
             else:
                 messages, media = self._plan_prompt(row.data)
+            max_new = self._max_new_tokens(row.data)
         except RowError as e:
             return Result.failed(row.id, str(e), keep)
-        return RowPlan(row, media_root, messages, media, keep)
+        return RowPlan(row, media_root, messages, media, keep, max_new)
 
     def _plan_prompt(self, data: dict[str, Any]) -> tuple[list[dict[str, str]], list[MediaRef]]:
         s = self.s
@@ -147,7 +151,7 @@ class RowPreparer:
             raise RowError(f"prompt: {len(ids)} tokens, more than the model accepts with room to generate "
                            f"({s.max_prompt_tokens}); use fewer tiles (media.max_dynamic_patch) or a shorter prompt")
         return Request(id=plan.row.id, prompt_ids=ids, tiles=torch.cat(pixels) if pixels else None,
-                       tiles_per_image=tiles_per_image, keep=plan.keep)
+                       tiles_per_image=tiles_per_image, keep=plan.keep, max_new_tokens=plan.max_new_tokens)
 
     # ---- helpers ----------------------------------------------------------------------------------------
 
@@ -179,6 +183,16 @@ class RowPreparer:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RowError(f"input: {column!r} must be an integer >= 1, got {value!r}")
+        return value
+
+    def _max_new_tokens(self, data: dict[str, Any]) -> int | None:
+        column = self.s.max_new_tokens_column
+        if column is None or data.get(column) is None:
+            return None
+        value = self._row_int(data, column, 0)
+        if value > self.s.max_new_tokens:
+            raise RowError(f"input: {column!r} is {value}, more than generation.max_new_tokens "
+                           f"({self.s.max_new_tokens})")
         return value
 
     def _bound(self, data: dict[str, Any]) -> tuple[float, float] | None:

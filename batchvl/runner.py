@@ -156,6 +156,7 @@ def _check_columns(job: Job, file: Path) -> None:
         "input.image_column": job.input.image_column,
         "input.max_dynamic_patch_column": job.input.max_dynamic_patch_column,
         "input.messages_column": job.input.messages_column,
+        "input.max_new_tokens_column": job.input.max_new_tokens_column,
         "input.video_column": job.input.video_column,
         **{f"output.keep_columns[{i}]": c for i, c in enumerate(job.output.keep_columns)},
     }
@@ -518,6 +519,7 @@ def _preparer(job: Job, plan: Plan) -> RowPreparer:
         video_frames_column=job.input.video_frames_column, video_bound_column=job.input.video_bound_column,
         video_frames=job.media.video_frames, video_max_tiles=job.media.video_max_dynamic_patch,
         max_image_pixels=job.media.max_image_pixels,
+        max_new_tokens_column=job.input.max_new_tokens_column, max_new_tokens=job.generation.max_new_tokens,
     )
     system = default_system_message(plan.template.name, ck.config) \
         if isinstance(plan.template, ConversationTemplate) else None

@@ -154,3 +154,18 @@ def test_prefill_in_row_chunks_gives_the_same_tokens(tiny_model):
     whole = [r.text for r in engine.generate(rows)]
     engine.prefill_tokens = 1  # one row at a time
     assert [r.text for r in engine.generate(rows)] == whole
+
+
+def test_per_row_max_new_tokens_on_both_backends(tiny_model, images, tmp_path):
+    rows = [dict(r, limit=n) for r, n in zip(ROWS, (3, None, 7), strict=True)]
+    rows.append({"id": "too-many", "prompt": "x", "image": None, "limit": 99})
+    inp = write_jsonl(images["wide.jpg"].parent / "limits.jsonl", rows)
+    outs = [run(tmp_path, tiny_model, inp, name, engine={"backend": name, "max_batch_size": 4},
+                input={"max_new_tokens_column": "limit"}) for name in ("native", "transformers")]
+    assert texts(outs[0]) == texts(outs[1])
+    native = outs[0]
+    assert [native[k]["output_tokens"] for k in "abc"] == [3, 12, 7]  # 12: the job's max_new_tokens
+    assert native["a"]["finish_reason"] == "length"
+    plain = run(tmp_path, tiny_model, inp, "plain", engine={"backend": "native"})
+    assert plain["c"]["text"].startswith(native["c"]["text"])  # the same greedy text, cut shorter
+    assert "more than generation.max_new_tokens" in native["too-many"]["error"]

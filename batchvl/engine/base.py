@@ -97,7 +97,7 @@ def cut_at_stop_string(tokens: list[int], text: str, params: GenerationParams,
 
 def decode_result(request: Request, tokens: list[int], params: GenerationParams, tokenizer) -> Result:
     """A finished row: text without special tokens, token counts and why it stopped."""
-    kept, reason = finish(tokens, params)
+    kept, reason = finish(tokens[: request.max_new_tokens or params.max_new_tokens], params)
     text = tokenizer.decode(kept, skip_special_tokens=True)
     cut = cut_at_stop_string(kept, text, params, tokenizer) if params.stop else None
     if cut is not None:

@@ -155,22 +155,25 @@ class NativeEngine(Engine):
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         positions = lengths.clone()
         rows = torch.arange(b, device=self.device)
+        limits_list = [r.max_new_tokens or p.max_new_tokens for r in requests]
+        limits = torch.tensor(limits_list, device=self.device)  # each row's own max_new_tokens
+        steps = max(limits_list)
         with self.times.stage("decode"):
             self._start_next_vision()
-            for step in range(p.max_new_tokens):
+            for step in range(steps):
                 block = self.eos_block if step < p.min_new_tokens else None
                 token = self.sampler(logits, seen, seeds, step, block)
                 token = torch.where(done, self.pad_id, token)
                 out[:, step] = token
                 if p.repetition_penalty != 1.0:
                     seen[rows, token] = True
-                done |= torch.isin(token, self.stops)
+                done |= torch.isin(token, self.stops) | (limits <= step + 1)
                 if (step + 1) % self.check_every == 0:  # the only host synchronisation of the loop
                     if p.stop:
                         done |= self._stop_string_hits(out[:, : step + 1], done)
                     if bool(done.all()):
                         break
-                if step + 1 == p.max_new_tokens:
+                if step + 1 == steps:
                     break
                 logits = self._decode(token, positions, cache, span)
                 positions += 1
