@@ -47,9 +47,16 @@ def _parser() -> argparse.ArgumentParser:
 
     run = job_command("run", "run a job")
     run.add_argument("--overwrite", action="store_true", help="remove earlier output and start over")
+    run.add_argument("--shard", metavar="I/N", default=None,
+                     help="run only shard I of N (0-based; rows by a stable hash of their id), e.g. for job arrays")
     run.add_argument("--retry-errors", action="store_true",
                      help="run the rows whose error is set again; their new rows replace the old ones")
     run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="how far an output folder is, per shard")
+    status.add_argument("out", type=Path, help="the output folder (output.path)")
+    _verbosity(status)
+    status.set_defaults(func=_status)
 
     validate = job_command("validate", "check a job and print its plan; changes nothing")
     validate.set_defaults(func=_validate)
@@ -148,10 +155,16 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from batchvl.runner import OutputWriteError, run_job
+    from batchvl.shards import Shard
 
     job = load_job(args.job, args.overrides)
+    shard = Shard.parse(args.shard) if args.shard else None
+    if shard is not None and args.overwrite:
+        raise JobError("--overwrite: not with --shard (it would remove the other shards' output); "
+                       "clear the folder once, before starting the shards")
     try:
-        summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet, retry_errors=args.retry_errors)
+        summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet, retry_errors=args.retry_errors,
+                          shard=shard)
     except OutputWriteError as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
         return EXIT_WRITE_ERROR
@@ -164,6 +177,27 @@ def _run(args: argparse.Namespace) -> int:
               f"{shlex.join(['batchvl', *again])}", file=sys.stderr)
         return 128 + summary.interrupted
     print(summary.line(job.output_dir))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from batchvl.io.writer import part_files
+    from batchvl.shards import shard_status
+
+    if not args.out.is_dir():
+        raise JobError(f"status: no such output folder: {args.out}")
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(args.out))
+    print(f"{args.out}: {rows} rows in {len(part_files(args.out))} part file(s)")
+    for s in shard_status(args.out):
+        if "shard" in s:
+            total, done = s.get("rows_in_shard", 0), s.get("rows_done_in_shard", 0)
+            pct = 100.0 * done / total if total else 100.0
+            print(f"shard {s['shard']}: {done}/{total} rows ({pct:.1f}%), {s.get('state')}, updated {s.get('updated')}")
+        else:
+            print(f"unsharded runs: {s.get('rows_ok', 0)} ok, {s.get('rows_failed', 0)} failed, {s.get('state')}, "
+                  f"updated {s.get('updated')}")
     return 0
 
 

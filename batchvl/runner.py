@@ -53,6 +53,7 @@ from batchvl.models.loader import build_specs
 from batchvl.prepare import PrepareSettings, RowPreparer
 from batchvl.progress import Progress
 from batchvl.prompt import PromptBuilder
+from batchvl.shards import Shard
 from batchvl.templates import ConversationTemplate, default_system_message, get_template
 
 log = logging.getLogger(__name__)
@@ -271,10 +272,11 @@ class _Stop:
 
 
 def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False,
-            retry_errors: bool = False) -> Summary:
+            retry_errors: bool = False, shard: Shard | None = None) -> Summary:
     """Run a job to the end (or to SIGINT/SIGTERM: `Summary.interrupted`) and return its summary.
     `sync_times` synchronises the device at each stage boundary, so the time split is exact (benchmarks); it
-    costs a little throughput. `retry_errors` runs the rows whose `error` is set again."""
+    costs a little throughput. `retry_errors` runs the rows whose `error` is set again. `shard` runs only the
+    rows whose id the shard owns."""
     start = time.perf_counter()
     plan = plan_job(job, check_output=not overwrite)
     out_dir = job.output_dir
@@ -295,12 +297,13 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
         plan.done, plan.done_ok, plan.done_failed = read_done(out_dir)
     log.info("plan:\n%s", plan.describe())
     with _Stop() as stop:
-        summary = _run(job, plan, stop, start, progress, sync_times)
+        summary = _run(job, plan, stop, start, progress, sync_times, shard)
     summary.interrupted = stop.signum
     return summary
 
 
-def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_times: bool) -> Summary:
+def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_times: bool,
+         shard: Shard | None) -> Summary:
     out_dir = job.output_dir
     preparer = _preparer(job, plan)
     schema = output_schema(_keep_types(job, plan.files))
@@ -312,9 +315,15 @@ def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_t
                          overlap_vision=job.engine.overlap_vision,
                          trust_remote_code=job.engine.trust_remote_code)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
-    counts = _OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start)
+    counts = _OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, shard)
+    if shard is not None:
+        counts.shard_rows = sum(1 for _, r in read_rows(plan.files, job.input.id_column) if shard.owns(r.id))
+        counts.shard_done = sum(1 for i in plan.done if shard.owns(i.split("#dup@")[0]))
+        todo = counts.shard_rows - counts.shard_done
+    else:
+        todo = plan.rows - len(plan.done)
     writer = PartWriter(out_dir, schema, job.output.rows_per_file, on_commit=counts.commit)
-    bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
+    bar = Progress(total=max(todo, 0), enabled=progress)
     prefetcher = None
     writer_ok = True
 
@@ -329,7 +338,7 @@ def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_t
 
     times = getattr(engine, "times", None) or StageTimes()
     try:
-        rows = _pending_rows(plan.files, job.input.id_column, plan.done)
+        rows = _pending_rows(plan.files, job.input.id_column, plan.done, shard)
         prefetcher = _prefetcher(job, rows, preparer)
         times.sync = sync_times
         for batch in _with_lookahead(engine, _batches(_timed(prefetcher, times, "media wait"),
@@ -365,9 +374,13 @@ class _OutputCounts:
     """The output folder's `_summary.json`: rows ok and failed (by error kind) over the whole folder, and this
     run's committed rows, seconds and rows/s. Rewritten atomically at each commit."""
 
-    def __init__(self, out_dir: Path, ok: int, failed: dict[str, int], start: float):
+    def __init__(self, out_dir: Path, ok: int, failed: dict[str, int], start: float, shard: Shard | None = None):
         self.out_dir, self.ok, self.failed, self.start = out_dir, ok, failed, start
         self.this_run = 0
+        self.shard = shard
+        self.shard_rows = 0  # input rows the shard owns
+        self.shard_done = 0  # of those, already in the output when the run started
+        self.name = shard.summary_name if shard else SUMMARY_NAME
 
     def commit(self, results: list[Result]) -> None:
         for r in results:
@@ -382,8 +395,12 @@ class _OutputCounts:
     def write(self, state: str) -> None:
         elapsed = time.perf_counter() - self.start
         try:
-            write_json_atomic(self.out_dir / SUMMARY_NAME, {
+            shard = {} if self.shard is None else {
+                "shard": self.shard.label, "rows_in_shard": self.shard_rows,
+                "rows_done_in_shard": self.shard_done + self.this_run}
+            write_json_atomic(self.out_dir / self.name, {
                 "state": state,
+                **shard,
                 "rows_ok": self.ok,
                 "rows_failed": sum(self.failed.values()),
                 "failed_by_kind": dict(sorted(self.failed.items())),
@@ -393,20 +410,23 @@ class _OutputCounts:
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             })
         except OSError as e:  # the summary is informative; the parts are what counts
-            log.warning("could not write %s: %s", SUMMARY_NAME, e)
+            log.warning("could not write %s: %s", self.name, e)
 
 
 def read_summary(out_dir: Path) -> dict[str, Any]:
     return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
 
 
-def _pending_rows(files: list[Path], id_column: str | None, done: set[str]) -> Iterator[tuple[Path, Row]]:
+def _pending_rows(files: list[Path], id_column: str | None, done: set[str],
+                  shard: Shard | None = None) -> Iterator[tuple[Path, Row]]:
     """The input rows still to run. The first occurrence of an id is the row; a later one becomes an error row
     with id `duplicate_key(id, source)`, so that output ids stay unique. Ids (and duplicate keys) already in
-    the output are skipped: that is how a rerun resumes."""
+    the output are skipped: that is how a rerun resumes. With a shard, only the ids it owns."""
     first: dict[str, str] = {}
     for file, row in read_rows(files, id_column):
         fault_point("read")
+        if shard is not None and not shard.owns(row.id):
+            continue
         seen = first.get(row.id)
         if seen is None:
             first[row.id] = row.source
