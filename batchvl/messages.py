@@ -15,7 +15,7 @@ from typing import Any
 
 from batchvl.core import RowError
 from batchvl.prepare import MediaRef
-from batchvl.prompt import IMAGE_PLACEHOLDER, LMDEPLOY_IMAGE_TOKEN
+from batchvl.prompt import place_images
 
 ROLES = ("system", "user", "assistant")
 
@@ -41,13 +41,10 @@ def flatten_messages(cell: Any, default_max_tiles: int, column: str) -> tuple[li
         text, images = _content(message.get("content"), i, default_max_tiles)
         if images and role != "user":
             raise RowError(f"messages: message {i} ({role}) has images; only user turns may")
-        text = text.replace(LMDEPLOY_IMAGE_TOKEN, IMAGE_PLACEHOLDER)
-        found = text.count(IMAGE_PLACEHOLDER)
-        if found == 0 and images:
-            text = IMAGE_PLACEHOLDER + "\n" + (IMAGE_PLACEHOLDER + "\n") * (len(images) - 1) + text
-        elif found != len(images):
-            raise RowError(f"messages: message {i} has {found} {IMAGE_PLACEHOLDER} placeholder(s) for "
-                           f"{len(images)} image(s)")
+        try:
+            text = place_images(text, len(images))
+        except RowError as e:
+            raise RowError(f"messages: message {i}: {e}") from None
         out.append({"role": role, "content": text})
         media.extend(images)
     if out[-1]["role"] != "user":

@@ -25,7 +25,7 @@ from batchvl.media.image import decode_image
 from batchvl.media.sources import as_reference_list
 from batchvl.media.tiling import tile_image, tiles_to_uint8
 from batchvl.media.video import decode_frames
-from batchvl.prompt import IMAGE_PLACEHOLDER, LMDEPLOY_IMAGE_TOKEN, PromptBuilder, fill_fields, place_images
+from batchvl.prompt import IMAGE_PLACEHOLDER, PromptBuilder, fill_fields, place_images
 
 VIDEO_PLACEHOLDER = "<video>"
 
@@ -162,7 +162,7 @@ class RowPreparer:
             if value is not None:
                 if not isinstance(value, str):
                     raise RowError(f"input: {s.prompt_column!r} must be a string, got {type(value).__name__}")
-                return value.replace(LMDEPLOY_IMAGE_TOKEN, IMAGE_PLACEHOLDER)
+                return value
             if s.prompt is None:
                 raise RowError(f"input: the row has no prompt in column {s.prompt_column!r}")
         return fill_fields(s.prompt, data)
