@@ -140,8 +140,9 @@ class NativeEngine(Engine):
                                 for r in range(0, b, step_rows)])  # [B, V] float32, each row's last token only
 
         vocab = self.text_spec.vocab
-        seen = torch.zeros((b, vocab), dtype=torch.bool, device=self.device)
+        seen = None  # [B, V] tokens already in each row, only for the repetition penalty
         if p.repetition_penalty != 1.0:
+            seen = torch.zeros((b, vocab), dtype=torch.bool, device=self.device)
             seen.scatter_(1, ids.clamp(max=vocab - 1), True)
             seen[:, self.pad_id] = False
             for i, r in enumerate(requests):  # the pad id may be a real token of a row

@@ -42,14 +42,14 @@ class Sampler:
         self.p = params
         self.vocab = vocab
 
-    def apply_penalty(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    def apply_penalty(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
         """transformers' repetition penalty over every token already in the row (prompt included)."""
         pen = self.p.repetition_penalty
-        if pen == 1.0:
+        if pen == 1.0 or seen is None:
             return logits
         return torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor, row_seeds: torch.Tensor,
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None, row_seeds: torch.Tensor,
                  step: int, block: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] float32 -> token ids [B]. `block` [K] token ids that may not be chosen (min_new_tokens)."""
         p = self.p

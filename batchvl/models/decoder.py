@@ -109,10 +109,9 @@ class DecoderLayer(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.s.kv_heads != self.s.heads)
         return self._finish(x, attn)
 
-    def decode(self, x, cos, sin, positions, mask, cache: KVCache) -> torch.Tensor:
+    def decode(self, x, cos, sin, positions, rows, mask, cache: KVCache) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin)  # N = 1
         b = x.shape[0]
-        rows = torch.arange(b, device=x.device)
         cache.k[self.index, rows, :, positions] = k[:, :, 0]
         cache.v[self.index, rows, :, positions] = v[:, :, 0]
         keys = cache.k[self.index, :b, :, : mask.shape[-1]]
@@ -179,8 +178,9 @@ class DecoderLM(nn.Module):
         [0, span). Returns the final hidden state [B, C]."""
         cos, sin = self._pick(self.rope(span), positions[:, None], positions[:, None] + 1)  # [B, 1, rot]
         mask = (torch.arange(span, device=x.device)[None, :] <= positions[:, None])[:, None, None]  # [B,1,1,S]
+        rows = torch.arange(x.shape[0], device=x.device)  # once per step, not once per layer
         for layer in self.layers:
-            x = layer.decode(x, cos, sin, positions, mask, cache)
+            x = layer.decode(x, cos, sin, positions, rows, mask, cache)
         return self.norm(x[:, 0])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
