@@ -28,8 +28,8 @@ from PIL import Image
 
 from batchvl.core import Result, Row
 from batchvl.engine import Engine, GenerationParams, make_engine
-from batchvl.job import DTYPES, EngineSpec, GenerationSpec, InputSpec, Job, MediaSpec, OutputSpec, _check
-from batchvl.runner import _batches, _generation_params, _prefetcher, _preparer, _run_batch, plan_model
+from batchvl.job import DTYPES, EngineSpec, GenerationSpec, InputSpec, Job, MediaSpec, OutputSpec, check_job
+from batchvl.runner import batches_of, generation_params, make_prefetcher, make_preparer, plan_model, run_batch
 from batchvl.vl.utils import png_bytes
 
 log = logging.getLogger(__name__)
@@ -163,12 +163,12 @@ class Pipeline:
                               trust_remote_code=backend.trust_remote_code),
             base_dir=here,
         )
-        _check(self.job)
+        check_job(self.job)
         self.plan = plan_model(self.job)
         e = self.job.engine
         self.engine: Engine = make_engine(
             e.backend, checkpoint=self.plan.checkpoint, tokenizer=self.plan.tokenizer,
-            params=_generation_params(self.job, self.plan), device=e.device, dtype=e.dtype,
+            params=generation_params(self.job, self.plan), device=e.device, dtype=e.dtype,
             max_batch_size=e.max_batch_size, max_batch_tokens=e.max_batch_tokens,
             trust_remote_code=e.trust_remote_code)
 
@@ -193,16 +193,16 @@ class Pipeline:
 
     def _run(self, conversations: list[list[dict]], indices: list[int], config: GenerationConfig) -> list[Response]:
         job = dataclasses.replace(self.job, generation=config.to_spec())
-        _check(job)  # the same limits a job file's generation section has
-        preparer = _preparer(job, self.plan)
-        use_params(self.engine, _generation_params(job, self.plan))
+        check_job(job)  # the same limits a job file's generation section has
+        preparer = make_preparer(job, self.plan)
+        use_params(self.engine, generation_params(job, self.plan))
         origin = Path.cwd() / "pipeline"  # relative media paths are read from the current directory
         rows = ((origin, Row(id=str(i), source=f"pipeline[{i}]", data={MESSAGES: conversations[i]}))
                 for i in indices)
-        prefetcher = _prefetcher(job, rows, preparer)
+        prefetcher = make_prefetcher(job, rows, preparer)
         try:
-            results = [r for batch in _batches(prefetcher, job.engine.max_batch_size)
-                       for r in _run_batch(self.engine, batch)]
+            results = [r for batch in batches_of(prefetcher, job.engine.max_batch_size)
+                       for r in run_batch(self.engine, batch)]
         finally:
             prefetcher.close()
         return [_response(r, i) for r, i in zip(results, indices, strict=True)]

@@ -150,7 +150,7 @@ def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> Job:
     job = _build(Job, raw, "")
     job.base_dir = str(path.resolve().parent)
     job.input.base_dir = job.base_dir
-    _check(job)
+    check_job(job)
     return job
 
 
@@ -247,7 +247,8 @@ def _type_name(value: Any) -> str:
 # Checks that need no model and no data: values, ranges, files that must exist
 
 
-def _check(job: Job) -> None:
+def check_job(job: Job) -> None:
+    """Every check that needs no model and no data (values, ranges, files). Raises JobError."""
     _one_of("engine.backend", job.engine.backend, BACKENDS)
     _one_of("engine.device", job.engine.device, DEVICES)
     _one_of("engine.dtype", job.engine.dtype, DTYPES)

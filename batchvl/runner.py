@@ -305,9 +305,9 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
 def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_times: bool,
          shard: Shard | None) -> Summary:
     out_dir = job.output_dir
-    preparer = _preparer(job, plan)
+    preparer = make_preparer(job, plan)
     schema = output_schema(_keep_types(job, plan.files))
-    params = _generation_params(job, plan)
+    params = generation_params(job, plan)
     load_start = time.perf_counter()
     engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
                          device=job.engine.device, dtype=job.engine.dtype,
@@ -339,14 +339,14 @@ def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_t
     times = getattr(engine, "times", None) or StageTimes()
     try:
         rows = _pending_rows(plan.files, job.input.id_column, plan.done, shard)
-        prefetcher = _prefetcher(job, rows, preparer)
+        prefetcher = make_prefetcher(job, rows, preparer)
         times.sync = sync_times
-        for batch in _with_lookahead(engine, _batches(_timed(prefetcher, times, "media wait"),
+        for batch in _with_lookahead(engine, batches_of(_timed(prefetcher, times, "media wait"),
                                                       job.engine.max_batch_size)):
             if stop.signum:
                 break
             fault_point("batch")
-            results = _run_batch(engine, batch)
+            results = run_batch(engine, batch)
             with times.stage("writing"):
                 for result in results:
                     write(writer.add, result)
@@ -466,7 +466,7 @@ def _with_lookahead(engine, batches: Iterator[list[Request | Result]]) -> Iterat
         current = following
 
 
-def _run_batch(engine, batch: list[Request | Result]) -> list[Result]:
+def run_batch(engine, batch: list[Request | Result]) -> list[Result]:
     """Run the requests of a batch; error results pass through. Output keeps the batch's order."""
     requests = [x for x in batch if isinstance(x, Request)]
     results = iter(_generate(engine, requests) if requests else [])
@@ -491,7 +491,7 @@ def _generate(engine, requests: list[Request]) -> list[Result]:
         return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
 
 
-def _batches(items: Iterable[Request | Result], size: int) -> Iterator[list[Request | Result]]:
+def batches_of(items: Iterable[Request | Result], size: int) -> Iterator[list[Request | Result]]:
     """Consecutive items, cut so that each batch holds `size` requests (error results ride along)."""
     batch: list[Request | Result] = []
     requests = 0
@@ -505,7 +505,7 @@ def _batches(items: Iterable[Request | Result], size: int) -> Iterator[list[Requ
         yield batch
 
 
-def _prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer) -> Prefetcher:
+def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer) -> Prefetcher:
     m = job.media
     threads = m.prepare_threads or os.cpu_count() or 1
     fetch = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
@@ -523,7 +523,7 @@ def _count(summary: Summary, result: Result) -> None:
         summary.failed += 1
 
 
-def _preparer(job: Job, plan: Plan) -> RowPreparer:
+def make_preparer(job: Job, plan: Plan) -> RowPreparer:
     ck = plan.checkpoint
     max_tiles = job.media.max_dynamic_patch or ck.max_dynamic_patch
     min_tiles = job.media.min_dynamic_patch or ck.min_dynamic_patch
@@ -556,7 +556,7 @@ def _keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
     return {c: schema.field(c).type for c in job.output.keep_columns}
 
 
-def _generation_params(job: Job, plan: Plan) -> GenerationParams:
+def generation_params(job: Job, plan: Plan) -> GenerationParams:
     g = job.generation
     stops = stop_token_ids(plan.checkpoint.path, plan.tokenizer)
     if isinstance(plan.template, ConversationTemplate):  # InternVL's chat() stops at the template's separator
