@@ -312,7 +312,8 @@ def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_t
     engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
                          device=job.engine.device, dtype=job.engine.dtype,
                          max_batch_size=job.engine.max_batch_size, max_batch_tokens=job.engine.max_batch_tokens,
-                         overlap_vision=job.engine.overlap_vision,
+                         overlap_vision=job.engine.overlap_vision, decode_attention=job.engine.decode_attention,
+                         compile=job.engine.compile,
                          trust_remote_code=job.engine.trust_remote_code)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
     counts = _OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, shard)

@@ -10,6 +10,7 @@ A batch runs as:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -17,6 +18,7 @@ import torch
 
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
+from batchvl.engine.compile import compile_model
 from batchvl.engine.graphs import DecodeGraphs
 from batchvl.engine.sampler import Sampler, row_seed
 from batchvl.engine.timing import StageTimes
@@ -31,11 +33,28 @@ log = logging.getLogger(__name__)
 SPAN_BUCKET = 256  # attended lengths are rounded up to this, so one decode graph serves many batches
 
 
+def _decode_kernel(choice: str, device: torch.device):
+    """The decode-attention function for `engine.decode_attention`: the Triton kernel, or None for SDPA.
+    `auto` takes the kernel on CUDA when triton imports; `triton` insists (on the CPU only under
+    TRITON_INTERPRET=1, which tests use)."""
+    if choice == "sdpa" or (choice == "auto" and device.type != "cuda"):
+        return None
+    try:
+        from batchvl.kernels import decode_attention
+    except ImportError as e:
+        if choice == "triton":
+            raise RuntimeError(f"engine.decode_attention: triton is not importable ({e})") from e
+        log.info("triton is not importable (%s): decode attention runs through SDPA", e)
+        return None
+    return decode_attention
+
+
 class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
-                 prefill_tokens: int = 65536, overlap_vision: bool = False, **_unused):
+                 prefill_tokens: int = 65536, overlap_vision: bool = False, decode_attention: str = "auto",
+                 compile: bool = False, **_unused):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -47,6 +66,9 @@ class NativeEngine(Engine):
         log.info("loading %s natively (%s, %s)", checkpoint.path, self.device, self.dtype)
         loaded = load_model(checkpoint, self.device, self.dtype)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
+        self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
+        if compile:
+            compile_model(self.model)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.pad_id = 0
         self.set_params(params)
@@ -56,7 +78,13 @@ class NativeEngine(Engine):
         self._pinned: dict[int, torch.Tensor] = {}  # host staging buffers, one per stream slot
         self._next: list[Request] = []  # the requests of the batch after this one (lookahead)
         self._early: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}  # id(request) -> features, done
-        self._side = torch.cuda.Stream(self.device) if overlap_vision and self.device.type == "cuda" else None
+        self._side = self._main = None
+        if overlap_vision and self.device.type == "cuda":
+            # The batch's own work (decode above all) on a high-priority stream, the next batch's vision on a
+            # low-priority one: the block scheduler then serves decode's small kernels first and lets vision's
+            # large ones fill the rest of the GPU.
+            self._main = torch.cuda.Stream(self.device, priority=-1)
+            self._side = torch.cuda.Stream(self.device, priority=0)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.model.lm.rope(self.text_spec.max_positions)  # fixed tables: graphs read them in place
@@ -90,8 +118,9 @@ class NativeEngine(Engine):
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run requests in sub-batches that fit the token budget; results keep the request order."""
         results: list[Result] = []
-        for chunk in self._split(requests):
-            results.extend(self._run(chunk))
+        with torch.cuda.stream(self._main) if self._main is not None else contextlib.nullcontext():
+            for chunk in self._split(requests):
+                results.extend(self._run(chunk))
         return results
 
     def _split(self, requests: list[Request]) -> list[list[Request]]:
