@@ -94,10 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     full.add_argument("--baseline-rows", type=int, default=64)
     full.add_argument("--baseline-batch", type=int, default=0, help="default: --batch")
     full.add_argument("--workdir", type=Path, default=None, help="where the weights and images go (a temp dir)")
-    full.add_argument("--check-overlap", action="store_true",
-                      help="also run the native side with the experimental overlapped vision and compare the text")
+    full.add_argument("--warmup-rows", type=int, default=0,
+                      help="run each side untimed over this many rows first, to time the steady state")
+    full.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                      help="also run the native side with these engine settings (e.g. "
+                           "'overlap:overlap_vision=true') and compare its text with the first native run")
     _verbosity(full)
     full.set_defaults(func=_bench)
+
+    kern = sub.add_parser("bench-kernels", help="check each Triton kernel against torch on the GPU, and time it")
+    kern.add_argument("--rows", type=int, action="append", default=None, help="batch sizes (default 64, 128, 256)")
+    kern.add_argument("--span", type=int, default=2048)
+    _verbosity(kern)
+    kern.set_defaults(func=_bench_kernels)
 
     bench = sub.add_parser("bench-media", help="measure media preparation against a naive Pillow loop")
     bench.add_argument("--images", type=int, default=200, help="images per workload")
@@ -113,7 +122,13 @@ def _bench(args: argparse.Namespace) -> int:
     from batchvl.bench import main as bench_main
 
     return bench_main(args.shape, args.workload, args.rows, args.batch, args.baseline, args.baseline_rows,
-                      args.baseline_batch or args.batch, args.workdir, args.check_overlap)
+                      args.baseline_batch or args.batch, args.workdir, args.variant, args.warmup_rows)
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from batchvl.bench_kernels import main as kernels_main
+
+    return kernels_main(tuple(args.rows or (64, 128, 256)), args.span)
 
 
 def _bench_media(args: argparse.Namespace) -> int:
