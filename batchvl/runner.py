@@ -480,16 +480,17 @@ def _generate(engine, requests: list[Request]) -> list[Result]:
     try:
         return engine.generate(requests)
     except torch.cuda.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(requests) == 1:
-            r = requests[0]
-            return [Result.failed(r.id, f"oom: device out of memory for this row alone ({len(r.prompt_ids)} "
-                                        f"prompt tokens, {sum(r.tiles_per_image)} tiles)", r.keep)]
-        half = len(requests) // 2
-        log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
-                    len(requests) - half)
-        return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
+        pass  # retried below, outside the handler: the exception's frames hold the failed attempt's tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(requests) == 1:
+        r = requests[0]
+        return [Result.failed(r.id, f"oom: device out of memory for this row alone ({len(r.prompt_ids)} "
+                                    f"prompt tokens, {sum(r.tiles_per_image)} tiles)", r.keep)]
+    half = len(requests) // 2
+    log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
+                len(requests) - half)
+    return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
 
 
 def batches_of(items: Iterable[Request | Result], size: int) -> Iterator[list[Request | Result]]:
@@ -541,6 +542,7 @@ def make_preparer(job: Job, plan: Plan) -> RowPreparer:
         video_frames=job.media.video_frames, video_max_tiles=job.media.video_max_dynamic_patch,
         max_image_pixels=job.media.max_image_pixels,
         max_new_tokens_column=job.input.max_new_tokens_column, max_new_tokens=job.generation.max_new_tokens,
+        pin_memory=job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available(),
     )
     system = default_system_message(plan.template.name, ck.config) \
         if isinstance(plan.template, ConversationTemplate) else None
