@@ -270,9 +270,17 @@ class NativeEngine(Engine):
         if not tiles:
             return None
         total = sum(t.shape[0] for t in tiles)
-        host = self._staging(total, tiles[0].shape[1:], slot)
-        torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
-        pixels = host.to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and all(t.is_pinned() for t in tiles):
+            # Prepared in page-locked memory (prepare.py): copy each row's tiles straight in, asynchronously.
+            pixels = torch.empty((total, *tiles[0].shape[1:]), dtype=torch.uint8, device=self.device)
+            offset = 0
+            for t in tiles:
+                pixels[offset : offset + t.shape[0]].copy_(t, non_blocking=True)
+                offset += t.shape[0]
+        else:
+            host = self._staging(total, tiles[0].shape[1:], slot)
+            torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
+            pixels = host.to(self.device, non_blocking=True)
         out = []
         for start in range(0, total, self.vision_chunk):
             chunk = normalize_uint8(pixels[start : start + self.vision_chunk], self.dtype)  # [t, 3, S, S]
