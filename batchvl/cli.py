@@ -75,11 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_make_tiny)
     check = sub.add_parser("check-parity", help="compare the native engine with transformers on random weights")
     check.add_argument("--shape", action="append", default=None,
-                       help="tiny, internvl2-1b, internvl2-4b or internvit-6b (repeatable; default tiny)")
+                       help="tiny, internvl2-1b, internvl2-4b, internvit-6b or internvl3-8b (repeatable; default tiny)")
     check.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
     check.add_argument("--device", default="auto")
     check.add_argument("--dtype", default="auto")
     check.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    check.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                       help="a native engine setting to check, e.g. compile=true (repeatable)")
     _verbosity(check)
     check.set_defaults(func=_check_parity)
 
@@ -146,7 +148,14 @@ def _check_parity(args: argparse.Namespace) -> int:
         if shape not in SHAPES:
             print(f"batchvl: error: --shape: unknown shape {shape!r} (known: {', '.join(SHAPES)})", file=sys.stderr)
             return EXIT_JOB_ERROR
-    return check_main(shapes, args.tokens, args.device, args.dtype, args.out)
+    from batchvl.bench import parse_variant
+
+    try:
+        _, engine = parse_variant("engine:" + ",".join(args.engine))
+    except ValueError as e:
+        print(f"batchvl: error: --engine: {e}", file=sys.stderr)
+        return EXIT_JOB_ERROR
+    return check_main(shapes, args.tokens, args.device, args.dtype, args.out, engine)
 
 
 def _verbosity(p: argparse.ArgumentParser) -> None:
