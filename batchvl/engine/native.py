@@ -19,7 +19,7 @@ import torch
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.compile import compile_model
-from batchvl.engine.graphs import DecodeGraphs
+from batchvl.engine.graphs import DecodeGraphs, VisionGraph
 from batchvl.engine.sampler import Sampler, row_seed
 from batchvl.engine.timing import StageTimes
 from batchvl.media.tiling import normalize_uint8
@@ -54,7 +54,7 @@ class NativeEngine(Engine):
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, overlap_vision: bool = False, decode_attention: str = "auto",
-                 compile: bool = False, **_unused):
+                 compile: bool = True, **_unused):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -67,7 +67,7 @@ class NativeEngine(Engine):
         loaded = load_model(checkpoint, self.device, self.dtype)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
-        if compile:
+        if compile and self.device.type == "cuda":  # on the CPU, compiling costs more than it saves
             compile_model(self.model)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.pad_id = 0
@@ -86,7 +86,9 @@ class NativeEngine(Engine):
             self._main = torch.cuda.Stream(self.device, priority=-1)
             self._side = torch.cuda.Stream(self.device, priority=0)
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda":
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._vision_graph: VisionGraph | None = None
+        if self.cuda_graphs:
             self.model.lm.rope(self.text_spec.max_positions)  # fixed tables: graphs read them in place
             self.graphs = DecodeGraphs(self.model.lm)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
@@ -283,9 +285,19 @@ class NativeEngine(Engine):
             pixels = host.to(self.device, non_blocking=True)
         out = []
         for start in range(0, total, self.vision_chunk):
-            chunk = normalize_uint8(pixels[start : start + self.vision_chunk], self.dtype)  # [t, 3, S, S]
-            out.append(self.model.vision(chunk).flatten(0, 1))
+            chunk = pixels[start : start + self.vision_chunk]  # [t, S, S, 3] uint8
+            # Not with overlapped vision: two streams would share the graph's static buffers.
+            if self.cuda_graphs and self._side is None and chunk.shape[0] == self.vision_chunk:
+                if self._vision_graph is None:
+                    self._vision_graph = VisionGraph(self._vision_pass, chunk)
+                out.append(self._vision_graph(chunk).flatten(0, 1).clone())
+            else:
+                out.append(self._vision_pass(chunk).flatten(0, 1))
         return torch.cat(out)
+
+    def _vision_pass(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles [t, S, S, 3] on the device -> LM embeddings [t, tokens_per_tile, C]."""
+        return self.model.vision(normalize_uint8(tiles, self.dtype))
 
     def _staging(self, tiles: int, shape: torch.Size, slot: int = 0) -> torch.Tensor:
         """A host buffer for `tiles` uint8 tiles: pinned on CUDA (so the copy runs asynchronously), reused.
@@ -311,6 +323,7 @@ class NativeEngine(Engine):
     def close(self) -> None:
         if self.graphs is not None:
             self.graphs.reset()
+        self._vision_graph = None
         self.cache = None
         del self.model
         if self.device.type == "cuda":
