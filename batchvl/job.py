@@ -97,7 +97,7 @@ class EngineSpec:
     max_batch_tokens: int = 0  # 0: from free device memory (native backend)
     overlap_vision: bool = False  # native, CUDA, experimental: the next batch's vision runs while this one decodes
     decode_attention: str = "auto"  # native: auto (the Triton kernel on CUDA when triton imports) | triton | sdpa
-    compile: bool = False  # native: torch.compile the repeated blocks (about a minute once, then faster)
+    compile: bool = True  # native, CUDA: torch.compile the repeated blocks (~20 s once, then ~20% faster)
     trust_remote_code: bool = False
 
 
