@@ -11,6 +11,7 @@ A batch runs as:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 
@@ -149,11 +150,11 @@ class NativeEngine(Engine):
         # Bucketed, so that decode graphs get reused; never past the model's context (the rotary tables).
         span = min(SPAN_BUCKET * math.ceil(need / SPAN_BUCKET), max(need, self.text_spec.max_positions))
         cache = self._cache(b, span)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        ids = ids.to(self.device)
+        # One host-to-device conversion of all prompts, right-padded on the device.
         lengths = torch.tensor(lengths_list, device=self.device)
+        flat = torch.tensor(list(itertools.chain.from_iterable(r.prompt_ids for r in requests)), dtype=torch.long)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=self.device)
+        ids[torch.arange(width, device=self.device)[None, :] < lengths[:, None]] = flat.to(self.device)  # [B, P]
 
         with self.times.stage("vision"):
             features = self._vision(requests)
@@ -272,7 +273,7 @@ class NativeEngine(Engine):
         if not tiles:
             return None
         total = sum(t.shape[0] for t in tiles)
-        if self.device.type == "cuda" and all(t.is_pinned() for t in tiles):
+        if self.device.type == "cuda" and tiles[0].is_pinned():  # the preparer pins all rows' tiles or none
             # Prepared in page-locked memory (prepare.py): copy each row's tiles straight in, asynchronously.
             pixels = torch.empty((total, *tiles[0].shape[1:]), dtype=torch.uint8, device=self.device)
             offset = 0
