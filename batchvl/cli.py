@@ -99,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     full.add_argument("--warmup-rows", type=int, default=0,
                       help="run each side untimed over this many rows first, to time the steady state")
     full.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                      help="also run the native side with these engine settings (e.g. "
-                           "'overlap:overlap_vision=true') and compare its text with the first native run")
+                      help="also run the native side with these job settings (plain keys are engine keys; e.g. "
+                           "'eager:compile=false' or 't8:media.prepare_threads=8') and compare its text with the first native run")
     _verbosity(full)
     full.set_defaults(func=_bench)
 
@@ -151,7 +151,10 @@ def _check_parity(args: argparse.Namespace) -> int:
     from batchvl.bench import parse_variant
 
     try:
-        _, engine = parse_variant("engine:" + ",".join(args.engine))
+        _, sections = parse_variant("engine:" + ",".join(args.engine))
+        engine = sections.pop("engine", {})
+        if sections:
+            raise ValueError(f"only engine keys can be set here, not {', '.join(sections)}")
     except ValueError as e:
         print(f"batchvl: error: --engine: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
