@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="run each side untimed over this many rows first, to time the steady state")
     full.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                       help="also run the native side with these job settings (plain keys are engine keys; e.g. "
-                           "'eager:compile=false' or 't8:media.prepare_threads=8') and compare its text with the first native run")
+                           "'eager:compile=false' or 't8:media.prepare_threads=8') and compare its text with the "
+                           "first native run")
     _verbosity(full)
     full.set_defaults(func=_bench)
 
