@@ -82,12 +82,22 @@ class Plan:
             f"model:    {self.checkpoint.path} ({self.checkpoint.layout} layout, "
             f"{self.checkpoint.tokens_per_tile} tokens per tile)",
             f"backend:  {job.engine.backend} (device {job.engine.device}, dtype {job.engine.dtype}, "
-            f"batch {job.engine.max_batch_size})",
+            f"batch {job.engine.max_batch_size})" + _workers_note(job),
             f"template: {job.chat_template}" + _template_note(self.template),
             f"input:    {len(self.files)} file(s), {self.rows} row(s)",
             f"output:   {job.output_dir} ({len(self.done)} row(s) already done)",
         ]
         return "\n".join(lines)
+
+
+def _workers_note(job: Job) -> str:
+    devices = job.engine.devices
+    if len(devices) == 1:
+        return ""
+    from batchvl.worker import worker_label
+
+    labels = ", ".join(worker_label(d, job.engine.device == "cpu") for d in devices)
+    return f"\nworkers:  {len(devices)} engine worker processes ({labels})"
 
 
 def _template_note(template: str | ConversationTemplate | None) -> str:
@@ -243,6 +253,11 @@ class OutputWriteError(Exception):
     """Writing the output failed (disk full, permissions). The run stops; what was committed stays, resumable."""
 
 
+class WorkerError(Exception):
+    """An engine worker process died or failed. The others ran to the end; the rows it held were not written,
+    and a rerun of the same command runs them."""
+
+
 DUPLICATE_ERROR = "input: duplicate id"
 
 
@@ -288,7 +303,8 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
     """Run a job to the end (or to SIGINT/SIGTERM: `Summary.interrupted`) and return its summary.
     `sync_times` synchronises the device at each stage boundary, so the time split is exact (benchmarks); it
     costs a little throughput. `retry_errors` runs the rows whose `error` is set again. `shard` runs only the
-    rows whose id the shard owns."""
+    rows whose id the shard owns. With more than one device in `engine.gpus`, rows go to one engine worker
+    process per device (batchvl.coordinator); with one, the engine runs here, in this process."""
     start = time.perf_counter()
     plan = plan_job(job, check_output=not overwrite)
     out_dir = job.output_dir
@@ -308,8 +324,16 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
         log.info("--retry-errors: %d error row(s) removed from the output, to run again", dropped)
         plan.done, plan.done_ok, plan.done_failed = read_done(out_dir)
     log.info("plan:\n%s", plan.describe())
+    devices = job.engine.devices
     with Stop() as stop:
-        summary = _run(job, plan, stop, start, progress, sync_times, shard)
+        if len(devices) > 1:
+            from batchvl.coordinator import run_on_workers
+
+            summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
+        else:
+            if job.engine.device != "cpu" and devices[0] != 0 and torch.cuda.is_available():
+                torch.cuda.set_device(devices[0])  # engine.gpus: [k], one GPU: still in this process
+            summary = _run(job, plan, stop, start, progress, sync_times, shard)
     summary.interrupted = stop.signum
     return summary
 
