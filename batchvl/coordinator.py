@@ -129,20 +129,10 @@ def _feed(workers: list[_Worker], chunks: Iterator[list[tuple[Path, Row]]], stop
     while not all(w.done or w.exited for w in workers):
         if stop.signum:
             stop_flag.set()
-        # Rows go out once every worker has loaded its engine (or failed to): the first one ready would otherwise
-        # take the first rows of a small run alone. The wait is the spread of the load times, seconds.
-        started = all(w.ready or w.exited or w.failure for w in workers)
+        if more and not stop_flag.is_set():
+            more = _hand_out(workers, chunks)
         for w in workers:
-            if w.ended or w.exited:
-                continue
-            while more and started and not stop_flag.is_set() and w.ready and w.queued < CHUNKS_AHEAD \
-                    and not w.failure:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    more = False
-                else:
-                    w.send(chunk)
-            if not more or stop_flag.is_set() or w.failure:
+            if not w.ended and not w.exited and (not more or stop_flag.is_set() or w.failure):
                 w.end()
         live = [w for w in workers if not w.exited]
         ready = set(wait([w.events for w in live] + [w.proc.sentinel for w in live], timeout=0.5))
@@ -153,6 +143,23 @@ def _feed(workers: list[_Worker], chunks: Iterator[list[tuple[Path, Row]]], stop
                 w.proc.join()
                 _receive(w, summary, counts, bar)  # what it sent just before it exited
                 _exited(w, bool(stop.signum))
+
+
+def _hand_out(workers: list[_Worker], chunks: Iterator[list[tuple[Path, Row]]]) -> bool:
+    """Top up every worker to CHUNKS_AHEAD chunks not yet taken, one chunk per worker per round, so a small
+    input is shared too. Returns whether the input has more."""
+    # Rows go out once every worker has loaded its engine (or failed to): the first one ready would otherwise
+    # take the first rows of a small run alone. The wait is the spread of the load times, seconds.
+    if not all(w.ready or w.exited or w.failure for w in workers):
+        return True
+    for depth in range(1, CHUNKS_AHEAD + 1):
+        for w in workers:
+            if w.ready and not (w.ended or w.exited or w.failure) and w.queued < depth:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    return False
+                w.send(chunk)
+    return True
 
 
 def _receive(w: _Worker, summary: Summary, counts: OutputCounts, bar: Progress) -> None:
