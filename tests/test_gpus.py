@@ -18,6 +18,7 @@ import torch
 
 from batchvl.cli import main
 from batchvl.job import JobError, load_job
+from batchvl.progress import Progress
 from batchvl.shards import Shard
 
 from .conftest import base_job, write_job, write_jsonl
@@ -25,7 +26,8 @@ from .test_robustness import REPO, by_id, spawn
 
 
 def rows(n: int) -> list[dict]:
-    return [{"id": f"r{i:02d}", "prompt": f"row number {i} says"} for i in range(n)]
+    """n rows, then a second row with the id r03 (an error row keyed `r03#dup@rows.jsonl:<n+1>`)."""
+    return [{"id": f"r{i:02d}", "prompt": f"row number {i} says"} for i in range(n)] + [{"id": "r03", "prompt": "x"}]
 
 COLUMNS = ("text", "error", "finish_reason", "prompt_tokens", "output_tokens")
 
@@ -62,17 +64,19 @@ def one_engine(tiny_model, tmp_path_factory):
 def test_two_workers_give_the_rows_of_one_engine_each_id_once(tiny_model, tmp_path, one_engine, capsys):
     job = gpus_job(tmp_path, tiny_model, "two", 2)
     assert main(["run", str(job), "--quiet"]) == 0
-    assert "12 rows ok, 0 failed, 0 already done" in capsys.readouterr().out
+    assert "12 rows ok, 1 failed, 0 already done" in capsys.readouterr().out
     assert rows_of(tmp_path / "two") == one_engine(12)  # by_id also checks that no id is there twice
+    assert one_engine(12)["r03#dup@rows.jsonl:13"][1] == "input: duplicate id 'r03' (first at rows.jsonl:4)"
     parts = [p.name for p in (tmp_path / "two").glob("part-*.parquet")]
     assert {w for w in ("cpu0", "cpu1") if any(f"-{w}-" in p for p in parts)} == {"cpu0", "cpu1"}
     summary = json.loads((tmp_path / "two" / "_summary.json").read_text())
-    assert summary["state"] == "finished" and summary["rows_ok"] == 12 and summary["rows_this_run"] == 12
+    assert summary["state"] == "finished" and summary["rows_ok"] == 12 and summary["rows_this_run"] == 13
+    assert summary["failed_by_kind"] == {"input": 1}
 
     assert main(["run", str(job), "--quiet"]) == 0  # a rerun finds nothing to do, and starts no worker
-    assert "0 rows ok, 0 failed, 12 already done" in capsys.readouterr().out
+    assert "0 rows ok, 0 failed, 13 already done" in capsys.readouterr().out
     assert main(["status", str(tmp_path / "two")]) == 0
-    assert f"12 rows in {len(parts)} part file(s)" in capsys.readouterr().out
+    assert f"13 rows in {len(parts)} part file(s)" in capsys.readouterr().out
 
 
 def test_a_shard_spreads_over_the_workers(tiny_model, tmp_path, one_engine, capsys):
@@ -102,7 +106,7 @@ def test_a_dead_worker_is_reported_and_a_rerun_completes_each_id_once(tiny_model
                         r"rows not written", last)
     assert lost, err
     done = by_id(tmp_path / "out")
-    assert 0 < len(done) < 12 and len(done) + int(lost[1]) == 12  # cpu0 took all the rest
+    assert 0 < len(done) < 13 and len(done) + int(lost[1]) == 13  # cpu0 took all the rest
     assert len([p for p in (tmp_path / "out").glob("part-*.parquet") if "-cpu1-" in p.name]) <= 1
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["state"] == "failed"
 
@@ -124,7 +128,8 @@ def test_sigterm_stops_the_workers_cleanly_and_a_rerun_resumes(tiny_model, tmp_p
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM after" in err.strip().splitlines()[-1]
     done = by_id(tmp_path / "out")
-    assert 0 < len(done) < 24 and len(done) % 2 == 0  # whole batches only, each committed by its worker
+    assert 0 < len(done) < 25
+    assert len([i for i in done if "#dup@" not in i]) % 2 == 0  # whole batches only, each committed by its worker
     assert not list((tmp_path / "out").glob(".tmp-*"))
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["state"] == "interrupted"
     assert main(["run", str(job), "--quiet", "--set", "engine.gpus=1"]) == 0  # resumable by any engine count
@@ -142,7 +147,7 @@ def test_workers_exit_when_the_coordinator_is_killed_and_a_rerun_completes(tiny_
     while _processes_with(mark):
         assert time.time() < deadline, "engine workers outlived their coordinator"
         time.sleep(0.1)
-    assert len(by_id(tmp_path / "out")) < 24
+    assert len(by_id(tmp_path / "out")) < 25
     assert main(["run", str(job), "--quiet", "--set", "engine.gpus=1"]) == 0
     assert rows_of(tmp_path / "out") == one_engine(24)
 
@@ -197,3 +202,14 @@ def test_gpus_resolves_against_the_visible_devices(tiny_model, tmp_path, monkeyp
         load(device="cpu", gpus="[0,1]")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert load() == [0] and load(gpus=1) == [0]  # no GPU: the one in-process engine, as before
+
+
+def test_the_bar_shows_each_workers_rate():
+    bar = Progress(total=4, enabled=True, workers=["gpu0", "gpu1"])
+    bar.worker_ready("gpu0")
+    bar.worker_ready("gpu1")
+    bar.add(2, 2, 10, 0, "gpu0")
+    bar.add(1, 0, 0, 1, "gpu1")
+    assert bar.bar.n == 3 and bar.errors == 1
+    assert re.search(r"errors=1 gpu0 [0-9.]+/s gpu1 [0-9.]+/s$", bar.bar.postfix), bar.bar.postfix
+    bar.close()
