@@ -207,6 +207,9 @@ def _exited(w: _Worker, stopping: bool) -> None:
     how = f"exit code {code}"
     if code is not None and code < 0:
         how += f", {signal.Signals(-code).name}"
+    if stopping:  # the run is stopping anyway (a second signal ends workers at once); a rerun resumes
+        log.warning("engine worker %s ended (%s) while the run was stopping", w.label, how)
+        return
     w.failure = ("died", f"died ({how})")
     log.error("engine worker %s (pid %s) died (%s) holding %d uncommitted row(s); it gets no more rows", w.label,
               w.proc.pid, how, w.given - w.committed)

@@ -73,14 +73,14 @@ def worker_main(args: WorkerArgs, tasks: multiprocessing.Queue, events, stop_fla
     `stop_flag` is set when the coordinator stops the run. Exits 0 when done, 1 after reporting a failure."""
     if args.device is not None:
         _pin_gpu(args.device)
-    from batchvl.cli import configure_logging
-
-    configure_logging(args.log_level, args.label)
     set_process_label(args.label)
     _exit_with_parent()
     send = _Events(events)
     with Stop(quiet=True) as stop:
         try:
+            from batchvl.cli import configure_logging
+
+            configure_logging(args.log_level, args.label)
             _work(args, tasks, send, lambda: bool(stop.signum) or stop_flag.is_set())
             send("done", stop.signum)
             return
