@@ -14,7 +14,7 @@ from pathlib import Path
 from batchvl.job import JobError, load_job
 
 EXIT_JOB_ERROR = 2
-EXIT_WRITE_ERROR = 1
+EXIT_RUN_ERROR = 1  # the output could not be written, or an engine worker failed: rerun to resume
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,12 +169,18 @@ def _verbosity(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.verbose:
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+
+
+def configure_logging(level: int, process: str = "") -> None:
+    """Log to stderr at `level`; below DEBUG, the chatty libraries only warn. `process` names an engine worker
+    in each line."""
+    where = f" [{process}]" if process else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if level > logging.DEBUG:
         for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.verbose:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
@@ -182,7 +188,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from batchvl.runner import OutputWriteError, run_job
+    from batchvl.runner import OutputWriteError, WorkerError, run_job
     from batchvl.shards import Shard
 
     job = load_job(args.job, args.overrides)
@@ -193,9 +199,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet, retry_errors=args.retry_errors,
                           shard=shard)
-    except OutputWriteError as e:
+    except (OutputWriteError, WorkerError) as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
-        return EXIT_WRITE_ERROR
+        return EXIT_RUN_ERROR
     if summary.interrupted:
         import signal
 
