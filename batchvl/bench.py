@@ -237,14 +237,21 @@ def parse_variant(text: str) -> tuple[str, dict[str, dict]]:
 
 def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
           baseline_batch: int, workdir: Path | None = None, device: str = "cuda",
-          variants: list[str] = (), warmup_rows: int = 0) -> tuple[list[Side], float]:
+          variants: list[str] = (), warmup_rows: int = 0, settings: list[str] = ()) -> tuple[list[Side], float]:
     """Run the native side, each variant (the native side with other engine settings, its text compared
     with the first's), then the baseline; returns the sides and the matmul peak (TFLOP/s; nan on the CPU).
 
     With `warmup_rows`, each side first runs, untimed, over that many rows: a long job pays once for what
     a first batch costs (kernel loading, cuBLAS and cuDNN heuristics, Triton and torch.compile
     compilation, allocator growth), and the timed run then measures the steady state. The warm-up time is
-    printed."""
+    printed. `settings` (KEY=VALUE, as in a variant) apply to every native side, variants on top."""
+    _, base = parse_variant("base:" + ",".join(settings))
+
+    def native_settings(extra: dict[str, dict] | None = None) -> dict[str, dict]:
+        merged = {section: dict(values) for section, values in base.items()}
+        for section, values in (extra or {}).items():
+            merged.setdefault(section, {}).update(values)
+        return merged
 
     def timed(name: str, backend: str, side_batch: int, side_rows: int, settings: dict | None = None) -> Side:
         if warmup_rows:
@@ -271,25 +278,26 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
         model = build_checkpoint(shape, root / "model", dev, dtype, shapes=SHAPES)
         rows_file = prepare_data(root, workload, max(rows, baseline_rows))
         print(f"setup (weights + {max(rows, baseline_rows)} JPEGs): {time.perf_counter() - t0:.0f} s", flush=True)
-        sides = [timed("native", "native", batch, rows)]
+        sides = [timed("native", "native", batch, rows, native_settings())]
         print(format_sides(sides, peak), flush=True)
         for text in variants:
-            name, settings = parse_variant(text)
-            side = timed(name, "native", batch, rows, settings)
+            name, extra = parse_variant(text)
+            side = timed(name, "native", batch, rows, native_settings(extra))
             first, mine = texts_of(root / "out-native"), texts_of(root / f"out-{name}")
             same = sum(first[i] == mine[i] for i in first)
             sides.append(side)
             print(format_sides([side], peak))
-            print(f"variant {name} {settings}: {same}/{len(first)} rows have the native side's text", flush=True)
+            print(f"variant {name} {extra}: {same}/{len(first)} rows have the native side's text", flush=True)
         if baseline:
             sides.append(timed(baseline, baseline, baseline_batch, baseline_rows))
     return sides, peak
 
 
 def main(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
-         baseline_batch: int, workdir: Path | None, variants: list[str] = (), warmup_rows: int = 0) -> int:
+         baseline_batch: int, workdir: Path | None, variants: list[str] = (), warmup_rows: int = 0,
+         settings: list[str] = ()) -> int:
     sides, peak = bench(shape, workload, rows, batch, baseline, baseline_rows, baseline_batch, workdir,
-                        variants=variants, warmup_rows=warmup_rows)
+                        variants=variants, warmup_rows=warmup_rows, settings=settings)
     print(format_sides(sides, peak))
     if baseline:
         base = sides[-1].images / sides[-1].seconds

@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     full.add_argument("--baseline-rows", type=int, default=64)
     full.add_argument("--baseline-batch", type=int, default=0, help="default: --batch")
     full.add_argument("--workdir", type=Path, default=None, help="where the weights and images go (a temp dir)")
+    full.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY=VALUE",
+                      help="a job setting for every native side (plain keys are engine keys), e.g. gpus=2")
     full.add_argument("--warmup-rows", type=int, default=0,
                       help="run each side untimed over this many rows first, to time the steady state")
     full.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
@@ -125,7 +127,8 @@ def _bench(args: argparse.Namespace) -> int:
     from batchvl.bench import main as bench_main
 
     return bench_main(args.shape, args.workload, args.rows, args.batch, args.baseline, args.baseline_rows,
-                      args.baseline_batch or args.batch, args.workdir, args.variant, args.warmup_rows)
+                      args.baseline_batch or args.batch, args.workdir, args.variant, args.warmup_rows,
+                      args.settings)
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:

@@ -53,6 +53,7 @@ class _Worker:
     tasks: multiprocessing.Queue
     events: multiprocessing.connection.Connection
     ready: bool = False
+    ready_at: float = 0.0  # perf_counter() here when its "ready" arrived
     queued: int = 0  # chunks sent and not yet taken
     given: int = 0  # rows sent
     committed: int = 0  # rows it committed
@@ -106,6 +107,10 @@ def run_on_workers(job: Job, plan: Plan, devices: list[int], stop: Stop, start: 
         counts.write("interrupted" if stop.signum else "failed" if failed else "finished")
     summary.committed = counts.this_run
     summary.elapsed_s = time.perf_counter() - start
+    if any(w.ready_at for w in workers):
+        # Rows flow once every worker is ready: until then the run was starting processes and loading
+        # models (one-offs, like load_s of a single engine), so that is what load_s counts here.
+        summary.load_s = max(w.ready_at for w in workers) - start
     for w in workers:
         for stage, seconds in w.stage_s.items():  # summed over the workers
             summary.stage_s[stage] = summary.stage_s.get(stage, 0.0) + seconds
@@ -168,7 +173,7 @@ def _receive(w: _Worker, summary: Summary, counts: OutputCounts, bar: Progress) 
         while w.events.poll():
             kind, *values = w.events.recv()
             if kind == "ready":
-                w.ready = True
+                w.ready, w.ready_at = True, time.perf_counter()
                 summary.load_s = max(summary.load_s, values[0])
                 bar.worker_ready(w.label)
             elif kind == "took":
