@@ -221,12 +221,23 @@ class Summary:
     load_s: float = 0.0  # building the engine (loading the model), part of elapsed_s
     interrupted: int = 0  # the signal that stopped the run early (SIGINT, SIGTERM), 0 if it ran to the end
     committed: int = 0  # rows of this run committed to part files
+    counts_images: bool = True  # False where results come back without their image count (the Ray path)
+
+    def add(self, result: Result) -> None:
+        """Count one result of this run."""
+        if result.error is None:
+            self.ok += 1
+            self.images += result.images
+            self.output_tokens += result.output_tokens
+        else:
+            self.failed += 1
 
     def line(self, out_dir: Path) -> str:
         t = max(self.elapsed_s, 1e-9)
         done = self.ok + self.failed
+        images = f"{self.images / t:.2f} images/s, " if self.counts_images else ""
         return (f"batchvl: {self.ok} rows ok, {self.failed} failed, {self.skipped} already done; "
-                f"{self.elapsed_s:.1f} s, {done / t:.2f} rows/s, {self.images / t:.2f} images/s, "
+                f"{self.elapsed_s:.1f} s, {done / t:.2f} rows/s, {images}"
                 f"{self.output_tokens / t:.1f} output tokens/s -> {out_dir}")
 
 
@@ -242,7 +253,7 @@ def duplicate_key(row_id: str, source: str) -> str:
     return f"{row_id}#dup@{source}"
 
 
-class _Stop:
+class StopOnSignal:
     """SIGINT / SIGTERM while running: the first asks the loop to stop after the batch in flight; a second exits
     at once with the same code (safe: part files are renamed into place whole, or not at all)."""
 
@@ -252,7 +263,7 @@ class _Stop:
         self.signum = 0
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _Stop:
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -278,6 +289,18 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
     costs a little throughput. `retry_errors` runs the rows whose `error` is set again. `shard` runs only the
     rows whose id the shard owns."""
     start = time.perf_counter()
+    plan = open_output(job, overwrite, retry_errors)
+    log.info("plan:\n%s", plan.describe())
+    with StopOnSignal() as stop:
+        summary = _run(job, plan, stop, start, progress, sync_times, shard)
+    summary.interrupted = stop.signum
+    return summary
+
+
+def open_output(job: Job, overwrite: bool = False, retry_errors: bool = False) -> Plan:
+    """Plan the job and make its output folder ready to take rows: `--overwrite` clears it, leftovers of a
+    killed run go, the fingerprint is written (or checked), `--retry-errors` removes the error rows to run
+    again. The plan's `done` holds the ids already written, which a run skips."""
     plan = plan_job(job, check_output=not overwrite)
     out_dir = job.output_dir
     if overwrite:
@@ -295,18 +318,14 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
         dropped = drop_rows(out_dir, lambda _id, error: error is not None and not error.startswith(DUPLICATE_ERROR))
         log.info("--retry-errors: %d error row(s) removed from the output, to run again", dropped)
         plan.done, plan.done_ok, plan.done_failed = read_done(out_dir)
-    log.info("plan:\n%s", plan.describe())
-    with _Stop() as stop:
-        summary = _run(job, plan, stop, start, progress, sync_times, shard)
-    summary.interrupted = stop.signum
-    return summary
+    return plan
 
 
-def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_times: bool,
+def _run(job: Job, plan: Plan, stop: StopOnSignal, start: float, progress: bool, sync_times: bool,
          shard: Shard | None) -> Summary:
     out_dir = job.output_dir
     preparer = make_preparer(job, plan)
-    schema = output_schema(_keep_types(job, plan.files))
+    schema = output_schema(keep_types(job, plan.files))
     params = generation_params(job, plan)
     load_start = time.perf_counter()
     engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
@@ -315,7 +334,7 @@ def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_t
                          overlap_vision=job.engine.overlap_vision,
                          trust_remote_code=job.engine.trust_remote_code)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
-    counts = _OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, shard)
+    counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, shard)
     if shard is not None:
         counts.shard_rows = sum(1 for _, r in read_rows(plan.files, job.input.id_column) if shard.owns(r.id))
         counts.shard_done = sum(1 for i in plan.done if shard.owns(i.split("#dup@")[0]))
@@ -350,7 +369,7 @@ def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_t
             with times.stage("writing"):
                 for result in results:
                     write(writer.add, result)
-                    _count(summary, result)
+                    summary.add(result)
                     bar.update(result)
         write(writer.close)
     finally:
@@ -370,7 +389,7 @@ def _run(job: Job, plan: Plan, stop: _Stop, start: float, progress: bool, sync_t
     return summary
 
 
-class _OutputCounts:
+class OutputCounts:
     """The output folder's `_summary.json`: rows ok and failed (by error kind) over the whole folder, and this
     run's committed rows, seconds and rows/s. Rewritten atomically at each commit."""
 
@@ -514,15 +533,6 @@ def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPre
                       max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch)
 
 
-def _count(summary: Summary, result: Result) -> None:
-    if result.error is None:
-        summary.ok += 1
-        summary.images += result.images
-        summary.output_tokens += result.output_tokens
-    else:
-        summary.failed += 1
-
-
 def make_preparer(job: Job, plan: Plan) -> RowPreparer:
     ck = plan.checkpoint
     max_tiles = job.media.max_dynamic_patch or ck.max_dynamic_patch
@@ -546,7 +556,7 @@ def make_preparer(job: Job, plan: Plan) -> RowPreparer:
     return RowPreparer(settings, PromptBuilder(plan.tokenizer, plan.template, ck.tokens_per_tile, system))
 
 
-def _keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
+def keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
     """Parquet input keeps its column types; JSONL keep columns are strings (see io.writer.jsonish)."""
     if not job.output.keep_columns:
         return {}
