@@ -68,6 +68,8 @@ def load_job_like(job: Job | str | os.PathLike | dict, overrides: Sequence[str] 
     """A Job from a Job, a job file's path, or the mapping a job file holds (relative paths against the
     current directory). Paths are read where this runs: on a Ray worker, pass a Job or absolute paths."""
     if isinstance(job, Job):
+        if overrides:
+            raise TypeError("overrides apply to a job file or mapping; change a Job with dataclasses.replace")
         return job
     if isinstance(job, dict):
         return job_from_mapping(job, Path.cwd(), list(overrides))

@@ -172,3 +172,25 @@ def test_without_ray_batchvl_imports_and_run_ray_names_the_extra(tiny_model, tmp
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("batchvl: error: --ray: Ray Data is not installed")
     assert out.stderr.strip().endswith("install it with: pip install 'batchvl[ray]'")
+
+
+def test_prepare_reads_arrow_pandas_and_numpy_batches_alike(tiny_model, images, tmp_path):
+    """Ray hands map_batches a batch in the format asked for; Prepare gives the same rows for each."""
+    import numpy as np
+
+    import batchvl.ray
+
+    media = images["wide.jpg"].parent
+    table = pa.table({"id": ["a", "b", "c"], "prompt": ["One.", "Two.", "Three."],
+                      "image": ["wide.jpg", None, "missing.png"]})
+    pq.write_table(table, media / "rows.parquet")
+    write_job(tmp_path / "job.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "out"))
+    prepare = batchvl.ray.Prepare(str(tmp_path / "job.yaml"))
+    arrow = prepare(table)
+    assert arrow.schema == batchvl.ray.PREPARED_SCHEMA
+    assert arrow.column("error").to_pylist()[:2] == [None, None]
+    assert arrow.column("error")[2].as_py().startswith("media: no such file")
+    assert len(arrow.column("tiles")[0].as_py()) == sum(arrow.column("tiles_per_image")[0].as_py()) * 448 * 448 * 3
+    assert prepare(table.to_pandas()).equals(arrow)
+    assert prepare({name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+                   ).equals(arrow)
