@@ -187,6 +187,7 @@ class Engine:
         self.engine = make_engine(e.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer,
                                   params=generation_params(self.job, plan), device=e.device, dtype=e.dtype,
                                   max_batch_size=e.max_batch_size, max_batch_tokens=e.max_batch_tokens,
+                                  # overlap_vision needs the job loop's lookahead, which batches here lack
                                   overlap_vision=False, trust_remote_code=e.trust_remote_code)
         self.tile_size = plan.checkpoint.tile_size
         self.schema = output_schema(keep_types(self.job, self.job.input.files))
