@@ -16,6 +16,7 @@ import os
 import random
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +60,11 @@ def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
 
 
 def write_images(folder: Path, workload: str, count: int, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
+    """`count` JPEG files of the workload's sizes, written in parallel; each image's pixels come from its own
+    seeded generator, so the files are the same whatever the thread count."""
     pick = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    jobs = []
     for i in range(count):
         if workload == "7tile":
             w, h = 1344, 896
@@ -70,10 +72,15 @@ def write_images(folder: Path, workload: str, count: int, seed: int = 0) -> list
             a, b = pick.choice(MIXED_SHAPES)
             long_side = pick.randint(320, 4000)
             w, h = (long_side, int(long_side * b / a)) if a >= b else (int(long_side * a / b), long_side)
-        path = folder / f"{workload}-{i:05d}.jpg"
-        photo(max(w, 8), max(h, 8), rng).save(path, quality=90)
-        paths.append(path)
-    return paths
+        jobs.append((folder / f"{workload}-{i:05d}.jpg", max(w, 8), max(h, 8), i))
+
+    def write(job: tuple[Path, int, int, int]) -> Path:
+        path, w, h, i = job
+        photo(w, h, np.random.default_rng([seed, i])).save(path, quality=90)
+        return path
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(write, jobs))
 
 
 def naive_loop(paths: list[Path], max_tiles: int) -> tuple[int, float]:

@@ -30,7 +30,7 @@ from batchvl.models.tiny import build_tokenizer
 from batchvl.prompt import PromptBuilder, place_images
 from batchvl.shapes import SHAPES as SHAPES_ALL
 
-SHAPES = {name: SHAPES_ALL[name] for name in ("tiny", "internvl2-1b", "internvl2-4b", "internvit-6b")}
+SHAPES = {name: SHAPES_ALL[name] for name in ("tiny", "internvl2-1b", "internvl2-4b", "internvit-6b", "internvl3-8b")}
 
 
 @dataclass
@@ -118,7 +118,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str = "auto",
-                 workdir: Path | None = None) -> tuple[list[RowCheck], dict]:
+                 workdir: Path | None = None, engine: dict | None = None) -> tuple[list[RowCheck], dict]:
+    """The native engine (with `engine`'s extra settings, e.g. compile) against transformers on the same
+    random weights: first-step logits and greedy tokens, per sample row."""
     from transformers import InternVLForConditionalGeneration
 
     from batchvl.engine.native import NativeEngine
@@ -129,7 +131,8 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     root = Path(tmp.name) if tmp else workdir
     info: dict = {"shape": shape, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                  "dtype": str(dt).removeprefix("torch."), "tokens": tokens, "torch": torch.__version__}
+                  "dtype": str(dt).removeprefix("torch."), "tokens": tokens, "torch": torch.__version__,
+                  "engine": dict(engine or {})}
     t0 = time.perf_counter()
     path = build_checkpoint(shape, root / shape, dev, dt)
     info["build_s"] = round(time.perf_counter() - t0, 1)
@@ -139,7 +142,7 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
 
     params = GenerationParams(max_new_tokens=tokens, eos_token_ids=(tokenizer.eos_token_id,), ignore_eos=True)
     engine = NativeEngine(ck, tokenizer, params, device=str(dev.type), dtype=str(dt).removeprefix("torch."),
-                          max_batch_size=len(rows))
+                          max_batch_size=len(rows), **(engine or {}))
     engine.first_step_logits = []
     engine.generate(rows)
     native_logits = torch.cat(engine.first_step_logits)
@@ -172,7 +175,8 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
 
 
 def format_table(checks: list[RowCheck], info: dict) -> str:
-    head = (f"shape {info['shape']} on {info['device']}, {info['dtype']}, torch {info['torch']}; "
+    head = (f"shape {info['shape']} on {info['device']}, {info['dtype']}, torch {info['torch']}, "
+            f"engine settings {info.get('engine') or 'default'}; "
             f"first-step logits relative error and greedy agreement over {info['tokens']} tokens")
     lines = [head, "| row | prompt tokens | native vs transformers | native vs fp32 | transformers vs fp32 "
              "| agree (prefix) | agree (positions) | transformers vs fp32 agree (prefix) |",
@@ -184,10 +188,11 @@ def format_table(checks: list[RowCheck], info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(shapes: list[str], tokens: int, device: str, dtype: str, out: Path | None) -> int:
+def main(shapes: list[str], tokens: int, device: str, dtype: str, out: Path | None,
+         engine: dict | None = None) -> int:
     report = []
     for shape in shapes:
-        checks, info = check_parity(shape, tokens, device, dtype)
+        checks, info = check_parity(shape, tokens, device, dtype, engine=engine)
         print(format_table(checks, info), flush=True)
         report.append({"info": info, "rows": [c.__dict__ for c in checks]})
     if out:

@@ -82,11 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_make_tiny)
     check = sub.add_parser("check-parity", help="compare the native engine with transformers on random weights")
     check.add_argument("--shape", action="append", default=None,
-                       help="tiny, internvl2-1b, internvl2-4b or internvit-6b (repeatable; default tiny)")
+                       help="tiny, internvl2-1b, internvl2-4b, internvit-6b or internvl3-8b (repeatable; default tiny)")
     check.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
     check.add_argument("--device", default="auto")
     check.add_argument("--dtype", default="auto")
     check.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    check.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                       help="a native engine setting to check, e.g. compile=true (repeatable)")
     _verbosity(check)
     check.set_defaults(func=_check_parity)
 
@@ -101,10 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     full.add_argument("--baseline-rows", type=int, default=64)
     full.add_argument("--baseline-batch", type=int, default=0, help="default: --batch")
     full.add_argument("--workdir", type=Path, default=None, help="where the weights and images go (a temp dir)")
-    full.add_argument("--check-overlap", action="store_true",
-                      help="also run the native side with the experimental overlapped vision and compare the text")
+    full.add_argument("--warmup-rows", type=int, default=0,
+                      help="run each side untimed over this many rows first, to time the steady state")
+    full.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                      help="also run the native side with these engine settings (e.g. "
+                           "'overlap:overlap_vision=true') and compare its text with the first native run")
     _verbosity(full)
     full.set_defaults(func=_bench)
+
+    kern = sub.add_parser("bench-kernels", help="check each Triton kernel against torch on the GPU, and time it")
+    kern.add_argument("--rows", type=int, action="append", default=None, help="batch sizes (default 64, 128, 256)")
+    kern.add_argument("--span", type=int, default=2048)
+    _verbosity(kern)
+    kern.set_defaults(func=_bench_kernels)
 
     bench = sub.add_parser("bench-media", help="measure media preparation against a naive Pillow loop")
     bench.add_argument("--images", type=int, default=200, help="images per workload")
@@ -120,7 +131,13 @@ def _bench(args: argparse.Namespace) -> int:
     from batchvl.bench import main as bench_main
 
     return bench_main(args.shape, args.workload, args.rows, args.batch, args.baseline, args.baseline_rows,
-                      args.baseline_batch or args.batch, args.workdir, args.check_overlap)
+                      args.baseline_batch or args.batch, args.workdir, args.variant, args.warmup_rows)
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from batchvl.bench_kernels import main as kernels_main
+
+    return kernels_main(tuple(args.rows or (64, 128, 256)), args.span)
 
 
 def _bench_media(args: argparse.Namespace) -> int:
@@ -138,7 +155,14 @@ def _check_parity(args: argparse.Namespace) -> int:
         if shape not in SHAPES:
             print(f"batchvl: error: --shape: unknown shape {shape!r} (known: {', '.join(SHAPES)})", file=sys.stderr)
             return EXIT_JOB_ERROR
-    return check_main(shapes, args.tokens, args.device, args.dtype, args.out)
+    from batchvl.bench import parse_variant
+
+    try:
+        _, engine = parse_variant("engine:" + ",".join(args.engine))
+    except ValueError as e:
+        print(f"batchvl: error: --engine: {e}", file=sys.stderr)
+        return EXIT_JOB_ERROR
+    return check_main(shapes, args.tokens, args.device, args.dtype, args.out, engine)
 
 
 def _verbosity(p: argparse.ArgumentParser) -> None:

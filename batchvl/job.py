@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+DECODE_ATTENTION = ("auto", "triton", "sdpa")
 BACKENDS = ("native", "transformers")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -96,6 +97,8 @@ class EngineSpec:
     max_batch_size: int = 8
     max_batch_tokens: int = 0  # 0: from free device memory (native backend)
     overlap_vision: bool = False  # native, CUDA, experimental: the next batch's vision runs while this one decodes
+    decode_attention: str = "auto"  # native: auto (the Triton kernel on CUDA when triton imports) | triton | sdpa
+    compile: bool = True  # native, CUDA: torch.compile the repeated blocks (~20 s once, then ~20% faster)
     trust_remote_code: bool = False
 
 
@@ -264,6 +267,7 @@ def check_job(job: Job) -> None:
     _at_least("generation.top_k", job.generation.top_k, 0)
     _at_least("generation.min_new_tokens", job.generation.min_new_tokens, 0)
     _at_least("engine.max_batch_tokens", job.engine.max_batch_tokens, 0)
+    _one_of("engine.decode_attention", job.engine.decode_attention, DECODE_ATTENTION)
     if job.generation.min_new_tokens > job.generation.max_new_tokens:
         raise JobError(f"generation.min_new_tokens: {job.generation.min_new_tokens} is larger than "
                        f"generation.max_new_tokens {job.generation.max_new_tokens}")

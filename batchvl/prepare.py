@@ -52,6 +52,7 @@ class PrepareSettings:
     max_image_pixels: int | None = None
     max_new_tokens_column: str | None = None
     max_new_tokens: int = 0  # the job's generation.max_new_tokens: a row may ask for fewer, not more
+    pin_memory: bool = False  # tiles in page-locked memory, so the engine copies them to the GPU asynchronously
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,14 @@ class RowPreparer:
         if len(ids) > s.max_prompt_tokens:
             raise RowError(f"prompt: {len(ids)} tokens, more than the model accepts with room to generate "
                            f"({s.max_prompt_tokens}); use fewer tiles (media.max_dynamic_patch) or a shorter prompt")
-        return Request(id=plan.row.id, prompt_ids=ids, tiles=torch.cat(pixels) if pixels else None,
+        tiles = None
+        if pixels:
+            # The one copy that gathers a row's tiles; made into page-locked memory when the engine is on
+            # CUDA, here in a preparation thread, so the engine's thread only starts asynchronous copies.
+            tiles = torch.empty((sum(p.shape[0] for p in pixels), *pixels[0].shape[1:]), dtype=torch.uint8,
+                                pin_memory=s.pin_memory)
+            torch.cat(pixels, out=tiles)
+        return Request(id=plan.row.id, prompt_ids=ids, tiles=tiles,
                        tiles_per_image=tiles_per_image, keep=plan.keep, max_new_tokens=plan.max_new_tokens)
 
     # ---- helpers ----------------------------------------------------------------------------------------

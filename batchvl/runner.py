@@ -331,7 +331,8 @@ def _run(job: Job, plan: Plan, stop: StopOnSignal, start: float, progress: bool,
     engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
                          device=job.engine.device, dtype=job.engine.dtype,
                          max_batch_size=job.engine.max_batch_size, max_batch_tokens=job.engine.max_batch_tokens,
-                         overlap_vision=job.engine.overlap_vision,
+                         overlap_vision=job.engine.overlap_vision, decode_attention=job.engine.decode_attention,
+                         compile=job.engine.compile,
                          trust_remote_code=job.engine.trust_remote_code)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
     counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, shard)
@@ -498,16 +499,17 @@ def _generate(engine, requests: list[Request]) -> list[Result]:
     try:
         return engine.generate(requests)
     except torch.cuda.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(requests) == 1:
-            r = requests[0]
-            return [Result.failed(r.id, f"oom: device out of memory for this row alone ({len(r.prompt_ids)} "
-                                        f"prompt tokens, {sum(r.tiles_per_image)} tiles)", r.keep)]
-        half = len(requests) // 2
-        log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
-                    len(requests) - half)
-        return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
+        pass  # retried below, outside the handler: the exception's frames hold the failed attempt's tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(requests) == 1:
+        r = requests[0]
+        return [Result.failed(r.id, f"oom: device out of memory for this row alone ({len(r.prompt_ids)} "
+                                    f"prompt tokens, {sum(r.tiles_per_image)} tiles)", r.keep)]
+    half = len(requests) // 2
+    log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
+                len(requests) - half)
+    return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
 
 
 def batches_of(items: Iterable[Request | Result], size: int) -> Iterator[list[Request | Result]]:
@@ -550,6 +552,7 @@ def make_preparer(job: Job, plan: Plan) -> RowPreparer:
         video_frames=job.media.video_frames, video_max_tiles=job.media.video_max_dynamic_patch,
         max_image_pixels=job.media.max_image_pixels,
         max_new_tokens_column=job.input.max_new_tokens_column, max_new_tokens=job.generation.max_new_tokens,
+        pin_memory=job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available(),
     )
     system = default_system_message(plan.template.name, ck.config) \
         if isinstance(plan.template, ConversationTemplate) else None

@@ -105,13 +105,18 @@ def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
         assert c.rel_err_native_vs_ref < 1e-5 and c.agree_prefix == 8, c
 
 
-def test_bench_runs_both_sides_on_the_cpu():
-    from batchvl.bench import bench, format_sides
+def test_bench_runs_both_sides_on_the_cpu(capsys):
+    from batchvl.bench import bench, format_sides, parse_variant
 
+    assert parse_variant("x:overlap_vision=true,engine.max_batch_size=3") == \
+        ("x", {"overlap_vision": True, "max_batch_size": 3})
     sides, _ = bench("tiny", "caption-7tile", rows=4, batch=2, baseline="transformers", baseline_rows=2,
-                     baseline_batch=2, device="cpu")
-    native, reference = sides
-    assert (native.rows, native.images, reference.rows) == (4, 4, 2)
+                     baseline_batch=2, device="cpu", variants=["one-row:max_batch_size=1"], warmup_rows=2)
+    native, variant, reference = sides
+    out = capsys.readouterr().out
+    assert "variant one-row {'max_batch_size': 1}: 4/4 rows have the native side's text" in out
+    assert "native: warm-up over 2 rows" in out and "transformers: warm-up over 2 rows" in out
+    assert (native.rows, native.images, variant.rows, reference.rows) == (4, 4, 4, 2)
     assert native.output_tokens == 4 * 128 and native.flops > 0  # ignore_eos: every row runs to 128 tokens
     assert {"vision", "prefill", "decode", "media wait", "writing"} <= set(native.stages)
     assert "generate" in reference.stages

@@ -28,6 +28,8 @@ CASES = [
     ("opengvlab", "llama", "300m"),
     ("opengvlab", "phi3", "6b"),
 ]
+# The Triton decode-attention kernel (run by Triton's interpreter on the CPU, ~40 s) in place of SDPA.
+KERNEL_CASES = [("hf", "qwen2", "300m")]
 MAX_NEW = 40  # long enough for phi3/llama prompts to cross the tiny models' original rope length (256)
 
 
@@ -41,8 +43,10 @@ def rows_for_parity() -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("layout,llm,vision", CASES, ids=["-".join(c) for c in CASES])
-def test_native_matches_transformers(layout, llm, vision, images, tmp_path):
+@pytest.mark.parametrize("layout,llm,vision,attention",
+                         [(*c, "sdpa") for c in CASES] + [(*c, "triton") for c in KERNEL_CASES],
+                         ids=["-".join(c) for c in CASES] + ["-".join(c) + "-triton" for c in KERNEL_CASES])
+def test_native_matches_transformers(layout, llm, vision, attention, images, tmp_path):
     model = tmp_path / "model"
     make_tiny_model(model, seed=1, layout=layout, llm=llm, vision=vision)
     reference_dir, template, stops = model, None, ()
@@ -53,7 +57,7 @@ def test_native_matches_transformers(layout, llm, vision, images, tmp_path):
     rows = rows_for_parity()
     inp = write_jsonl(images["wide.jpg"].parent / "rows.jsonl", rows)
     job = base_job(model, inp, tmp_path / "out", generation={"max_new_tokens": MAX_NEW},
-                   engine={"backend": "native", "max_batch_size": 4})
+                   engine={"backend": "native", "max_batch_size": 4, "decode_attention": attention})
     write_job(tmp_path / "job.yaml", job)
     assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 0
     out = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}

@@ -158,3 +158,19 @@ def test_bench_media_runs_both_methods_on_both_workloads():
         ("7tile", "naive loop"), ("7tile", "batchvl prefetch"), ("mixed", "naive loop"), ("mixed", "batchvl prefetch")]
     assert results[1].tiles == 21  # 3 images x 7 tiles
     assert "images/s" in format_table(results)
+
+
+def test_prefetch_shortens_the_gil_switch_interval_while_it_runs(tmp_path):
+    """While preparation threads run, the consumer must get the GIL back quickly (it feeds the GPU)."""
+    import sys
+
+    from batchvl.media.prefetch import GIL_SWITCH_S
+
+    before = sys.getswitchinterval()
+    assert before > GIL_SWITCH_S  # the interpreter's default, 5 ms
+    (tmp_path / "a.png").write_bytes(png())
+    p = Prefetcher(rows_for(["a.png"]), preparer(), lambda _: tmp_path, threads=2)
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_S)
+    assert [type(x) for x in p] == [Request]
+    p.close()
+    assert sys.getswitchinterval() == pytest.approx(before)

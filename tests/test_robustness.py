@@ -175,7 +175,7 @@ def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, mo
     import batchvl.runner as runner
 
     real = runner.make_engine
-    sizes = []
+    sizes, handling = [], []
 
     class Flaky:
         def __init__(self, engine):
@@ -183,6 +183,9 @@ def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, mo
 
         def generate(self, requests):
             sizes.append(len(requests))
+            # A retry must not run inside the handler of the last failure: that exception's frames would
+            # keep the failed attempt's device memory alive (seen on the GPU: a cascade down to one row).
+            handling.append(sys.exc_info()[0])
             if len(requests) > 1 or requests[0].id == "r3":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
             return self.engine.generate(requests)
@@ -195,6 +198,7 @@ def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, mo
     job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 4}, engine={"max_batch_size": 4})
     assert main(["run", str(job), "--quiet"]) == 0
     assert sizes == [4, 2, 1, 1, 2, 1, 1, 1]
+    assert handling == [None] * len(sizes)
     out = by_id(tmp_path / "out")
     assert sorted(out) == [f"r{i}" for i in range(5)]
     assert out["r3"]["error"].startswith("oom: device out of memory for this row alone")

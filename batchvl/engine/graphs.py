@@ -32,7 +32,9 @@ class _Graph:
             self._step(lm, cache, span)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the preparation threads may allocate page-locked memory meanwhile, which a global
+        # capture would refuse.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits = self._step(lm, cache, span)  # [B, V] float32, static
 
     def _step(self, lm: DecoderLM, cache: KVCache, span: int) -> torch.Tensor:
@@ -72,3 +74,30 @@ class DecodeGraphs:
     def reset(self) -> None:
         self._graphs.clear()
         self._cache = None
+
+
+class VisionGraph:
+    """The vision pass over one full chunk of tiles as a CUDA graph: uint8 tiles in, LM embeddings out.
+
+    Normalising and the tower's few hundred kernels replay as one launch, so the pass no longer waits on
+    a host thread that shares the GIL with the media-preparation threads. Only full chunks (the engine's
+    `vision_chunk` tiles) use it; a batch's last partial chunk runs as it is. `__call__` returns a static
+    buffer that the next replay overwrites: copy what you keep.
+    """
+
+    def __init__(self, run, tiles: torch.Tensor):
+        self.tiles = torch.zeros_like(tiles)  # [T, S, S, 3] uint8, static
+        device = tiles.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up: cuDNN/cuBLAS choices, torch.compile's first call
+            run(self.tiles)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # see _Graph
+            self.features = run(self.tiles)  # [T, tokens_per_tile, C], static
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        self.tiles.copy_(tiles)
+        self.graph.replay()
+        return self.features

@@ -10,6 +10,8 @@ A batch runs as:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
 
@@ -17,7 +19,8 @@ import torch
 
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
-from batchvl.engine.graphs import DecodeGraphs
+from batchvl.engine.compile import compile_model
+from batchvl.engine.graphs import DecodeGraphs, VisionGraph
 from batchvl.engine.sampler import Sampler, row_seed
 from batchvl.engine.timing import StageTimes
 from batchvl.media.tiling import normalize_uint8
@@ -31,11 +34,28 @@ log = logging.getLogger(__name__)
 SPAN_BUCKET = 256  # attended lengths are rounded up to this, so one decode graph serves many batches
 
 
+def _decode_kernel(choice: str, device: torch.device):
+    """The decode-attention function for `engine.decode_attention`: the Triton kernel, or None for SDPA.
+    `auto` takes the kernel on CUDA when triton imports; `triton` insists (on the CPU only under
+    TRITON_INTERPRET=1, which tests use)."""
+    if choice == "sdpa" or (choice == "auto" and device.type != "cuda"):
+        return None
+    try:
+        from batchvl.kernels import decode_attention
+    except ImportError as e:
+        if choice == "triton":
+            raise RuntimeError(f"engine.decode_attention: triton is not importable ({e})") from e
+        log.info("triton is not importable (%s): decode attention runs through SDPA", e)
+        return None
+    return decode_attention
+
+
 class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
-                 prefill_tokens: int = 65536, overlap_vision: bool = False, **_unused):
+                 prefill_tokens: int = 65536, overlap_vision: bool = False, decode_attention: str = "auto",
+                 compile: bool = True, **_unused):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -47,6 +67,9 @@ class NativeEngine(Engine):
         log.info("loading %s natively (%s, %s)", checkpoint.path, self.device, self.dtype)
         loaded = load_model(checkpoint, self.device, self.dtype)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
+        self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
+        if compile and self.device.type == "cuda":  # on the CPU, compiling costs more than it saves
+            compile_model(self.model)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.pad_id = 0
         self.set_params(params)
@@ -56,9 +79,17 @@ class NativeEngine(Engine):
         self._pinned: dict[int, torch.Tensor] = {}  # host staging buffers, one per stream slot
         self._next: list[Request] = []  # the requests of the batch after this one (lookahead)
         self._early: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}  # id(request) -> features, done
-        self._side = torch.cuda.Stream(self.device) if overlap_vision and self.device.type == "cuda" else None
+        self._side = self._main = None
+        if overlap_vision and self.device.type == "cuda":
+            # The batch's own work (decode above all) on a high-priority stream, the next batch's vision on a
+            # low-priority one: the block scheduler then serves decode's small kernels first and lets vision's
+            # large ones fill the rest of the GPU.
+            self._main = torch.cuda.Stream(self.device, priority=-1)
+            self._side = torch.cuda.Stream(self.device, priority=0)
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda":
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._vision_graph: VisionGraph | None = None
+        if self.cuda_graphs:
             self.model.lm.rope(self.text_spec.max_positions)  # fixed tables: graphs read them in place
             self.graphs = DecodeGraphs(self.model.lm)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
@@ -90,8 +121,9 @@ class NativeEngine(Engine):
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run requests in sub-batches that fit the token budget; results keep the request order."""
         results: list[Result] = []
-        for chunk in self._split(requests):
-            results.extend(self._run(chunk))
+        with torch.cuda.stream(self._main) if self._main is not None else contextlib.nullcontext():
+            for chunk in self._split(requests):
+                results.extend(self._run(chunk))
         return results
 
     def _split(self, requests: list[Request]) -> list[list[Request]]:
@@ -118,11 +150,11 @@ class NativeEngine(Engine):
         # Bucketed, so that decode graphs get reused; never past the model's context (the rotary tables).
         span = min(SPAN_BUCKET * math.ceil(need / SPAN_BUCKET), max(need, self.text_spec.max_positions))
         cache = self._cache(b, span)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        ids = ids.to(self.device)
+        # One host-to-device conversion of all prompts, right-padded on the device.
         lengths = torch.tensor(lengths_list, device=self.device)
+        flat = torch.tensor(list(itertools.chain.from_iterable(r.prompt_ids for r in requests)), dtype=torch.long)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=self.device)
+        ids[torch.arange(width, device=self.device)[None, :] < lengths[:, None]] = flat.to(self.device)  # [B, P]
 
         with self.times.stage("vision"):
             features = self._vision(requests)
@@ -241,14 +273,32 @@ class NativeEngine(Engine):
         if not tiles:
             return None
         total = sum(t.shape[0] for t in tiles)
-        host = self._staging(total, tiles[0].shape[1:], slot)
-        torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
-        pixels = host.to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and tiles[0].is_pinned():  # the preparer pins all rows' tiles or none
+            # Prepared in page-locked memory (prepare.py): copy each row's tiles straight in, asynchronously.
+            pixels = torch.empty((total, *tiles[0].shape[1:]), dtype=torch.uint8, device=self.device)
+            offset = 0
+            for t in tiles:
+                pixels[offset : offset + t.shape[0]].copy_(t, non_blocking=True)
+                offset += t.shape[0]
+        else:
+            host = self._staging(total, tiles[0].shape[1:], slot)
+            torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
+            pixels = host.to(self.device, non_blocking=True)
         out = []
         for start in range(0, total, self.vision_chunk):
-            chunk = normalize_uint8(pixels[start : start + self.vision_chunk], self.dtype)  # [t, 3, S, S]
-            out.append(self.model.vision(chunk).flatten(0, 1))
+            chunk = pixels[start : start + self.vision_chunk]  # [t, S, S, 3] uint8
+            # Not with overlapped vision: two streams would share the graph's static buffers.
+            if self.cuda_graphs and self._side is None and chunk.shape[0] == self.vision_chunk:
+                if self._vision_graph is None:
+                    self._vision_graph = VisionGraph(self._vision_pass, chunk)
+                out.append(self._vision_graph(chunk).flatten(0, 1).clone())
+            else:
+                out.append(self._vision_pass(chunk).flatten(0, 1))
         return torch.cat(out)
+
+    def _vision_pass(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles [t, S, S, 3] on the device -> LM embeddings [t, tokens_per_tile, C]."""
+        return self.model.vision(normalize_uint8(tiles, self.dtype))
 
     def _staging(self, tiles: int, shape: torch.Size, slot: int = 0) -> torch.Tensor:
         """A host buffer for `tiles` uint8 tiles: pinned on CUDA (so the copy runs asynchronously), reused.
@@ -274,6 +324,7 @@ class NativeEngine(Engine):
     def close(self) -> None:
         if self.graphs is not None:
             self.graphs.reset()
+        self._vision_graph = None
         self.cache = None
         del self.model
         if self.device.type == "cuda":

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,9 @@ def item_bytes(item: Request | Result) -> int:
     return 0
 
 
+GIL_SWITCH_S = 0.001  # the interpreter's switch interval while a prefetcher runs (see __init__)
+
+
 class Prefetcher:
     """Iterate prepared rows (Request or error Result) in input order, prepared ahead in the background."""
 
@@ -72,6 +76,11 @@ class Prefetcher:
         self._ready = threading.Event()
         self._stop = False
         self.peak_bytes = 0  # the most bytes held at once (for tests and the log)
+        # The preparation threads hold the GIL in Pillow/numpy glue; each time the consumer (the engine's
+        # thread) lets go of it, around every CUDA sync and many torch calls, it may wait a whole switch
+        # interval (5 ms by default) to get it back. 1 ms keeps the GPU fed. Restored by close().
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_S))
         self._thread = threading.Thread(target=self._run, name="batchvl-prefetch", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -99,6 +108,7 @@ class Prefetcher:
             self._loop.call_soon_threadsafe(self._cancel_all)
         self._thread.join(timeout=10)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        sys.setswitchinterval(self._switch_interval)
 
     # ---- producer side (the loop thread) ----------------------------------------------------------------
 

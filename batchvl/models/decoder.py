@@ -109,15 +109,21 @@ class DecoderLayer(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.s.kv_heads != self.s.heads)
         return self._finish(x, attn)
 
-    def decode(self, x, cos, sin, positions, rows, mask, cache: KVCache) -> torch.Tensor:
+    def decode(self, x, cos, sin, positions, rows, span: int, mask, cache: KVCache, kernel=None,
+               lengths=None) -> torch.Tensor:
+        """One token per row. `kernel` (batchvl.kernels.decode_attention) attends over each row's own
+        `lengths` (positions + 1); without it, SDPA over the whole span under `mask`."""
         q, k, v = self._qkv(x, cos, sin)  # N = 1
         b = x.shape[0]
         cache.k[self.index, rows, :, positions] = k[:, :, 0]
         cache.v[self.index, rows, :, positions] = v[:, :, 0]
-        keys = cache.k[self.index, :b, :, : mask.shape[-1]]
-        values = cache.v[self.index, :b, :, : mask.shape[-1]]
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                              enable_gqa=self.s.kv_heads != self.s.heads)
+        keys = cache.k[self.index, :b, :, :span]  # [B, Hkv, span, D]
+        values = cache.v[self.index, :b, :, :span]
+        if kernel is not None:
+            attn = kernel(q[:, :, 0], keys, values, lengths)[:, :, None]  # [B, H, 1, D]
+        else:
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                  enable_gqa=self.s.kv_heads != self.s.heads)
         return self._finish(x, attn)
 
 
@@ -130,6 +136,7 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(s.hidden, s.eps)
         self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
         self._rope: tuple[torch.Tensor, ...] | None = None
+        self.attention_kernel = None  # set to batchvl.kernels.decode_attention to use it in decode
 
     def tie_weights(self) -> None:
         if self.spec.tie_embeddings:
@@ -177,10 +184,15 @@ class DecoderLM(nn.Module):
         """x [B, 1, C] embeddings of each row's newest token, at positions [B]; attends over cache positions
         [0, span). Returns the final hidden state [B, C]."""
         cos, sin = self._pick(self.rope(span), positions[:, None], positions[:, None] + 1)  # [B, 1, rot]
-        mask = (torch.arange(span, device=x.device)[None, :] <= positions[:, None])[:, None, None]  # [B,1,1,S]
+        kernel = self.attention_kernel
+        mask = lengths = None
+        if kernel is not None:
+            lengths = positions + 1
+        else:
+            mask = (torch.arange(span, device=x.device)[None, :] <= positions[:, None])[:, None, None]  # [B,1,1,S]
         rows = torch.arange(x.shape[0], device=x.device)  # once per step, not once per layer
         for layer in self.layers:
-            x = layer.decode(x, cos, sin, positions, rows, mask, cache)
+            x = layer.decode(x, cos, sin, positions, rows, span, mask, cache, kernel, lengths)
         return self.norm(x[:, 0])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

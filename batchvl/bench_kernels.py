@@ -1,0 +1,82 @@
+"""`batchvl bench-kernels`: each Triton kernel on the GPU, checked against a torch reference, then timed.
+
+For decode attention: random bf16 queries and caches of the real models' head layouts, one query per row,
+each row attending to its own length. The reference is float32 attention on the upcast inputs. Both the
+kernel and what the engine would otherwise run (SDPA over the whole span under a mask, with grouped-query
+attention) are compared with it and timed; `GB/s` counts the bytes that must be read (each row's valid
+keys and values once, the queries) and written. Speed is printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# name -> (query heads, KV heads, head dim), from the published configs
+HEAD_LAYOUTS = {
+    "qwen2-0.5b": (14, 2, 64),
+    "internlm2-1.8b": (16, 8, 128),
+    "qwen2.5-7b": (28, 4, 128),
+    "internlm2.5-7b": (32, 8, 128),
+    "internlm2-20b": (48, 8, 128),
+}
+
+
+def _sdpa(q, k, v, lengths):
+    span = k.shape[2]
+    mask = (torch.arange(span, device=q.device)[None, :] < lengths[:, None])[:, None, None]  # [B, 1, 1, S]
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask,
+                                          enable_gqa=k.shape[1] != q.shape[1])[:, :, 0]
+
+
+def _rel(a, b):
+    return ((a.float() - b).norm() / b.norm()).item()
+
+
+def check_decode_attention(rows: tuple[int, ...], span: int, lengths_kind: str, chunks: tuple[int, ...]) -> list[str]:
+    """Markdown table rows: error against float32 and median time of the kernel and of SDPA."""
+    import triton.testing
+
+    from batchvl.kernels import decode_attention
+
+    dev = torch.device("cuda")
+    lines = []
+    for name, (heads, kv_heads, d) in HEAD_LAYOUTS.items():
+        for b in rows:
+            gen = torch.Generator(device=dev).manual_seed(b * 1000 + heads)
+            q = torch.randn(b, heads, d, device=dev, dtype=torch.bfloat16, generator=gen)
+            k = torch.randn(b, kv_heads, span, d, device=dev, dtype=torch.bfloat16, generator=gen)
+            v = torch.randn(b, kv_heads, span, d, device=dev, dtype=torch.bfloat16, generator=gen)
+            if lengths_kind == "caption":  # 7-tile captions: prompts of ~1,830 tokens, up to 128 generated
+                lengths = torch.randint(span - 250, span - 90, (b,), device=dev, generator=gen)
+            else:  # anything from a short text prompt to the whole span
+                lengths = torch.randint(1, span + 1, (b,), device=dev, generator=gen)
+            ref = _sdpa(q.float(), k.float(), v.float(), lengths)
+            sdpa_ms = triton.testing.do_bench(lambda q=q, k=k, v=v, n=lengths: _sdpa(q, k, v, n),
+                                              return_mode="median")
+            sdpa_err = _rel(_sdpa(q, k, v, lengths), ref)
+            useful = (int(lengths.sum()) * kv_heads * d * 2 + b * heads * d * 2) * 2  # bytes read + written
+            for chunk in chunks:
+                out = decode_attention(q, k, v, lengths, chunk=chunk)
+                err = _rel(out, ref)
+                ms = triton.testing.do_bench(lambda q=q, k=k, v=v, n=lengths, c=chunk: decode_attention(q, k, v, n, c),
+                                             return_mode="median")
+                lines.append(f"| {name} | {b} | {span} | {lengths_kind} | {chunk} | {err:.1e} | {sdpa_err:.1e} "
+                             f"| {ms * 1e3:.0f} | {sdpa_ms * 1e3:.0f} | {sdpa_ms / ms:.2f} | {useful / ms / 1e6:.0f} |")
+    return lines
+
+
+def main(rows: tuple[int, ...] = (64, 128, 256), span: int = 2048, chunks: tuple[int, ...] = (256, 512)) -> int:
+    if not torch.cuda.is_available():
+        print("bench-kernels needs a CUDA GPU (the CPU tests run the kernels in Triton's interpreter)")
+        return 1
+    import triton
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| heads of | rows | span | lengths | chunk | kernel err vs fp32 | SDPA err vs fp32 | kernel us | SDPA us "
+          "| speed-up | kernel GB/s |")
+    print("|" + "---|" * 11)
+    for kind in ("caption", "mixed"):
+        for line in check_decode_attention(rows, span, kind, chunks):
+            print(line, flush=True)
+    return 0
