@@ -28,10 +28,17 @@ import pyarrow as pa
 import torch
 
 from batchvl.core import Request, Result, Row
-from batchvl.engine import make_engine
 from batchvl.io.writer import output_schema, results_table
 from batchvl.job import Job, job_from_mapping, load_job
-from batchvl.runner import generation_params, keep_types, make_prefetcher, make_preparer, plan_model, run_batch
+from batchvl.runner import (
+    generation_params,
+    keep_types,
+    make_job_engine,
+    make_prefetcher,
+    make_preparer,
+    plan_model,
+    run_batch,
+)
 
 INSTALL_HINT = "pip install 'batchvl[ray]'"
 
@@ -183,12 +190,8 @@ class Engine:
     def __init__(self, job: Job | str | os.PathLike | dict, overrides: Sequence[str] = ()):
         self.job = load_job_like(job, overrides)
         plan = plan_model(self.job)
-        e = self.job.engine
-        self.engine = make_engine(e.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer,
-                                  params=generation_params(self.job, plan), device=e.device, dtype=e.dtype,
-                                  max_batch_size=e.max_batch_size, max_batch_tokens=e.max_batch_tokens,
-                                  # overlap_vision needs the job loop's lookahead, which batches here lack
-                                  overlap_vision=False, trust_remote_code=e.trust_remote_code)
+        # overlap_vision needs the job loop's lookahead, which batches here lack
+        self.engine = make_job_engine(self.job, plan, generation_params(self.job, plan), overlap_vision=False)
         self.tile_size = plan.checkpoint.tile_size
         self.schema = output_schema(keep_types(self.job, self.job.input.files))
 

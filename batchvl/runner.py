@@ -328,12 +328,7 @@ def _run(job: Job, plan: Plan, stop: StopOnSignal, start: float, progress: bool,
     schema = output_schema(keep_types(job, plan.files))
     params = generation_params(job, plan)
     load_start = time.perf_counter()
-    engine = make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
-                         device=job.engine.device, dtype=job.engine.dtype,
-                         max_batch_size=job.engine.max_batch_size, max_batch_tokens=job.engine.max_batch_tokens,
-                         overlap_vision=job.engine.overlap_vision, decode_attention=job.engine.decode_attention,
-                         compile=job.engine.compile,
-                         trust_remote_code=job.engine.trust_remote_code)
+    engine = make_job_engine(job, plan, params)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
     counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, shard)
     if shard is not None:
@@ -567,6 +562,18 @@ def keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
         return {c: pa.string() for c in job.output.keep_columns}
     schema = pq.ParquetFile(files[0]).schema_arrow
     return {c: schema.field(c).type for c in job.output.keep_columns}
+
+
+def make_job_engine(job: Job, plan: Plan, params: GenerationParams, overlap_vision: bool | None = None):
+    """The engine the job's `engine:` section describes. `overlap_vision` overrides the job's (it needs the job
+    loop's lookahead, which other callers may not give)."""
+    e = job.engine
+    return make_engine(e.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
+                       device=e.device, dtype=e.dtype, max_batch_size=e.max_batch_size,
+                       max_batch_tokens=e.max_batch_tokens,
+                       overlap_vision=e.overlap_vision if overlap_vision is None else overlap_vision,
+                       decode_attention=e.decode_attention, compile=e.compile,
+                       trust_remote_code=e.trust_remote_code)
 
 
 def generation_params(job: Job, plan: Plan) -> GenerationParams:
