@@ -2,4 +2,5 @@ import sys
 
 from batchvl.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # engine workers are spawned processes: importing this must not start a run
+    sys.exit(main())

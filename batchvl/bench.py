@@ -142,8 +142,8 @@ def prepare_data(root: Path, workload: str, rows: int) -> Path:
 
 
 def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, batch: int, workload: str,
-             rows: int, device: str = "cuda", engine: dict | None = None) -> Side:
-    """Run the job once; `engine` holds extra engine keys (a variant's settings)."""
+             rows: int, device: str = "cuda", settings: dict[str, dict] | None = None) -> Side:
+    """Run the job once; `settings` holds a variant's job keys by section (see parse_variant)."""
     subset = root / f"rows-{name}.jsonl"
     lines = rows_file.read_text().splitlines()[:rows]
     subset.write_text("\n".join(lines) + "\n")
@@ -152,15 +152,18 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     columns = {"video_column": "video", "image_column": None} if workload == "video" else {"image_column": "image"}
     if workload == "mixed":
         columns["max_new_tokens_column"] = "limit"
-    job_file.write_text(json.dumps({
+    spec = {
         "model": str(model), "chat_template": str(root / "short.jinja"),
         "input": {"path": str(subset), "id_column": "id", "prompt_column": "prompt", **columns},
         "output": {"path": str(root / f"out-{name}"), "rows_per_file": 4096},
         "media": {"max_dynamic_patch": 12},
         "generation": {"max_new_tokens": max_new, "ignore_eos": True},
         "engine": {"backend": backend, "device": device, "dtype": "bfloat16" if device == "cuda" else "float32",
-                   "max_batch_size": batch, **(engine or {})},
-    }))
+                   "max_batch_size": batch},
+    }
+    for section, values in (settings or {}).items():
+        spec.setdefault(section, {}).update(values)
+    job_file.write_text(json.dumps(spec))
     job = load_job(job_file)
     cuda = device == "cuda"
     if cuda:
@@ -216,18 +219,20 @@ def texts_of(out_dir: Path) -> dict[str, str]:
     return {r["id"]: r["text"] for r in pq.read_table(out_dir, columns=["id", "text"]).to_pylist()}
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """`NAME:key=value,key=value` (engine keys, values as YAML) -> (NAME, {key: value})."""
+def parse_variant(text: str) -> tuple[str, dict[str, dict]]:
+    """`NAME:key=value,section.key=value` (values as YAML) -> (NAME, {section: {key: value}}). A plain key
+    is an engine key; `media.prepare_threads=8` sets another section's."""
     import yaml
 
     name, _, settings = text.partition(":")
-    engine = {}
+    sections: dict[str, dict] = {}
     for item in filter(None, settings.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--variant {text!r}: expected key=value, got {item!r}")
-        engine[key.strip().removeprefix("engine.")] = yaml.safe_load(value)
-    return name, engine
+        section, _, field = key.strip().rpartition(".")
+        sections.setdefault(section or "engine", {})[field] = yaml.safe_load(value)
+    return name, sections
 
 
 def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
@@ -241,14 +246,14 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
     compilation, allocator growth), and the timed run then measures the steady state. The warm-up time is
     printed."""
 
-    def timed(name: str, backend: str, side_batch: int, side_rows: int, engine: dict | None = None) -> Side:
+    def timed(name: str, backend: str, side_batch: int, side_rows: int, settings: dict | None = None) -> Side:
         if warmup_rows:
             t = time.perf_counter()
             run_side(f"{name}-warmup", root, model, rows_file, backend, side_batch, workload,
-                     min(warmup_rows, side_rows), device, engine)
+                     min(warmup_rows, side_rows), device, settings)
             print(f"{name}: warm-up over {min(warmup_rows, side_rows)} rows took {time.perf_counter() - t:.1f} s",
                   flush=True)
-        return run_side(name, root, model, rows_file, backend, side_batch, workload, side_rows, device, engine)
+        return run_side(name, root, model, rows_file, backend, side_batch, workload, side_rows, device, settings)
 
     from batchvl.check import build_checkpoint
 
@@ -269,13 +274,13 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
         sides = [timed("native", "native", batch, rows)]
         print(format_sides(sides, peak), flush=True)
         for text in variants:
-            name, engine = parse_variant(text)
-            side = timed(name, "native", batch, rows, engine)
+            name, settings = parse_variant(text)
+            side = timed(name, "native", batch, rows, settings)
             first, mine = texts_of(root / "out-native"), texts_of(root / f"out-{name}")
             same = sum(first[i] == mine[i] for i in first)
             sides.append(side)
             print(format_sides([side], peak))
-            print(f"variant {name} {engine}: {same}/{len(first)} rows have the native side's text", flush=True)
+            print(f"variant {name} {settings}: {same}/{len(first)} rows have the native side's text", flush=True)
         if baseline:
             sides.append(timed(baseline, baseline, baseline_batch, baseline_rows))
     return sides, peak

@@ -14,7 +14,7 @@ from pathlib import Path
 from batchvl.job import JobError, load_job
 
 EXIT_JOB_ERROR = 2
-EXIT_WRITE_ERROR = 1
+EXIT_RUN_ERROR = 1  # the output could not be written, or an engine worker failed: rerun to resume
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     full.add_argument("--warmup-rows", type=int, default=0,
                       help="run each side untimed over this many rows first, to time the steady state")
     full.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                      help="also run the native side with these engine settings (e.g. "
-                           "'overlap:overlap_vision=true') and compare its text with the first native run")
+                      help="also run the native side with these job settings (plain keys are engine keys; e.g. "
+                           "'eager:compile=false' or 't8:media.prepare_threads=8') and compare its text with the "
+                           "first native run")
     _verbosity(full)
     full.set_defaults(func=_bench)
 
@@ -158,7 +159,10 @@ def _check_parity(args: argparse.Namespace) -> int:
     from batchvl.bench import parse_variant
 
     try:
-        _, engine = parse_variant("engine:" + ",".join(args.engine))
+        _, sections = parse_variant("engine:" + ",".join(args.engine))
+        engine = sections.pop("engine", {})
+        if sections:
+            raise ValueError(f"only engine keys can be set here, not {', '.join(sections)}")
     except ValueError as e:
         print(f"batchvl: error: --engine: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
@@ -172,12 +176,18 @@ def _verbosity(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.verbose:
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+
+
+def configure_logging(level: int, process: str = "") -> None:
+    """Log to stderr at `level`; below DEBUG, the chatty libraries only warn. `process` names an engine worker
+    in each line."""
+    where = f" [{process}]" if process else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if level > logging.DEBUG:
         for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.verbose:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
@@ -185,7 +195,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from batchvl.runner import OutputWriteError, run_job
+    from batchvl.runner import OutputWriteError, WorkerError, run_job
     from batchvl.shards import Shard
 
     job = load_job(args.job, args.overrides)
@@ -199,9 +209,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet,
                               retry_errors=args.retry_errors, shard=shard)
-    except OutputWriteError as e:
+    except (OutputWriteError, WorkerError) as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
-        return EXIT_WRITE_ERROR
+        return EXIT_RUN_ERROR
     if summary.interrupted:
         import signal
 

@@ -100,6 +100,15 @@ class EngineSpec:
     decode_attention: str = "auto"  # native: auto (the Triton kernel on CUDA when triton imports) | triton | sdpa
     compile: bool = True  # native, CUDA: torch.compile the repeated blocks (~20 s once, then ~20% faster)
     trust_remote_code: bool = False
+    # auto (every visible GPU), a number of GPUs, or a list of GPU ids: one worker process per GPU when more
+    # than one. With device cpu, a number of CPU worker processes (tests, CPU hosts).
+    gpus: str | int | list[int] = "auto"
+
+    @cached_property
+    def devices(self) -> list[int]:
+        """The GPU ids (CUDA ordinals as this process sees them) to run one worker on each; for CPU workers
+        (device cpu), 0 .. N-1. One entry means the single in-process engine. Raises JobError."""
+        return resolve_gpus(self)
 
 
 @dataclass
@@ -216,7 +225,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, key)
+        if len(args) == 1:
+            return _convert(args[0], value, key)
+        for arg in args:  # the first type the value fits (str | int | list[int]: "auto", 2, [0, 1])
+            if not _fits(arg, value):
+                continue
+            return _convert(arg, value, key)
+        names = " or ".join(_HINT_NAMES.get(a, str(a)) for a in args)
+        raise JobError(f"{key}: expected {names}, got {_type_name(value)} {value!r}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if value is None:
@@ -245,6 +261,19 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported field type {hint!r} for {key}")  # a bug in this module, not in the job
 
 
+_HINT_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list[int]: "a list"}
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
@@ -268,6 +297,7 @@ def check_job(job: Job) -> None:
     _at_least("generation.min_new_tokens", job.generation.min_new_tokens, 0)
     _at_least("engine.max_batch_tokens", job.engine.max_batch_tokens, 0)
     _one_of("engine.decode_attention", job.engine.decode_attention, DECODE_ATTENTION)
+    _ = job.engine.devices  # raises on a bad engine.gpus
     if job.generation.min_new_tokens > job.generation.max_new_tokens:
         raise JobError(f"generation.min_new_tokens: {job.generation.min_new_tokens} is larger than "
                        f"generation.max_new_tokens {job.generation.max_new_tokens}")
@@ -307,6 +337,41 @@ def check_job(job: Job) -> None:
     _ = job.input.files  # raises when the path matches nothing
     if job.output_dir.exists() and not job.output_dir.is_dir():
         raise JobError(f"output.path: exists and is not a directory: {job.output.path}")
+
+
+def resolve_gpus(engine: EngineSpec) -> list[int]:
+    """`engine.gpus` as a list of device ids (see EngineSpec.devices). `auto` is every visible GPU when CUDA is
+    there and engine.device is not cpu, else one (the in-process engine). Raises JobError naming the key."""
+    gpus = engine.gpus
+    if isinstance(gpus, str):
+        if gpus != "auto":
+            raise JobError(f"engine.gpus: must be auto, a number of GPUs or a list of GPU ids; got {gpus!r}")
+    elif isinstance(gpus, int):
+        _at_least("engine.gpus", gpus, 1)
+    else:
+        if not gpus:
+            raise JobError("engine.gpus: the list of GPU ids is empty")
+        for i, gpu in enumerate(gpus):
+            _at_least(f"engine.gpus[{i}]", gpu, 0)
+        if len(set(gpus)) != len(gpus):
+            raise JobError(f"engine.gpus: GPU ids must be distinct, got {gpus}")
+    if engine.device == "cpu":
+        if isinstance(gpus, list):
+            raise JobError("engine.gpus: a list of GPU ids needs a GPU; with engine.device: cpu give a number of "
+                           "CPU worker processes")
+        return list(range(1 if gpus == "auto" else gpus))
+    import torch  # here, not at the top: reading a job file should not need torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == "auto":
+        return list(range(max(visible, 1)))
+    wanted = gpus if isinstance(gpus, int) else max(gpus) + 1
+    if visible == 0 and (isinstance(gpus, list) or gpus > 1):
+        raise JobError(f"engine.gpus: {gpus} asked for, but no CUDA device is visible (for CPU worker processes "
+                       "set engine.device: cpu)")
+    if visible and wanted > visible:
+        raise JobError(f"engine.gpus: {gpus} asked for, but only {visible} GPU(s) are visible")
+    return list(range(gpus)) if isinstance(gpus, int) else list(gpus)
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:

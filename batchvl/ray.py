@@ -17,6 +17,7 @@ gives the install hint where Ray is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from collections.abc import Sequence
@@ -31,9 +32,8 @@ from batchvl.core import Request, Result, Row
 from batchvl.io.writer import output_schema, results_table
 from batchvl.job import Job, job_from_mapping, load_job
 from batchvl.runner import (
-    generation_params,
+    build_engine,
     keep_types,
-    make_job_engine,
     make_prefetcher,
     make_preparer,
     plan_model,
@@ -191,7 +191,8 @@ class Engine:
         self.job = load_job_like(job, overrides)
         plan = plan_model(self.job)
         # overlap_vision needs the job loop's lookahead, which batches here lack
-        self.engine = make_job_engine(self.job, plan, generation_params(self.job, plan), overlap_vision=False)
+        job = dataclasses.replace(self.job, engine=dataclasses.replace(self.job.engine, overlap_vision=False))
+        self.engine = build_engine(job, plan)
         self.tile_size = plan.checkpoint.tile_size
         self.schema = output_schema(keep_types(self.job, self.job.input.files))
 

@@ -52,8 +52,8 @@ from batchvl.ray import (
 from batchvl.runner import (
     DUPLICATE_ERROR,
     OutputCounts,
-    OutputWriteError,
-    StopOnSignal,
+    SafeWriter,
+    Stop,
     Summary,
     duplicate_key,
     keep_types,
@@ -162,7 +162,8 @@ def for_cluster(ray: Any, job: Job) -> Job:
     dtype = job.engine.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    return dataclasses.replace(job, engine=dataclasses.replace(job.engine, device=device, dtype=dtype))
+    # engine.gpus is this host's worker processes; here each engine actor holds one GPU that Ray assigns
+    return dataclasses.replace(job, engine=dataclasses.replace(job.engine, device=device, dtype=dtype, gpus=1))
 
 
 def _layout(ray: Any, job: Job, options: RayOptions) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -203,7 +204,7 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
         job = for_cluster(ray, job)
         plan = open_output(job, overwrite, retry_errors)
         log.info("plan:\n%s", plan.describe())
-        with StopOnSignal() as stop:
+        with Stop() as stop:
             summary = _run(ray, job, plan, options, stop, start, progress)
         summary.interrupted = stop.signum
     finally:
@@ -212,7 +213,7 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
     return summary
 
 
-def _run(ray: Any, job: Job, plan, options: RayOptions, stop: StopOnSignal, start: float,
+def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float,
          progress: bool) -> Summary:
     files, out_dir = plan.files, job.output_dir
     firsts = _duplicates(ray, files, job.input.id_column)
@@ -227,32 +228,20 @@ def _run(ray: Any, job: Job, plan, options: RayOptions, stop: StopOnSignal, star
 
     summary = Summary(skipped=len(plan.done), counts_images=False)
     counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start)
-    writer = PartWriter(out_dir, output_schema(keep_types(job, files)), job.output.rows_per_file,
-                        on_commit=counts.commit)
+    writer = SafeWriter(out_dir, PartWriter(out_dir, output_schema(keep_types(job, files)),
+                                            job.output.rows_per_file, on_commit=counts.commit))
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
-    writer_ok = True
-
-    def write(action, *args) -> None:
-        nonlocal writer_ok
-        try:
-            action(*args)
-        except OSError as e:
-            writer_ok = False
-            raise OutputWriteError(f"output.path: cannot write to {out_dir}: {e}; what was committed is kept, "
-                                   "rerun the same command to resume") from None
-
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for result in table_results(batch):
-                write(writer.add, result)
+                writer.add(result)
                 summary.add(result)
                 bar.update(result)
             if stop.signum:
                 break
-        write(writer.close)
+        writer.close()
     finally:
-        if writer_ok:
-            writer.close()  # after an error elsewhere: commit the finished rows still buffered
+        writer.close_after_error()  # after an error elsewhere: commit the finished rows still buffered
         bar.close()
         counts.write("interrupted" if stop.signum else "finished")
     summary.committed = counts.this_run

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,12 +82,22 @@ class Plan:
             f"model:    {self.checkpoint.path} ({self.checkpoint.layout} layout, "
             f"{self.checkpoint.tokens_per_tile} tokens per tile)",
             f"backend:  {job.engine.backend} (device {job.engine.device}, dtype {job.engine.dtype}, "
-            f"batch {job.engine.max_batch_size})",
+            f"batch {job.engine.max_batch_size})" + _workers_note(job),
             f"template: {job.chat_template}" + _template_note(self.template),
             f"input:    {len(self.files)} file(s), {self.rows} row(s)",
             f"output:   {job.output_dir} ({len(self.done)} row(s) already done)",
         ]
         return "\n".join(lines)
+
+
+def _workers_note(job: Job) -> str:
+    devices = job.engine.devices
+    if len(devices) == 1:
+        return ""
+    from batchvl.worker import worker_label
+
+    labels = ", ".join(worker_label(d, job.engine.device == "cpu") for d in devices)
+    return f"\nworkers:  {len(devices)} engine worker processes ({labels})"
 
 
 def _template_note(template: str | ConversationTemplate | None) -> str:
@@ -224,7 +234,7 @@ class Summary:
     counts_images: bool = True  # False where results come back without their image count (the Ray path)
 
     def add(self, result: Result) -> None:
-        """Count one result of this run."""
+        """Count one row this run produced."""
         if result.error is None:
             self.ok += 1
             self.images += result.images
@@ -245,6 +255,11 @@ class OutputWriteError(Exception):
     """Writing the output failed (disk full, permissions). The run stops; what was committed stays, resumable."""
 
 
+class WorkerError(Exception):
+    """An engine worker process died or failed. The others ran to the end; the rows it held were not written,
+    and a rerun of the same command runs them."""
+
+
 DUPLICATE_ERROR = "input: duplicate id"
 
 
@@ -253,17 +268,19 @@ def duplicate_key(row_id: str, source: str) -> str:
     return f"{row_id}#dup@{source}"
 
 
-class StopOnSignal:
+class Stop:
     """SIGINT / SIGTERM while running: the first asks the loop to stop after the batch in flight; a second exits
-    at once with the same code (safe: part files are renamed into place whole, or not at all)."""
+    at once with the same code (safe: part files are renamed into place whole, or not at all). `quiet`: say
+    nothing (engine workers, whose coordinator speaks for them)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.signum = 0
+        self.quiet = quiet
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> StopOnSignal:
+    def __enter__(self) -> Stop:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -277,9 +294,10 @@ class StopOnSignal:
         if self.signum:
             os._exit(128 + self.signum)
         self.signum = signum
-        name = signal.Signals(signum).name
-        os.write(2, f"\nbatchvl: {name}: finishing the batch in flight, then stopping "
-                    f"(again to stop at once)\n".encode())
+        if not self.quiet:
+            name = signal.Signals(signum).name
+            os.write(2, f"\nbatchvl: {name}: finishing the batch in flight, then stopping "
+                        f"(again to stop at once)\n".encode())
 
 
 def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False,
@@ -287,12 +305,21 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
     """Run a job to the end (or to SIGINT/SIGTERM: `Summary.interrupted`) and return its summary.
     `sync_times` synchronises the device at each stage boundary, so the time split is exact (benchmarks); it
     costs a little throughput. `retry_errors` runs the rows whose `error` is set again. `shard` runs only the
-    rows whose id the shard owns."""
+    rows whose id the shard owns. With more than one device in `engine.gpus`, rows go to one engine worker
+    process per device (batchvl.coordinator); with one, the engine runs here, in this process."""
     start = time.perf_counter()
     plan = open_output(job, overwrite, retry_errors)
     log.info("plan:\n%s", plan.describe())
-    with StopOnSignal() as stop:
-        summary = _run(job, plan, stop, start, progress, sync_times, shard)
+    devices = job.engine.devices
+    with Stop() as stop:
+        if len(devices) > 1:
+            from batchvl.coordinator import run_on_workers
+
+            summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
+        else:
+            if job.engine.device != "cpu" and devices[0] != 0 and torch.cuda.is_available():
+                torch.cuda.set_device(devices[0])  # engine.gpus: [k], one GPU: still in this process
+            summary = _run(job, plan, stop, start, progress, sync_times, shard)
     summary.interrupted = stop.signum
     return summary
 
@@ -321,61 +348,29 @@ def open_output(job: Job, overwrite: bool = False, retry_errors: bool = False) -
     return plan
 
 
-def _run(job: Job, plan: Plan, stop: StopOnSignal, start: float, progress: bool, sync_times: bool,
+def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_times: bool,
          shard: Shard | None) -> Summary:
-    out_dir = job.output_dir
-    preparer = make_preparer(job, plan)
-    schema = output_schema(keep_types(job, plan.files))
-    params = generation_params(job, plan)
     load_start = time.perf_counter()
-    engine = make_job_engine(job, plan, params)
+    engine = build_engine(job, plan)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
-    counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, shard)
-    if shard is not None:
-        counts.shard_rows = sum(1 for _, r in read_rows(plan.files, job.input.id_column) if shard.owns(r.id))
-        counts.shard_done = sum(1 for i in plan.done if shard.owns(i.split("#dup@")[0]))
-        todo = counts.shard_rows - counts.shard_done
-    else:
-        todo = plan.rows - len(plan.done)
-    writer = PartWriter(out_dir, schema, job.output.rows_per_file, on_commit=counts.commit)
+    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, shard)
+    todo = counts.count_todo(job, plan)
+    writer = SafeWriter(job.output_dir, PartWriter(job.output_dir, output_schema(keep_types(job, plan.files)),
+                                                   job.output.rows_per_file, on_commit=counts.commit))
     bar = Progress(total=max(todo, 0), enabled=progress)
-    prefetcher = None
-    writer_ok = True
-
-    def write(action, *args) -> None:
-        nonlocal writer_ok
-        try:
-            action(*args)
-        except OSError as e:
-            writer_ok = False
-            raise OutputWriteError(f"output.path: cannot write to {out_dir}: {e}; what was committed is kept, "
-                                   "rerun the same command to resume") from None
-
     times = getattr(engine, "times", None) or StageTimes()
+    times.sync = sync_times
+
+    def ran(results: list[Result]) -> None:
+        for result in results:
+            summary.add(result)
+            bar.update(result)
+
     try:
-        rows = _pending_rows(plan.files, job.input.id_column, plan.done, shard)
-        prefetcher = make_prefetcher(job, rows, preparer)
-        times.sync = sync_times
-        for batch in _with_lookahead(engine, batches_of(_timed(prefetcher, times, "media wait"),
-                                                      job.engine.max_batch_size)):
-            if stop.signum:
-                break
-            fault_point("batch")
-            results = run_batch(engine, batch)
-            with times.stage("writing"):
-                for result in results:
-                    write(writer.add, result)
-                    summary.add(result)
-                    bar.update(result)
-        write(writer.close)
+        rows = pending_rows(plan.files, job.input.id_column, plan.done, shard)
+        process_rows(job, engine, make_preparer(job, plan), rows, writer, lambda: bool(stop.signum), times, ran)
     finally:
-        if prefetcher is not None:
-            prefetcher.close()
-        if writer_ok:
-            try:
-                writer.close()  # after an error elsewhere: commit the finished rows still buffered
-            except OSError:
-                log.exception("could not commit the last rows")
+        writer.close_after_error()
         bar.close()
         engine.close()
         counts.write("interrupted" if stop.signum else "finished")
@@ -383,6 +378,80 @@ def _run(job: Job, plan: Plan, stop: StopOnSignal, start: float, progress: bool,
     summary.elapsed_s = time.perf_counter() - start
     summary.stage_s = dict(times.seconds)
     return summary
+
+
+def process_rows(job: Job, engine, preparer: RowPreparer, rows: Iterable[tuple[Path, Row]], writer: SafeWriter,
+                 stopping: Callable[[], bool], times: StageTimes, ran: Callable[[list[Result]], None]) -> None:
+    """The loop itself: rows are prepared ahead, run in engine batches and written; `ran(results)` after each
+    batch. `stopping()` is asked before each batch. The writer is closed (its last part committed) at the end;
+    after an error, the caller closes it with `close_after_error`."""
+    prefetcher = make_prefetcher(job, rows, preparer)
+    try:
+        batches = batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size)
+        for batch in _with_lookahead(engine, batches):
+            if stopping():
+                break
+            fault_point("batch")
+            results = run_batch(engine, batch)
+            with times.stage("writing"):
+                for result in results:
+                    writer.add(result)
+            ran(results)
+        writer.close()
+    finally:
+        prefetcher.close()
+
+
+def build_engine(job: Job, plan: Plan):
+    """The engine the job names, loaded on the device this process uses."""
+    return make_engine(job.engine.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer,
+                       params=generation_params(job, plan), device=job.engine.device, dtype=job.engine.dtype,
+                       max_batch_size=job.engine.max_batch_size, max_batch_tokens=job.engine.max_batch_tokens,
+                       overlap_vision=job.engine.overlap_vision, decode_attention=job.engine.decode_attention,
+                       compile=job.engine.compile, trust_remote_code=job.engine.trust_remote_code)
+
+
+class SafeWriter:
+    """A PartWriter whose OSErrors become OutputWriteError (the run stops; what was committed stays). After one,
+    nothing more is written."""
+
+    def __init__(self, out_dir: Path, writer: PartWriter):
+        self.out_dir, self.writer = out_dir, writer
+        self.ok = True
+
+    def add(self, result: Result) -> None:
+        """Buffer a row; commit a part when it is full."""
+        self._guard(self.writer.add, result)
+
+    def close(self) -> None:
+        """Commit the rows still buffered."""
+        self._guard(self.writer.close)
+
+    def close_after_error(self) -> None:
+        """Commit the finished rows still buffered, unless writing is what failed (best effort, never raises)."""
+        if self.ok:
+            try:
+                self.writer.close()
+            except OSError:
+                log.exception("could not commit the last rows")
+
+    def _guard(self, action, *args) -> None:
+        try:
+            action(*args)
+        except OSError as e:
+            self.ok = False
+            raise OutputWriteError(f"output.path: cannot write to {self.out_dir}: {e}; what was committed is "
+                                   "kept, rerun the same command to resume") from None
+
+
+def failed_by_kind(results: list[Result]) -> dict[str, int]:
+    """How many of `results` failed, by error kind."""
+    failed: dict[str, int] = {}
+    for r in results:
+        if r.error is not None:
+            kind = error_kind(r.error)
+            failed[kind] = failed.get(kind, 0) + 1
+    return failed
 
 
 class OutputCounts:
@@ -397,17 +466,28 @@ class OutputCounts:
         self.shard_done = 0  # of those, already in the output when the run started
         self.name = shard.summary_name if shard else SUMMARY_NAME
 
+    def count_todo(self, job: Job, plan: Plan) -> int:
+        """Rows this run has to do (of the shard, with one), for the progress bar."""
+        if self.shard is None:
+            return plan.rows - len(plan.done)
+        self.shard_rows = sum(1 for _, r in read_rows(plan.files, job.input.id_column) if self.shard.owns(r.id))
+        self.shard_done = sum(1 for i in plan.done if self.shard.owns(i.split("#dup@")[0]))
+        return self.shard_rows - self.shard_done
+
     def commit(self, results: list[Result]) -> None:
-        for r in results:
-            if r.error is None:
-                self.ok += 1
-            else:
-                kind = error_kind(r.error)
-                self.failed[kind] = self.failed.get(kind, 0) + 1
-        self.this_run += len(results)
+        """Count a committed part's rows."""
+        self.add_committed(len(results), failed_by_kind(results))
+
+    def add_committed(self, rows: int, failed: dict[str, int]) -> None:
+        """Count `rows` committed rows, of which `failed` (by error kind) failed."""
+        for kind, n in failed.items():
+            self.failed[kind] = self.failed.get(kind, 0) + n
+        self.ok += rows - sum(failed.values())
+        self.this_run += rows
         self.write("running")
 
     def write(self, state: str) -> None:
+        """Rewrite the summary file with `state` (running, finished, interrupted, failed)."""
         elapsed = time.perf_counter() - self.start
         try:
             shard = {} if self.shard is None else {
@@ -432,7 +512,7 @@ def read_summary(out_dir: Path) -> dict[str, Any]:
     return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
 
 
-def _pending_rows(files: list[Path], id_column: str | None, done: set[str],
+def pending_rows(files: list[Path], id_column: str | None, done: set[str],
                   shard: Shard | None = None) -> Iterator[tuple[Path, Row]]:
     """The input rows still to run. The first occurrence of an id is the row; a later one becomes an error row
     with id `duplicate_key(id, source)`, so that output ids stay unique. Ids (and duplicate keys) already in
@@ -562,18 +642,6 @@ def keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
         return {c: pa.string() for c in job.output.keep_columns}
     schema = pq.ParquetFile(files[0]).schema_arrow
     return {c: schema.field(c).type for c in job.output.keep_columns}
-
-
-def make_job_engine(job: Job, plan: Plan, params: GenerationParams, overlap_vision: bool | None = None):
-    """The engine the job's `engine:` section describes. `overlap_vision` overrides the job's (it needs the job
-    loop's lookahead, which other callers may not give)."""
-    e = job.engine
-    return make_engine(e.backend, checkpoint=plan.checkpoint, tokenizer=plan.tokenizer, params=params,
-                       device=e.device, dtype=e.dtype, max_batch_size=e.max_batch_size,
-                       max_batch_tokens=e.max_batch_tokens,
-                       overlap_vision=e.overlap_vision if overlap_vision is None else overlap_vision,
-                       decode_attention=e.decode_attention, compile=e.compile,
-                       trust_remote_code=e.trust_remote_code)
 
 
 def generation_params(job: Job, plan: Plan) -> GenerationParams:

@@ -108,13 +108,13 @@ def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
 def test_bench_runs_both_sides_on_the_cpu(capsys):
     from batchvl.bench import bench, format_sides, parse_variant
 
-    assert parse_variant("x:overlap_vision=true,engine.max_batch_size=3") == \
-        ("x", {"overlap_vision": True, "max_batch_size": 3})
+    assert parse_variant("x:overlap_vision=true,engine.max_batch_size=3,media.prepare_threads=2") == \
+        ("x", {"engine": {"overlap_vision": True, "max_batch_size": 3}, "media": {"prepare_threads": 2}})
     sides, _ = bench("tiny", "caption-7tile", rows=4, batch=2, baseline="transformers", baseline_rows=2,
                      baseline_batch=2, device="cpu", variants=["one-row:max_batch_size=1"], warmup_rows=2)
     native, variant, reference = sides
     out = capsys.readouterr().out
-    assert "variant one-row {'max_batch_size': 1}: 4/4 rows have the native side's text" in out
+    assert "variant one-row {'engine': {'max_batch_size': 1}}: 4/4 rows have the native side's text" in out
     assert "native: warm-up over 2 rows" in out and "transformers: warm-up over 2 rows" in out
     assert (native.rows, native.images, variant.rows, reference.rows) == (4, 4, 4, 2)
     assert native.output_tokens == 4 * 128 and native.flops > 0  # ignore_eos: every row runs to 128 tokens

@@ -152,15 +152,17 @@ def jsonish(value: Any) -> str | None:
 
 class PartWriter:
     """Buffers results and commits them as part files of at most `rows_per_file` rows. `on_commit(results)` is
-    called after each part is in place."""
+    called after each part is in place. Part names hold the start time and a random run id, so writers never
+    clash (shards, engine workers, reruns); `tag` adds a readable name to them (an engine worker's, `gpu1`)."""
 
-    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int, on_commit=None):
+    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int, on_commit=None, tag: str = ""):
         self.out_dir = out_dir
         self.on_commit = on_commit
         self.schema = schema
         self.rows_per_file = rows_per_file
         self._rows: list[Result] = []
-        self._run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self._run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}" + \
+            (f"-{tag}" if tag else "")
         self._seq = 0
         self.rows_written = 0
         out_dir.mkdir(parents=True, exist_ok=True)
