@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="run only shard I of N (0-based; rows by a stable hash of their id), e.g. for job arrays")
     run.add_argument("--retry-errors", action="store_true",
                      help="run the rows whose error is set again; their new rows replace the old ones")
+    run.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run as a Ray Data pipeline on the Ray cluster at ADDRESS (none: ray.init(), a running "
+                          "local cluster or a new one); needs pip install 'batchvl[ray]'")
+    run.add_argument("--ray-prepare", type=int, default=None, metavar="N",
+                     help="with --ray: at most N media preparation actors (default: the CPUs the engines leave)")
+    run.add_argument("--ray-engines", type=int, default=None, metavar="N",
+                     help="with --ray: N engine actors (default: one per GPU of the cluster, or 1 without GPUs)")
     run.set_defaults(func=_run)
 
     status = sub.add_parser("status", help="how far an output folder is, per shard")
@@ -200,8 +207,11 @@ def _run(args: argparse.Namespace) -> int:
         raise JobError("--overwrite: not with --shard (it would remove the other shards' output); "
                        "clear the folder once, before starting the shards")
     try:
-        summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet, retry_errors=args.retry_errors,
-                          shard=shard)
+        if args.ray is not None:
+            summary = _run_ray(job, args, shard)
+        else:
+            summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet,
+                              retry_errors=args.retry_errors, shard=shard)
     except (OutputWriteError, WorkerError) as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
         return EXIT_RUN_ERROR
@@ -215,6 +225,26 @@ def _run(args: argparse.Namespace) -> int:
         return 128 + summary.interrupted
     print(summary.line(job.output_dir))
     return 0
+
+
+def _run_ray(job, args: argparse.Namespace, shard):
+    from batchvl.ray import require_ray
+
+    if shard is not None:
+        raise JobError("--shard: not with --ray (Ray spreads the rows over the cluster itself)")
+    for name in ("ray_prepare", "ray_engines"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise JobError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    try:
+        require_ray()
+    except RuntimeError as e:
+        raise JobError(f"--ray: {e}") from None
+    from batchvl.ray_run import RayOptions, run_ray_job
+
+    options = RayOptions(address=args.ray or None, prepare_actors=args.ray_prepare, engines=args.ray_engines)
+    return run_ray_job(job, options, overwrite=args.overwrite, retry_errors=args.retry_errors,
+                       progress=not args.quiet)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ on one line and exit with code 2. Relative paths are resolved against the folder
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import os
@@ -153,14 +154,19 @@ def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> Job:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise JobError(f"job: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if raw is None:
-        raw = {}
+    return job_from_mapping({} if raw is None else raw, path.resolve().parent, overrides)
+
+
+def job_from_mapping(raw: Any, base_dir: str | os.PathLike, overrides: list[str] = ()) -> Job:
+    """A job from the mapping a job file holds (relative paths against `base_dir`), overridden and validated
+    as `load_job` does. Raises JobError naming the key."""
     if not isinstance(raw, dict):
         raise JobError(f"job: expected a mapping of keys at the top level, got {_type_name(raw)}")
+    raw = copy.deepcopy(raw)  # overrides must not change the caller's mapping
     for item in overrides:
         _apply_override(raw, item)
     job = _build(Job, raw, "")
-    job.base_dir = str(path.resolve().parent)
+    job.base_dir = str(Path(base_dir).resolve())
     job.input.base_dir = job.base_dir
     check_job(job)
     return job

@@ -231,6 +231,7 @@ class Summary:
     load_s: float = 0.0  # building the engine (loading the model), part of elapsed_s
     interrupted: int = 0  # the signal that stopped the run early (SIGINT, SIGTERM), 0 if it ran to the end
     committed: int = 0  # rows of this run committed to part files
+    counts_images: bool = True  # False where results come back without their image count (the Ray path)
 
     def add(self, result: Result) -> None:
         """Count one row this run produced."""
@@ -244,8 +245,9 @@ class Summary:
     def line(self, out_dir: Path) -> str:
         t = max(self.elapsed_s, 1e-9)
         done = self.ok + self.failed
+        images = f"{self.images / t:.2f} images/s, " if self.counts_images else ""
         return (f"batchvl: {self.ok} rows ok, {self.failed} failed, {self.skipped} already done; "
-                f"{self.elapsed_s:.1f} s, {done / t:.2f} rows/s, {self.images / t:.2f} images/s, "
+                f"{self.elapsed_s:.1f} s, {done / t:.2f} rows/s, {images}"
                 f"{self.output_tokens / t:.1f} output tokens/s -> {out_dir}")
 
 
@@ -306,6 +308,26 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
     rows whose id the shard owns. With more than one device in `engine.gpus`, rows go to one engine worker
     process per device (batchvl.coordinator); with one, the engine runs here, in this process."""
     start = time.perf_counter()
+    plan = open_output(job, overwrite, retry_errors)
+    log.info("plan:\n%s", plan.describe())
+    devices = job.engine.devices
+    with Stop() as stop:
+        if len(devices) > 1:
+            from batchvl.coordinator import run_on_workers
+
+            summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
+        else:
+            if job.engine.device != "cpu" and devices[0] != 0 and torch.cuda.is_available():
+                torch.cuda.set_device(devices[0])  # engine.gpus: [k], one GPU: still in this process
+            summary = _run(job, plan, stop, start, progress, sync_times, shard)
+    summary.interrupted = stop.signum
+    return summary
+
+
+def open_output(job: Job, overwrite: bool = False, retry_errors: bool = False) -> Plan:
+    """Plan the job and make its output folder ready to take rows: `--overwrite` clears it, leftovers of a
+    killed run go, the fingerprint is written (or checked), `--retry-errors` removes the error rows to run
+    again. The plan's `done` holds the ids already written, which a run skips."""
     plan = plan_job(job, check_output=not overwrite)
     out_dir = job.output_dir
     if overwrite:
@@ -323,19 +345,7 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
         dropped = drop_rows(out_dir, lambda _id, error: error is not None and not error.startswith(DUPLICATE_ERROR))
         log.info("--retry-errors: %d error row(s) removed from the output, to run again", dropped)
         plan.done, plan.done_ok, plan.done_failed = read_done(out_dir)
-    log.info("plan:\n%s", plan.describe())
-    devices = job.engine.devices
-    with Stop() as stop:
-        if len(devices) > 1:
-            from batchvl.coordinator import run_on_workers
-
-            summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
-        else:
-            if job.engine.device != "cpu" and devices[0] != 0 and torch.cuda.is_available():
-                torch.cuda.set_device(devices[0])  # engine.gpus: [k], one GPU: still in this process
-            summary = _run(job, plan, stop, start, progress, sync_times, shard)
-    summary.interrupted = stop.signum
-    return summary
+    return plan
 
 
 def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_times: bool,

@@ -31,17 +31,23 @@ def read_rows(files: list[Path], id_column: str | None = None) -> Iterator[tuple
     """
     names = row_key_names(files)
     for path in files:
-        reader = _read_jsonl if path.suffix == ".jsonl" else _read_parquet
-        for source, data, error in reader(path, names[path]):
-            row_id = source
-            if data is not None and id_column is not None:
-                value = data.get(id_column)
-                if value is None:
-                    error = f"input: record {source} has no value in id column {id_column!r}"
-                    data = None
-                else:
-                    row_id = str(value)
-            yield path, Row(id=row_id, source=source, data=data, error=error)
+        for row in read_file_rows(path, names[path], id_column):
+            yield path, row
+
+
+def read_file_rows(path: Path, name: str, id_column: str | None = None) -> Iterator[Row]:
+    """The rows of one input file, as `read_rows` gives them; `name` is the file's part of the default ids."""
+    reader = _read_jsonl if path.suffix == ".jsonl" else _read_parquet
+    for source, data, error in reader(path, name):
+        row_id = source
+        if data is not None and id_column is not None:
+            value = data.get(id_column)
+            if value is None:
+                error = f"input: record {source} has no value in id column {id_column!r}"
+                data = None
+            else:
+                row_id = str(value)
+        yield Row(id=row_id, source=source, data=data, error=error)
 
 
 def _read_jsonl(path: Path, name: str) -> Iterator[tuple[str, dict | None, str | None]]:

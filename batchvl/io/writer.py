@@ -199,17 +199,29 @@ class PartWriter:
         self.flush()
 
     def _to_table(self, rows: list[Result]) -> pa.Table:
-        columns: dict[str, list[Any]] = {
-            "id": [r.id for r in rows],
-            "text": [r.text for r in rows],
-            "error": [r.error for r in rows],
-            "finish_reason": [r.finish_reason for r in rows],
-            "prompt_tokens": [r.prompt_tokens for r in rows],
-            "output_tokens": [r.output_tokens for r in rows],
-        }
-        for name in self.schema.names[len(BASE_SCHEMA):]:
-            columns[name] = [r.keep.get(name) for r in rows]
-        return pa.Table.from_pydict(columns, schema=self.schema)
+        return results_table(rows, self.schema)
+
+
+def results_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
+    """Results as an output table of `schema` (BASE_SCHEMA, then the keep columns, taken from `Result.keep`)."""
+    columns: dict[str, list[Any]] = {
+        "id": [r.id for r in rows],
+        "text": [r.text for r in rows],
+        "error": [r.error for r in rows],
+        "finish_reason": [r.finish_reason for r in rows],
+        "prompt_tokens": [r.prompt_tokens for r in rows],
+        "output_tokens": [r.output_tokens for r in rows],
+    }
+    for name in schema.names[len(BASE_SCHEMA):]:
+        columns[name] = [r.keep.get(name) for r in rows]
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def table_results(table: pa.Table) -> list[Result]:
+    """The reverse of `results_table`: output rows as Results (their image counts are not in the table)."""
+    keep_names = table.schema.names[len(BASE_SCHEMA):]
+    return [Result(r["id"], r["text"], r["error"], r["finish_reason"], r["prompt_tokens"], r["output_tokens"],
+                   {c: r[c] for c in keep_names}) for r in table.to_pylist()]
 
 
 def _fsync_dir(path: Path) -> None:

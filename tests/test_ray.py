@@ -1,0 +1,196 @@
+"""`batchvl run --ray` and the batchvl.ray stages, on a local Ray cluster of 2 CPUs with the tiny model.
+
+A Ray run must write what a local run writes, row for row and with the same Arrow schema, into an output
+folder that `batchvl status`, resume and a later local run all understand.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+import batchvl
+from batchvl.cli import main
+from batchvl.io.writer import output_schema, part_files, read_done
+
+from .conftest import base_job, write_job, write_jsonl
+
+REPO = Path(batchvl.__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_cluster():
+    """One local Ray cluster for the module; its workers import this checkout's batchvl."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+def rows_by_id(out: Path) -> list[dict]:
+    return sorted(pq.read_table(out).to_pylist(), key=lambda r: r["id"])
+
+
+def parts_schema(out: Path) -> pa.Schema:
+    (schema,) = {pq.read_schema(p).remove_metadata() for p in part_files(out)}
+    return schema
+
+
+def jsonl_rows(images: dict[str, Path]) -> list[dict]:
+    pictures = ["wide.jpg", "tall.png", ["square.jpg", "tiny.png"], None]
+    rows = [{"id": f"r{i}", "prompt": f"Describe picture {i}.", "image": pictures[i % 4],
+             "meta": {"n": i, "tags": ["a"] * (i % 2)} if i % 3 else f"plain {i}"} for i in range(7)]
+    rows.append({"id": "missing", "prompt": "Describe it.", "image": "nowhere.jpg", "meta": None})
+    rows.append({"id": "r1", "prompt": "A second row with the id r1.", "image": None, "meta": 1.5})
+    return rows
+
+
+def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_model, images, tmp_path, capsys):
+    media = images["wide.jpg"].parent
+    inp = write_jsonl(media / "rows.jsonl", jsonl_rows(images))
+    with open(inp, "a", encoding="utf-8") as f:
+        f.write("{not json\n")  # a bad line: an error row in both runs
+    sections = dict(output={"keep_columns": ["meta"]}, engine={"max_batch_size": 2})
+    write_job(tmp_path / "local.yaml", base_job(tiny_model, inp, tmp_path / "local", **sections))
+    write_job(tmp_path / "ray.yaml", base_job(tiny_model, inp, tmp_path / "ray", **sections))
+
+    assert main(["run", str(tmp_path / "local.yaml"), "--quiet"]) == 0
+    assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0
+    local, remote = rows_by_id(tmp_path / "local"), rows_by_id(tmp_path / "ray")
+    assert remote == local
+    assert len(local) == 10
+    errors = {r["id"]: r["error"] for r in local if r["error"]}
+    assert errors["missing"].startswith("media: no such file")
+    assert errors["rows.jsonl:10"].startswith("input: line rows.jsonl:10 is not valid JSON")
+    assert errors["r1#dup@rows.jsonl:9"] == "input: duplicate id 'r1' (first at rows.jsonl:2)"
+    assert sum(r["error"] is None for r in local) == 7
+    assert parts_schema(tmp_path / "ray") == parts_schema(tmp_path / "local") == output_schema({"meta": pa.string()})
+    local_summary = json.loads((tmp_path / "local" / "_summary.json").read_text())
+    ray_summary = json.loads((tmp_path / "ray" / "_summary.json").read_text())
+    for key in ("state", "rows_ok", "rows_failed", "failed_by_kind", "rows_this_run"):
+        assert ray_summary[key] == local_summary[key], key
+    assert (tmp_path / "ray" / "_batchvl.json").read_text() == (tmp_path / "local" / "_batchvl.json").read_text()
+
+    parts = part_files(tmp_path / "ray")
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0  # a rerun: nothing left to do
+    assert "0 rows ok, 0 failed, 10 already done" in capsys.readouterr().out
+    assert part_files(tmp_path / "ray") == parts
+    assert rows_by_id(tmp_path / "ray") == local
+    assert main(["run", str(tmp_path / "ray.yaml"), "--quiet"]) == 0  # a local rerun reads the Ray parts
+    assert "0 rows ok, 0 failed, 10 already done" in capsys.readouterr().out
+    assert main(["status", str(tmp_path / "ray")]) == 0
+    assert "10 rows" in capsys.readouterr().out
+
+
+def test_ray_run_resumes_a_partial_output_and_reads_parquet_with_default_ids(tiny_model, images, tmp_path):
+    media = images["wide.jpg"].parent
+    table = pa.table({"prompt": [f"Picture {i}." for i in range(6)],
+                      "image": ["wide.jpg", "tall.png", None, "square.jpg", "gone.png", "tiny.png"],
+                      "score": pa.array(range(6), pa.int16())})
+    pq.write_table(table, media / "rows.parquet", row_group_size=4)
+    sections = dict(input={"id_column": None}, output={"keep_columns": ["score"]})
+    write_job(tmp_path / "local.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "local", **sections))
+    write_job(tmp_path / "ray.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "ray", **sections))
+    assert main(["run", str(tmp_path / "local.yaml"), "--quiet"]) == 0
+    local = rows_by_id(tmp_path / "local")
+
+    # half the rows already written (by a local run's part file): the Ray run adds only the others
+    (tmp_path / "ray").mkdir()
+    pq.write_table(pa.Table.from_pylist(local[:3], schema=parts_schema(tmp_path / "local")),
+                   tmp_path / "ray" / "part-earlier-00000.parquet")
+    assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0
+    assert rows_by_id(tmp_path / "ray") == local
+    assert [r["id"] for r in local] == [f"rows.parquet:{i}" for i in range(6)]
+    assert local[4]["error"].startswith("media: no such file")
+    assert parts_schema(tmp_path / "ray") == parts_schema(tmp_path / "local")
+    assert parts_schema(tmp_path / "ray").field("score").type == pa.int16()
+    ids, ok, failed = read_done(tmp_path / "ray")
+    assert len(ids) == 6 and ok == 5 and failed == {"media": 1}
+
+
+def test_documented_user_pipeline_gives_the_local_output(tiny_model, images, tmp_path):
+    """The README's 'Ray Data in your own pipeline' example, with num_gpus=0: this machine has no GPU."""
+    media = images["wide.jpg"].parent
+    rows = [{"id": f"u{i}", "prompt": f"Picture {i}.", "image": image}
+            for i, image in enumerate(["wide.jpg", "tall.png", None, "missing.jpg", "tiny.png"])]
+    pq.write_table(pa.Table.from_pylist(rows), media / "rows.parquet")
+    write_job(tmp_path / "job.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "local"))
+    assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 0
+
+    import batchvl.ray
+    from batchvl.job import load_job
+
+    job = load_job(tmp_path / "job.yaml")
+    ds = ray.data.read_parquet(str(media / "rows.parquet"))
+    ds = ds.map_batches(batchvl.ray.Prepare, fn_constructor_kwargs={"job": job}, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    ds = ds.map_batches(batchvl.ray.Engine, fn_constructor_kwargs={"job": job}, batch_format="pyarrow",
+                        batch_size=job.engine.max_batch_size, num_gpus=0, num_cpus=0.5,
+                        compute=ray.data.ActorPoolStrategy(size=1))
+    ds.write_parquet(str(tmp_path / "mine"))
+
+    mine = sorted(pq.read_table(tmp_path / "mine").to_pylist(), key=lambda r: r["id"])
+    assert mine == rows_by_id(tmp_path / "local")
+    assert mine[3]["id"] == "u3" and mine[3]["error"].startswith("media: no such file")
+    assert pq.read_table(tmp_path / "mine").schema.remove_metadata() == output_schema({})
+
+
+def test_engine_refuses_rows_that_were_not_prepared(tiny_model, images, tmp_path):
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))
+    import batchvl.ray
+
+    engine = batchvl.ray.Engine(str(tmp_path / "job.yaml"))
+    with pytest.raises(ValueError, match="through Prepare first"):
+        engine(pa.table({"id": ["a"], "prompt": ["x"]}))
+
+
+def test_cuda_on_a_cluster_without_gpus_is_a_job_error(tiny_model, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))
+    assert main(["run", str(tmp_path / "job.yaml"), "--quiet", "--ray", "--set", "engine.device=cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "batchvl: error: engine.device: cuda, but the Ray cluster has no GPUs"
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_ray_batchvl_imports_and_run_ray_names_the_extra(tiny_model, tmp_path):
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import batchvl, batchvl.ray, batchvl.cli\n"
+            f"sys.exit(batchvl.cli.main(['run', {str(job)!r}, '--quiet', '--ray']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("batchvl: error: --ray: Ray Data is not installed")
+    assert out.stderr.strip().endswith("install it with: pip install 'batchvl[ray]'")
+
+
+def test_prepare_reads_arrow_pandas_and_numpy_batches_alike(tiny_model, images, tmp_path):
+    """Ray hands map_batches a batch in the format asked for; Prepare gives the same rows for each."""
+    import numpy as np
+
+    import batchvl.ray
+
+    media = images["wide.jpg"].parent
+    table = pa.table({"id": ["a", "b", "c"], "prompt": ["One.", "Two.", "Three."],
+                      "image": ["wide.jpg", None, "missing.png"]})
+    pq.write_table(table, media / "rows.parquet")
+    write_job(tmp_path / "job.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "out"))
+    prepare = batchvl.ray.Prepare(str(tmp_path / "job.yaml"))
+    arrow = prepare(table)
+    assert arrow.schema == batchvl.ray.PREPARED_SCHEMA
+    assert arrow.column("error").to_pylist()[:2] == [None, None]
+    assert arrow.column("error")[2].as_py().startswith("media: no such file")
+    assert len(arrow.column("tiles")[0].as_py()) == sum(arrow.column("tiles_per_image")[0].as_py()) * 448 * 448 * 3
+    assert prepare(table.to_pandas()).equals(arrow)
+    assert prepare({name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+                   ).equals(arrow)
