@@ -82,8 +82,9 @@ class NativeEngine(Engine):
         self._side = self._main = None
         if overlap_vision and self.device.type == "cuda":
             # The batch's own work (decode above all) on a high-priority stream, the next batch's vision on a
-            # low-priority one: the block scheduler then serves decode's small kernels first and lets vision's
-            # large ones fill the rest of the GPU.
+            # low-priority one, so that the block scheduler serves decode's small kernels first. Measured on an
+            # H100 (BENCHMARKS.md, session 2), it gains nothing: decode's and vision's kernels each fill every
+            # SM and take turns, priorities or not. Kept, off by default, for experiments.
             self._main = torch.cuda.Stream(self.device, priority=-1)
             self._side = torch.cuda.Stream(self.device, priority=0)
         self.graphs: DecodeGraphs | None = None
