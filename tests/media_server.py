@@ -30,15 +30,28 @@ class MediaServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - the stdlib's name
                 route = owner.routes.get(self.path)
+                # "In flight" ends before the answer is written: once the client has it, it may start its
+                # next request before this thread would get back from the write (a race seen in CI).
                 with lock:
                     owner.in_flight += 1
                     owner.peak_in_flight = max(owner.peak_in_flight, owner.in_flight)
+                answered = False
+
+                def answering():
+                    nonlocal answered
+                    if not answered:
+                        answered = True
+                        with lock:
+                            owner.in_flight -= 1
+
                 try:
                     if route is None:
+                        answering()
                         self.send_error(404)
                         return
                     route.hits += 1
                     time.sleep(route.delay_s)
+                    answering()
                     if route.hits <= route.fail_first:
                         self.send_error(503)
                         return
@@ -47,8 +60,7 @@ class MediaServer:
                     self.end_headers()
                     self.wfile.write(route.body)
                 finally:
-                    with lock:
-                        owner.in_flight -= 1
+                    answering()
 
             def log_message(self, *args):
                 pass
