@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,20 +220,28 @@ def texts_of(out_dir: Path) -> dict[str, str]:
     return {r["id"]: r["text"] for r in pq.read_table(out_dir, columns=["id", "text"]).to_pylist()}
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, dict]]:
-    """`NAME:key=value,section.key=value` (values as YAML) -> (NAME, {section: {key: value}}). A plain key
-    is an engine key; `media.prepare_threads=8` sets another section's."""
+def parse_settings(items: Iterable[str]) -> dict[str, dict]:
+    """`key=value` items (values as YAML) -> {section: {key: value}}. A plain key is an engine key;
+    `media.prepare_threads=8` sets another section's."""
     import yaml
 
-    name, _, settings = text.partition(":")
     sections: dict[str, dict] = {}
-    for item in filter(None, settings.split(",")):
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--variant {text!r}: expected key=value, got {item!r}")
+            raise ValueError(f"expected key=value, got {item!r}")
         section, _, field = key.strip().rpartition(".")
         sections.setdefault(section or "engine", {})[field] = yaml.safe_load(value)
-    return name, sections
+    return sections
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, dict]]:
+    """`NAME:key=value,section.key=value` -> (NAME, {section: {key: value}}), as parse_settings reads them."""
+    name, _, settings = text.partition(":")
+    try:
+        return name, parse_settings(filter(None, settings.split(",")))
+    except ValueError as e:
+        raise ValueError(f"--variant {text!r}: {e}") from None
 
 
 def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
@@ -245,7 +254,7 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
     a first batch costs (kernel loading, cuBLAS and cuDNN heuristics, Triton and torch.compile
     compilation, allocator growth), and the timed run then measures the steady state. The warm-up time is
     printed. `settings` (KEY=VALUE, as in a variant) apply to every native side, variants on top."""
-    _, base = parse_variant("base:" + ",".join(settings))
+    base = parse_settings(settings)
 
     def native_settings(extra: dict[str, dict] | None = None) -> dict[str, dict]:
         merged = {section: dict(values) for section, values in base.items()}

@@ -159,10 +159,10 @@ def _check_parity(args: argparse.Namespace) -> int:
         if shape not in SHAPES:
             print(f"batchvl: error: --shape: unknown shape {shape!r} (known: {', '.join(SHAPES)})", file=sys.stderr)
             return EXIT_JOB_ERROR
-    from batchvl.bench import parse_variant
+    from batchvl.bench import parse_settings
 
     try:
-        _, sections = parse_variant("engine:" + ",".join(args.engine))
+        sections = parse_settings(args.engine)
         engine = sections.pop("engine", {})
         if sections:
             raise ValueError(f"only engine keys can be set here, not {', '.join(sections)}")

@@ -106,10 +106,13 @@ def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
 
 
 def test_bench_runs_both_sides_on_the_cpu(capsys):
-    from batchvl.bench import bench, format_sides, parse_variant
+    from batchvl.bench import bench, format_sides, parse_settings, parse_variant
 
     assert parse_variant("x:overlap_vision=true,engine.max_batch_size=3,media.prepare_threads=2") == \
         ("x", {"engine": {"overlap_vision": True, "max_batch_size": 3}, "media": {"prepare_threads": 2}})
+    # --set items are taken whole: a value may hold commas
+    assert parse_settings(["output.keep_columns=[url,width]", "gpus=2"]) == \
+        {"output": {"keep_columns": ["url", "width"]}, "engine": {"gpus": 2}}
     sides, _ = bench("tiny", "caption-7tile", rows=4, batch=2, baseline="transformers", baseline_rows=2,
                      baseline_batch=2, device="cpu", variants=["one-row:max_batch_size=1"], warmup_rows=2)
     native, variant, reference = sides
