@@ -26,10 +26,11 @@ from typing import Any
 
 from PIL import Image
 
+from batchvl.config import DTYPES, EngineSpec, GenerationSpec, InputSpec, Job, MediaSpec, OutputSpec, check_job
 from batchvl.core import Result, Row
-from batchvl.engine import Engine, GenerationParams, make_engine
-from batchvl.job import DTYPES, EngineSpec, GenerationSpec, InputSpec, Job, MediaSpec, OutputSpec, check_job
-from batchvl.runner import batches_of, generation_params, make_prefetcher, make_preparer, plan_model, run_batch
+from batchvl.engine import Engine, GenerationParams
+from batchvl.run.loop import batches_of, build_engine, make_prefetcher, make_preparer, run_batch
+from batchvl.run.plan import generation_params, plan_model
 from batchvl.vl.utils import png_bytes
 
 log = logging.getLogger(__name__)
@@ -165,12 +166,7 @@ class Pipeline:
         )
         check_job(self.job)
         self.plan = plan_model(self.job)
-        e = self.job.engine
-        self.engine: Engine = make_engine(
-            e.backend, checkpoint=self.plan.checkpoint, tokenizer=self.plan.tokenizer,
-            params=generation_params(self.job, self.plan), device=e.device, dtype=e.dtype,
-            max_batch_size=e.max_batch_size, max_batch_tokens=e.max_batch_tokens,
-            trust_remote_code=e.trust_remote_code)
+        self.engine: Engine = build_engine(self.job, self.plan)
 
     def __call__(self, prompts: Prompt | Sequence[Prompt],
                  gen_config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> Response | list[Response]:

@@ -11,7 +11,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from batchvl.job import JobError, load_job
+from batchvl.config import load_job
+from batchvl.errors import JobError, OutputWriteError, WorkerError
+from batchvl.log import configure_logging
 
 EXIT_JOB_ERROR = 2
 EXIT_RUN_ERROR = 1  # the output could not be written, or an engine worker failed: rerun to resume
@@ -131,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from batchvl.bench import main as bench_main
+    from batchvl.tools.bench import main as bench_main
 
     return bench_main(args.shape, args.workload, args.rows, args.batch, args.baseline, args.baseline_rows,
                       args.baseline_batch or args.batch, args.workdir, args.variant, args.warmup_rows,
@@ -139,27 +141,27 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
-    from batchvl.bench_kernels import main as kernels_main
+    from batchvl.tools.bench_kernels import main as kernels_main
 
     return kernels_main(tuple(args.rows or (64, 128, 256)), args.span)
 
 
 def _bench_media(args: argparse.Namespace) -> int:
-    from batchvl.bench_media import main as bench_main
+    from batchvl.tools.bench_media import main as bench_main
 
     return bench_main(args.images, args.threads, args.workload or ["7tile", "mixed"], args.naive_images)
 
 
 def _check_parity(args: argparse.Namespace) -> int:
-    from batchvl.check import SHAPES
-    from batchvl.check import main as check_main
+    from batchvl.tools.check_parity import SHAPES
+    from batchvl.tools.check_parity import main as check_main
 
     shapes = args.shape or ["tiny"]
     for shape in shapes:
         if shape not in SHAPES:
             print(f"batchvl: error: --shape: unknown shape {shape!r} (known: {', '.join(SHAPES)})", file=sys.stderr)
             return EXIT_JOB_ERROR
-    from batchvl.bench import parse_settings
+    from batchvl.tools.bench import parse_settings
 
     try:
         sections = parse_settings(args.engine)
@@ -182,24 +184,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
     configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
 
 
-def configure_logging(level: int, process: str = "") -> None:
-    """Log to stderr at `level`; below DEBUG, the chatty libraries only warn. `process` names an engine worker
-    in each line."""
-    where = f" [{process}]" if process else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s",
-                        stream=sys.stderr)
-    if level > logging.DEBUG:
-        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-
 
 def _run(args: argparse.Namespace) -> int:
-    from batchvl.runner import OutputWriteError, WorkerError, run_job
-    from batchvl.shards import Shard
+    from batchvl.io.shards import Shard
+    from batchvl.run.local import run_job
 
     job = load_job(args.job, args.overrides)
     shard = Shard.parse(args.shard) if args.shard else None
@@ -228,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_ray(job, args: argparse.Namespace, shard):
-    from batchvl.ray import require_ray
+    from batchvl.run.ray_stages import require_ray
 
     if shard is not None:
         raise JobError("--shard: not with --ray (Ray spreads the rows over the cluster itself)")
@@ -240,7 +228,7 @@ def _run_ray(job, args: argparse.Namespace, shard):
         require_ray()
     except RuntimeError as e:
         raise JobError(f"--ray: {e}") from None
-    from batchvl.ray_run import RayOptions, run_ray_job
+    from batchvl.run.ray_runner import RayOptions, run_ray_job
 
     options = RayOptions(address=args.ray or None, prepare_actors=args.ray_prepare, engines=args.ray_engines)
     return run_ray_job(job, options, overwrite=args.overwrite, retry_errors=args.retry_errors,
@@ -248,8 +236,8 @@ def _run_ray(job, args: argparse.Namespace, shard):
 
 
 def _status(args: argparse.Namespace) -> int:
+    from batchvl.io.shards import shard_status
     from batchvl.io.writer import part_files
-    from batchvl.shards import shard_status
 
     if not args.out.is_dir():
         raise JobError(f"status: no such output folder: {args.out}")
@@ -269,7 +257,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batchvl.runner import plan_job
+    from batchvl.run.plan import plan_job
 
     plan = plan_job(load_job(args.job, args.overrides))
     print(plan.describe())
@@ -278,7 +266,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from batchvl.models.tiny import make_tiny_model
+    from batchvl.tools.tiny import make_tiny_model
 
     try:
         made = make_tiny_model(args.dir, seed=args.seed, force=args.force, layout=args.layout, llm=args.llm,

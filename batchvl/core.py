@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,10 +11,6 @@ import torch
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ERROR = "error"
-
-
-class RowError(Exception):
-    """A problem with one input row (bad media, bad record, prompt too long). It becomes that row's `error`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +34,6 @@ class Request:
     keep: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int | None = None  # this row's own limit (input.max_new_tokens_column), at most the job's
 
-    def pixel_values(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        """The tiles as the vision tower takes them: [T, 3, S, S], ImageNet-normalised, on `device`."""
-        from batchvl.media.tiling import normalize_uint8
-
-        return None if self.tiles is None else normalize_uint8(self.tiles.to(device), dtype)
-
 
 @dataclass(slots=True)
 class Result:
@@ -60,3 +51,10 @@ class Result:
     @classmethod
     def failed(cls, id: str, error: str, keep: dict[str, Any] | None = None) -> Result:
         return cls(id, None, error, FINISH_ERROR, 0, 0, keep or {})
+
+
+def jsonish(value: Any) -> str | None:
+    """A JSONL keep-column value as a string: strings as they are, anything else as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from batchvl.models.tiny import make_tiny_model
+from batchvl.tools.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """OpenGVLab-layout checkpoint -> transformers-native InternVL, for the reference side of parity tests.
 
-This goes the other way from batchvl.models.tiny.write_opengvlab and is written independently of it, so
+This goes the other way from batchvl.tools.tiny.write_opengvlab and is written independently of it, so
 that the native loader's reading of the OpenGVLab layout is checked against transformers running the same
 weights. InternLM2 becomes Llama (the same computation, with its grouped wqkv split back).
 """

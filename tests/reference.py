@@ -32,7 +32,7 @@ def reference_prompt(tokenizer, text: str, tiles_per_image: list[int], tokens_pe
         text = "<image>\n" * len(tiles_per_image) + text
     messages = [{"role": "user", "content": text}]
     if template is not None:
-        from batchvl.templates import get_template
+        from batchvl.prepare.templates import get_template
 
         rendered = get_template(template).render(messages)
     else:

@@ -141,10 +141,10 @@ def test_hub_name_resolves_from_the_local_cache_offline(tiny_model, rows, tmp_pa
 
 
 def test_prefill_in_row_chunks_gives_the_same_tokens(tiny_model):
-    from batchvl.check import sample_rows
     from batchvl.engine.base import GenerationParams
     from batchvl.engine.native import NativeEngine
     from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
+    from batchvl.tools.check_parity import sample_rows
 
     ck = CheckpointInfo.read(tiny_model)
     tokenizer = load_tokenizer(tiny_model)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from batchvl.cli import main
-from batchvl.job import JobError, load_job
-from batchvl.progress import Progress
-from batchvl.shards import Shard
+from batchvl.config import JobError, load_job
+from batchvl.io.shards import Shard
+from batchvl.run.progress import Progress
 
 from .conftest import base_job, write_job, write_jsonl
 from .test_robustness import REPO, by_id, spawn

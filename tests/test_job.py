@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from batchvl.cli import main
-from batchvl.job import JobError, load_job
+from batchvl.config import JobError, load_job
 
 from .conftest import base_job, write_job, write_jsonl
 

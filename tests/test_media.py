@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batchvl.core import RowError
+from batchvl.errors import RowError
+from batchvl.media.fetch import load_bytes
 from batchvl.media.image import decode_image
-from batchvl.media.sources import as_reference_list, load_bytes
+from batchvl.media.sources import as_reference_list
 
 from .conftest import random_image
 

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchvl.cli import main
+from batchvl.errors import CheckpointError
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.internvit import pixel_shuffle
-from batchvl.models.loader import CheckpointError, load_model
-from batchvl.models.tiny import make_tiny_model
+from batchvl.models.loader import load_model
+from batchvl.tools.tiny import make_tiny_model
 
 from .conftest import base_job, write_job, write_jsonl
 
@@ -97,7 +98,7 @@ def test_opengvlab_checkpoint_without_chat_template_uses_its_named_template(open
 
 
 def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
-    from batchvl.check import check_parity
+    from batchvl.tools.check_parity import check_parity
 
     checks, info = check_parity("tiny", tokens=8, device="cpu", dtype="float32")
     assert info["dtype"] == "float32" and len(checks) == 4
@@ -106,10 +107,10 @@ def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
 
 
 def test_bench_runs_both_sides_on_the_cpu(capsys):
-    from batchvl.bench import bench, format_sides, parse_settings, parse_variant
+    from batchvl.tools.bench import bench, format_sides, parse_settings, parse_variant
 
-    assert parse_variant("x:overlap_vision=true,engine.max_batch_size=3,media.prepare_threads=2") == \
-        ("x", {"engine": {"overlap_vision": True, "max_batch_size": 3}, "media": {"prepare_threads": 2}})
+    assert parse_variant("x:compile=false,engine.max_batch_size=3,media.prepare_threads=2") == \
+        ("x", {"engine": {"compile": False, "max_batch_size": 3}, "media": {"prepare_threads": 2}})
     # --set items are taken whole: a value may hold commas
     assert parse_settings(["output.keep_columns=[url,width]", "gpus=2"]) == \
         {"output": {"keep_columns": ["url", "width"]}, "engine": {"gpus": 2}}

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchvl.cli import main
-from batchvl.models.tiny import OPENGVLAB_TEMPLATES, make_tiny_model
-from batchvl.templates import get_template
+from batchvl.prepare.templates import get_template
+from batchvl.tools.tiny import OPENGVLAB_TEMPLATES, make_tiny_model
 
 from .conftest import base_job, write_job, write_jsonl
 from .convert import opengvlab_to_hf

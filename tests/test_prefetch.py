@@ -10,9 +10,9 @@ import pytest
 
 from batchvl.core import Request, Result, Row
 from batchvl.media.fetch import FetchSettings
-from batchvl.media.prefetch import Prefetcher
-from batchvl.prepare import PrepareSettings, RowPreparer
-from batchvl.prompt import PromptBuilder
+from batchvl.prepare.prefetch import Prefetcher
+from batchvl.prepare.preparer import PrepareSettings, RowPreparer
+from batchvl.prepare.prompt import PromptBuilder
 
 from .conftest import random_image
 from .media_server import MediaServer, Route
@@ -151,7 +151,7 @@ def test_an_unreadable_input_stops_the_run_loudly():
 
 
 def test_bench_media_runs_both_methods_on_both_workloads():
-    from batchvl.bench_media import format_table, run
+    from batchvl.tools.bench_media import format_table, run
 
     results = run(images=3, threads=2, workloads=["7tile", "mixed"], naive_images=2)
     assert [(r.workload, r.method) for r in results] == [
@@ -164,7 +164,7 @@ def test_prefetch_shortens_the_gil_switch_interval_while_it_runs(tmp_path):
     """While preparation threads run, the consumer must get the GIL back quickly (it feeds the GPU)."""
     import sys
 
-    from batchvl.media.prefetch import GIL_SWITCH_S
+    from batchvl.prepare.prefetch import GIL_SWITCH_S
 
     before = sys.getswitchinterval()
     assert before > GIL_SWITCH_S  # the interpreter's default, 5 ms

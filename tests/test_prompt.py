@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from batchvl.core import FINISH_LENGTH, FINISH_STOP, RowError
+from batchvl.core import FINISH_LENGTH, FINISH_STOP
 from batchvl.engine.base import GenerationParams, finish
-from batchvl.prompt import fill_fields, place_images
+from batchvl.errors import RowError
+from batchvl.prepare.prompt import fill_fields, place_images
 
 
 def test_images_without_placeholder_are_prepended_once_each():

@@ -126,7 +126,7 @@ def test_documented_user_pipeline_gives_the_local_output(tiny_model, images, tmp
     assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 0
 
     import batchvl.ray
-    from batchvl.job import load_job
+    from batchvl.config import load_job
 
     job = load_job(tmp_path / "job.yaml")
     ds = ray.data.read_parquet(str(media / "rows.parquet"))

@@ -172,7 +172,7 @@ def test_kill_9_at_a_fault_point_then_rerun_gives_every_row_once(tiny_model, tmp
 
 
 def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, monkeypatch):
-    import batchvl.runner as runner
+    import batchvl.run.loop as runner
 
     real = runner.make_engine
     sizes, handling = [], []

@@ -103,8 +103,8 @@ def test_parquet_with_bytes_and_image_structs_matches(tiny_model, tmp_path):
 def test_rendered_prompt_is_the_published_chat_format(tiny_model):
     from transformers import AutoTokenizer
 
-    from batchvl.models.tiny import SYSTEM_MESSAGE
-    from batchvl.prompt import PromptBuilder
+    from batchvl.prepare.prompt import PromptBuilder
+    from batchvl.tools.tiny import SYSTEM_MESSAGE
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     builder = PromptBuilder(tokenizer, tokenizer.chat_template, tokens_per_tile=16)

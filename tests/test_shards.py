@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchvl.cli import main
-from batchvl.shards import Shard
+from batchvl.io.shards import Shard
 
 from .conftest import base_job, write_job, write_jsonl
 

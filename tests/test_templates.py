@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchvl.templates import TEMPLATES, ConversationTemplate, default_system_message, get_template
+from batchvl.prepare.templates import TEMPLATES, ConversationTemplate, default_system_message, get_template
 
 # Written out here rather than imported, so a typo in batchvl/templates.py fails the tests.
 V2_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
@@ -200,7 +200,7 @@ def test_matches_reference_mpt_style(name, turns, system_message):
 def test_agrees_with_the_tiny_models_chat_template():
     """The tiny test model's Jinja template mimics internvl2_5; both must give the same prompt."""
     jinja2 = pytest.importorskip("jinja2")
-    from batchvl.models.tiny import CHAT_TEMPLATE
+    from batchvl.tools.tiny import CHAT_TEMPLATE
 
     env = jinja2.Environment()
     for messages in ([user(Q1)], [user(Q1), assistant(A1), user(Q2)], [system("Be brief."), user(Q1)]):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from batchvl.cli import main
-from batchvl.core import RowError
+from batchvl.errors import RowError
 from batchvl.media.fetch import Blob
 from batchvl.media.video import decode_frames, frame_indices
 

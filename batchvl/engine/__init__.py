@@ -1,5 +1,6 @@
-"""Engines turn batches of requests into results. `make_engine` picks the one the job names."""
+"""Engines turn batches of requests into results. `batchvl.engine.factory.make_engine` builds the one a job
+names; `base.Engine` is the contract both backends keep."""
 
-from batchvl.engine.base import Engine, GenerationParams, make_engine
+from batchvl.engine.base import Engine, GenerationParams
 
-__all__ = ["Engine", "GenerationParams", "make_engine"]
+__all__ = ["Engine", "GenerationParams"]

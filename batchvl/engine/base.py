@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from batchvl.core import FINISH_LENGTH, FINISH_STOP, Request, Result
+from batchvl.errors import JobError
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from batchvl.job import JobError
-
         raise JobError("engine.device: cuda was asked for but no CUDA device is available")
     return torch.device(name)
 
@@ -105,15 +104,3 @@ def decode_result(request: Request, tokens: list[int], params: GenerationParams,
     return Result(id=request.id, text=text, error=None, finish_reason=reason,
                   prompt_tokens=len(request.prompt_ids), output_tokens=len(kept), keep=request.keep,
                   images=len(request.tiles_per_image))
-
-
-def make_engine(backend: str, **kwargs) -> Engine:
-    if backend == "transformers":
-        from batchvl.engine.hf import TransformersEngine
-
-        return TransformersEngine(**kwargs)
-    if backend == "native":
-        from batchvl.engine.native import NativeEngine
-
-        return NativeEngine(**kwargs)
-    raise ValueError(f"unknown backend {backend!r}")

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 class TransformersEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
-                 dtype: str = "auto", max_batch_size: int = 8, trust_remote_code: bool = False, **_unused):
+                 dtype: str = "auto", max_batch_size: int = 8, trust_remote_code: bool = False):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer

@@ -27,7 +27,7 @@ from batchvl.media.tiling import normalize_uint8
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.decoder import KVCache
 from batchvl.models.loader import load_model
-from batchvl.prompt import IMG_CONTEXT
+from batchvl.prepare.prompt import IMG_CONTEXT
 
 log = logging.getLogger(__name__)
 

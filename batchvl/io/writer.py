@@ -5,7 +5,7 @@ never sees a half-written file. Rows already present are found again by reading 
 parts, which is how a rerun skips them.
 
 Besides the parts, the folder holds `_batchvl.json` (the fingerprint of the job that wrote it, see
-batchvl.fingerprint) and `_summary.json` (counts, rewritten at each commit). Their names start with `_`, so
+batchvl.run.fingerprint) and `_summary.json` (counts, rewritten at each commit). Their names start with `_`, so
 globs of `part-*.parquet` (and pyarrow's dataset discovery) skip them.
 """
 
@@ -15,6 +15,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchvl.core import Result
-from batchvl.faults import fault_point
 
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-part-"
@@ -143,21 +143,19 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def jsonish(value: Any) -> str | None:
-    """A JSONL keep-column value as a string: strings as they are, anything else as JSON."""
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
 class PartWriter:
     """Buffers results and commits them as part files of at most `rows_per_file` rows. `on_commit(results)` is
-    called after each part is in place. Part names hold the start time and a random run id, so writers never
-    clash (shards, engine workers, reruns); `tag` adds a readable name to them (an engine worker's, `gpu1`)."""
+    called after each part is in place; `before_rename()` once a part's temporary file is written and fsynced,
+    before it is renamed into place (the crash tests' `write` fault point). Part names hold the start time and
+    a random run id, so writers never clash (shards, engine workers, reruns); `tag` adds a readable name to
+    them (an engine worker's, `gpu1`)."""
 
-    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int, on_commit=None, tag: str = ""):
+    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int,
+                 on_commit: Callable[[list[Result]], None] | None = None, tag: str = "",
+                 before_rename: Callable[[], None] | None = None):
         self.out_dir = out_dir
         self.on_commit = on_commit
+        self.before_rename = before_rename
         self.schema = schema
         self.rows_per_file = rows_per_file
         self._rows: list[Result] = []
@@ -183,7 +181,8 @@ class PartWriter:
                 pq.write_table(table, f, compression="zstd")
                 f.flush()
                 os.fsync(f.fileno())
-            fault_point("write")
+            if self.before_rename is not None:
+                self.before_rename()
             os.replace(tmp, self.out_dir / name)
         except BaseException:
             tmp.unlink(missing_ok=True)  # best effort; a rerun removes it too

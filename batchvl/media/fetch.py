@@ -17,7 +17,7 @@ from typing import Any
 
 import aiofiles
 
-from batchvl.core import RowError
+from batchvl.errors import RowError
 from batchvl.media.sources import decode_data_uri, describe
 
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -175,3 +175,21 @@ def _read_fsspec(url: str) -> bytes:
         raise RowError(f"media: is a directory, not a file: {url}") from None
     except Exception as e:  # backends raise their own types (botocore, gcsfs ...)
         raise RowError(f"media: cannot read {describe(url)}: {type(e).__name__}: {e}") from None
+
+
+def load_blob(ref: Any, media_root: Path | None, read_local: bool = True) -> Blob:
+    """Fetch one reference synchronously (for callers outside the prefetch loop)."""
+
+    async def one():
+        fetcher = Fetcher()
+        try:
+            return await fetcher.fetch(ref, Path(media_root or "."), read_local)
+        finally:
+            await fetcher.close()
+
+    return asyncio.run(one())
+
+
+def load_bytes(ref: Any, media_root: Path | None) -> bytes:
+    """The bytes a reference points at. Raises RowError with a message naming the reference."""
+    return load_blob(ref, media_root).data

@@ -6,7 +6,7 @@ import io
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from batchvl.core import RowError
+from batchvl.errors import RowError
 
 # Our own limit (media.max_image_pixels) replaces Pillow's global guard, which warns at 89M pixels and
 # refuses at twice that whatever the job says.

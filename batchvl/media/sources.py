@@ -2,19 +2,17 @@
 
 A reference is a path (relative to the media root, or absolute, or file://), an http(s) URL, a data: URI,
 raw bytes, a Hugging Face `datasets` image struct {bytes, path}, or an fsspec URL (s3://, gs://, ...). A
-cell may also hold a list of these. The asynchronous fetching itself is in `fetch.py`.
+cell may also hold a list of these. Fetching them is `fetch.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
-from batchvl.core import RowError
+from batchvl.errors import RowError
 
 
 def as_reference_list(cell: Any) -> list[Any]:
@@ -48,22 +46,3 @@ def decode_data_uri(uri: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RowError(f"media: malformed base64 in data URI: {e}") from None
-
-
-def load_blob(ref: Any, media_root: Path | None, read_local: bool = True):
-    """Fetch one reference synchronously (for callers outside the prefetch loop)."""
-    from batchvl.media.fetch import Fetcher
-
-    async def one():
-        fetcher = Fetcher()
-        try:
-            return await fetcher.fetch(ref, Path(media_root or "."), read_local)
-        finally:
-            await fetcher.close()
-
-    return asyncio.run(one())
-
-
-def load_bytes(ref: Any, media_root: Path | None) -> bytes:
-    """The bytes a reference points at. Raises RowError with a message naming the reference."""
-    return load_blob(ref, media_root).data

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from batchvl.core import RowError
+from batchvl.errors import RowError
 from batchvl.media.fetch import Blob
 
 

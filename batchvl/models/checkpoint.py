@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from batchvl.job import JobError
+from batchvl.errors import JobError
 
 LAYOUT_HF = "hf"
 LAYOUT_OPENGVLAB = "opengvlab"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchvl.job import JobError
+from batchvl.errors import CheckpointError
 from batchvl.models import internlm2, llama, phi3, qwen2
 from batchvl.models.checkpoint import LAYOUT_HF, LAYOUT_OPENGVLAB, CheckpointInfo
 from batchvl.models.decoder import DecoderLM, DecoderSpec
@@ -34,14 +34,6 @@ _ARCH_TO_FAMILY = {
     "LlamaForCausalLM": "llama",
     "Phi3ForCausalLM": "phi3",
 }
-
-
-class CheckpointError(JobError):
-    """The checkpoint cannot be loaded natively: an unsupported family, or weights that do not fit.
-    Like every JobError it reaches the user as one line naming the key (`model: ...`)."""
-
-    def __init__(self, message: str):
-        super().__init__(f"model: {message}")
 
 
 def text_family(ck: CheckpointInfo) -> str:

@@ -3,7 +3,7 @@
 batchvl reads it wherever it reads `<image>`: one per image, in order, in a prompt or a message's text.
 """
 
-from batchvl.prompt import LMDEPLOY_IMAGE_TOKEN
+from batchvl.prepare.prompt import LMDEPLOY_IMAGE_TOKEN
 
 IMAGE_TOKEN: str = LMDEPLOY_IMAGE_TOKEN  # '<IMAGE_TOKEN>'
 

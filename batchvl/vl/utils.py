@@ -1,6 +1,6 @@
 """`load_image` and `encode_image_base64`, as LMDeploy's `lmdeploy.vl.utils` offers them, on batchvl's media code.
 
-`load_image` reads a reference the way a `batchvl run` row does (`media.sources.load_bytes`: a path, a
+`load_image` reads a reference the way a `batchvl run` row does (`media.fetch.load_bytes`: a path, a
 file:// or http(s) URL, a data URI, bytes, an fsspec URL) and decodes it the way a row's image is decoded
 (`media.image.decode_image`: EXIF orientation applied, transparency composited on white, RGB). The image a
 pipeline then gets is therefore the image a job would have tiled.
@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from batchvl.core import RowError
+from batchvl.errors import RowError
+from batchvl.media.fetch import load_bytes
 from batchvl.media.image import decode_image
-from batchvl.media.sources import describe, load_bytes
+from batchvl.media.sources import describe
 
 T = TypeVar("T")
 _PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # modes Pillow writes to PNG as they are

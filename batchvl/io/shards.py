@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchvl.job import JobError
+from batchvl.errors import JobError
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 import jinja2
 
-from batchvl.core import RowError
-from batchvl.templates import ConversationTemplate
+from batchvl.errors import RowError
+from batchvl.prepare.templates import ConversationTemplate
 
 IMAGE_PLACEHOLDER = "<image>"
 LMDEPLOY_IMAGE_TOKEN = "<IMAGE_TOKEN>"

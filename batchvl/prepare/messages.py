@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from batchvl.core import RowError
-from batchvl.prepare import MediaRef
-from batchvl.prompt import place_images
+from batchvl.errors import RowError
+from batchvl.prepare.plan import MediaRef
+from batchvl.prepare.prompt import place_images
 
 ROLES = ("system", "user", "assistant")
 

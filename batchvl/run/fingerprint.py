@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from batchvl.config import Job, JobError
 from batchvl.io.writer import FINGERPRINT_NAME, write_json_atomic
-from batchvl.job import Job, JobError
 
 VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -19,9 +19,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from batchvl.core import Request, Result, Row, RowError
+from batchvl.core import Request, Result, Row
+from batchvl.errors import RowError
 from batchvl.media.fetch import Fetcher, FetchSettings
-from batchvl.prepare import RowPlan, RowPreparer
+from batchvl.prepare.plan import RowPlan
+from batchvl.prepare.preparer import RowPreparer
 
 log = logging.getLogger(__name__)
 _END = object()

@@ -12,20 +12,22 @@ Any problem with a row (bad record, bad media, too long a prompt) becomes that r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from batchvl.core import Request, Result, Row, RowError
-from batchvl.io.writer import jsonish
+from batchvl.core import Request, Result, Row, jsonish
+from batchvl.errors import RowError
 from batchvl.media.fetch import Blob
 from batchvl.media.image import decode_image
 from batchvl.media.sources import as_reference_list
 from batchvl.media.tiling import tile_image, tiles_to_uint8
 from batchvl.media.video import decode_frames
-from batchvl.prompt import IMAGE_PLACEHOLDER, PromptBuilder, fill_fields, place_images
+from batchvl.prepare.messages import flatten_messages
+from batchvl.prepare.plan import MediaRef, RowPlan
+from batchvl.prepare.prompt import IMAGE_PLACEHOLDER, PromptBuilder, fill_fields, place_images
 
 VIDEO_PLACEHOLDER = "<video>"
 
@@ -53,25 +55,6 @@ class PrepareSettings:
     max_new_tokens_column: str | None = None
     max_new_tokens: int = 0  # the job's generation.max_new_tokens: a row may ask for fewer, not more
     pin_memory: bool = False  # tiles in page-locked memory, so the engine copies them to the GPU asynchronously
-
-
-@dataclass(frozen=True)
-class MediaRef:
-    kind: str  # image | video
-    ref: Any
-    max_tiles: int
-    frames: int = 0  # video: frames to sample
-    bound: tuple[float, float] | None = None  # video: (start, end) seconds
-
-
-@dataclass
-class RowPlan:
-    row: Row
-    media_root: Path
-    messages: list[dict[str, str]]  # role + content with <image> placeholders, in media order
-    media: list[MediaRef] = field(default_factory=list)
-    keep: dict[str, Any] = field(default_factory=dict)
-    max_new_tokens: int | None = None
 
 
 class RowPreparer:
@@ -119,8 +102,6 @@ class RowPreparer:
         return [{"role": "user", "content": announce + text}], [video] + images
 
     def _plan_messages(self, data: dict[str, Any]) -> tuple[list[dict[str, str]], list[MediaRef]]:
-        from batchvl.messages import flatten_messages
-
         return flatten_messages(data.get(self.s.messages_column), self.s.max_tiles, self.s.messages_column)
 
     # ---- stage 2: the build (CPU) -----------------------------------------------------------------------

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from batchvl.job import load_job
+from batchvl.config import load_job
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.loader import build_specs
-from batchvl.runner import Summary, run_job
-from batchvl.shapes import SHAPES
+from batchvl.run.local import run_job
+from batchvl.run.summary import Summary
+from batchvl.tools.shapes import SHAPES
 
 WORKLOADS = {"caption-7tile": dict(images="7tile", max_new_tokens=128),
              "mixed": dict(images="mixed", max_new_tokens=256),  # each row 32..256 (seeded), its own limit
@@ -124,7 +125,7 @@ def _write_mp4(path: Path, frames: list, fps: int) -> None:
 def prepare_data(root: Path, workload: str, rows: int) -> Path:
     import random
 
-    from batchvl.bench_media import write_images
+    from batchvl.tools.bench_media import write_images
 
     lengths = random.Random(0)
     with open(root / "rows.jsonl", "w") as f:
@@ -271,7 +272,7 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
                   flush=True)
         return run_side(name, root, model, rows_file, backend, side_batch, workload, side_rows, device, settings)
 
-    from batchvl.check import build_checkpoint
+    from batchvl.tools.check_parity import build_checkpoint
 
     dev = torch.device(device)
     peak = matmul_peak_tflops(dev) if dev.type == "cuda" else float("nan")

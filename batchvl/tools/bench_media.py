@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from batchvl.core import Request, Row
-from batchvl.media.prefetch import Prefetcher
 from batchvl.media.tiling import tile_image
-from batchvl.prepare import PrepareSettings, RowPreparer
-from batchvl.prompt import PromptBuilder
+from batchvl.prepare.prefetch import Prefetcher
+from batchvl.prepare.preparer import PrepareSettings, RowPreparer
+from batchvl.prepare.prompt import PromptBuilder
 
 MIXED_SHAPES = [(4, 3), (3, 4), (16, 9), (9, 16), (3, 1), (1, 3), (1, 1.414), (1, 1)]
 

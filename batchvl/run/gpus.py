@@ -1,4 +1,4 @@
-"""All the GPUs of a host: one engine worker process per device (batchvl.worker), fed by this process.
+"""All the GPUs of a host: one engine worker process per device (batchvl.run.worker), fed by this process.
 
 The coordinator reads the input as a stream, skips the rows already in the output (as a single-process run
 does) and hands out chunks of raw rows, one engine batch each, on demand: a worker holds at most
@@ -24,21 +24,16 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from batchvl.config import Job
 from batchvl.core import Row
-from batchvl.job import Job, JobError
-from batchvl.progress import Progress
-from batchvl.runner import (
-    OutputCounts,
-    OutputWriteError,
-    Plan,
-    Stop,
-    Summary,
-    WorkerError,
-    generation_params,
-    pending_rows,
-)
-from batchvl.shards import Shard
-from batchvl.worker import WorkerArgs, worker_label, worker_main
+from batchvl.errors import JobError, OutputWriteError, WorkerError
+from batchvl.io.shards import Shard
+from batchvl.run.output import pending_rows
+from batchvl.run.plan import Plan, generation_params, worker_label
+from batchvl.run.progress import Progress
+from batchvl.run.signals import Stop
+from batchvl.run.summary import OutputCounts, Summary
+from batchvl.run.worker import WorkerArgs, worker_main
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import torch
 
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams, pick_device, pick_dtype
-from batchvl.media.tiling import tile_image, tiles_to_uint8
+from batchvl.media.tiling import normalize_uint8, tile_image, tiles_to_uint8
 from batchvl.models.checkpoint import CheckpointInfo
-from batchvl.models.tiny import build_tokenizer
-from batchvl.prompt import PromptBuilder, place_images
-from batchvl.shapes import SHAPES as SHAPES_ALL
+from batchvl.prepare.prompt import PromptBuilder, place_images
+from batchvl.tools.shapes import SHAPES as SHAPES_ALL
+from batchvl.tools.tiny import build_tokenizer
 
 SHAPES = {name: SHAPES_ALL[name] for name in ("tiny", "internvl2-1b", "internvl2-4b", "internvit-6b", "internvl3-8b")}
 
@@ -101,7 +101,7 @@ def sample_rows(tokenizer, template: str, tokens_per_tile: int) -> list[Request]
 @torch.inference_mode()
 def reference(model, request: Request, tokens: int, device) -> tuple[torch.Tensor, list[int]]:
     ids = torch.tensor([request.prompt_ids], device=device)
-    pixels = request.pixel_values(device, model.dtype) if request.tiles is not None else None
+    pixels = None if request.tiles is None else normalize_uint8(request.tiles.to(device), model.dtype)  # [T,3,S,S]
     logits = model(input_ids=ids, pixel_values=pixels).logits[0, -1].float().cpu()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                          max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,

@@ -1,4 +1,4 @@
-"""One engine worker process of a run over several devices (the coordinator is batchvl.coordinator).
+"""One engine worker process of a run over several devices (the coordinator is batchvl.run.gpus).
 
 A worker owns one device and its own model copy. It takes chunks of raw input rows from its task queue,
 prepares their media itself (so media work grows with the number of workers; no tiles cross processes),
@@ -27,32 +27,22 @@ from pathlib import Path
 
 import torch
 
+from batchvl.config import Job
 from batchvl.core import Row
 from batchvl.engine.timing import StageTimes
-from batchvl.faults import set_process_label
-from batchvl.io.writer import PartWriter, output_schema
-from batchvl.job import Job, JobError
-from batchvl.runner import (
-    OutputWriteError,
-    SafeWriter,
-    Stop,
-    build_engine,
-    failed_by_kind,
-    keep_types,
-    make_preparer,
-    plan_model,
-    process_rows,
-)
+from batchvl.errors import JobError, OutputWriteError
+from batchvl.log import configure_logging
+from batchvl.run.faults import set_process_label
+from batchvl.run.loop import build_engine, make_preparer, process_rows
+from batchvl.run.output import open_writer
+from batchvl.run.plan import plan_model
+from batchvl.run.signals import Stop
+from batchvl.run.summary import failed_by_kind
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
 EXIT_ORPHANED = 3  # the coordinator died
-
-
-def worker_label(device: int, cpu: bool) -> str:
-    """The name of a worker in logs, part files, the progress bar and fault specs: `gpu<id>` or `cpu<n>`."""
-    return f"cpu{device}" if cpu else f"gpu{device}"
 
 
 @dataclass
@@ -78,8 +68,6 @@ def worker_main(args: WorkerArgs, tasks: multiprocessing.Queue, events, stop_fla
     send = _Events(events)
     with Stop(quiet=True) as stop:
         try:
-            from batchvl.cli import configure_logging
-
             configure_logging(args.log_level, args.label)
             _work(args, tasks, send, lambda: bool(stop.signum) or stop_flag.is_set())
             send("done", stop.signum)
@@ -107,10 +95,7 @@ def _work(args: WorkerArgs, tasks: multiprocessing.Queue, send: _Events, stoppin
     engine = build_engine(job, plan)
     try:
         send("ready", time.perf_counter() - load_start)
-        out = job.output_dir
-        writer = SafeWriter(out, PartWriter(out, output_schema(keep_types(job, args.files)), job.output.rows_per_file,
-                                            on_commit=lambda rs: send("commit", len(rs), failed_by_kind(rs)),
-                                            tag=args.label))
+        writer = open_writer(job, args.files, lambda rs: send("commit", len(rs), failed_by_kind(rs)), args.label)
         times = getattr(engine, "times", None) or StageTimes()
 
         def ran(results) -> None:

@@ -35,11 +35,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchvl.config import Job
+from batchvl.errors import JobError
 from batchvl.io.readers import read_file_rows, row_key_names
-from batchvl.io.writer import PartWriter, output_schema, table_results
-from batchvl.job import Job, JobError
-from batchvl.progress import Progress
-from batchvl.ray import (
+from batchvl.io.writer import table_results
+from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, open_output, open_writer
+from batchvl.run.progress import Progress
+from batchvl.run.ray_stages import (
     ROW_ERROR,
     ROW_FILE,
     ROW_ID,
@@ -49,16 +51,8 @@ from batchvl.ray import (
     Prepare,
     require_ray,
 )
-from batchvl.runner import (
-    DUPLICATE_ERROR,
-    OutputCounts,
-    SafeWriter,
-    Stop,
-    Summary,
-    duplicate_key,
-    keep_types,
-    open_output,
-)
+from batchvl.run.signals import Stop
+from batchvl.run.summary import OutputCounts, Summary
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +222,7 @@ def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float
 
     summary = Summary(skipped=len(plan.done), counts_images=False)
     counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start)
-    writer = SafeWriter(out_dir, PartWriter(out_dir, output_schema(keep_types(job, files)),
-                                            job.output.rows_per_file, on_commit=counts.commit))
+    writer = open_writer(job, files, counts.commit)
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -1,7 +1,7 @@
 """Fault injection for the crash tests: `BATCHVL_FAULT=kill:<point>:<n>` SIGKILLs this process at the n-th
 time it reaches `<point>` (1-based). Points: `read` (after reading n input rows), `batch` (before the n-th
 engine batch), `write` (after the n-th part's temporary file is written and fsynced, before its rename).
-`kill:<point>:<n>@<worker>` fires only in that engine worker process (`cpu1`, `gpu3`: see batchvl.worker);
+`kill:<point>:<n>@<worker>` fires only in that engine worker process (`cpu1`, `gpu3`: see batchvl.run.worker);
 without `@`, in any process that reaches the point. Unset (the normal case), `fault_point` costs one dict
 lookup."""
 

@@ -1,0 +1,62 @@
+"""The checks of a job that need no model and no data: values, ranges, files that must exist."""
+
+from __future__ import annotations
+
+from batchvl.config.spec import BACKENDS, DECODE_ATTENTION, DEVICES, DTYPES, Job, at_least, one_of
+from batchvl.errors import JobError
+
+
+def check_job(job: Job) -> None:
+    """Every check that needs no model and no data (values, ranges, files). Raises JobError."""
+    one_of("engine.backend", job.engine.backend, BACKENDS)
+    one_of("engine.device", job.engine.device, DEVICES)
+    one_of("engine.dtype", job.engine.dtype, DTYPES)
+    at_least("engine.max_batch_size", job.engine.max_batch_size, 1)
+    at_least("output.rows_per_file", job.output.rows_per_file, 1)
+    at_least("generation.max_new_tokens", job.generation.max_new_tokens, 1)
+    at_least("generation.top_k", job.generation.top_k, 0)
+    at_least("generation.min_new_tokens", job.generation.min_new_tokens, 0)
+    at_least("engine.max_batch_tokens", job.engine.max_batch_tokens, 0)
+    one_of("engine.decode_attention", job.engine.decode_attention, DECODE_ATTENTION)
+    _ = job.engine.devices  # raises on a bad engine.gpus
+    if job.generation.min_new_tokens > job.generation.max_new_tokens:
+        raise JobError(f"generation.min_new_tokens: {job.generation.min_new_tokens} is larger than "
+                       f"generation.max_new_tokens {job.generation.max_new_tokens}")
+    at_least("media.prepare_threads", job.media.prepare_threads, 0)
+    if job.generation.temperature < 0:
+        raise JobError(f"generation.temperature: must be >= 0 (0 = greedy), got {job.generation.temperature}")
+    if not 0 < job.generation.top_p <= 1:
+        raise JobError(f"generation.top_p: must be in (0, 1], got {job.generation.top_p}")
+    if job.generation.repetition_penalty <= 0:
+        raise JobError(f"generation.repetition_penalty: must be > 0, got {job.generation.repetition_penalty}")
+    for key in ("max_dynamic_patch", "min_dynamic_patch"):
+        value = getattr(job.media, key)
+        if value is not None:
+            at_least(f"media.{key}", value, 1)
+    lo, hi = job.media.min_dynamic_patch, job.media.max_dynamic_patch
+    if lo is not None and hi is not None and lo > hi:
+        raise JobError(f"media.min_dynamic_patch: {lo} is larger than media.max_dynamic_patch {hi}")
+    if job.prompt is None and job.input.prompt_column is None and job.input.messages_column is None:
+        raise JobError("prompt: missing: set `prompt`, `input.prompt_column` or `input.messages_column`")
+    if job.input.messages_column is not None:
+        for key in ("prompt_column", "image_column", "video_column"):
+            if getattr(job.input, key) is not None:
+                raise JobError(f"input.{key}: not used with input.messages_column (messages carry their own "
+                               "text and images); remove one of them")
+    for key in ("prefetch", "prefetch_mb", "http_concurrency", "max_image_pixels", "video_frames",
+                "video_max_dynamic_patch"):
+        at_least(f"media.{key}", getattr(job.media, key), 1)
+    at_least("media.http_retries", job.media.http_retries, 0)
+    if job.media.http_timeout_s <= 0:
+        raise JobError(f"media.http_timeout_s: must be > 0, got {job.media.http_timeout_s}")
+    if not job.model.strip():
+        raise JobError("model: is empty")
+    if job.chat_template not in ("auto", "none") and not job.resolve(job.chat_template).is_file():
+        raise JobError(f"chat_template: expected auto, none or a .jinja file; no such file: {job.chat_template}")
+    if job.input.media_root is not None and not job.resolve(job.input.media_root).is_dir():
+        raise JobError(f"input.media_root: no such directory: {job.input.media_root}")
+    _ = job.input.files  # raises when the path matches nothing
+    if job.output_dir.exists() and not job.output_dir.is_dir():
+        raise JobError(f"output.path: exists and is not a directory: {job.output.path}")
+
+

@@ -1,0 +1,159 @@
+"""Reading a job file: YAML, `--set` overrides, and building the section dataclasses with type checks.
+
+Every problem is a `JobError` whose message starts with the dotted key it is about, so the CLI can print it
+on one line and exit with code 2. Relative paths are resolved against the folder of the job file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchvl.config.checks import check_job
+from batchvl.config.spec import Job
+from batchvl.errors import JobError
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> Job:
+    """Read, override and validate a job file. Raises JobError naming the key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"job: no such file: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise JobError(f"job: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return job_from_mapping({} if raw is None else raw, path.resolve().parent, overrides)
+
+
+def job_from_mapping(raw: Any, base_dir: str | os.PathLike, overrides: list[str] = ()) -> Job:
+    """A job from the mapping a job file holds (relative paths against `base_dir`), overridden and validated
+    as `load_job` does. Raises JobError naming the key."""
+    if not isinstance(raw, dict):
+        raise JobError(f"job: expected a mapping of keys at the top level, got {_type_name(raw)}")
+    raw = copy.deepcopy(raw)  # overrides must not change the caller's mapping
+    for item in overrides:
+        _apply_override(raw, item)
+    job = _build(Job, raw, "")
+    job.base_dir = str(Path(base_dir).resolve())
+    job.input.base_dir = job.base_dir
+    check_job(job)
+    return job
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """`--set a.b=value`: the value is read as YAML, so numbers, booleans, null and lists keep their types."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise JobError(f"--set: expected KEY=VALUE, got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise JobError(f"{'.'.join(parts[: depth + 1])}: is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking unknown keys, missing keys and types."""
+    where = prefix.rstrip(".") or "job"
+    if not isinstance(raw, dict):
+        raise JobError(f"{where}: expected a mapping, got {_type_name(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise JobError(f"{prefix}{key}: unknown key (known keys here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default:
+                raise JobError(f"{key}: missing (required)")
+            continue
+        kwargs[name] = _convert(hints[name], raw[name], key)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, {} if value is None else value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _convert(args[0], value, key)
+        for arg in args:  # the first type the value fits (str | int | list[int]: "auto", 2, [0, 1])
+            if not _fits(arg, value):
+                continue
+            return _convert(arg, value, key)
+        names = " or ".join(_HINT_NAMES.get(a, str(a)) for a in args)
+        raise JobError(f"{key}: expected {names}, got {_type_name(value)} {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise JobError(f"{key}: expected a list, got {_type_name(value)}")
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise JobError(f"{key}: expected true or false, got {_type_name(value)} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise JobError(f"{key}: expected an integer, got {_type_name(value)} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise JobError(f"{key}: expected a number, got {_type_name(value)} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise JobError(f"{key}: expected a string, got {_type_name(value)} {value!r}")
+        return value
+    raise TypeError(f"unsupported field type {hint!r} for {key}")  # a bug in this module, not in the job
+
+
+_HINT_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list[int]: "a list"}
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)

@@ -1,0 +1,195 @@
+"""The job file's sections: one dataclass each, with the defaults and the values derived from them.
+
+Reading the file is `batchvl.config.load`; the checks that need neither model nor data are
+`batchvl.config.checks`. Every problem is a `JobError` whose message starts with the dotted key it is about.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from batchvl.errors import JobError
+
+DECODE_ATTENTION = ("auto", "triton", "sdpa")
+BACKENDS = ("native", "transformers")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+INPUT_SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass
+class InputSpec:
+    path: str
+    id_column: str | None = None
+    prompt_column: str | None = None
+    image_column: str | None = None
+    media_root: str | None = None
+    max_dynamic_patch_column: str | None = None
+    max_new_tokens_column: str | None = None
+    messages_column: str | None = None
+    video_column: str | None = None
+    video_frames_column: str | None = None
+    video_bound_column: str | None = None
+    # Filled in by load_job from the job file's location; not a key.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    @cached_property
+    def files(self) -> list[Path]:
+        """The input files, in a stable order: a file, every .jsonl/.parquet under a directory, or a glob."""
+        return _expand_input(self.path, self.base_dir)
+
+
+@dataclass
+class OutputSpec:
+    path: str
+    keep_columns: list[str] = field(default_factory=list)
+    rows_per_file: int = 1000
+
+
+@dataclass
+class MediaSpec:
+    max_dynamic_patch: int | None = None  # default: the checkpoint's
+    min_dynamic_patch: int | None = None
+    use_thumbnail: bool | None = None
+    prepare_threads: int = 0  # 0: one per core
+    prefetch: int = 64  # rows prepared ahead of the engine, at most
+    prefetch_mb: int = 2048  # bytes of fetched and prepared media held ahead, at most
+    http_timeout_s: float = 30.0
+    http_retries: int = 3
+    http_concurrency: int = 64
+    max_image_pixels: int = 1 << 28
+    video_frames: int = 8
+    video_max_dynamic_patch: int = 1
+
+
+@dataclass
+class GenerationSpec:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineSpec:
+    backend: str = "native"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 8
+    max_batch_tokens: int = 0  # 0: from free device memory (native backend)
+    decode_attention: str = "auto"  # native: auto (the Triton kernel on CUDA when triton imports) | triton | sdpa
+    compile: bool = True  # native, CUDA: torch.compile the repeated blocks (~20 s once, then ~20% faster)
+    trust_remote_code: bool = False
+    # auto (every visible GPU), a number of GPUs, or a list of GPU ids: one worker process per GPU when more
+    # than one. With device cpu, a number of CPU worker processes (tests, CPU hosts).
+    gpus: str | int | list[int] = "auto"
+
+    @cached_property
+    def devices(self) -> list[int]:
+        """The GPU ids (CUDA ordinals as this process sees them) to run one worker on each; for CPU workers
+        (device cpu), 0 .. N-1. One entry means the single in-process engine. Raises JobError."""
+        return resolve_gpus(self)
+
+
+@dataclass
+class Job:
+    model: str
+    input: InputSpec
+    output: OutputSpec
+    chat_template: str = "auto"
+    prompt: str | None = None
+    media: MediaSpec = field(default_factory=MediaSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def resolve(self, path: str) -> Path:
+        """A path from the job file, made absolute against the job file's folder (`~` expanded)."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @cached_property
+    def output_dir(self) -> Path:
+        return Path(os.path.normpath(self.resolve(self.output.path)))
+
+    def media_root_for(self, input_file: Path) -> Path:
+        """`input.media_root`, or else the folder of the input file the row came from."""
+        if self.input.media_root is not None:
+            return self.resolve(self.input.media_root)
+        return input_file.parent
+
+
+def resolve_gpus(engine: EngineSpec) -> list[int]:
+    """`engine.gpus` as a list of device ids (see EngineSpec.devices). `auto` is every visible GPU when CUDA is
+    there and engine.device is not cpu, else one (the in-process engine). Raises JobError naming the key."""
+    gpus = engine.gpus
+    if isinstance(gpus, str):
+        if gpus != "auto":
+            raise JobError(f"engine.gpus: must be auto, a number of GPUs or a list of GPU ids; got {gpus!r}")
+    elif isinstance(gpus, int):
+        at_least("engine.gpus", gpus, 1)
+    else:
+        if not gpus:
+            raise JobError("engine.gpus: the list of GPU ids is empty")
+        for i, gpu in enumerate(gpus):
+            at_least(f"engine.gpus[{i}]", gpu, 0)
+        if len(set(gpus)) != len(gpus):
+            raise JobError(f"engine.gpus: GPU ids must be distinct, got {gpus}")
+    if engine.device == "cpu":
+        if isinstance(gpus, list):
+            raise JobError("engine.gpus: a list of GPU ids needs a GPU; with engine.device: cpu give a number of "
+                           "CPU worker processes")
+        return list(range(1 if gpus == "auto" else gpus))
+    import torch  # here, not at the top: reading a job file should not need torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == "auto":
+        return list(range(max(visible, 1)))
+    wanted = gpus if isinstance(gpus, int) else max(gpus) + 1
+    if visible == 0 and (isinstance(gpus, list) or gpus > 1):
+        raise JobError(f"engine.gpus: {gpus} asked for, but no CUDA device is visible (for CPU worker processes "
+                       "set engine.device: cpu)")
+    if visible and wanted > visible:
+        raise JobError(f"engine.gpus: {gpus} asked for, but only {visible} GPU(s) are visible")
+    return list(range(gpus)) if isinstance(gpus, int) else list(gpus)
+
+
+def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise JobError(f"{key}: must be one of {', '.join(choices)}; got {value!r}")
+
+
+def at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise JobError(f"{key}: must be >= {low}, got {value}")
+
+
+def _expand_input(path: str, base_dir: str) -> list[Path]:
+    p = Path(os.path.expanduser(path))
+    if not p.is_absolute():
+        p = Path(base_dir) / p
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES)
+        if not files:
+            raise JobError(f"input.path: no .jsonl or .parquet files under directory {path}")
+        return files
+    if p.is_file():
+        if p.suffix not in INPUT_SUFFIXES:
+            raise JobError(f"input.path: expected a .jsonl or .parquet file, got {path}")
+        return [p]
+    if glob.has_magic(str(p)):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).suffix in INPUT_SUFFIXES)
+        if not files:
+            raise JobError(f"input.path: the pattern {path} matches no .jsonl or .parquet file")
+        return files
+    raise JobError(f"input.path: no such file or directory: {path}")

@@ -1,0 +1,33 @@
+"""Every error batchvl raises on purpose, in one module that imports nothing from batchvl.
+
+Each stage raises these and never a higher layer's: a model that cannot load raises `CheckpointError`, and the
+CLI reports it as the job problem it is.
+"""
+
+from __future__ import annotations
+
+
+class JobError(ValueError):
+    """A problem with the job file. The message names the key: `input.path: no such file: rows.jsonl`. The CLI
+    prints it on one line and exits with code 2."""
+
+
+class CheckpointError(JobError):
+    """The checkpoint cannot be loaded natively: an unsupported family, or weights that do not fit. Like every
+    JobError it reaches the user as one line naming the key (`model: ...`)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"model: {message}")
+
+
+class RowError(Exception):
+    """A problem with one input row (bad media, bad record, prompt too long). It becomes that row's `error`."""
+
+
+class OutputWriteError(Exception):
+    """Writing the output failed (disk full, permissions). The run stops; what was committed stays, resumable."""
+
+
+class WorkerError(Exception):
+    """An engine worker process died or failed. The others ran to the end; the rows it held were not written,
+    and a rerun of the same command runs them."""

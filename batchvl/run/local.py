@@ -1,0 +1,77 @@
+"""A run in this process, or over the host's GPUs (one engine worker process each, `batchvl.run.gpus`):
+read rows, prepare them ahead of the engine, run the engine, write the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from batchvl.config import Job
+from batchvl.core import Result
+from batchvl.engine.timing import StageTimes
+from batchvl.io.shards import Shard
+from batchvl.run.gpus import run_on_workers
+from batchvl.run.loop import build_engine, make_preparer, process_rows
+from batchvl.run.output import open_output, open_writer, pending_rows
+from batchvl.run.plan import Plan
+from batchvl.run.progress import Progress
+from batchvl.run.signals import Stop
+from batchvl.run.summary import OutputCounts, Summary
+
+log = logging.getLogger(__name__)
+
+
+def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False,
+            retry_errors: bool = False, shard: Shard | None = None) -> Summary:
+    """Run a job to the end (or to SIGINT/SIGTERM: `Summary.interrupted`) and return its summary.
+    `sync_times` synchronises the device at each stage boundary, so the time split is exact (benchmarks); it
+    costs a little throughput. `retry_errors` runs the rows whose `error` is set again. `shard` runs only the
+    rows whose id the shard owns. With more than one device in `engine.gpus`, rows go to one engine worker
+    process per device (batchvl.run.gpus); with one, the engine runs here, in this process."""
+    start = time.perf_counter()
+    plan = open_output(job, overwrite, retry_errors)
+    log.info("plan:\n%s", plan.describe())
+    devices = job.engine.devices
+    with Stop() as stop:
+        if len(devices) > 1:
+            summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
+        else:
+            if job.engine.device != "cpu" and devices[0] != 0 and torch.cuda.is_available():
+                torch.cuda.set_device(devices[0])  # engine.gpus: [k], one GPU: still in this process
+            summary = _run(job, plan, stop, start, progress, sync_times, shard)
+    summary.interrupted = stop.signum
+    return summary
+
+
+def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_times: bool,
+         shard: Shard | None) -> Summary:
+    load_start = time.perf_counter()
+    engine = build_engine(job, plan)
+    summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
+    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, shard)
+    todo = counts.count_todo(job, plan)
+    writer = open_writer(job, plan.files, counts.commit)
+    bar = Progress(total=max(todo, 0), enabled=progress)
+    times = getattr(engine, "times", None) or StageTimes()
+    times.sync = sync_times
+
+    def ran(results: list[Result]) -> None:
+        for result in results:
+            summary.add(result)
+            bar.update(result)
+
+    try:
+        rows = pending_rows(plan.files, job.input.id_column, plan.done, shard)
+        process_rows(job, engine, make_preparer(job, plan), rows, writer, lambda: bool(stop.signum), times, ran)
+    finally:
+        writer.close_after_error()
+        bar.close()
+        engine.close()
+        counts.write("interrupted" if stop.signum else "finished")
+    summary.committed = counts.this_run
+    summary.elapsed_s = time.perf_counter() - start
+    summary.stage_s = dict(times.seconds)
+    return summary

@@ -1,0 +1,143 @@
+"""The loop every process that runs an engine shares: rows are prepared ahead, run in engine batches and
+written. It reads like nano-vllm's step: take a batch of prepared requests, run the engine, hand the
+results to the writer. The stages it drives are built here too, from the job and its plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchvl.config import Job
+from batchvl.core import Request, Result, Row
+from batchvl.engine.factory import make_engine
+from batchvl.engine.timing import StageTimes
+from batchvl.media.fetch import FetchSettings
+from batchvl.prepare.prefetch import Prefetcher
+from batchvl.prepare.preparer import PrepareSettings, RowPreparer
+from batchvl.prepare.prompt import PromptBuilder
+from batchvl.prepare.templates import ConversationTemplate, default_system_message
+from batchvl.run.faults import fault_point
+from batchvl.run.output import SafeWriter
+from batchvl.run.plan import Plan, generation_params
+
+log = logging.getLogger(__name__)
+
+
+def process_rows(job: Job, engine, preparer: RowPreparer, rows: Iterable[tuple[Path, Row]], writer: SafeWriter,
+                 stopping: Callable[[], bool], times: StageTimes, ran: Callable[[list[Result]], None]) -> None:
+    """The loop itself: rows are prepared ahead, run in engine batches and written; `ran(results)` after each
+    batch. `stopping()` is asked before each batch. The writer is closed (its last part committed) at the end;
+    after an error, the caller closes it with `close_after_error`."""
+    prefetcher = make_prefetcher(job, rows, preparer)
+    try:
+        batches = batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size)
+        for batch in batches:
+            if stopping():
+                break
+            fault_point("batch")
+            results = run_batch(engine, batch)
+            with times.stage("writing"):
+                for result in results:
+                    writer.add(result)
+            ran(results)
+        writer.close()
+    finally:
+        prefetcher.close()
+
+
+def _timed(items: Iterable[Any], times: StageTimes, stage: str) -> Iterator[Any]:
+    """Yield from `items`, adding the time spent waiting for each one to `stage`."""
+    it = iter(items)
+    while True:
+        with times.stage(stage):
+            item = next(it, _DONE)
+        if item is _DONE:
+            return
+        yield item
+
+
+_DONE = object()
+
+
+def run_batch(engine, batch: list[Request | Result]) -> list[Result]:
+    """Run the requests of a batch; error results pass through. Output keeps the batch's order."""
+    requests = [x for x in batch if isinstance(x, Request)]
+    results = iter(_generate(engine, requests) if requests else [])
+    return [next(results) if isinstance(x, Request) else x for x in batch]
+
+
+def _generate(engine, requests: list[Request]) -> list[Result]:
+    """engine.generate, but a batch that runs out of device memory is split in halves and retried, down to one
+    row; a row that does not fit alone becomes an error row (`oom: ...`)."""
+    try:
+        return engine.generate(requests)
+    except torch.cuda.OutOfMemoryError:
+        pass  # retried below, outside the handler: the exception's frames hold the failed attempt's tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(requests) == 1:
+        r = requests[0]
+        return [Result.failed(r.id, f"oom: device out of memory for this row alone ({len(r.prompt_ids)} "
+                                    f"prompt tokens, {sum(r.tiles_per_image)} tiles)", r.keep)]
+    half = len(requests) // 2
+    log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
+                len(requests) - half)
+    return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
+
+
+def batches_of(items: Iterable[Request | Result], size: int) -> Iterator[list[Request | Result]]:
+    """Consecutive items, cut so that each batch holds `size` requests (error results ride along)."""
+    batch: list[Request | Result] = []
+    requests = 0
+    for item in items:
+        batch.append(item)
+        requests += isinstance(item, Request)
+        if requests == size:
+            yield batch
+            batch, requests = [], 0
+    if batch:
+        yield batch
+
+
+def build_engine(job: Job, plan: Plan):
+    """The engine the job names, loaded on the device this process uses."""
+    return make_engine(job.engine, plan.checkpoint, plan.tokenizer, generation_params(job, plan))
+
+
+def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer) -> Prefetcher:
+    m = job.media
+    threads = m.prepare_threads or os.cpu_count() or 1
+    fetch = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
+                          http_concurrency=m.http_concurrency)
+    return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, job.engine.max_batch_size),
+                      max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch)
+
+
+def make_preparer(job: Job, plan: Plan) -> RowPreparer:
+    ck = plan.checkpoint
+    max_tiles = job.media.max_dynamic_patch or ck.max_dynamic_patch
+    min_tiles = job.media.min_dynamic_patch or ck.min_dynamic_patch
+    use_thumbnail = ck.use_thumbnail if job.media.use_thumbnail is None else job.media.use_thumbnail
+    settings = PrepareSettings(
+        prompt=job.prompt, prompt_column=job.input.prompt_column, image_column=job.input.image_column,
+        max_dynamic_patch_column=job.input.max_dynamic_patch_column,
+        keep_columns=tuple(job.output.keep_columns),
+        keep_as_json=any(f.suffix == ".jsonl" for f in plan.files),
+        min_tiles=min_tiles, max_tiles=max_tiles, use_thumbnail=use_thumbnail, tile_size=ck.tile_size,
+        max_prompt_tokens=ck.max_positions - job.generation.max_new_tokens,
+        messages_column=job.input.messages_column, video_column=job.input.video_column,
+        video_frames_column=job.input.video_frames_column, video_bound_column=job.input.video_bound_column,
+        video_frames=job.media.video_frames, video_max_tiles=job.media.video_max_dynamic_patch,
+        max_image_pixels=job.media.max_image_pixels,
+        max_new_tokens_column=job.input.max_new_tokens_column, max_new_tokens=job.generation.max_new_tokens,
+        pin_memory=job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available(),
+    )
+    system = default_system_message(plan.template.name, ck.config) \
+        if isinstance(plan.template, ConversationTemplate) else None
+    return RowPreparer(settings, PromptBuilder(plan.tokenizer, plan.template, ck.tokens_per_tile, system))

@@ -1,0 +1,209 @@
+"""What a run will do, checked before anything heavy happens: the model, its tokenizer and chat template, the
+input's columns and the output folder (`plan_job`, which is also `batchvl validate`); and the generation
+settings the engine gets from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchvl.config import Job, JobError
+from batchvl.engine import GenerationParams
+from batchvl.io.readers import columns_of, count_rows
+from batchvl.io.writer import (
+    read_done,
+)
+from batchvl.models.checkpoint import (
+    LAYOUT_OPENGVLAB,
+    CheckpointInfo,
+    checkpoint_chat_template,
+    load_tokenizer,
+    resolve_model_dir,
+    stop_token_ids,
+)
+from batchvl.models.loader import build_specs
+from batchvl.prepare.templates import ConversationTemplate, get_template
+from batchvl.run.fingerprint import check_fingerprint, job_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+JSONL_COLUMN_SCAN = 1000  # JSONL records looked at when checking that a column exists
+
+
+@dataclass
+class Plan:
+    """What a run will do, checked: the model, its tokenizer and template, the input and the output."""
+
+    job: Job
+    checkpoint: CheckpointInfo
+    tokenizer: Any
+    template: str | ConversationTemplate | None
+    files: list[Path]
+    rows: int
+    done: set[str] = field(default_factory=set)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    done_ok: int = 0  # rows of the output folder without error, and failed ones by error kind
+    done_failed: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        job = self.job
+        lines = [
+            f"model:    {self.checkpoint.path} ({self.checkpoint.layout} layout, "
+            f"{self.checkpoint.tokens_per_tile} tokens per tile)",
+            f"backend:  {job.engine.backend} (device {job.engine.device}, dtype {job.engine.dtype}, "
+            f"batch {job.engine.max_batch_size})" + _workers_note(job),
+            f"template: {job.chat_template}" + _template_note(self.template),
+            f"input:    {len(self.files)} file(s), {self.rows} row(s)",
+            f"output:   {job.output_dir} ({len(self.done)} row(s) already done)",
+        ]
+        return "\n".join(lines)
+
+
+def worker_label(device: int, cpu: bool) -> str:
+    """The name of a worker in logs, part files, the progress bar and fault specs: `gpu<id>` or `cpu<n>`."""
+    return f"cpu{device}" if cpu else f"gpu{device}"
+
+
+def _workers_note(job: Job) -> str:
+    devices = job.engine.devices
+    if len(devices) == 1:
+        return ""
+    labels = ", ".join(worker_label(d, job.engine.device == "cpu") for d in devices)
+    return f"\nworkers:  {len(devices)} engine worker processes ({labels})"
+
+
+def _template_note(template: str | ConversationTemplate | None) -> str:
+    if template is None:
+        return " (prompt used raw)"
+    if isinstance(template, ConversationTemplate):
+        return f" (InternVL conversation template {template.name})"
+    return " (jinja)"
+
+
+def plan_model(job: Job) -> Plan:
+    """The model half of the plan: checkpoint, tokenizer and chat template, checked; no input or output.
+    (The pipeline API hands rows over in memory and needs only this.)"""
+    path = resolve_model_dir(job.model, job.base_dir)
+    checkpoint = CheckpointInfo.read(path)
+    if job.engine.backend == "transformers" and checkpoint.layout == LAYOUT_OPENGVLAB \
+            and not job.engine.trust_remote_code:
+        raise JobError("engine.trust_remote_code: this is an OpenGVLab-layout checkpoint (InternVLChatModel); the "
+                       "transformers backend can only load it with its own code: set engine.trust_remote_code: true")
+    if job.engine.backend == "native":
+        build_specs(checkpoint)  # an unsupported family or config fails here, before any work
+    tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
+    template = _resolve_template(job, checkpoint, tokenizer)
+    return Plan(job, checkpoint, tokenizer, template, files=[], rows=0)
+
+
+def plan_job(job: Job, check_output: bool = True) -> Plan:
+    """Check everything a run would, without changing anything. Raises JobError naming the key.
+    `check_output`: also refuse an output folder written by a job with a different fingerprint."""
+    plan = plan_model(job)
+    plan.files = job.input.files
+    for file in plan.files:
+        _check_columns(job, file)
+    _check_writable(job.output_dir)
+    plan.fingerprint = job_fingerprint(job, plan.checkpoint, plan.template)
+    if check_output:
+        check_fingerprint(job, plan.fingerprint)
+    plan.rows = count_rows(plan.files)
+    plan.done, plan.done_ok, plan.done_failed = read_done(job.output_dir)
+    return plan
+
+
+def _resolve_template(job: Job, checkpoint: CheckpointInfo, tokenizer: Any) -> str | ConversationTemplate | None:
+    """`none`: raw prompts; a .jinja file; or `auto`: the tokenizer's (or processor's) own template, else
+    the InternVL conversation template that an OpenGVLab config names."""
+    if job.chat_template == "none":
+        return None
+    if job.chat_template != "auto":
+        return job.resolve(job.chat_template).read_text(encoding="utf-8")
+    template = checkpoint_chat_template(checkpoint.path, tokenizer)
+    if template is not None:
+        return template
+    name = checkpoint.template_name
+    if name:
+        try:
+            return get_template(name)
+        except KeyError as e:
+            raise JobError(f"chat_template: auto, but the checkpoint's template {e.args[0]}") from None
+    raise JobError("chat_template: auto, but the checkpoint has no chat template of its own; "
+                   "use none (prompt used raw) or a .jinja file")
+
+
+def _check_columns(job: Job, file: Path) -> None:
+    wanted = {
+        "input.id_column": job.input.id_column,
+        "input.prompt_column": job.input.prompt_column,
+        "input.image_column": job.input.image_column,
+        "input.max_dynamic_patch_column": job.input.max_dynamic_patch_column,
+        "input.messages_column": job.input.messages_column,
+        "input.max_new_tokens_column": job.input.max_new_tokens_column,
+        "input.video_column": job.input.video_column,
+        **{f"output.keep_columns[{i}]": c for i, c in enumerate(job.output.keep_columns)},
+    }
+    try:
+        if file.suffix == ".parquet":
+            present = columns_of(file)
+        else:
+            present = _jsonl_columns(file)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise JobError(f"input.path: cannot read {file}: {e}") from None
+    if present is None:  # an empty file has no columns to check
+        return
+    for key, column in wanted.items():
+        if column is not None and column not in present:
+            raise JobError(f"{key}: column {column!r} is not in {file.name} (columns: {', '.join(sorted(present))})")
+
+
+def _jsonl_columns(file: Path) -> set[str] | None:
+    """Keys seen in the first records of a JSONL file (records may omit keys, so several are looked at)."""
+    seen: set[str] = set()
+    looked = 0
+    with open(file, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            looked += 1
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                seen.update(record)
+            if looked >= JSONL_COLUMN_SCAN:
+                break
+    return seen if looked else None
+
+
+def _check_writable(out_dir: Path) -> None:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise JobError(f"output.path: {probe} is not a writable directory")
+
+
+def generation_params(job: Job, plan: Plan) -> GenerationParams:
+    g = job.generation
+    stops = stop_token_ids(plan.checkpoint.path, plan.tokenizer)
+    if isinstance(plan.template, ConversationTemplate):  # InternVL's chat() stops at the template's separator
+        for text in plan.template.stop_strings:
+            token = plan.tokenizer.convert_tokens_to_ids(text)
+            if token is not None and token != plan.tokenizer.unk_token_id and token not in stops:
+                stops.append(token)
+    if not stops:
+        raise JobError("model: the checkpoint names no EOS token (tokenizer or generation_config.json)")
+    return GenerationParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                            top_k=g.top_k, repetition_penalty=g.repetition_penalty, seed=g.seed,
+                            eos_token_ids=tuple(stops), stop_token_ids=tuple(g.stop_token_ids),
+                            stop=tuple(g.stop), min_new_tokens=g.min_new_tokens, ignore_eos=g.ignore_eos)

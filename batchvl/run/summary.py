@@ -1,0 +1,125 @@
+"""What a run reports: its `Summary` (the line the CLI prints) and the output folder's `_summary.json`,
+rewritten at each commit (`OutputCounts`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchvl.config import Job
+from batchvl.core import Result
+from batchvl.io.readers import read_rows
+from batchvl.io.shards import Shard
+from batchvl.io.writer import (
+    SUMMARY_NAME,
+    error_kind,
+    write_json_atomic,
+)
+from batchvl.run.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    ok: int = 0
+    failed: int = 0
+    images: int = 0
+    output_tokens: int = 0
+    skipped: int = 0
+    elapsed_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=dict)  # media wait, vision, prefill, decode, writing
+    load_s: float = 0.0  # building the engine (loading the model), part of elapsed_s
+    interrupted: int = 0  # the signal that stopped the run early (SIGINT, SIGTERM), 0 if it ran to the end
+    committed: int = 0  # rows of this run committed to part files
+    counts_images: bool = True  # False where results come back without their image count (the Ray path)
+
+    def add(self, result: Result) -> None:
+        """Count one row this run produced."""
+        if result.error is None:
+            self.ok += 1
+            self.images += result.images
+            self.output_tokens += result.output_tokens
+        else:
+            self.failed += 1
+
+    def line(self, out_dir: Path) -> str:
+        t = max(self.elapsed_s, 1e-9)
+        done = self.ok + self.failed
+        images = f"{self.images / t:.2f} images/s, " if self.counts_images else ""
+        return (f"batchvl: {self.ok} rows ok, {self.failed} failed, {self.skipped} already done; "
+                f"{self.elapsed_s:.1f} s, {done / t:.2f} rows/s, {images}"
+                f"{self.output_tokens / t:.1f} output tokens/s -> {out_dir}")
+
+
+def failed_by_kind(results: list[Result]) -> dict[str, int]:
+    """How many of `results` failed, by error kind."""
+    failed: dict[str, int] = {}
+    for r in results:
+        if r.error is not None:
+            kind = error_kind(r.error)
+            failed[kind] = failed.get(kind, 0) + 1
+    return failed
+
+
+class OutputCounts:
+    """The output folder's `_summary.json`: rows ok and failed (by error kind) over the whole folder, and this
+    run's committed rows, seconds and rows/s. Rewritten atomically at each commit."""
+
+    def __init__(self, out_dir: Path, ok: int, failed: dict[str, int], start: float, shard: Shard | None = None):
+        self.out_dir, self.ok, self.failed, self.start = out_dir, ok, failed, start
+        self.this_run = 0
+        self.shard = shard
+        self.shard_rows = 0  # input rows the shard owns
+        self.shard_done = 0  # of those, already in the output when the run started
+        self.name = shard.summary_name if shard else SUMMARY_NAME
+
+    def count_todo(self, job: Job, plan: Plan) -> int:
+        """Rows this run has to do (of the shard, with one), for the progress bar."""
+        if self.shard is None:
+            return plan.rows - len(plan.done)
+        self.shard_rows = sum(1 for _, r in read_rows(plan.files, job.input.id_column) if self.shard.owns(r.id))
+        self.shard_done = sum(1 for i in plan.done if self.shard.owns(i.split("#dup@")[0]))
+        return self.shard_rows - self.shard_done
+
+    def commit(self, results: list[Result]) -> None:
+        """Count a committed part's rows."""
+        self.add_committed(len(results), failed_by_kind(results))
+
+    def add_committed(self, rows: int, failed: dict[str, int]) -> None:
+        """Count `rows` committed rows, of which `failed` (by error kind) failed."""
+        for kind, n in failed.items():
+            self.failed[kind] = self.failed.get(kind, 0) + n
+        self.ok += rows - sum(failed.values())
+        self.this_run += rows
+        self.write("running")
+
+    def write(self, state: str) -> None:
+        """Rewrite the summary file with `state` (running, finished, interrupted, failed)."""
+        elapsed = time.perf_counter() - self.start
+        try:
+            shard = {} if self.shard is None else {
+                "shard": self.shard.label, "rows_in_shard": self.shard_rows,
+                "rows_done_in_shard": self.shard_done + self.this_run}
+            write_json_atomic(self.out_dir / self.name, {
+                "state": state,
+                **shard,
+                "rows_ok": self.ok,
+                "rows_failed": sum(self.failed.values()),
+                "failed_by_kind": dict(sorted(self.failed.items())),
+                "rows_this_run": self.this_run,
+                "elapsed_s": round(elapsed, 3),
+                "rows_per_s": round(self.this_run / max(elapsed, 1e-9), 3),
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            })
+        except OSError as e:  # the summary is informative; the parts are what counts
+            log.warning("could not write %s: %s", self.name, e)
+
+
+def read_summary(out_dir: Path) -> dict[str, Any]:
+    return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
