@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="also run the native side with these job settings (plain keys are engine keys; e.g. "
                            "'eager:compile=false' or 't8:media.prepare_threads=8') and compare its text with the "
                            "first native run")
+    full.add_argument("--texts", type=Path, default=None, metavar="FILE",
+                      help="write each native side's text by row id to FILE (JSON), to compare two commits")
     _verbosity(full)
     full.set_defaults(func=_bench)
 
@@ -137,7 +139,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     return bench_main(args.shape, args.workload, args.rows, args.batch, args.baseline, args.baseline_rows,
                       args.baseline_batch or args.batch, args.workdir, args.variant, args.warmup_rows,
-                      args.settings)
+                      args.settings, args.texts)
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:

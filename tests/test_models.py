@@ -106,7 +106,7 @@ def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
         assert c.rel_err_native_vs_ref < 1e-5 and c.agree_prefix == 8, c
 
 
-def test_bench_runs_both_sides_on_the_cpu(capsys):
+def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path):
     from batchvl.tools.bench import bench, format_sides, parse_settings, parse_variant
 
     assert parse_variant("x:compile=false,engine.max_batch_size=3,media.prepare_threads=2") == \
@@ -115,7 +115,8 @@ def test_bench_runs_both_sides_on_the_cpu(capsys):
     assert parse_settings(["output.keep_columns=[url,width]", "gpus=2"]) == \
         {"output": {"keep_columns": ["url", "width"]}, "engine": {"gpus": 2}}
     sides, _ = bench("tiny", "caption-7tile", rows=4, batch=2, baseline="transformers", baseline_rows=2,
-                     baseline_batch=2, device="cpu", variants=["one-row:max_batch_size=1"], warmup_rows=2)
+                     baseline_batch=2, device="cpu", variants=["one-row:max_batch_size=1"], warmup_rows=2,
+                     texts_out=tmp_path / "texts.json")
     native, variant, reference = sides
     out = capsys.readouterr().out
     assert "variant one-row {'engine': {'max_batch_size': 1}}: 4/4 rows have the native side's text" in out
@@ -125,3 +126,5 @@ def test_bench_runs_both_sides_on_the_cpu(capsys):
     assert {"vision", "prefill", "decode", "media wait", "writing"} <= set(native.stages)
     assert "generate" in reference.stages
     assert "native" in format_sides(sides, 800.0)
+    texts = json.loads((tmp_path / "texts.json").read_text())  # --texts: each native side's text by row id
+    assert set(texts) == {"native", "one-row"} and len(texts["native"]) == 4 and texts["native"] == texts["one-row"]

@@ -247,14 +247,16 @@ def parse_variant(text: str) -> tuple[str, dict[str, dict]]:
 
 def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
           baseline_batch: int, workdir: Path | None = None, device: str = "cuda",
-          variants: list[str] = (), warmup_rows: int = 0, settings: list[str] = ()) -> tuple[list[Side], float]:
+          variants: list[str] = (), warmup_rows: int = 0, settings: list[str] = (),
+          texts_out: Path | None = None) -> tuple[list[Side], float]:
     """Run the native side, each variant (the native side with other engine settings, its text compared
     with the first's), then the baseline; returns the sides and the matmul peak (TFLOP/s; nan on the CPU).
 
     With `warmup_rows`, each side first runs, untimed, over that many rows: a long job pays once for what
     a first batch costs (kernel loading, cuBLAS and cuDNN heuristics, Triton and torch.compile
     compilation, allocator growth), and the timed run then measures the steady state. The warm-up time is
-    printed. `settings` (KEY=VALUE, as in a variant) apply to every native side, variants on top."""
+    printed. `settings` (KEY=VALUE, as in a variant) apply to every native side, variants on top.
+    `texts_out`: write each native side's text by row id there (JSON), to compare runs of two commits."""
     base = parse_settings(settings)
 
     def native_settings(extra: dict[str, dict] | None = None) -> dict[str, dict]:
@@ -298,6 +300,9 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
             sides.append(side)
             print(format_sides([side], peak))
             print(f"variant {name} {extra}: {same}/{len(first)} rows have the native side's text", flush=True)
+        if texts_out is not None:
+            texts = {s.name: texts_of(root / f"out-{s.name}") for s in sides}
+            texts_out.write_text(json.dumps(texts, ensure_ascii=False, sort_keys=True))
         if baseline:
             sides.append(timed(baseline, baseline, baseline_batch, baseline_rows))
     return sides, peak
@@ -305,9 +310,9 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
 
 def main(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
          baseline_batch: int, workdir: Path | None, variants: list[str] = (), warmup_rows: int = 0,
-         settings: list[str] = ()) -> int:
+         settings: list[str] = (), texts_out: Path | None = None) -> int:
     sides, peak = bench(shape, workload, rows, batch, baseline, baseline_rows, baseline_batch, workdir,
-                        variants=variants, warmup_rows=warmup_rows, settings=settings)
+                        variants=variants, warmup_rows=warmup_rows, settings=settings, texts_out=texts_out)
     print(format_sides(sides, peak))
     if baseline:
         base = sides[-1].images / sides[-1].seconds
