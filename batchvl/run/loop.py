@@ -36,8 +36,7 @@ def process_rows(job: Job, engine, preparer: RowPreparer, rows: Iterable[tuple[P
     after an error, the caller closes it with `close_after_error`."""
     prefetcher = make_prefetcher(job, rows, preparer)
     try:
-        batches = batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size)
-        for batch in batches:
+        for batch in batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size):
             if stopping():
                 break
             fault_point("batch")

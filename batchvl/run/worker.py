@@ -2,7 +2,7 @@
 
 A worker owns one device and its own model copy. It takes chunks of raw input rows from its task queue,
 prepares their media itself (so media work grows with the number of workers; no tiles cross processes),
-runs them through the same loop as a single-process run (`runner.process_rows`) and commits its own part
+runs them through the same loop as a single-process run (`batchvl.run.loop.process_rows`) and commits its own part
 files, named after it (`part-...-gpu1-00000.parquet`). It tells the coordinator, over its event pipe, when it
 is ready, each chunk it takes, each batch it ran and each part it committed.
 
