@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from batchvl.config import Job, JobError
+from batchvl.engine.base import pick_device, pick_dtype
 from batchvl.io.writer import FINGERPRINT_NAME, write_json_atomic
 
 VERSION = 1
@@ -60,8 +61,6 @@ def _template_text(template: Any) -> str | None:
 def _dtype(job: Job) -> str:
     if job.engine.dtype != "auto":
         return job.engine.dtype
-    from batchvl.engine.base import pick_device, pick_dtype
-
     return str(pick_dtype("auto", pick_device(job.engine.device))).removeprefix("torch.")
 
 

@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 
 from batchvl.config import load_job
+from batchvl.media.tiling import choose_grid
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.loader import build_specs
 from batchvl.run.local import run_job
 from batchvl.run.summary import Summary
+from batchvl.tools.bench_media import write_images
+from batchvl.tools.check_parity import build_checkpoint
 from batchvl.tools.shapes import SHAPES
 
 WORKLOADS = {"caption-7tile": dict(images="7tile", max_new_tokens=128),
@@ -125,8 +128,6 @@ def _write_mp4(path: Path, frames: list, fps: int) -> None:
 def prepare_data(root: Path, workload: str, rows: int) -> Path:
     import random
 
-    from batchvl.tools.bench_media import write_images
-
     lengths = random.Random(0)
     with open(root / "rows.jsonl", "w") as f:
         if workload == "video":
@@ -190,8 +191,6 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
 
 def _tiles_of(rows_file: Path) -> dict[str, int]:
     from PIL import Image
-
-    from batchvl.media.tiling import choose_grid
 
     out = {}
     for line in rows_file.read_text().splitlines():
@@ -273,8 +272,6 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
             print(f"{name}: warm-up over {min(warmup_rows, side_rows)} rows took {time.perf_counter() - t:.1f} s",
                   flush=True)
         return run_side(name, root, model, rows_file, backend, side_batch, workload, side_rows, device, settings)
-
-    from batchvl.tools.check_parity import build_checkpoint
 
     dev = torch.device(device)
     peak = matmul_peak_tflops(dev) if dev.type == "cuda" else float("nan")

@@ -24,8 +24,9 @@ import torch
 
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams, pick_device, pick_dtype
+from batchvl.engine.native import NativeEngine
 from batchvl.media.tiling import normalize_uint8, tile_image, tiles_to_uint8
-from batchvl.models.checkpoint import CheckpointInfo
+from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
 from batchvl.prepare.prompt import PromptBuilder, place_images
 from batchvl.tools.shapes import SHAPES as SHAPES_ALL
 from batchvl.tools.tiny import build_tokenizer
@@ -122,9 +123,6 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     """The native engine (with `engine`'s extra settings, e.g. compile) against transformers on the same
     random weights: first-step logits and greedy tokens, per sample row."""
     from transformers import InternVLForConditionalGeneration
-
-    from batchvl.engine.native import NativeEngine
-    from batchvl.models.checkpoint import checkpoint_chat_template, load_tokenizer
 
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
