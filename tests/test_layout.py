@@ -1,11 +1,13 @@
-"""The package's layout holds: imports point down the layers (pyproject.toml's import-linter contract)."""
+"""The package's layout holds: imports point down the layers (pyproject.toml's import-linter contract), and no
+module imports itself through others."""
 
 from __future__ import annotations
 
 import ast
 import functools
 import importlib.util
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import grimp
@@ -123,3 +125,102 @@ def test_imports_keep_to_the_layers_contract_in_pyproject():
         settings.configure(GRAPH_BUILDER=builder)
         console.width = width
     assert kept and "Contracts: 1 kept, 0 broken." in captured.get(), captured.get()
+
+
+# --- cycles ---------------------------------------------------------------------------------------------------
+
+def strongly_connected_components(edges: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, without recursion: the strongly connected components of the graph `edges` (node ->
+    the nodes it points to), each sorted, sinks first. Nodes only pointed to are nodes too."""
+    nodes = sorted(set(edges) | {w for ws in edges.values() for w in ws})
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components = []
+    for root in nodes:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges.get(root, ()))))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, successors = work[-1]
+            for succ in successors:
+                if succ not in index:
+                    index[succ] = low[succ] = len(index)
+                    stack.append(succ)
+                    on_stack.add(succ)
+                    work.append((succ, iter(sorted(edges.get(succ, ())))))
+                    break
+                if succ in on_stack:
+                    low[node] = min(low[node], index[succ])
+            else:  # all successors done
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    components.append(sorted(component))
+    return components
+
+
+def cycles(edges: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """The components of `edges` that hold a cycle: more than one node, or one that points to itself."""
+    return [c for c in strongly_connected_components(edges) if len(c) > 1 or c[0] in edges.get(c[0], ())]
+
+
+def shortest_cycle(edges: Mapping[str, Iterable[str]], component: list[str]) -> list[str]:
+    """A shortest path from the component's first node back to itself, inside the component: [a, b, ..., a]."""
+    start, members = component[0], set(component)
+    came_from: dict[str, str] = {}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for succ in sorted(edges.get(node, ())):
+            if succ == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(came_from[path[-1]])
+                return [start, *reversed(path[:-1]), start] if node != start else [start, start]
+            if succ in members and succ not in came_from:
+                came_from[succ] = node
+                queue.append(succ)
+    raise ValueError(f"{component} holds no cycle")
+
+
+HAND_MADE = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": {"e"}, "e": set(), "f": {"f", "d"}, "g": {"a"}}
+
+
+def test_cycles_are_the_components_that_loop_and_self_imports():
+    assert cycles(HAND_MADE) == [["a", "b", "c"], ["f"]]
+    assert shortest_cycle(HAND_MADE, ["a", "b", "c"]) == ["a", "b", "c", "a"]
+    assert shortest_cycle(HAND_MADE, ["f"]) == ["f", "f"]
+    assert strongly_connected_components(HAND_MADE) == [["e"], ["d"], ["a", "b", "c"], ["f"], ["g"]]
+
+
+def test_cycles_finds_none_in_a_diamond_and_one_in_a_long_ring():
+    assert cycles({"top": {"left", "right"}, "left": {"bottom"}, "right": {"bottom"}}) == []
+    ring = {f"m{i}": {f"m{(i + 1) % 5000}"} for i in range(5000)}  # deeper than Python's recursion limit
+    assert [len(c) for c in cycles(ring)] == [5000]
+
+
+def test_no_module_imports_itself_through_others():
+    graph = batchvl_graph()
+    edges = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+    report = []
+    for component in cycles(edges):
+        path = shortest_cycle(edges, component)
+        report.append(f"import cycle among {', '.join(component)}:")
+        for importer, imported in zip(path, path[1:], strict=False):
+            detail = (graph.get_import_details(importer=importer, imported=imported) or [{}])[0]
+            where = f"{module_file(importer).relative_to(ROOT)}:{detail.get('line_number', '?')}"
+            report.append(f"    {importer} -> {imported}  ({where} {detail.get('line_contents', '')})")
+    assert not report, "\n".join(report)
