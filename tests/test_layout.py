@@ -1,5 +1,5 @@
-"""The package's layout holds: imports point down the layers (pyproject.toml's import-linter contract), and no
-module imports itself through others."""
+"""The package's layout holds: imports point down the layers (pyproject.toml's import-linter contract), no
+module imports itself through others, files stay small, and pyproject.toml lists every package."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ from pathlib import Path
 
 import grimp
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "batchvl"
 KERNELS = ROOT / "kernels"  # batchvl.kernels: see batchvl/kernels.py
+MAX_LINES = 400
 
 
 # --- the import graph -----------------------------------------------------------------------------------------
@@ -224,3 +230,22 @@ def test_no_module_imports_itself_through_others():
             where = f"{module_file(importer).relative_to(ROOT)}:{detail.get('line_number', '?')}"
             report.append(f"    {importer} -> {imported}  ({where} {detail.get('line_contents', '')})")
     assert not report, "\n".join(report)
+
+
+# --- size and packaging ---------------------------------------------------------------------------------------
+
+def test_no_source_file_is_longer_than_400_lines():
+    files = sorted(PACKAGE.rglob("*.py")) + sorted(KERNELS.rglob("*.py"))
+    assert len(files) > 50
+    long = {str(f.relative_to(ROOT)): n for f in files if (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"over {MAX_LINES} lines (split along the seam): {long}"
+
+
+def test_pyproject_lists_every_package_folder():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(init.parent.relative_to(ROOT).parts) for init in PACKAGE.rglob("__init__.py")}
+    assert "batchvl.engine" in folders
+    listed, found = set(setuptools["packages"]), folders | {"batchvl.kernels"}
+    assert listed == found, f"not listed: {sorted(found - listed)}; listed, not found: {sorted(listed - found)}"
+    assert setuptools["package-dir"] == {"batchvl.kernels": "kernels"}
+    assert (KERNELS / "__init__.py").is_file()
