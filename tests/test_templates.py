@@ -65,10 +65,19 @@ def test_eos_token_is_sep_stripped(name, eos):
     assert not any(s != s.strip() for s in t.stop_strings)
 
 
-def test_system_messages_differ_between_generations():
-    assert V2_SYSTEM != V25_SYSTEM
-    assert "InternVL, 是" in V2_SYSTEM  # ASCII comma and space, as published
-    assert "InternVL，是" in V25_SYSTEM  # full-width comma
+@pytest.mark.parametrize("name", ["internlm2-chat", "Hermes-2", "phi3-chat"])
+def test_internvl2_templates_carry_internvl2s_published_system_message(name):
+    for produced in (default_system_message(name), get_template(name).default_system_message):
+        assert produced == V2_SYSTEM
+        assert "InternVL, 是" in produced  # ASCII comma and space, as published
+        assert "InternVL，" not in produced
+
+
+def test_internvl2_5_template_carries_its_own_published_system_message():
+    for produced in (default_system_message("internvl2_5"), get_template("internvl2_5").default_system_message):
+        assert produced == V25_SYSTEM != V2_SYSTEM
+        assert "InternVL，是" in produced  # full-width comma
+        assert "InternVL, " not in produced
 
 
 # --- literal expected prompts, derived by hand ---------------------------------------------------------------
