@@ -10,7 +10,6 @@ A batch runs as:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -54,8 +53,7 @@ class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
-                 prefill_tokens: int = 65536, overlap_vision: bool = False, decode_attention: str = "auto",
-                 compile: bool = True, **_unused):
+                 prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -76,17 +74,7 @@ class NativeEngine(Engine):
         self.max_batch_tokens = max_batch_tokens or self._auto_batch_tokens()
         self.cache: KVCache | None = None
         self.times = StageTimes()
-        self._pinned: dict[int, torch.Tensor] = {}  # host staging buffers, one per stream slot
-        self._next: list[Request] = []  # the requests of the batch after this one (lookahead)
-        self._early: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}  # id(request) -> features, done
-        self._side = self._main = None
-        if overlap_vision and self.device.type == "cuda":
-            # The batch's own work (decode above all) on a high-priority stream, the next batch's vision on a
-            # low-priority one, so that the block scheduler serves decode's small kernels first. Measured on an
-            # H100 (BENCHMARKS.md, session 2), it gains nothing: decode's and vision's kernels each fill every
-            # SM and take turns, priorities or not. Kept, off by default, for experiments.
-            self._main = torch.cuda.Stream(self.device, priority=-1)
-            self._side = torch.cuda.Stream(self.device, priority=0)
+        self._pinned: torch.Tensor | None = None  # the host staging buffer for tiles
         self.graphs: DecodeGraphs | None = None
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._vision_graph: VisionGraph | None = None
@@ -95,11 +83,6 @@ class NativeEngine(Engine):
             self.graphs = DecodeGraphs(self.model.lm)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
         self.last_tokens: list[list[int]] = []  # the last batch's generated ids, before any stop cut
-
-    def lookahead(self, requests: list[Request]) -> None:
-        """The requests of the next batch: their vision pass runs on a second CUDA stream while the current
-        batch decodes (decode leaves the matrix units mostly idle). A no-op off the GPU."""
-        self._next = requests if self._side is not None else []
 
     def set_params(self, params: GenerationParams) -> None:
         """Use `params` for the next batches (the pipeline API changes them per call)."""
@@ -122,9 +105,8 @@ class NativeEngine(Engine):
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run requests in sub-batches that fit the token budget; results keep the request order."""
         results: list[Result] = []
-        with torch.cuda.stream(self._main) if self._main is not None else contextlib.nullcontext():
-            for chunk in self._split(requests):
-                results.extend(self._run(chunk))
+        for chunk in self._split(requests):
+            results.extend(self._run(chunk))
         return results
 
     def _split(self, requests: list[Request]) -> list[list[Request]]:
@@ -193,7 +175,6 @@ class NativeEngine(Engine):
         limits = torch.tensor(limits_list, device=self.device)  # each row's own max_new_tokens
         steps = max(limits_list)
         with self.times.stage("decode"):
-            self._start_next_vision()
             for step in range(steps):
                 block = self.eos_block if step < p.min_new_tokens else None
                 token = self.sampler(logits, seen, seeds, step, block)
@@ -232,44 +213,9 @@ class NativeEngine(Engine):
         return hits
 
     def _vision(self, requests: list[Request]) -> torch.Tensor | None:
-        """Image embeddings of all tiles of the batch, in request order: [T * tokens_per_tile, C]. Rows
-        whose features a lookahead pass already computed on the side stream are not computed again."""
-        if any(id(r) in self._early for r in requests):
-            stream = torch.cuda.current_stream(self.device)
-            parts = []
-            for r in requests:
-                early = self._early.pop(id(r), None)
-                if early is None:
-                    feats = self._encode([r])
-                else:
-                    feats, done = early
-                    stream.wait_event(done)
-                    if feats is not None:
-                        feats.record_stream(stream)  # made on the side stream, used on this one
-                if feats is not None:
-                    parts.append(feats)
-            return torch.cat(parts) if parts else None
-        return self._encode(requests)
-
-    def _start_next_vision(self) -> None:
-        """Launch the vision pass of the lookahead requests on the side stream, one row at a time."""
-        requests, self._next = self._next, []
-        if not requests or self._side is None:
-            return
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            feats = self._encode(requests, slot=1)
-            done = torch.cuda.Event()
-            done.record(self._side)
-        offsets = 0
-        for r in requests:
-            n = 0 if r.tiles is None else r.tiles.shape[0] * self.vision_spec.tokens_per_tile
-            self._early[id(r)] = (feats[offsets : offsets + n] if n else None, done)
-            offsets += n
-
-    def _encode(self, requests: list[Request], slot: int = 0) -> torch.Tensor | None:
-        """The vision pass proper. The uint8 tiles go to the device through a pinned buffer (a quarter of
-        float32's bytes) and are normalised there, one chunk of `vision_chunk` tiles at a time."""
+        """Image embeddings of all tiles of `requests`, in request order: [T * tokens_per_tile, C]. The uint8
+        tiles go to the device through a pinned buffer (a quarter of float32's bytes) and are normalised
+        there, one chunk of `vision_chunk` tiles at a time."""
         tiles = [r.tiles for r in requests if r.tiles is not None]
         if not tiles:
             return None
@@ -282,14 +228,13 @@ class NativeEngine(Engine):
                 pixels[offset : offset + t.shape[0]].copy_(t, non_blocking=True)
                 offset += t.shape[0]
         else:
-            host = self._staging(total, tiles[0].shape[1:], slot)
+            host = self._staging(total, tiles[0].shape[1:])
             torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
             pixels = host.to(self.device, non_blocking=True)
         out = []
         for start in range(0, total, self.vision_chunk):
             chunk = pixels[start : start + self.vision_chunk]  # [t, S, S, 3] uint8
-            # Not with overlapped vision: two streams would share the graph's static buffers.
-            if self.cuda_graphs and self._side is None and chunk.shape[0] == self.vision_chunk:
+            if self.cuda_graphs and chunk.shape[0] == self.vision_chunk:
                 if self._vision_graph is None:
                     self._vision_graph = VisionGraph(self._vision_pass, chunk)
                 out.append(self._vision_graph(chunk).flatten(0, 1).clone())
@@ -301,15 +246,15 @@ class NativeEngine(Engine):
         """uint8 tiles [t, S, S, 3] on the device -> LM embeddings [t, tokens_per_tile, C]."""
         return self.model.vision(normalize_uint8(tiles, self.dtype))
 
-    def _staging(self, tiles: int, shape: torch.Size, slot: int = 0) -> torch.Tensor:
-        """A host buffer for `tiles` uint8 tiles: pinned on CUDA (so the copy runs asynchronously), reused.
-        Each stream has its own slot; the stream's earlier copy from it must be done before it is reused."""
+    def _staging(self, tiles: int, shape: torch.Size) -> torch.Tensor:
+        """A host buffer for `tiles` uint8 tiles: pinned on CUDA (so the copy runs asynchronously), reused;
+        the earlier copy from it must be done before it is reused."""
         if self.device.type != "cuda":
             return torch.empty((tiles, *shape), dtype=torch.uint8)
         torch.cuda.current_stream(self.device).synchronize()
-        buf = self._pinned.get(slot)
+        buf = self._pinned
         if buf is None or buf.shape[0] < tiles or buf.shape[1:] != shape:
-            buf = self._pinned[slot] = torch.empty((max(tiles, 1024), *shape), dtype=torch.uint8, pin_memory=True)
+            buf = self._pinned = torch.empty((max(tiles, 1024), *shape), dtype=torch.uint8, pin_memory=True)
         return buf[:tiles]
 
     def _cache(self, batch: int, positions: int) -> KVCache:
