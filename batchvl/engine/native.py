@@ -6,21 +6,25 @@ A batch runs as:
 3. prefill over the right-padded prompts, with the LM head only at each row's last token;
 4. decode: one token per row per step at the row's own position, sampling on the device, until every row
    has stopped or reached max_new_tokens. The loop looks at the host only every `check_every` steps.
+
+The batch's state is a BatchState (state.py) and prefill and decode are its steps; the KV cache, its span
+policy and the decode graphs are the ModelRunner's (runner.py). This module runs the vision pass and the
+loop.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 
 import torch
 
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.compile import compile_model
-from batchvl.engine.graphs import DecodeGraphs, VisionGraph
-from batchvl.engine.sampler import Sampler, row_seed
+from batchvl.engine.graphs import VisionGraph
+from batchvl.engine.runner import ModelRunner
+from batchvl.engine.sampler import Sampler
+from batchvl.engine.state import BatchState
 from batchvl.engine.timing import StageTimes
 from batchvl.media.tiling import normalize_uint8
 from batchvl.models.checkpoint import CheckpointInfo
@@ -29,8 +33,6 @@ from batchvl.models.loader import load_model
 from batchvl.prepare.prompt import IMG_CONTEXT
 
 log = logging.getLogger(__name__)
-
-SPAN_BUCKET = 256  # attended lengths are rounded up to this, so one decode graph serves many batches
 
 
 def _decode_kernel(choice: str, device: torch.device):
@@ -72,15 +74,12 @@ class NativeEngine(Engine):
         self.pad_id = 0
         self.set_params(params)
         self.max_batch_tokens = max_batch_tokens or self._auto_batch_tokens()
-        self.cache: KVCache | None = None
         self.times = StageTimes()
         self._pinned: torch.Tensor | None = None  # the host staging buffer for tiles
-        self.graphs: DecodeGraphs | None = None
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._vision_graph: VisionGraph | None = None
-        if self.cuda_graphs:
-            self.model.lm.rope(self.text_spec.max_positions)  # fixed tables: graphs read them in place
-            self.graphs = DecodeGraphs(self.model.lm)
+        self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
+                                  self.image_token_id, self.cuda_graphs)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
         self.last_tokens: list[list[int]] = []  # the last batch's generated ids, before any stop cut
 
@@ -125,92 +124,36 @@ class NativeEngine(Engine):
 
     @torch.inference_mode()
     def _run(self, requests: list[Request]) -> list[Result]:
-        p, lm = self.params, self.model.lm
-        b = len(requests)
-        lengths_list = [len(r.prompt_ids) for r in requests]
-        width = max(lengths_list)
-        need = width + p.max_new_tokens
-        # Bucketed, so that decode graphs get reused; never past the model's context (the rotary tables).
-        span = min(SPAN_BUCKET * math.ceil(need / SPAN_BUCKET), max(need, self.text_spec.max_positions))
-        cache = self._cache(b, span)
-        # One host-to-device conversion of all prompts, right-padded on the device.
-        lengths = torch.tensor(lengths_list, device=self.device)
-        flat = torch.tensor(list(itertools.chain.from_iterable(r.prompt_ids for r in requests)), dtype=torch.long)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=self.device)
-        ids[torch.arange(width, device=self.device)[None, :] < lengths[:, None]] = flat.to(self.device)  # [B, P]
-
+        with self.times.stage("decode"):  # decode's set-up: the cache, and its graphs when it is new
+            state = self.start(len(requests), max(len(r.prompt_ids) for r in requests) + self.params.max_new_tokens)
         with self.times.stage("vision"):
             features = self._vision(requests)
         with self.times.stage("prefill"):
-            x = lm.embed(ids)  # [B, P, C]
-            if features is not None:
-                slots = ids == self.image_token_id
-                if int(slots.sum()) != features.shape[0]:
-                    raise RuntimeError(f"{int(slots.sum())} image context tokens for {features.shape[0]} features")
-                x[slots] = features.to(x.dtype)
-            # In row chunks of at most `prefill_tokens` tokens: activations stay bounded while decode runs
-            # over the whole batch.
-            step_rows = max(1, self.prefill_tokens // max(width, 1))
-            logits = torch.cat([lm.logits(lm.prefill(x[r : r + step_rows], lengths[r : r + step_rows], cache, r))
-                                for r in range(0, b, step_rows)])  # [B, V] float32, each row's last token only
-
-        vocab = self.text_spec.vocab
-        seen = None  # [B, V] tokens already in each row, only for the repetition penalty
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros((b, vocab), dtype=torch.bool, device=self.device)
-            seen.scatter_(1, ids.clamp(max=vocab - 1), True)
-            seen[:, self.pad_id] = False
-            for i, r in enumerate(requests):  # the pad id may be a real token of a row
-                if self.pad_id in r.prompt_ids:
-                    seen[i, self.pad_id] = True
-        seeds = torch.tensor([row_seed(p.seed, r.id) for r in requests], device=self.device, dtype=torch.int64)
+            logits = state.fill(requests, features)  # [B, V]: every row's first token is taken
         if self.first_step_logits is not None:
-            self.first_step_logits.append(logits[:, :vocab].cpu())
-
-        out = torch.full((b, p.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        positions = lengths.clone()
-        rows = torch.arange(b, device=self.device)
-        limits_list = [r.max_new_tokens or p.max_new_tokens for r in requests]
-        limits = torch.tensor(limits_list, device=self.device)  # each row's own max_new_tokens
-        steps = max(limits_list)
+            self.first_step_logits.append(logits[:, : self.text_spec.vocab].cpu())
         with self.times.stage("decode"):
-            for step in range(steps):
-                block = self.eos_block if step < p.min_new_tokens else None
-                token = self.sampler(logits, seen, seeds, step, block)
-                token = torch.where(done, self.pad_id, token)
-                out[:, step] = token
-                if p.repetition_penalty != 1.0:
-                    seen[rows, token] = True
-                done |= torch.isin(token, self.stops) | (limits <= step + 1)
-                if (step + 1) % self.check_every == 0:  # the only host synchronisation of the loop
-                    if p.stop:
-                        done |= self._stop_string_hits(out[:, : step + 1], done)
-                    if bool(done.all()):
-                        break
-                if step + 1 == steps:
+            for step in range(1, state.max_limit):
+                if step % self.check_every == 0 and state.sync(self._stop_hit()):  # the loop's only host sync
                     break
-                logits = self._decode(token, positions, cache, span)
-                positions += 1
-        tokens = out.tolist()
-        self.last_tokens = tokens
-        return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
+                state.decode()
+        self.last_tokens = state.generated()
+        return [decode_result(r, row, self.params, self.tokenizer)
+                for r, row in zip(requests, self.last_tokens, strict=True)]
 
-    def _decode(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
-        """Logits [B, V] for each row's newest token: a replayed CUDA graph on the GPU, eager elsewhere."""
-        if self.graphs is not None:
-            return self.graphs.step(token, positions, cache, span)
-        lm = self.model.lm
-        return lm.logits(lm.decode(lm.embed(token)[:, None], positions, cache, span))
+    def start(self, slots: int, need: int) -> BatchState:
+        """An empty batch of `slots` slots whose rows need up to `need` positions (prompt + new tokens): the
+        cache is reserved (and the decode graphs captured, when it is new) here."""
+        cache, span = self.runner.reserve(slots, need)
+        return BatchState(self.runner, self.sampler, self.params, slots, cache, span, self.stops, self.eos_block,
+                          self.pad_id, self.prefill_tokens)
 
-    def _stop_string_hits(self, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        """Rows (not yet done) whose text so far holds a stop string: [B] bool on the device."""
-        hits = torch.zeros_like(done)
-        for i, (row, finished) in enumerate(zip(tokens.tolist(), done.tolist(), strict=True)):
-            if not finished:
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
-                hits[i] = any(s in text for s in self.params.stop)
-        return hits
+    def _stop_hit(self):
+        """A test of one row's ids for the stop strings, or None when there are none."""
+        if not self.params.stop:
+            return None
+        stops, decode = self.params.stop, self.tokenizer.decode
+        return lambda ids: any(s in decode(ids, skip_special_tokens=True) for s in stops)
 
     def _vision(self, requests: list[Request]) -> torch.Tensor | None:
         """Image embeddings of all tiles of `requests`, in request order: [T * tokens_per_tile, C]. The uint8
@@ -257,21 +200,9 @@ class NativeEngine(Engine):
             buf = self._pinned = torch.empty((max(tiles, 1024), *shape), dtype=torch.uint8, pin_memory=True)
         return buf[:tiles]
 
-    def _cache(self, batch: int, positions: int) -> KVCache:
-        c = self.cache
-        if c is None or c.batch < batch or c.positions < positions:
-            # Grow to at least the configured batch, and round positions up to limit reallocation.
-            rows = max(batch, min(self.max_batch_size, batch if c is None else max(c.batch, batch)))
-            span = SPAN_BUCKET * math.ceil(max(positions, c.positions if c else 0) / SPAN_BUCKET)
-            self.cache = None
-            c = self.cache = KVCache(self.text_spec, rows, span, self.device, self.dtype)
-        return c
-
     def close(self) -> None:
-        if self.graphs is not None:
-            self.graphs.reset()
+        self.runner.close()
         self._vision_graph = None
-        self.cache = None
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
