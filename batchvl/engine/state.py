@@ -140,8 +140,9 @@ class BatchState:
         self.tokens[rows] = token
         column = torch.where(done, self.width, count)  # a done slot writes to the spare column
         self.out[rows].scatter_(1, column[:, None], token[:, None])
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
+        if seen is not None:  # a done slot's pad token is not a token of its row
+            at = token[:, None]
+            seen.scatter_(1, at, seen.gather(1, at) | ~done[:, None])
         count += ~done
         done |= torch.isin(token, self.stops) | (self.limits[rows] <= count)
 
