@@ -70,7 +70,11 @@ class ModelRunner:
         log.debug("KV cache: %d slots x %d positions", slots, grown)
         self.cache = KVCache(self.lm.spec, slots, grown, self.device, self.dtype)
         if self.cuda_graphs:
-            self.graphs = DecodeGraphs(self.lm, self.cache, batch_buckets(slots))
+            try:
+                self.graphs = DecodeGraphs(self.lm, self.cache, batch_buckets(slots))
+            except BaseException:  # out of memory, say: without its graphs, the cache would run eager from now on
+                self.cache = None
+                raise
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None, cache: KVCache,
                 row0: int, chunk_tokens: int) -> torch.Tensor:
