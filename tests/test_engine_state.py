@@ -213,3 +213,25 @@ def test_cache_keeps_max_batch_size_slots_and_its_span_only_grows(setup):
     assert (cache.batch, cache.positions) == (2, 1024)
     cache, _ = runner.reserve(3, 200)
     assert (cache.batch, cache.positions) == (SLOTS, SPAN_BUCKET)
+
+
+def test_rows_padded_up_to_a_graph_bucket_leave_the_real_rows_alone(setup):
+    """What a decode graph does with a batch smaller than its bucket: the padding rows (token 0, position 0,
+    in cache rows no slot uses) change neither the real rows' logits nor their cache rows."""
+    _, _, rows = setup
+    engine = make_engine(setup)
+    with torch.inference_mode():
+        state = engine.start(3, need(rows))  # 3 slots in a cache of SLOTS rows
+        state.fill(rows[:3], engine._vision(rows[:3]))
+        cache, lm = state.cache, engine.model.lm
+        k, v = cache.k.clone(), cache.v.clone()
+        plain = lm.logits(lm.decode(lm.embed(state.tokens)[:, None], state.positions, cache, state.span))  # [3, V]
+        written = cache.k[:, :3].clone(), cache.v[:, :3].clone()
+        cache.k.copy_(k)
+        cache.v.copy_(v)
+        pad = torch.zeros(SLOTS - 3, dtype=torch.long)
+        tokens, positions = torch.cat([state.tokens, pad]), torch.cat([state.positions, pad])  # [SLOTS]
+        padded = lm.logits(lm.decode(lm.embed(tokens)[:, None], positions, cache, state.span))
+    torch.testing.assert_close(padded[:3], plain, rtol=1e-5, atol=1e-5)
+    assert padded[:3].argmax(-1).tolist() == plain.argmax(-1).tolist()
+    torch.testing.assert_close((cache.k[:, :3], cache.v[:, :3]), written, rtol=1e-5, atol=1e-5)
