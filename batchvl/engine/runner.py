@@ -108,4 +108,5 @@ class ModelRunner:
         return lm.logits(lm.decode(lm.embed(tokens)[:, None], positions, cache, span))
 
     def close(self) -> None:
+        """Drop the cache and the graphs (their memory goes back to PyTorch's allocator)."""
         self.graphs = self.cache = None

@@ -64,6 +64,7 @@ class BatchState:
 
     @property
     def slots(self) -> int:
+        """How many rows the batch holds at once (filled, done or free)."""
         return len(self.requests)
 
     def fill(self, requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
