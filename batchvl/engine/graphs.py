@@ -1,11 +1,12 @@
 """CUDA graphs for the decode step: the one place batchvl captures and replays them.
 
-One graph per (batch size, attended span) bucket. Each holds static input buffers (the newest token of
-every row and its position) and a static output (the logits); a decode step copies its inputs in,
-replays, and reads the logits. The KV cache and the rotary tables must not move while graphs exist: the
-engine drops every graph when it reallocates its cache, and computes the rotary tables for the model's
-whole context before the first capture. Graphs share one memory pool, and are captured
-after one eager warm-up step, as CUDA requires.
+Decode graphs are captured up front, as nano-vllm does: one per batch-size bucket (1, 2, 4, 8, ... up to
+the cache's slots), largest first, all into one memory pool, all at the cache's full span. A step pads its
+batch up to the next bucket; nothing is captured in the decode loop and no graph is ever evicted. The
+graphs read the KV cache and the rotary tables in place, so they are made again (by the runner) only when
+the cache is reallocated, which happens when a batch needs a longer span than the cache has.
+
+Graphs are captured after one eager warm-up step each, as CUDA requires.
 """
 
 from __future__ import annotations
@@ -19,61 +20,85 @@ from batchvl.models.decoder import DecoderLM, KVCache
 log = logging.getLogger(__name__)
 
 
-class _Graph:
-    def __init__(self, lm: DecoderLM, cache: KVCache, batch: int, span: int, pool):
-        device = lm.embed.weight.device
-        self.token = torch.zeros(batch, dtype=torch.long, device=device)
-        # The warm-up step really runs and writes K/V at these positions: use the span's last one, which no
-        # row has reached yet (it is masked until written), never a prompt position.
-        self.positions = torch.full((batch,), span - 1, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm-up on a side stream (cuBLAS workspaces, autotuning)
-            self._step(lm, cache, span)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the preparation threads may allocate page-locked memory meanwhile, which a global
-        # capture would refuse.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits = self._step(lm, cache, span)  # [B, V] float32, static
+def batch_buckets(max_rows: int) -> list[int]:
+    """Batch sizes to capture decode graphs for: the powers of two below `max_rows`, then `max_rows`
+    itself, so that every batch of 1..max_rows rows has a bucket at most twice its size."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1; got {max_rows}")
+    sizes = []
+    size = 1
+    while size < max_rows:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_rows]
 
-    def _step(self, lm: DecoderLM, cache: KVCache, span: int) -> torch.Tensor:
-        return lm.logits(lm.decode(lm.embed(self.token)[:, None], self.positions, cache, span))
+
+def bucket_for(rows: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `rows` rows (`buckets` sorted ascending)."""
+    for size in buckets:
+        if size >= rows:
+            return size
+    raise ValueError(f"a batch of {rows} rows is larger than the largest decode graph ({buckets[-1]})")
 
 
 class DecodeGraphs:
-    """Captured decode steps, by (batch, span). `step` has the same meaning as DecoderLM.decode + logits."""
+    """Captured decode steps over one KV cache at its full span, one per batch-size bucket.
 
-    def __init__(self, lm: DecoderLM, max_graphs: int = 16):
-        self.lm = lm
-        self.max_graphs = max_graphs
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = None
-        self._cache: KVCache | None = None
+    `step` has the meaning of DecoderLM.decode + logits. The static inputs (each row's newest token and
+    its position) are one buffer of the largest bucket's size that every graph reads a prefix of. The rows
+    a batch pads with (from its size up to the bucket's) write K/V into cache rows no batch row uses, at
+    position 0: in bounds, and attending one key only, so they cost almost nothing with the Triton kernel.
+    Capture writes K/V too (position 0 of every row): the runner captures only into a cache with no rows.
+    """
 
-    def step(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
-        """Logits [B, V] for each row's newest token [B] at positions [B], attending over [0, span)."""
-        if cache is not self._cache:  # a new cache: every graph points at the old one
-            self.reset()
-            self._cache = cache
-        key = (token.shape[0], span)
-        graph = self._graphs.get(key)
-        if graph is None:
-            if len(self._graphs) >= self.max_graphs:
-                self.reset()
-                self._cache = cache
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            log.debug("capturing a decode graph for batch %d, span %d", *key)
-            graph = self._graphs[key] = _Graph(self.lm, cache, key[0], span, self._pool)
-        graph.token.copy_(token)
-        graph.positions.copy_(positions)
-        graph.graph.replay()
-        return graph.logits
+    def __init__(self, lm: DecoderLM, cache: KVCache, buckets: list[int]):
+        self.lm, self.cache, self.buckets = lm, cache, sorted(buckets)
+        self.span = cache.positions
+        if self.buckets[-1] > cache.batch:
+            raise ValueError(f"a decode graph of {self.buckets[-1]} rows over a cache of {cache.batch}")
+        device = lm.embed.weight.device
+        self.token = torch.zeros(self.buckets[-1], dtype=torch.long, device=device)  # [Bmax], static
+        self.positions = torch.zeros(self.buckets[-1], dtype=torch.long, device=device)  # [Bmax], static
+        self._live = 0  # rows the last step filled: the rows past a smaller batch are reset to position 0
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.buckets):  # largest first: the smaller graphs reuse its pool memory
+            log.debug("capturing a decode graph for batch %d, span %d", size, self.span)
+            self._graphs[size] = self._capture(size, pool)
 
-    def reset(self) -> None:
-        self._graphs.clear()
-        self._cache = None
+    def _capture(self, size: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        device = self.token.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up on a side stream (cuBLAS workspaces, autotuning, compiling)
+            self._step(size)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the preparation threads may allocate page-locked memory meanwhile, which a global
+        # capture would refuse.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            logits = self._step(size)  # [size, V] float32, static
+        return graph, logits
+
+    def _step(self, size: int) -> torch.Tensor:
+        lm = self.lm
+        x = lm.embed(self.token[:size])[:, None]  # [size, 1, C]
+        return lm.logits(lm.decode(x, self.positions[:size], self.cache, self.span))
+
+    def step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for each row's newest token [B] at positions [B] (each < span), attending over the
+        cache's full span. The result is a static buffer that the next step overwrites."""
+        rows = token.shape[0]
+        size = bucket_for(rows, self.buckets)
+        if rows < self._live:  # rows a larger batch filled: back to position 0, out of the way
+            self.token[rows : self._live].zero_()
+            self.positions[rows : self._live].zero_()
+        self._live = rows
+        self.token[:rows].copy_(token)
+        self.positions[:rows].copy_(positions)
+        graph, logits = self._graphs[size]
+        graph.replay()
+        return logits[:rows]
 
 
 class VisionGraph:

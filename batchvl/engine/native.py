@@ -6,22 +6,25 @@ A batch runs as:
 3. prefill over the right-padded prompts, with the LM head only at each row's last token;
 4. decode: one token per row per step at the row's own position, sampling on the device, until every row
    has stopped or reached max_new_tokens. The loop looks at the host only every `check_every` steps.
+
+The batch's state is a BatchState (state.py) and prefill and decode are its steps; the KV cache, its span
+policy and the decode graphs are the ModelRunner's (runner.py). This module runs the vision pass and the
+loop.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
-import math
 
 import torch
 
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.compile import compile_model
-from batchvl.engine.graphs import DecodeGraphs, VisionGraph
-from batchvl.engine.sampler import Sampler, row_seed
+from batchvl.engine.graphs import VisionGraph
+from batchvl.engine.runner import ModelRunner
+from batchvl.engine.sampler import Sampler
+from batchvl.engine.state import BatchState
 from batchvl.engine.timing import StageTimes
 from batchvl.media.tiling import normalize_uint8
 from batchvl.models.checkpoint import CheckpointInfo
@@ -30,8 +33,6 @@ from batchvl.models.loader import load_model
 from batchvl.prepare.prompt import IMG_CONTEXT
 
 log = logging.getLogger(__name__)
-
-SPAN_BUCKET = 256  # attended lengths are rounded up to this, so one decode graph serves many batches
 
 
 def _decode_kernel(choice: str, device: torch.device):
@@ -54,8 +55,7 @@ class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
-                 prefill_tokens: int = 65536, overlap_vision: bool = False, decode_attention: str = "auto",
-                 compile: bool = True, **_unused):
+                 prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -74,32 +74,14 @@ class NativeEngine(Engine):
         self.pad_id = 0
         self.set_params(params)
         self.max_batch_tokens = max_batch_tokens or self._auto_batch_tokens()
-        self.cache: KVCache | None = None
         self.times = StageTimes()
-        self._pinned: dict[int, torch.Tensor] = {}  # host staging buffers, one per stream slot
-        self._next: list[Request] = []  # the requests of the batch after this one (lookahead)
-        self._early: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}  # id(request) -> features, done
-        self._side = self._main = None
-        if overlap_vision and self.device.type == "cuda":
-            # The batch's own work (decode above all) on a high-priority stream, the next batch's vision on a
-            # low-priority one, so that the block scheduler serves decode's small kernels first. Measured on an
-            # H100 (BENCHMARKS.md, session 2), it gains nothing: decode's and vision's kernels each fill every
-            # SM and take turns, priorities or not. Kept, off by default, for experiments.
-            self._main = torch.cuda.Stream(self.device, priority=-1)
-            self._side = torch.cuda.Stream(self.device, priority=0)
-        self.graphs: DecodeGraphs | None = None
+        self._pinned: torch.Tensor | None = None  # the host staging buffer for tiles
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._vision_graph: VisionGraph | None = None
-        if self.cuda_graphs:
-            self.model.lm.rope(self.text_spec.max_positions)  # fixed tables: graphs read them in place
-            self.graphs = DecodeGraphs(self.model.lm)
+        self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
+                                  self.image_token_id, self.cuda_graphs)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
         self.last_tokens: list[list[int]] = []  # the last batch's generated ids, before any stop cut
-
-    def lookahead(self, requests: list[Request]) -> None:
-        """The requests of the next batch: their vision pass runs on a second CUDA stream while the current
-        batch decodes (decode leaves the matrix units mostly idle). A no-op off the GPU."""
-        self._next = requests if self._side is not None else []
 
     def set_params(self, params: GenerationParams) -> None:
         """Use `params` for the next batches (the pipeline API changes them per call)."""
@@ -122,9 +104,8 @@ class NativeEngine(Engine):
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run requests in sub-batches that fit the token budget; results keep the request order."""
         results: list[Result] = []
-        with torch.cuda.stream(self._main) if self._main is not None else contextlib.nullcontext():
-            for chunk in self._split(requests):
-                results.extend(self._run(chunk))
+        for chunk in self._split(requests):
+            results.extend(self._run(chunk))
         return results
 
     def _split(self, requests: list[Request]) -> list[list[Request]]:
@@ -143,133 +124,41 @@ class NativeEngine(Engine):
 
     @torch.inference_mode()
     def _run(self, requests: list[Request]) -> list[Result]:
-        p, lm = self.params, self.model.lm
-        b = len(requests)
-        lengths_list = [len(r.prompt_ids) for r in requests]
-        width = max(lengths_list)
-        need = width + p.max_new_tokens
-        # Bucketed, so that decode graphs get reused; never past the model's context (the rotary tables).
-        span = min(SPAN_BUCKET * math.ceil(need / SPAN_BUCKET), max(need, self.text_spec.max_positions))
-        cache = self._cache(b, span)
-        # One host-to-device conversion of all prompts, right-padded on the device.
-        lengths = torch.tensor(lengths_list, device=self.device)
-        flat = torch.tensor(list(itertools.chain.from_iterable(r.prompt_ids for r in requests)), dtype=torch.long)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=self.device)
-        ids[torch.arange(width, device=self.device)[None, :] < lengths[:, None]] = flat.to(self.device)  # [B, P]
-
+        with self.times.stage("decode"):  # decode's set-up: the cache, and its graphs when it is new
+            state = self.start(len(requests), max(len(r.prompt_ids) for r in requests) + self.params.max_new_tokens)
         with self.times.stage("vision"):
             features = self._vision(requests)
         with self.times.stage("prefill"):
-            x = lm.embed(ids)  # [B, P, C]
-            if features is not None:
-                slots = ids == self.image_token_id
-                if int(slots.sum()) != features.shape[0]:
-                    raise RuntimeError(f"{int(slots.sum())} image context tokens for {features.shape[0]} features")
-                x[slots] = features.to(x.dtype)
-            # In row chunks of at most `prefill_tokens` tokens: activations stay bounded while decode runs
-            # over the whole batch.
-            step_rows = max(1, self.prefill_tokens // max(width, 1))
-            logits = torch.cat([lm.logits(lm.prefill(x[r : r + step_rows], lengths[r : r + step_rows], cache, r))
-                                for r in range(0, b, step_rows)])  # [B, V] float32, each row's last token only
-
-        vocab = self.text_spec.vocab
-        seen = None  # [B, V] tokens already in each row, only for the repetition penalty
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros((b, vocab), dtype=torch.bool, device=self.device)
-            seen.scatter_(1, ids.clamp(max=vocab - 1), True)
-            seen[:, self.pad_id] = False
-            for i, r in enumerate(requests):  # the pad id may be a real token of a row
-                if self.pad_id in r.prompt_ids:
-                    seen[i, self.pad_id] = True
-        seeds = torch.tensor([row_seed(p.seed, r.id) for r in requests], device=self.device, dtype=torch.int64)
+            logits = state.fill(requests, features)  # [B, V]: every row's first token is taken
         if self.first_step_logits is not None:
-            self.first_step_logits.append(logits[:, :vocab].cpu())
-
-        out = torch.full((b, p.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        positions = lengths.clone()
-        rows = torch.arange(b, device=self.device)
-        limits_list = [r.max_new_tokens or p.max_new_tokens for r in requests]
-        limits = torch.tensor(limits_list, device=self.device)  # each row's own max_new_tokens
-        steps = max(limits_list)
+            self.first_step_logits.append(logits[:, : self.text_spec.vocab].cpu())
         with self.times.stage("decode"):
-            self._start_next_vision()
-            for step in range(steps):
-                block = self.eos_block if step < p.min_new_tokens else None
-                token = self.sampler(logits, seen, seeds, step, block)
-                token = torch.where(done, self.pad_id, token)
-                out[:, step] = token
-                if p.repetition_penalty != 1.0:
-                    seen[rows, token] = True
-                done |= torch.isin(token, self.stops) | (limits <= step + 1)
-                if (step + 1) % self.check_every == 0:  # the only host synchronisation of the loop
-                    if p.stop:
-                        done |= self._stop_string_hits(out[:, : step + 1], done)
-                    if bool(done.all()):
-                        break
-                if step + 1 == steps:
+            for step in range(1, state.max_limit):
+                if step % self.check_every == 0 and state.sync(self._stop_hit()):  # the loop's only host sync
                     break
-                logits = self._decode(token, positions, cache, span)
-                positions += 1
-        tokens = out.tolist()
-        self.last_tokens = tokens
-        return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
+                state.decode()
+        self.last_tokens = state.generated()
+        return [decode_result(r, row, self.params, self.tokenizer)
+                for r, row in zip(requests, self.last_tokens, strict=True)]
 
-    def _decode(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
-        """Logits [B, V] for each row's newest token: a replayed CUDA graph on the GPU, eager elsewhere."""
-        if self.graphs is not None:
-            return self.graphs.step(token, positions, cache, span)
-        lm = self.model.lm
-        return lm.logits(lm.decode(lm.embed(token)[:, None], positions, cache, span))
+    def start(self, slots: int, need: int) -> BatchState:
+        """An empty batch of `slots` slots whose rows need up to `need` positions (prompt + new tokens): the
+        cache is reserved (and the decode graphs captured, when it is new) here."""
+        cache, span = self.runner.reserve(slots, need)
+        return BatchState(self.runner, self.sampler, self.params, slots, cache, span, self.stops, self.eos_block,
+                          self.pad_id, self.prefill_tokens)
 
-    def _stop_string_hits(self, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        """Rows (not yet done) whose text so far holds a stop string: [B] bool on the device."""
-        hits = torch.zeros_like(done)
-        for i, (row, finished) in enumerate(zip(tokens.tolist(), done.tolist(), strict=True)):
-            if not finished:
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
-                hits[i] = any(s in text for s in self.params.stop)
-        return hits
+    def _stop_hit(self):
+        """A test of one row's ids for the stop strings, or None when there are none."""
+        if not self.params.stop:
+            return None
+        stops, decode = self.params.stop, self.tokenizer.decode
+        return lambda ids: any(s in decode(ids, skip_special_tokens=True) for s in stops)
 
     def _vision(self, requests: list[Request]) -> torch.Tensor | None:
-        """Image embeddings of all tiles of the batch, in request order: [T * tokens_per_tile, C]. Rows
-        whose features a lookahead pass already computed on the side stream are not computed again."""
-        if any(id(r) in self._early for r in requests):
-            stream = torch.cuda.current_stream(self.device)
-            parts = []
-            for r in requests:
-                early = self._early.pop(id(r), None)
-                if early is None:
-                    feats = self._encode([r])
-                else:
-                    feats, done = early
-                    stream.wait_event(done)
-                    if feats is not None:
-                        feats.record_stream(stream)  # made on the side stream, used on this one
-                if feats is not None:
-                    parts.append(feats)
-            return torch.cat(parts) if parts else None
-        return self._encode(requests)
-
-    def _start_next_vision(self) -> None:
-        """Launch the vision pass of the lookahead requests on the side stream, one row at a time."""
-        requests, self._next = self._next, []
-        if not requests or self._side is None:
-            return
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            feats = self._encode(requests, slot=1)
-            done = torch.cuda.Event()
-            done.record(self._side)
-        offsets = 0
-        for r in requests:
-            n = 0 if r.tiles is None else r.tiles.shape[0] * self.vision_spec.tokens_per_tile
-            self._early[id(r)] = (feats[offsets : offsets + n] if n else None, done)
-            offsets += n
-
-    def _encode(self, requests: list[Request], slot: int = 0) -> torch.Tensor | None:
-        """The vision pass proper. The uint8 tiles go to the device through a pinned buffer (a quarter of
-        float32's bytes) and are normalised there, one chunk of `vision_chunk` tiles at a time."""
+        """Image embeddings of all tiles of `requests`, in request order: [T * tokens_per_tile, C]. The uint8
+        tiles go to the device through a pinned buffer (a quarter of float32's bytes) and are normalised
+        there, one chunk of `vision_chunk` tiles at a time."""
         tiles = [r.tiles for r in requests if r.tiles is not None]
         if not tiles:
             return None
@@ -282,14 +171,13 @@ class NativeEngine(Engine):
                 pixels[offset : offset + t.shape[0]].copy_(t, non_blocking=True)
                 offset += t.shape[0]
         else:
-            host = self._staging(total, tiles[0].shape[1:], slot)
+            host = self._staging(total, tiles[0].shape[1:])
             torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
             pixels = host.to(self.device, non_blocking=True)
         out = []
         for start in range(0, total, self.vision_chunk):
             chunk = pixels[start : start + self.vision_chunk]  # [t, S, S, 3] uint8
-            # Not with overlapped vision: two streams would share the graph's static buffers.
-            if self.cuda_graphs and self._side is None and chunk.shape[0] == self.vision_chunk:
+            if self.cuda_graphs and chunk.shape[0] == self.vision_chunk:
                 if self._vision_graph is None:
                     self._vision_graph = VisionGraph(self._vision_pass, chunk)
                 out.append(self._vision_graph(chunk).flatten(0, 1).clone())
@@ -301,32 +189,20 @@ class NativeEngine(Engine):
         """uint8 tiles [t, S, S, 3] on the device -> LM embeddings [t, tokens_per_tile, C]."""
         return self.model.vision(normalize_uint8(tiles, self.dtype))
 
-    def _staging(self, tiles: int, shape: torch.Size, slot: int = 0) -> torch.Tensor:
-        """A host buffer for `tiles` uint8 tiles: pinned on CUDA (so the copy runs asynchronously), reused.
-        Each stream has its own slot; the stream's earlier copy from it must be done before it is reused."""
+    def _staging(self, tiles: int, shape: torch.Size) -> torch.Tensor:
+        """A host buffer for `tiles` uint8 tiles: pinned on CUDA (so the copy runs asynchronously), reused;
+        the earlier copy from it must be done before it is reused."""
         if self.device.type != "cuda":
             return torch.empty((tiles, *shape), dtype=torch.uint8)
         torch.cuda.current_stream(self.device).synchronize()
-        buf = self._pinned.get(slot)
+        buf = self._pinned
         if buf is None or buf.shape[0] < tiles or buf.shape[1:] != shape:
-            buf = self._pinned[slot] = torch.empty((max(tiles, 1024), *shape), dtype=torch.uint8, pin_memory=True)
+            buf = self._pinned = torch.empty((max(tiles, 1024), *shape), dtype=torch.uint8, pin_memory=True)
         return buf[:tiles]
 
-    def _cache(self, batch: int, positions: int) -> KVCache:
-        c = self.cache
-        if c is None or c.batch < batch or c.positions < positions:
-            # Grow to at least the configured batch, and round positions up to limit reallocation.
-            rows = max(batch, min(self.max_batch_size, batch if c is None else max(c.batch, batch)))
-            span = SPAN_BUCKET * math.ceil(max(positions, c.positions if c else 0) / SPAN_BUCKET)
-            self.cache = None
-            c = self.cache = KVCache(self.text_spec, rows, span, self.device, self.dtype)
-        return c
-
     def close(self) -> None:
-        if self.graphs is not None:
-            self.graphs.reset()
+        self.runner.close()
         self._vision_graph = None
-        self.cache = None
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

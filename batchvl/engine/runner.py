@@ -1,0 +1,112 @@
+"""The model runner: token ids in, logits out, over the KV cache it owns (nano-vllm's ModelRunner).
+
+It knows nothing of rows' progress (that is BatchState's); it owns what outlives a batch: the KV cache,
+its span policy and the decode graphs captured over it.
+
+Span policy. A batch needs `need` positions per row (its longest prompt + max_new_tokens), rounded up to
+SPAN_BUCKET. The cache has `max_batch_size` slots and a span that only grows: when a batch needs more
+positions than the cache has, the cache is reallocated at the new span and every decode graph is captured
+again, once, at that span (the only time graphs are dropped). Decode graphs attend over the cache's full
+span; eager decode (the CPU, or cuda_graphs off) attends over the batch's own rounded need, as before.
+When `max_batch_size` slots at the grown span would not fit the token budget (`max_batch_tokens`, the
+cache's share of device memory), the cache gets the slots the budget allows (at least the batch's rows),
+and if those are fewer than a batch's rows, it starts over from that batch's own span.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from batchvl.engine.graphs import DecodeGraphs, batch_buckets
+from batchvl.models.decoder import DecoderLM, KVCache
+
+log = logging.getLogger(__name__)
+
+SPAN_BUCKET = 256  # spans are rounded up to this, so that the cache (and its graphs) serve many batches
+
+
+def batch_span(need: int, max_positions: int) -> int:
+    """Positions a batch whose rows need `need` attends over: rounded up to SPAN_BUCKET, never past the
+    model's context (the rotary tables) unless the rows themselves need more."""
+    return min(SPAN_BUCKET * math.ceil(need / SPAN_BUCKET), max(need, max_positions))
+
+
+class ModelRunner:
+    """Prefill and decode over one KV cache; decode through CUDA graphs when `cuda_graphs` is set."""
+
+    def __init__(self, lm: DecoderLM, device: torch.device, dtype: torch.dtype, max_batch_size: int,
+                 max_batch_tokens: int, image_token_id: int, cuda_graphs: bool):
+        self.lm, self.device, self.dtype = lm, device, dtype
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.image_token_id = image_token_id
+        self.cuda_graphs = cuda_graphs
+        self.cache: KVCache | None = None
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            lm.rope(lm.spec.max_positions)  # fixed tables: graphs read them in place
+
+    def reserve(self, rows: int, need: int) -> tuple[KVCache, int]:
+        """A cache with at least `rows` slots of `need` positions, and the span decode attends over in it
+        (see the module docstring). Reallocating it (and capturing the decode graphs) happens here, before a
+        batch's prefill, never in the decode loop."""
+        span = batch_span(need, self.lm.spec.max_positions)
+        c = self.cache
+        if c is None or c.batch < rows or c.positions < span:
+            self._allocate(rows, span)
+        return self.cache, self.cache.positions if self.graphs is not None else span
+
+    def _allocate(self, rows: int, span: int) -> None:
+        old = self.cache
+        grown = max(span, old.positions) if old is not None else span  # the span only grows...
+        slots = min(self.max_batch_size, self.max_batch_tokens // grown)
+        if slots < rows:  # ...unless the budget then holds fewer slots than this batch has rows
+            grown, slots = span, min(self.max_batch_size, self.max_batch_tokens // span)
+        slots = max(slots, rows)
+        self.graphs = self.cache = None  # free the old cache and graphs' pool before allocating the new
+        log.debug("KV cache: %d slots x %d positions", slots, grown)
+        self.cache = KVCache(self.lm.spec, slots, grown, self.device, self.dtype)
+        if self.cuda_graphs:
+            try:
+                self.graphs = DecodeGraphs(self.lm, self.cache, batch_buckets(slots))
+            except BaseException:  # out of memory, say: without its graphs, the cache would run eager from now on
+                self.cache = None
+                raise
+
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None, cache: KVCache,
+                row0: int, chunk_tokens: int) -> torch.Tensor:
+        """ids [n, P] right-padded prompts (lengths [n]) into cache rows row0 .. row0 + n, with the image
+        embeddings `features` [T * tokens_per_tile, C] at the image context tokens, in row order. Returns
+        the logits of each row's last token [n, V] float32. In row chunks of at most `chunk_tokens` tokens:
+        activations stay bounded while the cache holds the whole batch."""
+        lm = self.lm
+        x = lm.embed(ids)  # [n, P, C]
+        if features is not None:
+            slots = ids == self.image_token_id
+            if int(slots.sum()) != features.shape[0]:
+                raise RuntimeError(f"{int(slots.sum())} image context tokens for {features.shape[0]} features")
+            x[slots] = features.to(x.dtype)
+        n, width = ids.shape
+        step = max(1, chunk_tokens // max(width, 1))
+        return torch.cat([lm.logits(lm.prefill(x[r : r + step], lengths[r : r + step], cache, row0 + r))
+                          for r in range(0, n, step)])  # [n, V]
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
+        """Logits [B, V] for each row's newest token [B] written at positions [B] (< span), attending over
+        cache positions [0, span): a replayed CUDA graph (whose output the next step overwrites) when
+        graphs are on, eager otherwise. With the Triton decode kernel each row reads only its own
+        positions + 1 keys, so a graph's full span costs nothing extra; with SDPA it is span-proportional
+        work for every row (masked, but read)."""
+        if self.graphs is not None:
+            if cache is not self.graphs.cache or span != self.graphs.span:
+                raise RuntimeError("decode graphs were captured over another cache or span")
+            return self.graphs.step(tokens, positions)
+        lm = self.lm
+        return lm.logits(lm.decode(lm.embed(tokens)[:, None], positions, cache, span))
+
+    def close(self) -> None:
+        """Drop the cache and the graphs (their memory goes back to PyTorch's allocator)."""
+        self.graphs = self.cache = None

@@ -1,0 +1,163 @@
+"""One batch on the device: its slots, each slot's progress, and the KV cache they write.
+
+The native engine runs a batch as a fixed number of slots (rows of the KV cache). Everything that
+changes while the batch runs is here, one entry per slot: the request, its prompt length, its own
+max_new_tokens, the cache position its newest token goes to, how many tokens it has generated, whether it
+is done, its sampler seed, the tokens it has seen (repetition penalty) and the tokens it generated.
+
+The steps are methods: `fill` and `admit` prefill rows into slots and take each one's first token,
+`decode` takes the next token in every slot, `sync` is the one host synchronisation. Methods rather than
+free functions because each step moves several fields together (a slot's position, count and done flag
+advance in step; admit resets all of a slot's fields at once): the invariants live in one class. The
+model work itself is ModelRunner's, which knows nothing of rows.
+
+Slots do not depend on each other or on the batch's step: sampling noise and min_new_tokens use each
+slot's own count, so a row admitted into a running batch generates what it would have generated alone.
+A done slot stops moving: its position stays where its last token went (inside the cache's span), its
+later "tokens" are the pad id, written to a spare column of the output buffer, and it never reads or
+writes another slot's cache row. A slot never filled is done from the start, at position 0.
+
+Run its steps under torch.inference_mode(), as NativeEngine._run does (the cache is an inference tensor).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from batchvl.core import Request
+from batchvl.engine.base import GenerationParams
+from batchvl.engine.runner import ModelRunner
+from batchvl.engine.sampler import Sampler, row_seed
+from batchvl.models.decoder import KVCache
+
+
+class BatchState:
+    """A batch of `slots` slots over `cache`, decoding over positions [0, span) of it."""
+
+    def __init__(self, runner: ModelRunner, sampler: Sampler, params: GenerationParams, slots: int,
+                 cache: KVCache, span: int, stops: torch.Tensor, eos_block: torch.Tensor, pad_id: int = 0,
+                 prefill_tokens: int = 65536):
+        if slots > cache.batch:
+            raise ValueError(f"{slots} slots over a cache of {cache.batch} rows")
+        self.runner, self.sampler, self.params = runner, sampler, params
+        self.cache, self.span = cache, span
+        self.stops, self.eos_block = stops, eos_block  # [K] token ids that end a row; [K'] ids min_new blocks
+        self.pad_id, self.prefill_tokens = pad_id, prefill_tokens
+        self.width = params.max_new_tokens  # the output buffer's columns; each slot's limit is at most this
+        self.max_limit = 0  # the largest limit of any row admitted (host side: bounds the decode loop)
+        self.requests: list[Request | None] = [None] * slots
+        device = runner.device
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [B] prompt lengths
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # [B] where `tokens` go in the cache
+        self.limits = torch.zeros(slots, dtype=torch.long, device=device)  # [B] each row's max_new_tokens
+        self.count = torch.zeros(slots, dtype=torch.long, device=device)  # [B] tokens generated so far
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)  # [B] a free slot is done
+        self.seeds = torch.zeros(slots, dtype=torch.int64, device=device)  # [B] the sampler's row seeds
+        self.tokens = torch.full((slots,), pad_id, dtype=torch.long, device=device)  # [B] the next decode's input
+        # [B, width + 1]: column `width` is where done slots' pad tokens go, so a full row is never overwritten.
+        self.out = torch.full((slots, self.width + 1), pad_id, dtype=torch.long, device=device)
+        self.seen = None  # [B, V] tokens already in each row, only for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros((slots, sampler.vocab), dtype=torch.bool, device=device)
+
+    @property
+    def slots(self) -> int:
+        """How many rows the batch holds at once (filled, done or free)."""
+        return len(self.requests)
+
+    def fill(self, requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
+        """Prefill `requests` into slots 0 .. n-1 and take their first tokens; `features` are their image
+        embeddings [T * tokens_per_tile, C] in request order. Returns the first step's logits [n, V]."""
+        return self._prefill(0, requests, features)
+
+    def admit(self, slot: int, request: Request, features: torch.Tensor | None) -> torch.Tensor:
+        """Prefill one row into a free `slot` (one never filled, or whose row is done) of a running batch and
+        take its first token; every other slot keeps its state. `features`: the row's image embeddings.
+        Returns its first step's logits [1, V]."""
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"slot {slot} of a batch of {self.slots}")
+        return self._prefill(slot, [request], features)
+
+    def _prefill(self, first: int, requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
+        n, p, device = len(requests), self.params, self.runner.device
+        if first + n > self.slots:
+            raise ValueError(f"{n} rows from slot {first} in a batch of {self.slots}")
+        lengths_list = [len(r.prompt_ids) for r in requests]
+        limits_list = [r.max_new_tokens or p.max_new_tokens for r in requests]
+        for r, length, limit in zip(requests, lengths_list, limits_list, strict=True):
+            if length + limit > self.span or limit > self.width:
+                raise ValueError(f"row {r.id}: {length} + {limit} positions do not fit a span of {self.span} "
+                                 f"with at most {self.width} new tokens")
+        rows = slice(first, first + n)
+        width = max(lengths_list)
+        # One host-to-device conversion of all prompts, right-padded on the device.
+        lengths = torch.tensor(lengths_list, device=device)  # [n]
+        flat = torch.tensor(list(itertools.chain.from_iterable(r.prompt_ids for r in requests)), dtype=torch.long)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=device)
+        ids[torch.arange(width, device=device)[None, :] < lengths[:, None]] = flat.to(device)  # [n, P]
+        logits = self.runner.prefill(ids, lengths, features, self.cache, first, self.prefill_tokens)  # [n, V]
+
+        self.requests[rows] = requests
+        self.lengths[rows] = lengths
+        self.positions[rows] = lengths  # each row's first generated token goes right after its prompt
+        self.limits[rows] = torch.tensor(limits_list, device=device)
+        self.count[rows] = 0
+        self.done[rows] = False
+        self.seeds[rows] = torch.tensor([row_seed(p.seed, r.id) for r in requests], device=device,
+                                        dtype=torch.int64)
+        self.out[rows] = self.pad_id
+        if self.seen is not None:
+            self._see_prompts(self.seen[rows], ids, requests)
+        self.max_limit = max(self.max_limit, *limits_list)
+        self._take(logits, rows)
+        return logits
+
+    def _see_prompts(self, seen: torch.Tensor, ids: torch.Tensor, requests: list[Request]) -> None:
+        """seen [n, V] <- the tokens of each prompt ids [n, P] (without the padding)."""
+        vocab = seen.shape[1]
+        seen.zero_()
+        seen.scatter_(1, ids.clamp(max=vocab - 1), True)
+        seen[:, self.pad_id] = False
+        for i, r in enumerate(requests):  # the pad id may be a real token of a row
+            if self.pad_id in r.prompt_ids:
+                seen[i, self.pad_id] = True
+
+    def decode(self) -> None:
+        """One step for every slot: run the model on each slot's newest token, then take the next one. Done
+        and free slots run too (their rows are in the batch's matrices) but stay where they are."""
+        logits = self.runner.decode(self.tokens, self.positions, self.cache, self.span)  # [B, V]
+        self.positions += ~self.done  # a done slot keeps its position: it never moves past its limit
+        self._take(logits, slice(None))
+
+    def _take(self, logits: torch.Tensor, rows: slice) -> None:
+        """Sample the next token of the slots `rows` (a slice: views, so the updates land in place) from
+        their logits [n, V], and record it: output buffer, seen, count, done. No host synchronisation."""
+        done, count = self.done[rows], self.count[rows]  # [n] views
+        seen = None if self.seen is None else self.seen[rows]
+        token = self.sampler(logits, seen, self.seeds[rows], count, self.eos_block)  # [n]
+        token = torch.where(done, self.pad_id, token)
+        self.tokens[rows] = token
+        column = torch.where(done, self.width, count)  # a done slot writes to the spare column
+        self.out[rows].scatter_(1, column[:, None], token[:, None])
+        if seen is not None:  # a done slot's pad token is not a token of its row
+            at = token[:, None]
+            seen.scatter_(1, at, seen.gather(1, at) | ~done[:, None])
+        count += ~done
+        done |= torch.isin(token, self.stops) | (self.limits[rows] <= count)
+
+    def sync(self, stop_hit=None) -> bool:
+        """The host synchronisation: marks done the slots whose tokens so far make `stop_hit(ids) -> bool`
+        true (stop strings; None: no test), and says whether every slot is done."""
+        if stop_hit is not None:
+            counts, done = self.count.tolist(), self.done.tolist()
+            rows = self.out[:, : max(counts)].tolist()
+            hits = [not d and stop_hit(row[:c]) for row, c, d in zip(rows, counts, done, strict=True)]
+            if any(hits):
+                self.done |= torch.tensor(hits, device=self.done.device)
+        return bool(self.done.all())
+
+    def generated(self) -> list[list[int]]:
+        """Each slot's generated ids [B][width], pad after its last token (host side)."""
+        return self.out[:, : self.width].tolist()

@@ -1,0 +1,237 @@
+"""The native engine's batch state: slots are independent, so a row admitted into a running batch (the
+refill of finished slots builds on it) generates exactly what it generates alone, and a finished slot changes
+nothing for the others. Plus the pure parts of the CUDA-graph and cache policies, which run on the CPU.
+
+Engine cases run the tiny checkpoint on the CPU in float32 and compare token ids exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from batchvl.core import Request
+from batchvl.engine.base import GenerationParams
+from batchvl.engine.graphs import batch_buckets, bucket_for
+from batchvl.engine.native import NativeEngine
+from batchvl.engine.runner import SPAN_BUCKET, batch_span
+from batchvl.engine.sampler import Sampler
+from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
+from batchvl.tools.check_parity import sample_rows
+
+MAX_NEW = 12
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    """(checkpoint, tokenizer, the sample rows: a 7-tile image, two images, a small image, text only)."""
+    ck = CheckpointInfo.read(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    return ck, tokenizer, sample_rows(tokenizer, checkpoint_chat_template(tiny_model, tokenizer), ck.tokens_per_tile)
+
+
+def make_engine(setup, **params) -> NativeEngine:
+    ck, tokenizer, _ = setup
+    params = GenerationParams(**{"max_new_tokens": MAX_NEW, "eos_token_ids": (tokenizer.eos_token_id,), **params})
+    return NativeEngine(ck, tokenizer, params, device="cpu", dtype="float32", max_batch_size=SLOTS)
+
+
+def alone(engine: NativeEngine, request: Request) -> list[int]:
+    """The ids `request` generates in a batch of its own."""
+    engine.generate([request])
+    return engine.last_tokens[0]
+
+
+def alone_state(engine: NativeEngine, request: Request):
+    """The state of a batch of `request` alone, run to the end."""
+    state = start(engine, [request], [request])
+    until_done(state)
+    return state
+
+
+def fields(state, slot: int) -> tuple:
+    """What a slot holds apart from its cache row: position, count, done, seed, seen tokens."""
+    seen = None if state.seen is None else state.seen[slot].nonzero().flatten().tolist()
+    return (int(state.positions[slot]), int(state.count[slot]), bool(state.done[slot]), int(state.seeds[slot]), seen)
+
+
+def need(requests: list[Request]) -> int:
+    return max(len(r.prompt_ids) for r in requests) + MAX_NEW
+
+
+def until_done(state) -> None:
+    with torch.inference_mode():
+        while not state.sync():
+            state.decode()
+
+
+def decode(state, steps: int) -> None:
+    with torch.inference_mode():
+        for _ in range(steps):
+            state.decode()
+
+
+def admit(engine: NativeEngine, state, slot: int, request: Request) -> None:
+    with torch.inference_mode():
+        state.admit(slot, request, engine._vision([request]))
+
+
+def start(engine: NativeEngine, first: list[Request], everyone: list[Request]):
+    """A state of SLOTS slots, spanning every row of `everyone`, with `first` in its first slots."""
+    with torch.inference_mode():
+        state = engine.start(SLOTS, need(everyone))
+        state.fill(first, engine._vision(first))
+    return state
+
+
+def early_token(setup, request: Request) -> int:
+    """A token `request` generates (greedy) early on, not its first: as an EOS id, min_new_tokens decides
+    whether the row stops there."""
+    return alone(make_engine(setup), request)[1]
+
+
+PARAMS = {
+    "greedy": {},
+    "sampling": {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 11},
+    "repetition-penalty": {"repetition_penalty": 1.3},
+    "penalty-sampling": {"repetition_penalty": 1.3, "temperature": 1.0, "seed": 5},
+}
+
+
+@pytest.mark.parametrize("name", [*PARAMS, "min-new-tokens"])
+def test_a_row_admitted_into_a_running_batch_generates_what_it_generates_alone(setup, name):
+    _, _, rows = setup
+    caption, two, small, text = rows
+    short = dataclasses.replace(text, id="short", max_new_tokens=2)  # slot 1 finishes after two tokens
+    again = dataclasses.replace(caption, id="again")  # another id: another seed
+    if name == "min-new-tokens":
+        # Each row's EOS is its own second greedy token. `again` joins at batch step 6: with a batch-wide
+        # step, min_new_tokens would no longer hold its EOS back and it would stop after two tokens.
+        params = {"eos_token_ids": (early_token(setup, two), early_token(setup, again)), "min_new_tokens": 5}
+    else:
+        params = PARAMS[name]
+    engine = make_engine(setup, **params)
+    want = {r.id: alone(engine, r) for r in (caption, short, small, two, again)}
+
+    state = start(engine, [caption, short, small], rows)  # slot 3 is free
+    decode(state, 3)
+    admit(engine, state, 3, two)  # into a slot never used
+    decode(state, 3)
+    assert state.generated()[1] == want["short"]  # done since step 1
+    admit(engine, state, 1, again)  # into a slot whose row finished
+    until_done(state)
+    got = state.generated()
+    assert got == [want["caption-7tile"], want["again"], want["small"], want["two-images"]]
+    # Admitting reset every field of the slot: nothing of the row that finished there is left.
+    assert fields(state, 1) == fields(alone_state(engine, again), 0)
+    assert fields(state, 3) == fields(alone_state(engine, two), 0)
+    if name == "min-new-tokens":
+        assert min(state.count.tolist()) >= 5
+
+
+def test_a_finished_slot_stays_in_bounds_and_leaves_the_others_alone(setup):
+    _, _, rows = setup
+    caption, two, small, text = rows
+    short = dataclasses.replace(text, id="short", max_new_tokens=2)
+    engine = make_engine(setup)
+    batch = [caption, short, two, small]
+    state = start(engine, batch, batch)
+    until_done(state)
+    got = state.generated()
+    assert got == [alone(engine, r) for r in batch]
+    assert got[1][2:] == [engine.pad_id] * (MAX_NEW - 2)
+    assert state.count.tolist() == [MAX_NEW, 2, MAX_NEW, MAX_NEW]
+    lengths = [len(r.prompt_ids) for r in batch]
+    # Each slot's newest token went to position length + count - 1; a done slot moves no further.
+    assert state.positions.tolist() == [n + c - 1 for n, c in zip(lengths, state.count.tolist(), strict=True)]
+    assert max(state.positions.tolist()) < state.span <= state.cache.positions
+    decode(state, 5)  # steps past the end change nothing
+    assert state.generated() == got and state.positions.tolist()[1] == lengths[1] + 1
+
+
+def test_admit_refuses_a_row_longer_than_the_span(setup):
+    _, _, rows = setup
+    text = rows[3]
+    engine = make_engine(setup)
+    state = start(engine, [text], [text])
+    with pytest.raises(ValueError, match="do not fit a span"):
+        admit(engine, state, 1, dataclasses.replace(text, prompt_ids=text.prompt_ids * 4))
+
+
+def test_sampler_steps_per_row_draw_what_each_row_draws_alone():
+    vocab, block = 64, torch.tensor([7])
+    sampler = Sampler(GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.95, min_new_tokens=3), vocab)
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    logits[:, 7] = 50.0  # token 7 wins whenever it is not blocked
+    seeds = torch.tensor([1, 2, 3])
+    steps = torch.tensor([0, 5, 2])
+    batch = sampler(logits, None, seeds, steps, block)
+    each = [int(sampler(logits[i : i + 1], None, seeds[i : i + 1], int(steps[i]), block)) for i in range(3)]
+    assert batch.tolist() == each
+    assert [t == 7 for t in each] == [False, True, False]  # blocked below min_new_tokens only
+    same = sampler(logits, None, seeds, torch.tensor([4, 4, 4]), block)
+    assert same.tolist() == sampler(logits, None, seeds, 4, block).tolist()
+
+
+def test_batch_buckets_are_powers_of_two_then_the_largest_batch():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    buckets = batch_buckets(48)
+    for rows in range(1, 49):
+        size = bucket_for(rows, buckets)
+        assert rows <= size < 2 * rows or size == 48
+    assert [bucket_for(n, buckets) for n in (1, 3, 5, 17, 33, 48)] == [1, 4, 8, 32, 48, 48]
+    with pytest.raises(ValueError):
+        bucket_for(49, buckets)
+    with pytest.raises(ValueError):
+        batch_buckets(0)
+
+
+def test_batch_span_rounds_up_and_stops_at_the_context_unless_rows_need_more():
+    assert batch_span(1, 4096) == SPAN_BUCKET
+    assert batch_span(SPAN_BUCKET + 1, 4096) == 2 * SPAN_BUCKET
+    assert batch_span(4000, 4000) == 4000  # not rounded past the rotary tables
+    assert batch_span(5000, 4000) == 5000
+
+
+def test_cache_keeps_max_batch_size_slots_and_its_span_only_grows(setup):
+    runner = make_engine(setup).runner
+    cache, span = runner.reserve(2, 100)
+    assert (cache.batch, cache.positions, span) == (SLOTS, SPAN_BUCKET, SPAN_BUCKET)
+    grown, span = runner.reserve(3, 300)
+    assert (grown.batch, grown.positions, span) == (SLOTS, 2 * SPAN_BUCKET, 2 * SPAN_BUCKET)
+    same, span = runner.reserve(4, 100)
+    assert same is grown and span == SPAN_BUCKET  # eager decode attends over the batch's own span
+    # A budget of 2048 tokens holds 2 slots of 1024 positions; a batch of 3 short rows then starts over.
+    runner.max_batch_tokens = 2048
+    cache, _ = runner.reserve(1, 1000)
+    assert (cache.batch, cache.positions) == (2, 1024)
+    cache, _ = runner.reserve(3, 200)
+    assert (cache.batch, cache.positions) == (SLOTS, SPAN_BUCKET)
+
+
+def test_rows_padded_up_to_a_graph_bucket_leave_the_real_rows_alone(setup):
+    """What a decode graph does with a batch smaller than its bucket: the padding rows (token 0, position 0,
+    in cache rows no slot uses) change neither the real rows' logits nor their cache rows."""
+    _, _, rows = setup
+    engine = make_engine(setup)
+    with torch.inference_mode():
+        state = engine.start(3, need(rows))  # 3 slots in a cache of SLOTS rows
+        state.fill(rows[:3], engine._vision(rows[:3]))
+        cache, lm = state.cache, engine.model.lm
+        k, v = cache.k.clone(), cache.v.clone()
+        plain = lm.logits(lm.decode(lm.embed(state.tokens)[:, None], state.positions, cache, state.span))  # [3, V]
+        written = cache.k[:, :3].clone(), cache.v[:, :3].clone()
+        cache.k.copy_(k)
+        cache.v.copy_(v)
+        pad = torch.zeros(SLOTS - 3, dtype=torch.long)
+        tokens, positions = torch.cat([state.tokens, pad]), torch.cat([state.positions, pad])  # [SLOTS]
+        padded = lm.logits(lm.decode(lm.embed(tokens)[:, None], positions, cache, state.span))
+    torch.testing.assert_close(padded[:3], plain, rtol=1e-5, atol=1e-5)
+    assert padded[:3].argmax(-1).tolist() == plain.argmax(-1).tolist()
+    torch.testing.assert_close((cache.k[:, :3], cache.v[:, :3]), written, rtol=1e-5, atol=1e-5)
