@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from batchvl.config import load_job
+from batchvl.config import EngineSpec, build_section, load_job
 from batchvl.errors import JobError, OutputWriteError, WorkerError
 from batchvl.log import configure_logging
 
@@ -170,6 +170,7 @@ def _check_parity(args: argparse.Namespace) -> int:
         engine = sections.pop("engine", {})
         if sections:
             raise ValueError(f"only engine keys can be set here, not {', '.join(sections)}")
+        build_section(EngineSpec, engine, "engine")  # a misspelt key fails here, naming it, before any work
     except ValueError as e:
         print(f"batchvl: error: --engine: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR

@@ -106,6 +106,12 @@ def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
         assert c.rel_err_native_vs_ref < 1e-5 and c.agree_prefix == 8, c
 
 
+def test_check_parity_refuses_a_misspelt_engine_key_naming_it(capsys):
+    assert main(["check-parity", "--engine", "compiel=true"]) == 2
+    err = capsys.readouterr().err
+    assert "engine.compiel: unknown key" in err and err.count("\n") == 1
+
+
 def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path):
     from batchvl.tools.bench import bench, format_sides, parse_settings, parse_variant
 

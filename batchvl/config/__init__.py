@@ -2,7 +2,7 @@
 and no data (`checks`). Everything a run does is decided here, once, before anything heavy happens."""
 
 from batchvl.config.checks import check_job
-from batchvl.config.load import job_from_mapping, load_job
+from batchvl.config.load import build_section, job_from_mapping, load_job
 from batchvl.config.spec import (
     BACKENDS,
     DECODE_ATTENTION,
@@ -19,4 +19,5 @@ from batchvl.config.spec import (
 from batchvl.errors import JobError
 
 __all__ = ["BACKENDS", "DECODE_ATTENTION", "DEVICES", "DTYPES", "EngineSpec", "GenerationSpec", "InputSpec", "Job",
-           "JobError", "MediaSpec", "OutputSpec", "check_job", "job_from_mapping", "load_job", "resolve_gpus"]
+           "JobError", "MediaSpec", "OutputSpec", "build_section", "check_job", "job_from_mapping", "load_job",
+           "resolve_gpus"]

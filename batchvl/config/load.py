@@ -50,6 +50,12 @@ def job_from_mapping(raw: Any, base_dir: str | os.PathLike, overrides: list[str]
     return job
 
 
+def build_section(cls: type, raw: Any, key: str) -> Any:
+    """One section of a job file (dataclass `cls`, e.g. EngineSpec) from its mapping, with the checks
+    load_job makes: an unknown or mistyped key is a JobError naming `key.name`."""
+    return _build(cls, raw, f"{key}.")
+
+
 def _apply_override(raw: dict, item: str) -> None:
     """`--set a.b=value`: the value is read as YAML, so numbers, booleans, null and lists keep their types."""
     key, sep, text = item.partition("=")

@@ -11,7 +11,7 @@ two different jobs. Only settings that change the text of a row count. The list 
 - the effective engine dtype.
 
 Not counted, as they do not change results: engine.max_batch_size, max_batch_tokens, backend, device (for
-the same dtype), overlap_vision, decode_attention, compile, gpus, media prefetch sizes, threads, HTTP
+the same dtype), decode_attention, compile, gpus, media prefetch sizes, threads, HTTP
 settings, output.rows_per_file.
 """
 

@@ -14,6 +14,7 @@ trained model's would; the float32 row of the table shows what each side's own r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from batchvl.config import EngineSpec, build_section
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams, pick_device, pick_dtype
-from batchvl.engine.native import NativeEngine
+from batchvl.engine.factory import make_engine
 from batchvl.media.tiling import normalize_uint8, tile_image, tiles_to_uint8
 from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
 from batchvl.prepare.prompt import PromptBuilder, place_images
@@ -139,8 +141,10 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     rows = sample_rows(tokenizer, checkpoint_chat_template(path, tokenizer), ck.tokens_per_tile)
 
     params = GenerationParams(max_new_tokens=tokens, eos_token_ids=(tokenizer.eos_token_id,), ignore_eos=True)
-    engine = NativeEngine(ck, tokenizer, params, device=str(dev.type), dtype=str(dt).removeprefix("torch."),
-                          max_batch_size=len(rows), **(engine or {}))
+    # The job file's engine section, checked as a job file's is, then built by the one engine factory.
+    spec = dataclasses.replace(build_section(EngineSpec, dict(engine or {}), "engine"), backend="native",
+                               device=dev.type, dtype=str(dt).removeprefix("torch."), max_batch_size=len(rows))
+    engine = make_engine(spec, ck, tokenizer, params)
     engine.first_step_logits = []
     engine.generate(rows)
     native_logits = torch.cat(engine.first_step_logits)
