@@ -85,32 +85,20 @@ class DecodeGraphs:
         x = lm.embed(self.token[:size])[:, None]  # [size, 1, C]
         return lm.logits(lm.decode(x, self.positions[:size], self.cache, self.span))
 
-    def inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The static input buffers' first `rows` rows (token [rows], positions [rows]), for a batch to keep
-        its newest tokens and positions in: `step` then copies nothing. The rows past them, which a batch's
-        bucket pads with, are reset to token 0 at position 0."""
-        self.token[rows:].zero_()
-        self.positions[rows:].zero_()
-        self._live = rows
-        return self.token[:rows], self.positions[:rows]
-
     def step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for each row's newest token [B] at positions [B] (each < span), attending over the
-        cache's full span. The result is a static buffer that the next step overwrites. Given the buffers
-        `inputs` handed out, nothing is copied: each host-side op here costs the decode loop a turn at the GIL,
-        which the preparation threads hold most of the time."""
+        cache's full span. The result is a static buffer that the next step overwrites."""
         rows = token.shape[0]
         size = bucket_for(rows, self.buckets)
-        if token.data_ptr() != self.token.data_ptr() or positions.data_ptr() != self.positions.data_ptr():
-            if rows < self._live:  # rows a larger batch filled: back to position 0, out of the way
-                self.token[rows : self._live].zero_()
-                self.positions[rows : self._live].zero_()
-            self._live = rows
-            self.token[:rows].copy_(token)
-            self.positions[:rows].copy_(positions)
+        if rows < self._live:  # rows a larger batch filled: back to position 0, out of the way
+            self.token[rows : self._live].zero_()
+            self.positions[rows : self._live].zero_()
+        self._live = rows
+        self.token[:rows].copy_(token)
+        self.positions[:rows].copy_(positions)
         graph, logits = self._graphs[size]
         graph.replay()
-        return logits if rows == size else logits[:rows]
+        return logits[:rows]
 
 
 class VisionGraph:

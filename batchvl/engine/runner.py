@@ -76,12 +76,6 @@ class ModelRunner:
                 self.cache = None
                 raise
 
-    def decode_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """With decode graphs: the graphs' own input buffers for a batch of `rows` slots (token [rows], positions
-        [rows], both int64), for the batch to keep its newest tokens and positions in, so that a decode step
-        copies nothing in. None without graphs (the batch keeps its own)."""
-        return None if self.graphs is None else self.graphs.inputs(rows)
-
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None, cache: KVCache,
                 row0: int, chunk_tokens: int) -> torch.Tensor:
         """ids [n, P] right-padded prompts (lengths [n]) into cache rows row0 .. row0 + n, with the image

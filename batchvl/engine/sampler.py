@@ -68,8 +68,7 @@ class Sampler:
         (or one int for all rows). `block` [K]: token ids (EOS) a row may not choose while its step is below
         min_new_tokens."""
         p = self.p
-        if logits.shape[-1] != self.vocab:  # a padded LM head (skipped when not: one op less per decode step)
-            logits = logits[:, : self.vocab]
+        logits = logits[:, : self.vocab]
         if block is not None and p.min_new_tokens > 0:
             logits = self.block_early(logits, block, step)
         logits = self.apply_penalty(logits, seen)

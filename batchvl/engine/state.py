@@ -45,30 +45,18 @@ class BatchState:
         self.cache, self.span = cache, span
         self.stops, self.eos_block = stops, eos_block  # [K] token ids that end a row; [K'] ids min_new blocks
         self.pad_id, self.prefill_tokens = pad_id, prefill_tokens
-        self.pad = torch.tensor(pad_id, dtype=torch.long, device=runner.device)  # [] for torch.where
         self.width = params.max_new_tokens  # the output buffer's columns; each slot's limit is at most this
         self.max_limit = 0  # the largest limit of any row admitted (host side: bounds the decode loop)
         self.requests: list[Request | None] = [None] * slots
         device = runner.device
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [B] prompt lengths
-        # [B] where `tokens` go in the cache: always base + count (a slot's position moves with its count, and
-        # both stop when it is done), with base = prompt length - 1 (0 for a slot never filled).
-        self.base = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # [B] where `tokens` go in the cache
         self.limits = torch.zeros(slots, dtype=torch.long, device=device)  # [B] each row's max_new_tokens
         self.count = torch.zeros(slots, dtype=torch.long, device=device)  # [B] tokens generated so far
         self.done = torch.ones(slots, dtype=torch.bool, device=device)  # [B] a free slot is done
         self.seeds = torch.zeros(slots, dtype=torch.int64, device=device)  # [B] the sampler's row seeds
-        # [B] the next decode's input tokens, and their positions: the decode graphs' own input buffers when
-        # there are graphs (a step then copies nothing in), else the batch's own.
-        shared = runner.decode_inputs(slots)
-        if shared is None:
-            shared = (torch.empty(slots, dtype=torch.long, device=device),
-                      torch.empty(slots, dtype=torch.long, device=device))
-        self.tokens, self.positions = shared
-        self.tokens.fill_(pad_id)
-        self.positions.zero_()
-        # [B, width + 1]: a done slot's later pad tokens go to its column `count`, past its last token; the spare
-        # column `width` takes them for a slot that ran to max_new_tokens.
+        self.tokens = torch.full((slots,), pad_id, dtype=torch.long, device=device)  # [B] the next decode's input
+        # [B, width + 1]: column `width` is where done slots' pad tokens go, so a full row is never overwritten.
         self.out = torch.full((slots, self.width + 1), pad_id, dtype=torch.long, device=device)
         self.seen = None  # [B, V] tokens already in each row, only for the repetition penalty
         if params.repetition_penalty != 1.0:
@@ -113,7 +101,7 @@ class BatchState:
 
         self.requests[rows] = requests
         self.lengths[rows] = lengths
-        self.base[rows] = lengths - 1  # its first generated token (count 1) goes right after its prompt
+        self.positions[rows] = lengths  # each row's first generated token goes right after its prompt
         self.limits[rows] = torch.tensor(limits_list, device=device)
         self.count[rows] = 0
         self.done[rows] = False
@@ -140,30 +128,24 @@ class BatchState:
         """One step for every slot: run the model on each slot's newest token, then take the next one. Done
         and free slots run too (their rows are in the batch's matrices) but stay where they are."""
         logits = self.runner.decode(self.tokens, self.positions, self.cache, self.span)  # [B, V]
-        self._take(logits)
+        self.positions += ~self.done  # a done slot keeps its position: it never moves past its limit
+        self._take(logits, slice(None))
 
-    def _take(self, logits: torch.Tensor, rows: slice | None = None) -> None:
-        """Sample the next token of the slots `rows` (a slice: views, so the updates land in place; None: all
-        of them) from their logits [n, V], and record it: next input token and position, output buffer, seen,
-        count, done. No host synchronisation. This runs once per decode step on a thread that shares the GIL
-        with the preparation threads, and each op here waits its turn: keep them few."""
-        if rows is None:
-            done, count, tokens, limits, seeds = self.done, self.count, self.tokens, self.limits, self.seeds
-            out, seen, base, positions = self.out, self.seen, self.base, self.positions
-        else:
-            done, count, tokens, limits, seeds = (t[rows] for t in (self.done, self.count, self.tokens,
-                                                                     self.limits, self.seeds))
-            out, base, positions = self.out[rows], self.base[rows], self.positions[rows]
-            seen = None if self.seen is None else self.seen[rows]
-        sampled = self.sampler(logits, seen, seeds, count, self.eos_block)  # [n]
-        torch.where(done, self.pad, sampled, out=tokens)  # a done slot takes the pad id
-        at = tokens[:, None]
-        out.scatter_(1, count[:, None], at)  # a done slot's count is past its last token
+    def _take(self, logits: torch.Tensor, rows: slice) -> None:
+        """Sample the next token of the slots `rows` (a slice: views, so the updates land in place) from
+        their logits [n, V], and record it: output buffer, seen, count, done. No host synchronisation."""
+        done, count = self.done[rows], self.count[rows]  # [n] views
+        seen = None if self.seen is None else self.seen[rows]
+        token = self.sampler(logits, seen, self.seeds[rows], count, self.eos_block)  # [n]
+        token = torch.where(done, self.pad_id, token)
+        self.tokens[rows] = token
+        column = torch.where(done, self.width, count)  # a done slot writes to the spare column
+        self.out[rows].scatter_(1, column[:, None], token[:, None])
         if seen is not None:  # a done slot's pad token is not a token of its row
+            at = token[:, None]
             seen.scatter_(1, at, seen.gather(1, at) | ~done[:, None])
         count += ~done
-        torch.add(base, count, out=positions)  # a done slot's count, and so its position, stays
-        done |= torch.isin(tokens, self.stops) | (limits <= count)
+        done |= torch.isin(token, self.stops) | (self.limits[rows] <= count)
 
     def sync(self, stop_hit=None) -> bool:
         """The host synchronisation: marks done the slots whose tokens so far make `stop_hit(ids) -> bool`
