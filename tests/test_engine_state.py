@@ -15,8 +15,8 @@ import torch
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams
 from batchvl.engine.graphs import batch_buckets, bucket_for
+from batchvl.engine.model_runner import SPAN_BUCKET, batch_span
 from batchvl.engine.native import NativeEngine
-from batchvl.engine.runner import SPAN_BUCKET, batch_span
 from batchvl.engine.sampler import Sampler
 from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
 from batchvl.tools.check_parity import sample_rows

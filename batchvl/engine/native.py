@@ -8,7 +8,7 @@ A batch runs as:
    has stopped or reached max_new_tokens. The loop looks at the host only every `check_every` steps.
 
 The batch's state is a BatchState (state.py) and prefill and decode are its steps; the KV cache, its span
-policy and the decode graphs are the ModelRunner's (runner.py). This module runs the vision pass and the
+policy and the decode graphs are the ModelRunner's (model_runner.py). This module runs the vision pass and the
 loop.
 """
 
@@ -22,7 +22,7 @@ from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.compile import compile_model
 from batchvl.engine.graphs import VisionGraph
-from batchvl.engine.runner import ModelRunner
+from batchvl.engine.model_runner import ModelRunner
 from batchvl.engine.sampler import Sampler
 from batchvl.engine.state import BatchState
 from batchvl.engine.timing import StageTimes

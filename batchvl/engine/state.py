@@ -28,7 +28,7 @@ import torch
 
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams
-from batchvl.engine.runner import ModelRunner
+from batchvl.engine.model_runner import ModelRunner
 from batchvl.engine.sampler import Sampler, row_seed
 from batchvl.models.decoder import KVCache
 
