@@ -229,6 +229,7 @@ def test_write_failure_stops_with_exit_1_and_stays_resumable(tiny_model, tmp_pat
     assert "No space left on device" in err
     assert sorted(by_id(tmp_path / "out")) == ["r0", "r1"]
     assert not list((tmp_path / "out").glob(".tmp-*"))
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["state"] == "failed"  # not "finished"
     monkeypatch.setattr(writer.pq, "write_table", real)
     assert main(["run", str(job), "--quiet"]) == 0
     assert sorted(by_id(tmp_path / "out")) == [f"r{i}" for i in range(6)]

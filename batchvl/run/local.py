@@ -63,14 +63,16 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
             summary.add(result)
             bar.update(result)
 
+    completed = False  # _summary.json says "failed", not "finished", when an exception ends the run
     try:
         rows = pending_rows(plan.files, job.input.id_column, plan.done, shard)
         process_rows(job, engine, make_preparer(job, plan), rows, writer, lambda: bool(stop.signum), times, ran)
+        completed = True
     finally:
         writer.close_after_error()
         bar.close()
         engine.close()
-        counts.write("interrupted" if stop.signum else "finished")
+        counts.write("interrupted" if stop.signum else "finished" if completed else "failed")
     summary.committed = counts.this_run
     summary.elapsed_s = time.perf_counter() - start
     summary.stage_s = dict(times.seconds)

@@ -224,6 +224,7 @@ def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float
     counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start)
     writer = open_writer(job, files, counts.commit)
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
+    completed = False  # _summary.json says "failed", not "finished", when an exception ends the run
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for result in table_results(batch):
@@ -233,10 +234,11 @@ def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float
             if stop.signum:
                 break
         writer.close()
+        completed = True
     finally:
         writer.close_after_error()  # after an error elsewhere: commit the finished rows still buffered
         bar.close()
-        counts.write("interrupted" if stop.signum else "finished")
+        counts.write("interrupted" if stop.signum else "finished" if completed else "failed")
     summary.committed = counts.this_run
     summary.elapsed_s = time.perf_counter() - start
     return summary
