@@ -2,7 +2,8 @@
 
 1. `plan` (cheap, on the prefetch loop): read the row's prompt or messages and its media references into a
    `RowPlan`: the conversation with one `<image>` placeholder per image (video frames already announced as
-   `Frame{i}: <image>`), and the list of media to fetch, with per-item tile limits.
+   `Frame{i}: <image>`), its row text shielded (prompt.py), and the list of media to fetch, with per-item tile
+   limits.
 2. `build` (CPU work, on the preparation threads): decode the fetched media, tile and normalise it, render
    the conversation with the chat template and tokenize.
 
@@ -102,7 +103,8 @@ class RowPreparer:
         return [{"role": "user", "content": announce + text}], [video] + images
 
     def _plan_messages(self, data: dict[str, Any]) -> tuple[list[dict[str, str]], list[MediaRef]]:
-        return flatten_messages(data.get(self.s.messages_column), self.s.max_tiles, self.s.messages_column)
+        return flatten_messages(data.get(self.s.messages_column), self.s.max_tiles, self.s.messages_column,
+                                self.prompts.shield)
 
     # ---- stage 2: the build (CPU) -----------------------------------------------------------------------
 
@@ -151,10 +153,10 @@ class RowPreparer:
             if value is not None:
                 if not isinstance(value, str):
                     raise RowError(f"input: {s.prompt_column!r} must be a string, got {type(value).__name__}")
-                return value
+                return self.prompts.shield(value)
             if s.prompt is None:
                 raise RowError(f"input: the row has no prompt in column {s.prompt_column!r}")
-        return fill_fields(s.prompt, data)
+        return fill_fields(s.prompt, data, self.prompts.shield)
 
     @staticmethod
     def _refs(data: dict[str, Any], column: str | None) -> list[Any]:
