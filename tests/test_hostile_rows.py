@@ -1,6 +1,9 @@
-"""Rows that try to stop the job: special-token strings in their text, rows the engine fails on."""
+"""Rows that try to stop the job: special-token strings in their text, rows the engine fails on, and prompts
+too long for the model from their text or their image count alone."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -134,3 +137,55 @@ def test_errors_that_are_no_rows_doing_still_stop_the_job(error):
     with pytest.raises(type(error)):
         run_batch(engine, batch)
     assert engine.sizes == [2]  # not retried
+
+
+def test_too_long_rows_fail_before_their_media_is_fetched(tiny_model, tmp_path, monkeypatch):
+    import batchvl.prepare.prefetch as prefetch
+    import batchvl.prepare.preparer as preparer
+
+    fetched, planned = [], {}
+    real_fetch, real_plan = prefetch.Fetcher.fetch, preparer.RowPreparer.plan
+
+    def fetch(self, ref, *a, **k):
+        fetched.append(ref)
+        return real_fetch(self, ref, *a, **k)
+
+    def plan(self, row, *a):
+        start = time.perf_counter()
+        try:
+            return real_plan(self, row, *a)
+        finally:
+            planned[row.id] = time.perf_counter() - start
+
+    monkeypatch.setattr(prefetch.Fetcher, "fetch", fetch)
+    monkeypatch.setattr(preparer.RowPreparer, "plan", plan)
+    words = "a photo of a cat on a table "
+    rows = [{"id": "huge", "prompt": words * 200_000, "image": "missing.png"},  # 5.6 MB
+            {"id": "many", "prompt": "Compare.", "image": ["missing.png"] * 1500},
+            {"id": "over", "prompt": words * 1200},  # 34 KB: counted, about 10,000 tokens
+            {"id": "under", "prompt": words * 320},  # 9 KB: counted (more bytes than 8,188), 3,000 tokens
+            {"id": "ok", "prompt": "hi"}]
+    job = base_job(tiny_model, write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "out",
+                   generation={"max_new_tokens": 4})
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job)), "--quiet"]) == 0
+    out = by_id(tmp_path / "out")
+    assert fetched == []
+    assert out["many"]["error"] == (
+        "prompt: at least 24000 tokens for its 1500 image(s) alone (1500 tiles at the fewest), more than the model "
+        "accepts with room to generate (8188); use fewer images")
+    for key in ("huge", "over"):
+        assert out[key]["error"].startswith("prompt: at least "), key
+        assert "tokens, more than the model accepts with room to generate (8188)" in out[key]["error"]
+        assert planned[key] < 2, (key, planned[key])
+    assert planned["many"] < 1
+    assert out["under"]["error"] is None and out["under"]["prompt_tokens"] > 2500
+    assert out["ok"]["error"] is None
+
+
+def test_the_text_bound_never_exceeds_the_count(tokenizer):
+    builder = PromptBuilder(tokenizer, tokenizer.chat_template, tokens_per_tile=4)
+    texts = ["a photo of a cat " * 3000, "你是书生·万象，英文名是InternVL。" * 2000, "ab" * 40_000, "x  \n\n  y" * 5000,
+             "<image>\n" + "dog " * 9000 + "<image>" + builder.shield(HOSTILE) * 100]
+    for text in texts:
+        exact = len(builder.encode(text, [1] * text.count("<image>")))
+        assert builder.tokens_at_least([text], 10**9) <= exact

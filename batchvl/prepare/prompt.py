@@ -19,7 +19,7 @@ text is not row text and keeps its meaning. Other special tokens (InternVL's gro
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jinja2
@@ -39,6 +39,9 @@ _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ESC = "\ue000"
 _CODE0 = 0xE100
 _MARKER = re.compile("\ue000(.)", re.DOTALL)
+_PIECES = re.compile("\ue000.|" + re.escape(IMAGE_PLACEHOLDER), re.DOTALL)  # where row text is cut in the prompt
+COUNT_CHUNK = 1 << 14  # characters tokenized at once when bounding a long text's tokens
+COUNT_SLACK = 4  # tokens a piece counted alone may have beyond its share of the whole prompt's
 
 
 def fill_fields(template: str, row: dict[str, Any], shield: Callable[[str], str] = str) -> str:
@@ -221,6 +224,33 @@ class PromptBuilder:
             raise RowError(f"prompt: holds {got[0]} {IMG_START}, {got[1]} {IMG_END} and {got[2]} {IMG_CONTEXT} "
                            f"tokens where its {len(tiles_per_image)} image(s) need {want} context tokens; "
                            "write image tokens only as <image> placeholders")
+
+    def tokens_at_least(self, texts: Iterable[str], enough: int) -> int:
+        """A lower bound on the tokens the row texts `texts` (contents as planned) take in the prompt, not
+        counting images or the template; counting stops once it passes `enough`, so a text of any length
+        costs about `enough` tokens' worth of tokenizing. Each piece between placeholders and markers is
+        tokenized in chunks of COUNT_CHUNK characters, cut at a space where there is one; a chunk tokenized
+        alone has at most COUNT_SLACK tokens more than its share of the whole prompt's."""
+        total = 0
+        for text in texts:
+            for piece in _PIECES.split(text):
+                for chunk in _chunks(piece, COUNT_CHUNK):
+                    total += max(0, len(self._ids(chunk)) - COUNT_SLACK)
+                    if total > enough:
+                        return total
+        return total
+
+
+def _chunks(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of at most `size` characters, each cut before a space where one is near the end."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + size // 2, start + size)
+        cut = cut if cut > start else start + size
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
 
 
 def _special_tokens(tokenizer: Any) -> list[str]:
