@@ -11,6 +11,7 @@ assistant turns are kept, so a multi-turn conversation (with images in earlier t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from batchvl.errors import RowError
@@ -20,8 +21,10 @@ from batchvl.prepare.prompt import place_images
 ROLES = ("system", "user", "assistant")
 
 
-def flatten_messages(cell: Any, default_max_tiles: int, column: str) -> tuple[list[dict[str, str]], list[MediaRef]]:
-    """Messages with string contents (placeholders in place) and the images they reference, in order."""
+def flatten_messages(cell: Any, default_max_tiles: int, column: str, shield: Callable[[str], str] = str
+                     ) -> tuple[list[dict[str, str]], list[MediaRef]]:
+    """Messages with string contents (placeholders in place, text through `shield`: row text) and the images
+    they reference, in order."""
     if isinstance(cell, str):
         try:
             cell = json.loads(cell)
@@ -42,7 +45,7 @@ def flatten_messages(cell: Any, default_max_tiles: int, column: str) -> tuple[li
         if images and role != "user":
             raise RowError(f"messages: message {i} ({role}) has images; only user turns may")
         try:
-            text = place_images(text, len(images))
+            text = place_images(shield(text), len(images))
         except RowError as e:
             raise RowError(f"messages: message {i}: {e}") from None
         out.append({"role": role, "content": text})

@@ -2,7 +2,9 @@
 
 1. `plan` (cheap, on the prefetch loop): read the row's prompt or messages and its media references into a
    `RowPlan`: the conversation with one `<image>` placeholder per image (video frames already announced as
-   `Frame{i}: <image>`), and the list of media to fetch, with per-item tile limits.
+   `Frame{i}: <image>`), its row text shielded (prompt.py), and the list of media to fetch, with per-item tile
+   limits. A row that is too long already, from its text and its images at their fewest tiles, stops here,
+   before any media is fetched or decoded.
 2. `build` (CPU work, on the preparation threads): decode the fetched media, tile and normalise it, render
    the conversation with the chat template and tokenize.
 
@@ -76,6 +78,7 @@ class RowPreparer:
             else:
                 messages, media = self._plan_prompt(row.data)
             max_new = self._max_new_tokens(row.data)
+            self._check_length(messages, media)
         except RowError as e:
             return Result.failed(row.id, str(e), keep)
         return RowPlan(row, media_root, messages, media, keep, max_new)
@@ -102,7 +105,29 @@ class RowPreparer:
         return [{"role": "user", "content": announce + text}], [video] + images
 
     def _plan_messages(self, data: dict[str, Any]) -> tuple[list[dict[str, str]], list[MediaRef]]:
-        return flatten_messages(data.get(self.s.messages_column), self.s.max_tiles, self.s.messages_column)
+        return flatten_messages(data.get(self.s.messages_column), self.s.max_tiles, self.s.messages_column,
+                                self.prompts.shield)
+
+    def _check_length(self, messages: list[dict[str, str]], media: list[MediaRef]) -> None:
+        """Refuse a row that cannot fit whatever its media turn out to be: its images at their fewest tiles,
+        then (only when its text could matter: more bytes than the room left) a lower bound on its text's
+        tokens. The exact count, after tiling, is `_build`'s."""
+        s = self.s
+        images = sum(max(m.frames, 1) if m.kind == "video" else 1 for m in media)
+        tiles = sum(min(s.min_tiles, m.max_tiles) * (max(m.frames, 1) if m.kind == "video" else 1) for m in media)
+        least = tiles * self.prompts.tokens_per_tile
+        if least > s.max_prompt_tokens:
+            raise RowError(f"prompt: at least {least} tokens for its {images} image(s) alone ({tiles} tiles at the "
+                           f"fewest), more than the model accepts with room to generate ({s.max_prompt_tokens}); "
+                           "use fewer images")
+        room = s.max_prompt_tokens - least
+        texts = [m["content"] for m in messages]
+        if sum(map(len, texts)) <= room and sum(len(t.encode()) for t in texts) <= room:
+            return  # the usual case: no more tokens than bytes, so nothing to count here
+        least += self.prompts.tokens_at_least(texts, room)
+        if least > s.max_prompt_tokens:
+            raise RowError(f"prompt: at least {least} tokens, more than the model accepts with room to generate "
+                           f"({s.max_prompt_tokens}); use a shorter prompt or fewer images")
 
     # ---- stage 2: the build (CPU) -----------------------------------------------------------------------
 
@@ -151,10 +176,10 @@ class RowPreparer:
             if value is not None:
                 if not isinstance(value, str):
                     raise RowError(f"input: {s.prompt_column!r} must be a string, got {type(value).__name__}")
-                return value
+                return self.prompts.shield(value)
             if s.prompt is None:
                 raise RowError(f"input: the row has no prompt in column {s.prompt_column!r}")
-        return fill_fields(s.prompt, data)
+        return fill_fields(s.prompt, data, self.prompts.shield)
 
     @staticmethod
     def _refs(data: dict[str, Any], column: str | None) -> list[Any]:

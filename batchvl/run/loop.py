@@ -17,6 +17,7 @@ from batchvl.config import Job
 from batchvl.core import Request, Result, Row
 from batchvl.engine.factory import make_engine
 from batchvl.engine.timing import StageTimes
+from batchvl.errors import JobError, OutputWriteError, WorkerError
 from batchvl.media.fetch import FetchSettings
 from batchvl.prepare.prefetch import Prefetcher
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
@@ -71,22 +72,39 @@ def run_batch(engine, batch: list[Request | Result]) -> list[Result]:
     return [next(results) if isinstance(x, Request) else x for x in batch]
 
 
+_DEVICE_ERRORS = (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()  # torch >= 2.8
+
+
 def _generate(engine, requests: list[Request]) -> list[Result]:
-    """engine.generate, but a batch that runs out of device memory is split in halves and retried, down to one
-    row; a row that does not fit alone becomes an error row (`oom: ...`)."""
+    """engine.generate, but a batch that fails is split in halves and retried, down to one row, so that what
+    one row does costs that row alone: out of device memory, a row that does not fit alone becomes an error
+    row (`oom: ...`); any other exception (`Exception`, not KeyboardInterrupt or SystemExit), `internal: ...`.
+    Not confined, because they are no row's doing: the job's and the output's errors, and CUDA errors, after
+    which the device is unusable."""
     try:
         return engine.generate(requests)
     except torch.cuda.OutOfMemoryError:
-        pass  # retried below, outside the handler: the exception's frames hold the failed attempt's tensors
+        why = None
+    except (JobError, OutputWriteError, WorkerError, *_DEVICE_ERRORS):
+        raise
+    except Exception as e:
+        why = f"internal: {type(e).__name__}: {e}"
+        if len(requests) == 1:
+            log.warning("row %s failed alone; it becomes an error row", requests[0].id, exc_info=True)
+        else:
+            log.warning("a batch of %d rows failed (%s); retrying it in halves", len(requests), why)
+    # Retried below, outside the handler: the exception's frames hold the failed attempt's tensors.
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if len(requests) == 1:
         r = requests[0]
-        return [Result.failed(r.id, f"oom: device out of memory for this row alone ({len(r.prompt_ids)} "
-                                    f"prompt tokens, {sum(r.tiles_per_image)} tiles)", r.keep)]
+        why = why or (f"oom: device out of memory for this row alone ({len(r.prompt_ids)} prompt tokens, "
+                      f"{sum(r.tiles_per_image)} tiles)")
+        return [Result.failed(r.id, why, r.keep)]
     half = len(requests) // 2
-    log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
-                len(requests) - half)
+    if why is None:
+        log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
+                    len(requests) - half)
     return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
 
 
