@@ -1,19 +1,26 @@
-"""Nothing a row contains can stop a job: keep columns typed differently per file, values with no output
-equivalent."""
+"""Nothing a row contains can stop a job: JSONL lines Python cannot hold, a line too long to read, keep columns
+typed differently per file, values with no output equivalent."""
 
 from __future__ import annotations
 
+import json
 import logging
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import batchvl.io.readers as readers
 from batchvl.cli import main
 from batchvl.core import Result
+from batchvl.io.readers import columns_of, count_rows, read_rows
 from batchvl.io.writer import PartWriter, output_schema
 
 from .conftest import base_job, write_job
+
+HUGE_INT = "7" * 5000  # past Python's 4,300-digit limit on int parsing (ValueError)
+DEEP = "[" * 100_000 + "]" * 100_000  # past the recursion limit (RecursionError)
 
 
 def by_id(out: Path) -> dict[str, dict]:
@@ -21,6 +28,88 @@ def by_id(out: Path) -> dict[str, dict]:
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), "an id appears more than once"
     return {r["id"]: r for r in rows}
+
+
+def hostile_jsonl(path: Path) -> Path:
+    lines = [
+        '{"id": "a", "prompt": "one", "meta": "m"}',
+        '{"id": "huge", "prompt": "x", "n": ' + HUGE_INT + "}",
+        '{"id": "deep", "prompt": "x", "n": ' + DEEP + "}",
+        "",
+        '{"id": "b", "prompt": "two", "meta": {"k": [1, 2]}}',
+        '{"id": "long", "prompt": "x", "pad": "' + "x" * 300_000 + '"}',
+        '{"id": "lone\\ud800", "prompt": "three", "meta": "half a pair: \\udc00"}',
+        '{"id": "c", "prompt": "four"}',
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_lines_python_cannot_hold_become_error_rows_and_the_rest_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "MAX_JSONL_LINE_BYTES", 250_000)
+    path = hostile_jsonl(tmp_path / "rows.jsonl")
+    rows = [r for _, r in read_rows([path], id_column="id")]
+    assert [r.id for r in rows] == ["a", "rows.jsonl:2", "rows.jsonl:3", "b", "rows.jsonl:6", "lone\\ud800", "c"]
+    assert [r.source for r in rows][1:3] == ["rows.jsonl:2", "rows.jsonl:3"]
+    assert "cannot be read: Exceeds the limit (4300 digits)" in rows[1].error
+    assert "cannot be read: maximum recursion depth exceeded" in rows[2].error
+    assert rows[4].error == "input: line rows.jsonl:6 is longer than 250000 bytes (MAX_JSONL_LINE_BYTES); skipped"
+    assert all(rows[i].data is None and rows[i].error.startswith("input: line ") for i in (1, 2, 4))
+    assert all(rows[i].error is None and rows[i].data["prompt"] for i in (0, 3, 5, 6))
+    assert rows[5].id.encode("utf-8") == b"lone\\ud800"  # an id that can be written and found again
+    assert count_rows([path]) == len(rows)
+    assert columns_of(path) == {"id", "prompt", "meta"}
+
+
+def test_over_long_jsonl_line_is_skipped_in_bounded_memory(tmp_path, monkeypatch):
+    cap = 1024 * 1024
+    monkeypatch.setattr(readers, "MAX_JSONL_LINE_BYTES", cap)
+    path = tmp_path / "rows.jsonl"
+    fits = '{"pad": "' + "y" * (cap - 11) + '"}'  # exactly the cap, newline not counted
+    with open(path, "w") as f:
+        f.write('{"prompt": "before"}\n')
+        f.write('{"pad": "' + "x" * (40 * cap) + '"}\n')  # a 40 MiB line
+        f.write(fits + "\n")
+        f.write(fits + " \n")  # one byte over
+        f.write('{"prompt": "after"}\n')
+        f.write('{"pad": "' + "z" * (3 * cap))  # over-long and last, with no newline
+    assert len(fits) == cap
+    tracemalloc.start()
+    rows = [r for _, r in read_rows([path])]
+    counted = count_rows([path])
+    columns_of(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # a few copies of a line at the cap (read, joined, decoded), whatever the length of the lines skipped:
+    # reading the 40 MiB line whole would take at least 40 times the cap
+    assert peak < 6 * cap, peak
+    assert [r.id for r in rows] == [f"rows.jsonl:{i}" for i in range(1, 7)] and counted == 6
+    assert [r.error is None for r in rows] == [True, False, True, False, True, False]
+    assert all("longer than 1048576 bytes" in rows[i].error for i in (1, 3, 5))
+    assert rows[4].data == {"prompt": "after"}
+
+
+def test_job_over_hostile_jsonl_exits_0_with_every_row_once(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(readers, "MAX_JSONL_LINE_BYTES", 250_000)
+    path = hostile_jsonl(tmp_path / "rows.jsonl")
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, path, tmp_path / "out", input={"image_column": None},
+                                                    output={"keep_columns": ["meta"]},
+                                                    generation={"max_new_tokens": 2}))
+    assert main(["validate", str(job)]) == 0
+    assert main(["run", str(job), "--quiet"]) == 0
+    out = by_id(tmp_path / "out")
+    assert sorted(out) == sorted(["a", "b", "c", "lone\\ud800", "rows.jsonl:2", "rows.jsonl:3", "rows.jsonl:6"])
+    for key in ("a", "b", "c", "lone\\ud800"):
+        assert out[key]["error"] is None and out[key]["text"] is not None, key
+    for key in ("rows.jsonl:2", "rows.jsonl:3", "rows.jsonl:6"):
+        assert out[key]["error"].startswith("input: line ") and out[key]["finish_reason"] == "error", key
+    assert out["b"]["meta"] == '{"k": [1, 2]}'
+    assert out["lone\\ud800"]["meta"] == "half a pair: \\udc00"  # escaped, where it cannot be UTF-8
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["rows_ok"] == 4 and summary["failed_by_kind"] == {"input": 3}
+    capsys.readouterr()
+    assert main(["run", str(job), "--quiet"]) == 0  # resume finds every id again, the escaped one too
+    assert "0 rows ok, 0 failed, 7 already done" in capsys.readouterr().out
 
 
 def test_keep_columns_typed_differently_per_file_keep_every_row(tiny_model, tmp_path):
