@@ -1,5 +1,5 @@
-"""Nothing a row contains can stop a job: JSONL lines Python cannot hold, a line too long to read, keep columns
-typed differently per file, values with no output equivalent."""
+"""Nothing a row contains can stop a job: JSONL lines Python cannot hold, a line too long to read, a corrupt
+Parquet row group, values with no Python (or no output) equivalent, keep columns typed differently per file."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 import batchvl.io.readers as readers
 from batchvl.cli import main
@@ -110,6 +111,68 @@ def test_job_over_hostile_jsonl_exits_0_with_every_row_once(tiny_model, tmp_path
     capsys.readouterr()
     assert main(["run", str(job), "--quiet"]) == 0  # resume finds every id again, the escaped one too
     assert "0 rows ok, 0 failed, 7 already done" in capsys.readouterr().out
+
+
+def corrupt_row_group(path: Path, group: int, column: str) -> None:
+    """Overwrite the first page header of one column chunk of one row group (not the footer)."""
+    meta = pq.ParquetFile(path).metadata
+    chunk = meta.row_group(group).column(meta.schema.names.index(column))
+    offset = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def parquet_rows(path: Path, n: int, group_rows: int) -> Path:
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "prompt": [f"row {i}" for i in range(n)]}),
+                   path, row_group_size=group_rows)
+    return path
+
+
+@pytest.mark.parametrize("column", ["prompt", "id"])
+def test_corrupt_parquet_row_group_becomes_error_rows_and_the_rest_is_read(tmp_path, column):
+    path = parquet_rows(tmp_path / "a.parquet", 5000, 1000)
+    corrupt_row_group(path, 2, column)
+    with pytest.raises(OSError):
+        pq.read_table(path)  # the file really is broken there
+    rows = [r for _, r in read_rows([path], id_column="id")]
+    assert len(rows) == 5000 and [r.source for r in rows] == [f"a.parquet:{i}" for i in range(5000)]
+    good = [r for r in rows if r.error is None]
+    assert [r.id for r in good] == [f"r{i}" for i in (*range(2000), *range(3000, 5000))]
+    assert all(r.data == {"id": r.id, "prompt": f"row {r.id[1:]}"} for r in good)
+    bad = rows[2000:3000]
+    assert all(r.data is None and r.error.startswith("input: row group 2 of a.parquet (rows 2000-2999) cannot be "
+                                                     "read: ") for r in bad)
+    # their ids: the real ones while the id column alone still reads, else the positional `file:row`
+    expected = [f"r{i}" if column == "prompt" else f"a.parquet:{i}" for i in range(2000, 3000)]
+    assert [r.id for r in bad] == expected
+    assert count_rows([path]) == 5000 and columns_of(path) == {"id", "prompt"}
+
+
+def test_job_over_corrupt_parquet_exits_0_with_every_row_once(tiny_model, tmp_path, capsys):
+    path = parquet_rows(tmp_path / "a.parquet", 30, 10)
+    corrupt_row_group(path, 1, "prompt")
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, path, tmp_path / "out", input={"image_column": None},
+                                                    generation={"max_new_tokens": 2}))
+    assert main(["validate", str(job)]) == 0
+    assert "30 row(s)" in capsys.readouterr().out
+    assert main(["run", str(job), "--quiet"]) == 0
+    out = by_id(tmp_path / "out")
+    assert sorted(out) == sorted(f"r{i}" for i in range(30))
+    assert [k for k, r in out.items() if r["error"] is None] == [f"r{i}" for i in (*range(10), *range(20, 30))]
+    assert all(out[f"r{i}"]["error"].startswith("input: row group 1 of a.parquet") for i in range(10, 20))
+    capsys.readouterr()
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert "0 rows ok, 0 failed, 30 already done" in capsys.readouterr().out
+
+
+def test_parquet_value_with_no_python_equivalent_costs_only_its_row(tmp_path):
+    when = pa.array([0, 2**62, 0], pa.timestamp("ms"))  # the middle one is far past year 9999
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "when": when}), tmp_path / "t.parquet")
+    rows = [r for _, r in read_rows([tmp_path / "t.parquet"], id_column="id")]
+    assert [r.id for r in rows] == ["a", "b", "c"]
+    assert rows[0].error is None and rows[2].data["prompt"] == "z"
+    assert rows[1].data is None and rows[1].error.startswith("input: record t.parquet:1 cannot be read: column 'when'")
 
 
 def test_keep_columns_typed_differently_per_file_keep_every_row(tiny_model, tmp_path):

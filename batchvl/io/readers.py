@@ -1,8 +1,9 @@
 """Streaming readers for JSONL and Parquet input. Neither loads a file whole: memory stays bounded.
 
 Nothing a record holds stops a read: a JSONL line that cannot be parsed (bad JSON, an integer past Python's
-4,300 digits, nesting too deep, a line over `MAX_JSONL_LINE_BYTES`) becomes that record's error row, and the
-records after it are read as usual.
+4,300 digits, nesting too deep, a line over `MAX_JSONL_LINE_BYTES`), a Parquet row group that cannot be
+decoded, or a Parquet value with no Python equivalent each become that record's error row, and the records
+after it are read as usual.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchvl.core import Row
@@ -131,12 +133,65 @@ def _read_jsonl(path: Path, name: str) -> Iterator[Record]:
 
 # ---- Parquet ----------------------------------------------------------------------------------------------
 
+_READ_ERRORS = (OSError, ValueError, OverflowError, pa.ArrowException)
+
+
 def _read_parquet(path: Path, name: str, id_column: str | None) -> Iterator[Record]:
-    number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        for data in batch.to_pylist():
-            yield f"{name}:{number}", data, None, None
-            number += 1
+    """Row group by row group: a group that cannot be decoded (a corrupt page, say) makes its rows not yet
+    given error rows, keyed by their ids when the id column alone can still be read, and the next group is
+    read as usual. Positions (`file:row`) come from the footer, so they stay those of an intact read."""
+    file = pq.ParquetFile(path)
+    start = 0
+    for group in range(file.num_row_groups):
+        size = file.metadata.row_group(group).num_rows
+        number = start
+        try:
+            for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], use_threads=False):
+                for data, key, error in _batch_records(batch, id_column):
+                    source = f"{name}:{number}"
+                    yield source, data, None if error is None else f"input: record {source} {error}", key
+                    number += 1
+        except _READ_ERRORS as e:
+            error = (f"input: row group {group} of {name} (rows {start}-{start + size - 1}) cannot be read: "
+                     f"{_one_line(e)}")
+            keys = _group_ids(file, group, id_column)
+            for position in range(number, start + size):
+                key = keys[position - start] if keys is not None and position - start < len(keys) else None
+                yield f"{name}:{position}", None, error, key
+        start += size
+
+
+def _group_ids(file: pq.ParquetFile, group: int, id_column: str | None) -> list[Any] | None:
+    """The id column of one row group, read alone; None when it cannot be read either."""
+    if id_column is None:
+        return None
+    try:
+        return file.read_row_group(group, columns=[id_column], use_threads=False).column(0).to_pylist()
+    except (*_READ_ERRORS, KeyError):
+        return None
+
+
+def _batch_records(batch: pa.RecordBatch, id_column: str | None) -> list[tuple[dict | None, Any, str | None]]:
+    """(data, key, error) per row. A value with no Python equivalent (a timestamp past year 9999, say) makes
+    its row an error, keyed by its id when that converts."""
+    try:
+        return [(data, None, None) for data in batch.to_pylist()]
+    except _READ_ERRORS:
+        pass
+    records: list[tuple[dict | None, Any, str | None]] = []
+    for i in range(batch.num_rows):
+        data: dict[str, Any] = {}
+        error = None
+        for column, values in zip(batch.schema.names, batch.columns, strict=True):
+            try:
+                data[column] = values[i].as_py()
+            except _READ_ERRORS as e:
+                error = error or f"cannot be read: column {column!r}: {_one_line(e)}"
+        if error is None:
+            records.append((data, None, None))
+        else:
+            records.append((None, data.get(id_column) if id_column else None, error))
+    return records
 
 
 # ---- counts and columns -----------------------------------------------------------------------------------
