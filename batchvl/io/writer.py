@@ -12,6 +12,7 @@ globs of `part-*.parquet` (and pyarrow's dataset discovery) skip them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -22,12 +23,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchvl.core import Result
+from batchvl.core import Result, jsonish
 
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-part-"
 FINGERPRINT_NAME = "_batchvl.json"
 SUMMARY_NAME = "_summary.json"
+
+log = logging.getLogger(__name__)
 
 BASE_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -213,7 +216,51 @@ def results_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
     }
     for name in schema.names[len(BASE_SCHEMA):]:
         columns[name] = [r.keep.get(name) for r in rows]
-    return pa.Table.from_pydict(columns, schema=schema)
+    try:
+        return pa.Table.from_pydict(columns, schema=schema)
+    except _VALUE_ERRORS:  # one value that does not fit must not cost the rows beside it
+        ids = columns["id"]
+        return pa.Table.from_arrays([_fitted(columns[f.name], f, ids) for f in schema], schema=schema)
+
+
+_VALUE_ERRORS = (pa.ArrowException, ValueError, TypeError, OverflowError, RecursionError)
+
+
+def _fitted(values: list[Any], field: pa.Field, ids: list[Any]) -> pa.Array:
+    """`values` as an array of the field's type, each value that does not fit made to: in a string column,
+    its JSON text (`jsonish`), with anything UTF-8 cannot encode (lone surrogates) as backslash escapes;
+    in any other column, null, with a warning naming the row and the column."""
+    try:
+        return pa.array(values, field.type)
+    except _VALUE_ERRORS:
+        pass
+    text = pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+    if text:
+        values = [_text(v) for v in values]
+        try:
+            return pa.array(values, field.type)
+        except _VALUE_ERRORS:
+            pass
+    fitted = []
+    for row_id, value in zip(ids, values, strict=True):
+        try:
+            pa.array([value], field.type)
+        except _VALUE_ERRORS as e:
+            log.warning("output: row %s: its %r value does not fit the column's type %s (%s); written as null",
+                        _text(row_id), field.name, field.type, e)
+            value = None
+        fitted.append(value)
+    return pa.array(fitted, field.type)
+
+
+def _text(value: Any) -> str | None:
+    """A value as valid UTF-8 text: strings as they are, anything else as its JSON (or Python) text."""
+    if value is not None and not isinstance(value, str):
+        try:
+            value = jsonish(value)
+        except _VALUE_ERRORS:
+            value = f"<{type(value).__name__} that has no JSON text>"
+    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def table_results(table: pa.Table) -> list[Result]:

@@ -91,13 +91,25 @@ class SafeWriter:
 
 
 def keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
-    """Parquet input keeps its column types; JSONL keep columns are strings (see io.writer.jsonish)."""
+    """The output type of each keep column. JSONL input (any file of it): strings (see core.jsonish). Parquet:
+    the column's type, unified over every input file's footer as pyarrow's permissive promotion does (null with
+    string is string, int32 with int64 is int64, int with float is float64, ...); where the types have no
+    common one (int64 and string, say), a string column holding each non-string value as its JSON text."""
     if not job.output.keep_columns:
         return {}
     if any(f.suffix == ".jsonl" for f in files):
         return {c: pa.string() for c in job.output.keep_columns}
-    schema = pq.ParquetFile(files[0]).schema_arrow
-    return {c: schema.field(c).type for c in job.output.keep_columns}
+    schemas = [pq.ParquetFile(f).schema_arrow for f in files]
+    types = {}
+    for column in job.output.keep_columns:
+        found = [pa.schema([s.field(column)]) for s in schemas if column in s.names]
+        try:
+            types[column] = pa.unify_schemas(found, promote_options="permissive").field(column).type
+        except (pa.ArrowException, ValueError) as e:
+            log.info("output.keep_columns: %r has no common type across the input files (%s); written as "
+                     "strings, non-strings as JSON", column, " ".join(str(e).split()))
+            types[column] = pa.string()
+    return types
 
 
 DUPLICATE_ERROR = "input: duplicate id"

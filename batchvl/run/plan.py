@@ -5,7 +5,6 @@ settings the engine gets from them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -33,9 +32,6 @@ from batchvl.prepare.templates import ConversationTemplate, get_template
 from batchvl.run.fingerprint import check_fingerprint, job_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-JSONL_COLUMN_SCAN = 1000  # JSONL records looked at when checking that a column exists
 
 
 @dataclass
@@ -152,10 +148,7 @@ def _check_columns(job: Job, file: Path) -> None:
         **{f"output.keep_columns[{i}]": c for i, c in enumerate(job.output.keep_columns)},
     }
     try:
-        if file.suffix == ".parquet":
-            present = columns_of(file)
-        else:
-            present = _jsonl_columns(file)
+        present = columns_of(file)  # JSONL: the keys of its first JSONL_COLUMN_SCAN records
     except (OSError, ValueError, pa.ArrowException) as e:
         raise JobError(f"input.path: cannot read {file}: {e}") from None
     if present is None:  # an empty file has no columns to check
@@ -163,26 +156,6 @@ def _check_columns(job: Job, file: Path) -> None:
     for key, column in wanted.items():
         if column is not None and column not in present:
             raise JobError(f"{key}: column {column!r} is not in {file.name} (columns: {', '.join(sorted(present))})")
-
-
-def _jsonl_columns(file: Path) -> set[str] | None:
-    """Keys seen in the first records of a JSONL file (records may omit keys, so several are looked at)."""
-    seen: set[str] = set()
-    looked = 0
-    with open(file, "rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            looked += 1
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                seen.update(record)
-            if looked >= JSONL_COLUMN_SCAN:
-                break
-    return seen if looked else None
 
 
 def _check_writable(out_dir: Path) -> None:
