@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from batchvl.config.spec import BACKENDS, DECODE_ATTENTION, DEVICES, DTYPES, Job, at_least, one_of
+from batchvl.config.spec import (
+    BACKENDS,
+    DECODE_ATTENTION,
+    DEVICES,
+    DTYPES,
+    Job,
+    at_least,
+    one_of,
+    path_is,
+    shown,
+)
 from batchvl.errors import JobError
 
 
@@ -51,12 +61,12 @@ def check_job(job: Job) -> None:
         raise JobError(f"media.http_timeout_s: must be > 0, got {job.media.http_timeout_s}")
     if not job.model.strip():
         raise JobError("model: is empty")
-    if job.chat_template not in ("auto", "none") and not job.resolve(job.chat_template).is_file():
-        raise JobError(f"chat_template: expected auto, none or a .jinja file; no such file: {job.chat_template}")
-    if job.input.media_root is not None and not job.resolve(job.input.media_root).is_dir():
-        raise JobError(f"input.media_root: no such directory: {job.input.media_root}")
+    if job.chat_template not in ("auto", "none") and not path_is(job.resolve(job.chat_template), "is_file"):
+        raise JobError("chat_template: expected auto, none or a .jinja file; no such file: "
+                       f"{shown(job.chat_template, quote=False)}")
+    if job.input.media_root is not None and not path_is(job.resolve(job.input.media_root), "is_dir"):
+        raise JobError(f"input.media_root: no such directory: {shown(job.input.media_root, quote=False)}")
     _ = job.input.files  # raises when the path matches nothing
-    if job.output_dir.exists() and not job.output_dir.is_dir():
-        raise JobError(f"output.path: exists and is not a directory: {job.output.path}")
-
+    if path_is(job.output_dir, "exists") and not job.output_dir.is_dir():
+        raise JobError(f"output.path: exists and is not a directory: {shown(job.output.path, quote=False)}")
 

@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from batchvl.config.spec import path_is, shown
 from batchvl.errors import JobError
 
 LAYOUT_HF = "hf"
@@ -28,9 +29,10 @@ def resolve_model_dir(model: str, base_dir: str | os.PathLike = ".") -> Path:
     """A local checkpoint directory, or a hub name found in the local Hugging Face cache (never downloads)."""
     path = Path(os.path.expanduser(model))
     local = path if path.is_absolute() else Path(base_dir) / path
-    if local.is_dir():
+    name = shown(model, quote=False)
+    if path_is(local, "is_dir"):
         if not (local / "config.json").is_file():
-            raise JobError(f"model: {model} is a directory but has no config.json")
+            raise JobError(f"model: {name} is a directory but has no config.json")
         return local.resolve()
     if _HUB_NAME.match(model) and not model.startswith((".", "/")):
         from huggingface_hub import snapshot_download
@@ -39,9 +41,9 @@ def resolve_model_dir(model: str, base_dir: str | os.PathLike = ".") -> Path:
         try:
             return Path(snapshot_download(model, local_files_only=True))
         except LocalEntryNotFoundError:
-            raise JobError(f"model: {model} is not a local directory and not in the local Hugging Face cache "
+            raise JobError(f"model: {name} is not a local directory and not in the local Hugging Face cache "
                            "(batchvl never downloads; fetch it first with `hf download`)") from None
-    raise JobError(f"model: no such checkpoint directory: {model}")
+    raise JobError(f"model: no such checkpoint directory: {name}")
 
 
 @dataclass(frozen=True)

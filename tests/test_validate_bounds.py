@@ -1,0 +1,125 @@
+"""Nothing a job file holds stops `validate` or `run` with a traceback, or exhausts the machine: alias bombs,
+deep nesting, NaN and huge values are each one line naming the key, with exit code 2."""
+
+from __future__ import annotations
+
+import re
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from batchvl.cli import main
+from batchvl.config.spec import SHOWN_CHARS
+
+from .conftest import base_job, write_job, write_jsonl
+
+
+@pytest.fixture
+def job_file(tiny_model, tmp_path):
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "hi", "image": None}])
+    return write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out"))
+
+
+def one_line_error(capsys, job: Path, *sets: str, command: str = "validate") -> str:
+    """The error `batchvl <command> job --set ...` prints: exit code 2, one line, no traceback."""
+    args = [command, str(job)]
+    for s in sets:
+        args += ["--set", s]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0].removeprefix("batchvl: error: ")
+
+
+# --- YAML: aliases, nesting ------------------------------------------------------------------------------------
+
+def billion_laughs() -> str:
+    """The issue's bomb as the value of `prompt`: about 500 bytes whose aliases expand to 9^9 strings."""
+    lines = ["  - &a [" + ", ".join(['"lol"'] * 9) + "]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"  - &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "prompt:\n" + "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_once_in_little_memory(capsys, job_file):
+    bomb = job_file.parent / "bomb.yaml"
+    bomb.write_text(job_file.read_text() + billion_laughs())
+    assert len(billion_laughs()) < 600
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        line = one_line_error(capsys, bomb)
+        took = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert took < 2 and peak < 50 << 20, (took, peak)
+    assert re.fullmatch(r"job: line \d+: YAML anchors and aliases are not allowed in a job file \(found &a\)", line)
+
+
+def test_an_alias_in_a_set_value_is_refused(capsys, job_file):
+    line = one_line_error(capsys, job_file, "prompt=[&a [lol, lol], *a, *a]")
+    assert line == "--set prompt: YAML anchors and aliases are not allowed in a job file (found &a)"
+
+
+def test_deep_nesting_is_refused_not_a_recursion_error(capsys, job_file):
+    deep = job_file.parent / "deep.yaml"
+    deep.write_text(job_file.read_text() + "prompt: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert re.fullmatch(r"job: line \d+: nested more than 32 levels deep", one_line_error(capsys, deep))
+
+
+@pytest.mark.parametrize("value,words", [
+    ("9" * 5000, "job: not valid YAML: Exceeds the limit"),  # Python refuses to read it
+    ("2020-13-45", "job: not valid YAML: month must be in 1..12"),  # a date YAML reads, Python refuses
+])
+def test_a_value_yaml_reads_but_python_refuses_is_a_yaml_error(capsys, job_file, value, words):
+    bad = job_file.parent / "bad.yaml"
+    bad.write_text(job_file.read_text() + f"prompt: {value}\n")
+    assert one_line_error(capsys, bad).startswith(words)
+
+
+# --- long values in messages ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,start", [
+    ("prompt=[" + ", ".join(["x" * 300] * 300) + "]", "prompt: expected a string, got a list ['xxx"),
+    ("input.id_column={" + ", ".join(f"k{i}: v" for i in range(500)) + "}",
+     "input.id_column: expected a string, got a mapping {'k0': 'v', "),
+    ("model=" + "a" * 5000, "model: no such checkpoint directory: aaa"),  # too long a name for the OS
+    ("chat_template=" + "b" * 5000 + ".jinja", "chat_template: expected auto, none or a .jinja file; no such "),
+    ("input.path=" + "c" * 5000 + ".jsonl", "input.path: no such file or directory: ccc"),
+    ("engine.backend=" + "d" * 5000, "engine.backend: must be one of native, transformers; got 'ddd"),
+    ("x" * 5000 + "=1", "xxx"),  # an unknown key
+])
+def test_a_long_value_is_cut_in_the_message(capsys, job_file, override, start):
+    line = one_line_error(capsys, job_file, override)
+    assert line.startswith(start), line
+    assert len(line) < 2 * SHOWN_CHARS + 100 and "..." in line, line
+
+
+def test_a_newline_in_a_value_keeps_the_message_on_one_line(capsys, job_file):
+    line = one_line_error(capsys, job_file, 'model="a\\nb"')  # YAML's escape: a real newline
+    assert line == r"model: no such checkpoint directory: a\nb"
+
+
+# --- NaN, infinities, 64 bits ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [
+    ("generation.temperature", ".nan"),
+    ("generation.top_p", ".inf"),
+    ("generation.repetition_penalty", "-.inf"),
+    ("media.http_timeout_s", ".NaN"),
+    ("media.http_timeout_s", "1" + "0" * 400),  # an integer no float holds
+])
+def test_nan_and_infinity_are_refused_in_every_float_setting(capsys, job_file, key, value):
+    line = one_line_error(capsys, job_file, f"{key}={value}")
+    assert line.startswith(f"{key}: must be a finite number, got "), line
+
+
+def test_an_integer_setting_must_fit_in_64_bits(capsys, job_file):
+    assert one_line_error(capsys, job_file, f"generation.seed={2 ** 70}") == \
+        f"generation.seed: {2 ** 70} does not fit in 64 bits"
