@@ -1,8 +1,10 @@
 """Nothing a job file holds stops `validate` or `run` with a traceback, or exhausts the machine: alias bombs,
-deep nesting, NaN and huge values are each one line naming the key, with exit code 2."""
+deep nesting, NaN, huge values, absurd sizes and more CPU workers than the machine can hold are each one line
+naming the key, with exit code 2."""
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import time
 import tracemalloc
@@ -11,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from batchvl.cli import main
-from batchvl.config.spec import SHOWN_CHARS
+from batchvl.config.checks import LIMITS
+from batchvl.config.spec import SHOWN_CHARS, max_cpu_workers
 
 from .conftest import base_job, write_job, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -123,3 +128,38 @@ def test_nan_and_infinity_are_refused_in_every_float_setting(capsys, job_file, k
 def test_an_integer_setting_must_fit_in_64_bits(capsys, job_file):
     assert one_line_error(capsys, job_file, f"generation.seed={2 ** 70}") == \
         f"generation.seed: {2 ** 70} does not fit in 64 bits"
+
+
+# --- upper bounds --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", sorted(LIMITS))
+def test_a_setting_past_its_limit_is_refused(capsys, job_file, key):
+    past = LIMITS[key] + 1
+    line = one_line_error(capsys, job_file, f"{key}={past}")
+    assert line == f"{key}: must be <= {LIMITS[key]:,}, got {float(past) if key.endswith('_s') else past}"
+
+
+def test_every_setting_at_its_limit_is_valid(capsys, job_file):
+    sets = [f"{key}={limit}" for key, limit in LIMITS.items()]
+    assert main(["validate", str(job_file), *[a for s in sets for a in ("--set", s)]]) == 0, capsys.readouterr().err
+
+
+def test_the_readme_documents_each_limit():
+    readme = (ROOT / "README.md").read_text()
+    for key, limit in LIMITS.items():
+        name = key.split(".")[1]
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{key}`")), None)
+        assert row is not None, f"README: no row for {key} in the table of limits"
+        assert f"{limit:,}" in row or f"{limit}" in row, (name, row)
+
+
+def test_cpu_workers_beyond_the_machine_are_refused_before_any_starts(capsys, job_file):
+    cap = max_cpu_workers()
+    for command in ("validate", "run"):
+        start = time.perf_counter()
+        line = one_line_error(capsys, job_file, "engine.gpus=1000", command=command)
+        assert time.perf_counter() - start < 2
+        assert line.startswith(f"engine.gpus: 1000 CPU worker processes asked for (engine.device: cpu), but at "
+                               f"most {cap} may run here"), line
+        assert multiprocessing.active_children() == []
+    assert main(["validate", str(job_file), "--set", f"engine.gpus={cap}"]) == 0

@@ -151,7 +151,12 @@ def resolve_gpus(engine: EngineSpec) -> list[int]:
         if isinstance(gpus, list):
             raise JobError("engine.gpus: a list of GPU ids needs a GPU; with engine.device: cpu give a number of "
                            "CPU worker processes")
-        return list(range(1 if gpus == "auto" else gpus))
+        workers = 1 if gpus == "auto" else gpus
+        if workers > max_cpu_workers():
+            raise JobError(f"engine.gpus: {workers} CPU worker processes asked for (engine.device: cpu), but at most "
+                           f"{max_cpu_workers()} may run here: one per CPU core ({os.cpu_count()}), or 4 on a "
+                           "machine with fewer")
+        return list(range(workers))
     import torch  # here, not at the top: reading a job file should not need torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -166,6 +171,12 @@ def resolve_gpus(engine: EngineSpec) -> list[int]:
     return list(range(gpus)) if isinstance(gpus, int) else list(gpus)
 
 
+def max_cpu_workers() -> int:
+    """The most CPU worker processes `engine.gpus` may start with engine.device: cpu: one per core (more would
+    only share the same cores, each with its own copy of the model), but 4 on a machine with fewer cores."""
+    return max(os.cpu_count() or 1, 4)
+
+
 def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise JobError(f"{key}: must be one of {', '.join(choices)}; got {shown(value)}")
@@ -174,6 +185,11 @@ def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
 def at_least(key: str, value: int, low: int) -> None:
     if value < low:
         raise JobError(f"{key}: must be >= {low}, got {shown(value, quote=False)}")
+
+
+def at_most(key: str, value: int | float, high: int | float) -> None:
+    if value > high:
+        raise JobError(f"{key}: must be <= {high:,}, got {shown(value, quote=False)}")
 
 
 SHOWN_CHARS = 100  # an error message quotes at most this much of a value
