@@ -1,11 +1,13 @@
 """Nothing a job file holds stops `validate` or `run` with a traceback, or exhausts the machine: alias bombs,
-deep nesting, NaN, huge values, absurd sizes and more CPU workers than the machine can hold are each one line
-naming the key, with exit code 2."""
+NaN, absurd sizes, more CPU workers than the machine can hold, and a broken template, config.json or weights
+file are each one line naming the key, with exit code 2."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import re
+import shutil
 import time
 import tracemalloc
 from pathlib import Path
@@ -163,3 +165,88 @@ def test_cpu_workers_beyond_the_machine_are_refused_before_any_starts(capsys, jo
                                f"most {cap} may run here"), line
         assert multiprocessing.active_children() == []
     assert main(["validate", str(job_file), "--set", f"engine.gpus={cap}"]) == 0
+
+
+# --- the plan: what validate reads of the checkpoint ---------------------------------------------------------
+
+@pytest.fixture
+def broken_model(tiny_model, tmp_path):
+    """A copy of the tiny checkpoint to break, and a job file that uses it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "hi", "image": None}])
+    write_job(tmp_path / "job.yaml", base_job(model, inp, tmp_path / "out"))
+    return model
+
+
+
+# --- the checkpoint's files ------------------------------------------------------------------------------------
+
+def _config(model: Path, **changes) -> str:
+    config = json.loads((model / "config.json").read_text())
+    for key, value in changes.items():
+        if "." in key:
+            section, name = key.split(".")
+            config[section][name] = value
+        else:
+            config[key] = value
+    return json.dumps(config)
+
+
+@pytest.mark.parametrize("file,text,words", [
+    ("config.json", "{not json", "config.json is not valid JSON (Expecting property name"),
+    ("config.json", "[1, 2]", "config.json: expected a JSON object, got list"),
+    ("config.json", lambda m: _config(m, text_config=[1]), "config.json: text_config is not a mapping"),
+    ("config.json", lambda m: _config(m, **{"vision_config.patch_size": 0}), "a config value batchvl cannot read "
+                                                                             "(ZeroDivisionError"),
+    ("config.json", lambda m: _config(m, **{"text_config.max_position_embeddings": "lots"}),
+     "a config value batchvl cannot read (ValueError: invalid literal for int()"),
+    ("config.json", "\xff", "config.json is not valid JSON"),
+    ("preprocessor_config.json", "7", "preprocessor_config.json: expected a JSON object, got int"),
+    ("generation_config.json", "", "generation_config.json is not valid JSON"),
+    ("generation_config.json", '{"eos_token_id": "two"}', "generation_config.json: eos_token_id 'two' is not a "
+                                                          "token id"),
+    ("model.safetensors.index.json", "garbage", "model.safetensors.index.json is not valid JSON"),
+    ("model.safetensors.index.json", '{"weight_map": [1]}', "weight_map is not a mapping of tensor names"),
+    ("tokenizer_config.json", "[3]", "cannot load the tokenizer from"),
+])
+def test_a_garbage_checkpoint_file_is_one_line_naming_model(capsys, broken_model, file, text, words):
+    (broken_model / file).write_text(text(broken_model) if callable(text) else text)
+    line = one_line_error(capsys, broken_model.parent / "job.yaml")
+    assert line.startswith("model: ") and words in line, line
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[:-1])
+
+
+def _header_only(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[:100])
+
+
+def _garbage(f: Path) -> None:
+    f.write_bytes(b"not a safetensors file" * 100)
+
+
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+@pytest.mark.parametrize("damage,words", [
+    (_truncate, "is not a readable safetensors file (Error while deserializing header: incomplete metadata"),
+    (_header_only, "is not a readable safetensors file (Error while deserializing header"),
+    (_garbage, "is not a readable safetensors file (Error while deserializing header"),
+    (Path.unlink, "that the index names is missing from"),
+])
+def test_a_broken_weights_file_fails_validate(capsys, broken_model, backend, damage, words):
+    shard = sorted(broken_model.glob("*.safetensors"))[-1]
+    damage(shard)
+    line = one_line_error(capsys, broken_model.parent / "job.yaml", f"engine.backend={backend}")
+    assert line.startswith("model: ") and words in line, line
+
+
+def test_a_tensor_the_index_misplaces_is_named(capsys, broken_model):
+    index = json.loads((broken_model / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][name] = files[1]
+    (broken_model / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = one_line_error(capsys, broken_model.parent / "job.yaml")
+    assert line == f"model: {files[1]} lacks 1 tensor(s) that the index puts there, e.g. {name!r}"

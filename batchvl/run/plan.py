@@ -28,7 +28,7 @@ from batchvl.models.checkpoint import (
     resolve_model_dir,
     stop_token_ids,
 )
-from batchvl.models.loader import build_specs
+from batchvl.models.loader import build_specs, check_weights
 from batchvl.prepare.templates import ConversationTemplate, get_template
 from batchvl.run.fingerprint import check_fingerprint, job_fingerprint
 
@@ -99,7 +99,9 @@ def plan_model(job: Job) -> Plan:
                        "transformers backend can only load it with its own code: set engine.trust_remote_code: true")
     if job.engine.backend == "native":
         build_specs(checkpoint)  # an unsupported family or config fails here, before any work
+    check_weights(path, required=job.engine.backend == "native")  # headers only: a broken shard fails here
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
+    stop_token_ids(path, tokenizer)  # a broken generation_config.json fails here
     template = _resolve_template(job, checkpoint, tokenizer)
     return Plan(job, checkpoint, tokenizer, template, files=[], rows=0)
 
