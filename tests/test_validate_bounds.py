@@ -180,6 +180,38 @@ def broken_model(tiny_model, tmp_path):
 
 
 
+def test_max_new_tokens_beyond_the_context_is_refused_by_validate(capsys, job_file, tiny_model):
+    context = json.loads((tiny_model / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    line = one_line_error(capsys, job_file, "generation.max_new_tokens=1000000000")
+    assert line == (f"generation.max_new_tokens: must be <= {context - 1:,} (the model's context of {context:,} "
+                    "positions, less one for the prompt), got 1,000,000,000")
+    assert main(["validate", str(job_file), "--set", f"generation.max_new_tokens={context - 1}"]) == 0
+
+
+# --- the chat template ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source,words", [
+    ("{% for m in messages %}{{ m.content }}", "has a syntax error at line 1: Unexpected end of template"),
+    ("{{ messages | no_such_filter }}", "has a syntax error at line 1: No filter named 'no_such_filter'"),
+    ("{{ raise_exception('no user turns here') }}", "fails on a one-turn user message (TemplateError: no user"),
+])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_broken_jinja_file_fails_validate_and_run(capsys, job_file, source, words, command):
+    (job_file.parent / "chat.jinja").write_text(source)
+    line = one_line_error(capsys, job_file, "chat_template=chat.jinja", command=command)
+    assert line.startswith(f"chat_template: chat.jinja {words}"), line
+    assert not (job_file.parent / "out").exists()
+
+
+def test_a_broken_checkpoint_template_is_named_as_chat_template(capsys, broken_model):
+    (broken_model / "chat_template.jinja").write_text("{% if messages %}{{ messages[0].content }}")
+    config = json.loads((broken_model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (broken_model / "tokenizer_config.json").write_text(json.dumps(config))
+    line = one_line_error(capsys, broken_model.parent / "job.yaml")
+    assert line.startswith("chat_template: the checkpoint's template has a syntax error at line 1"), line
+
+
 # --- the checkpoint's files ------------------------------------------------------------------------------------
 
 def _config(model: Path, **changes) -> str:
