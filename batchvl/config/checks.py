@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
-from batchvl.config.spec import BACKENDS, DECODE_ATTENTION, DEVICES, DTYPES, Job, at_least, one_of
+from batchvl.config.spec import (
+    BACKENDS,
+    DECODE_ATTENTION,
+    DEVICES,
+    DTYPES,
+    Job,
+    at_least,
+    at_most,
+    one_of,
+    path_is,
+    shown,
+)
 from batchvl.errors import JobError
+
+# The largest value each setting takes. Each sizes memory, threads, sockets, processes or a loop before the
+# first row, so a value past it (a typo, 1e9) would exhaust the machine rather than run; README "The job file"
+# lists them. generation.max_new_tokens is bounded by the model's context when the plan reads the checkpoint.
+LIMITS: dict[str, int] = {
+    "engine.max_batch_size": 4096,  # rows per engine batch: KV-cache slots, padded tensors
+    "output.rows_per_file": 1_000_000,  # rows the writer holds before it writes a part file
+    "media.prefetch": 16384,  # rows prepared ahead of the engine
+    "media.prefetch_mb": 1 << 20,  # MiB held ahead: 1 TiB
+    "media.prepare_threads": 1024,  # threads
+    "media.http_concurrency": 1024,  # sockets open at once
+    "media.http_retries": 10,  # with exponential backoff: the tenth waits about 2^9 x 0.5 s
+    "media.http_timeout_s": 3600,  # seconds per request
+    "media.max_image_pixels": 1 << 30,  # an RGB image this large takes 3 GiB decoded
+    "media.max_dynamic_patch": 256,  # tiles per image (256 tokens each); the grid search grows as its cube
+    "media.min_dynamic_patch": 256,
+    "media.video_frames": 1024,  # frames per video, each at least one tile
+    "media.video_max_dynamic_patch": 256,
+}
 
 
 def check_job(job: Job) -> None:
@@ -51,12 +81,21 @@ def check_job(job: Job) -> None:
         raise JobError(f"media.http_timeout_s: must be > 0, got {job.media.http_timeout_s}")
     if not job.model.strip():
         raise JobError("model: is empty")
-    if job.chat_template not in ("auto", "none") and not job.resolve(job.chat_template).is_file():
-        raise JobError(f"chat_template: expected auto, none or a .jinja file; no such file: {job.chat_template}")
-    if job.input.media_root is not None and not job.resolve(job.input.media_root).is_dir():
-        raise JobError(f"input.media_root: no such directory: {job.input.media_root}")
+    if job.chat_template not in ("auto", "none") and not path_is(job.resolve(job.chat_template), "is_file"):
+        raise JobError("chat_template: expected auto, none or a .jinja file; no such file: "
+                       f"{shown(job.chat_template, quote=False)}")
+    if job.input.media_root is not None and not path_is(job.resolve(job.input.media_root), "is_dir"):
+        raise JobError(f"input.media_root: no such directory: {shown(job.input.media_root, quote=False)}")
     _ = job.input.files  # raises when the path matches nothing
-    if job.output_dir.exists() and not job.output_dir.is_dir():
-        raise JobError(f"output.path: exists and is not a directory: {job.output.path}")
+    if path_is(job.output_dir, "exists") and not job.output_dir.is_dir():
+        raise JobError(f"output.path: exists and is not a directory: {shown(job.output.path, quote=False)}")
+    check_limits(job)
 
 
+def check_limits(job: Job) -> None:
+    """Every setting of LIMITS at most its limit. Raises JobError naming the key."""
+    for key, limit in LIMITS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(job, section), name)
+        if value is not None:
+            at_most(key, value, limit)

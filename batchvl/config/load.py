@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -17,21 +18,27 @@ from typing import Any
 import yaml
 
 from batchvl.config.checks import check_job
-from batchvl.config.spec import Job
+from batchvl.config.spec import Job, path_is, shown
 from batchvl.errors import JobError
 
 
 def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> Job:
     """Read, override and validate a job file. Raises JobError naming the key on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise JobError(f"job: no such file: {path}")
+    if not path_is(path, "is_file"):
+        raise JobError(f"job: no such file: {shown(str(path), quote=False)}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise JobError(f"job: {shown(str(path), quote=False)} is not UTF-8 text") from None
+    except _Refused as e:
+        raise JobError(f"job: line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise JobError(f"job: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise JobError(f"job: not valid YAML{where}: {shown(str(getattr(e, 'problem', e)), quote=False)}") from None
+    except ValueError as e:  # a value YAML reads but Python refuses: an integer of 5,000 digits, a 13th month
+        raise JobError(f"job: not valid YAML: {shown(str(e), quote=False)}") from None
     return job_from_mapping({} if raw is None else raw, path.resolve().parent, overrides)
 
 
@@ -61,10 +68,12 @@ def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise JobError(f"--set: expected KEY=VALUE, got {item!r}")
+        raise JobError(f"--set: expected KEY=VALUE, got {shown(item)}")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        value = _load_yaml(text) if text.strip() else ""
+    except _Refused as e:
+        raise JobError(f"--set {shown(key, quote=False)}: {e.problem}") from None
+    except (yaml.YAMLError, ValueError):
         value = text
     parts = key.split(".")
     node = raw
@@ -73,7 +82,8 @@ def _apply_override(raw: dict, item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise JobError(f"{'.'.join(parts[: depth + 1])}: is not a section, cannot set {key}")
+            raise JobError(f"{shown('.'.join(parts[: depth + 1]), quote=False)}: is not a section, cannot set "
+                           f"{shown(key, quote=False)}")
         node = child
     node[parts[-1]] = value
 
@@ -88,7 +98,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise JobError(f"{prefix}{key}: unknown key (known keys here: {known})")
+            raise JobError(f"{prefix}{shown(key, quote=False)}: unknown key (known keys here: {known})")
     kwargs = {}
     for name, f in fields.items():
         key = prefix + name
@@ -116,7 +126,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
                 continue
             return _convert(arg, value, key)
         names = " or ".join(_HINT_NAMES.get(a, str(a)) for a in args)
-        raise JobError(f"{key}: expected {names}, got {_type_name(value)} {value!r}")
+        raise JobError(f"{key}: expected {names}, got {_type_name(value)} {shown(value)}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if value is None:
@@ -128,21 +138,67 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
-            raise JobError(f"{key}: expected true or false, got {_type_name(value)} {value!r}")
+            raise JobError(f"{key}: expected true or false, got {_type_name(value)} {shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise JobError(f"{key}: expected an integer, got {_type_name(value)} {value!r}")
+            raise JobError(f"{key}: expected an integer, got {_type_name(value)} {shown(value)}")
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            raise JobError(f"{key}: {shown(value, quote=False)} does not fit in 64 bits")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise JobError(f"{key}: expected a number, got {_type_name(value)} {value!r}")
-        return float(value)
+            raise JobError(f"{key}: expected a number, got {_type_name(value)} {shown(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):  # .nan, .inf, or an integer too large for a float
+            raise JobError(f"{key}: must be a finite number, got {shown(value, quote=False)}")
+        return number
     if hint is str:
         if not isinstance(value, str):
-            raise JobError(f"{key}: expected a string, got {_type_name(value)} {value!r}")
+            raise JobError(f"{key}: expected a string, got {_type_name(value)} {shown(value)}")
         return value
     raise TypeError(f"unsupported field type {hint!r} for {key}")  # a bug in this module, not in the job
+
+
+INT_LIMIT = 1 << 63  # an integer setting must fit in 64 bits (torch, numpy and the seeds take int64)
+MAX_DEPTH = 32  # nesting levels a job file may have; its sections need 3
+
+
+class _Refused(yaml.composer.ComposerError):
+    """YAML that a job file may not use, though it is valid YAML."""
+
+
+class _JobLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases, and with bounded nesting.
+
+    An alias is a reference: a few hundred bytes of `&a [*b, *b, ...]` lines describe a value of gigabytes
+    (the "billion laughs"), which every later step that walks or prints it expands; and nesting thousands of
+    levels deep overflows the stack. A job file needs neither, so both are refused while the file is read.
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise _Refused(problem=f"YAML anchors and aliases are not allowed in a job file (found "
+                                   f"{sign}{shown(anchor, quote=False)})", problem_mark=event.start_mark)
+        if self.depth >= MAX_DEPTH:
+            raise _Refused(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_JobLoader)  # _JobLoader is a SafeLoader
 
 
 _HINT_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list[int]: "a list"}

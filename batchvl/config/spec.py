@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import glob
 import os
+import reprlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from batchvl.errors import JobError
 
@@ -135,7 +137,7 @@ def resolve_gpus(engine: EngineSpec) -> list[int]:
     gpus = engine.gpus
     if isinstance(gpus, str):
         if gpus != "auto":
-            raise JobError(f"engine.gpus: must be auto, a number of GPUs or a list of GPU ids; got {gpus!r}")
+            raise JobError(f"engine.gpus: must be auto, a number of GPUs or a list of GPU ids; got {shown(gpus)}")
     elif isinstance(gpus, int):
         at_least("engine.gpus", gpus, 1)
     else:
@@ -144,12 +146,17 @@ def resolve_gpus(engine: EngineSpec) -> list[int]:
         for i, gpu in enumerate(gpus):
             at_least(f"engine.gpus[{i}]", gpu, 0)
         if len(set(gpus)) != len(gpus):
-            raise JobError(f"engine.gpus: GPU ids must be distinct, got {gpus}")
+            raise JobError(f"engine.gpus: GPU ids must be distinct, got {shown(gpus)}")
     if engine.device == "cpu":
         if isinstance(gpus, list):
             raise JobError("engine.gpus: a list of GPU ids needs a GPU; with engine.device: cpu give a number of "
                            "CPU worker processes")
-        return list(range(1 if gpus == "auto" else gpus))
+        workers = 1 if gpus == "auto" else gpus
+        if workers > max_cpu_workers():
+            raise JobError(f"engine.gpus: {workers} CPU worker processes asked for (engine.device: cpu), but at most "
+                           f"{max_cpu_workers()} may run here: one per CPU core ({os.cpu_count()}), or 4 on a "
+                           "machine with fewer")
+        return list(range(workers))
     import torch  # here, not at the top: reading a job file should not need torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -157,39 +164,82 @@ def resolve_gpus(engine: EngineSpec) -> list[int]:
         return list(range(max(visible, 1)))
     wanted = gpus if isinstance(gpus, int) else max(gpus) + 1
     if visible == 0 and (isinstance(gpus, list) or gpus > 1):
-        raise JobError(f"engine.gpus: {gpus} asked for, but no CUDA device is visible (for CPU worker processes "
+        raise JobError(f"engine.gpus: {shown(gpus)} asked for, but no CUDA device is visible (for CPU worker processes "
                        "set engine.device: cpu)")
     if visible and wanted > visible:
-        raise JobError(f"engine.gpus: {gpus} asked for, but only {visible} GPU(s) are visible")
+        raise JobError(f"engine.gpus: {shown(gpus)} asked for, but only {visible} GPU(s) are visible")
     return list(range(gpus)) if isinstance(gpus, int) else list(gpus)
+
+
+def max_cpu_workers() -> int:
+    """The most CPU worker processes `engine.gpus` may start with engine.device: cpu: one per core (more would
+    only share the same cores, each with its own copy of the model), but 4 on a machine with fewer cores."""
+    return max(os.cpu_count() or 1, 4)
 
 
 def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise JobError(f"{key}: must be one of {', '.join(choices)}; got {value!r}")
+        raise JobError(f"{key}: must be one of {', '.join(choices)}; got {shown(value)}")
 
 
 def at_least(key: str, value: int, low: int) -> None:
     if value < low:
-        raise JobError(f"{key}: must be >= {low}, got {value}")
+        raise JobError(f"{key}: must be >= {low}, got {shown(value, quote=False)}")
+
+
+def at_most(key: str, value: int | float, high: int | float) -> None:
+    if value > high:
+        raise JobError(f"{key}: must be <= {high:,}, got {shown(value, quote=False)}")
+
+
+SHOWN_CHARS = 100  # an error message quotes at most this much of a value
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, SHOWN_CHARS, SHOWN_CHARS, 40
+
+
+def shown(value: Any, quote: bool = True) -> str:
+    """`value` as an error message quotes it: its repr (a string's own text when `quote` is false), on one line
+    and cut to SHOWN_CHARS with `...`, however large the value is (reprlib never builds the whole repr)."""
+    if isinstance(value, str):
+        cut = value[:SHOWN_CHARS]
+        if quote:
+            text = repr(cut)
+        else:  # the plain text, with any control character (a newline) escaped
+            text = cut if cut.isprintable() else repr(cut)[1:-1]
+        more = len(value) > SHOWN_CHARS
+    else:
+        text = _REPR.repr(value)
+        more = len(text) > SHOWN_CHARS
+        text = text[:SHOWN_CHARS]
+    return text + "..." if more else text
+
+
+def path_is(path: Path, kind: str) -> bool:
+    """`path.is_file()` / `is_dir()` / `exists()` (`kind`), False where the name cannot be a path at all (too
+    long, a NUL byte) instead of an OSError or ValueError from the operating system."""
+    try:
+        return getattr(path, kind)()
+    except (OSError, ValueError):
+        return False
 
 
 def _expand_input(path: str, base_dir: str) -> list[Path]:
     p = Path(os.path.expanduser(path))
     if not p.is_absolute():
         p = Path(base_dir) / p
-    if p.is_dir():
+    name = shown(path, quote=False)
+    if path_is(p, "is_dir"):
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES)
         if not files:
-            raise JobError(f"input.path: no .jsonl or .parquet files under directory {path}")
+            raise JobError(f"input.path: no .jsonl or .parquet files under directory {name}")
         return files
-    if p.is_file():
+    if path_is(p, "is_file"):
         if p.suffix not in INPUT_SUFFIXES:
-            raise JobError(f"input.path: expected a .jsonl or .parquet file, got {path}")
+            raise JobError(f"input.path: expected a .jsonl or .parquet file, got {name}")
         return [p]
     if glob.has_magic(str(p)):
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).suffix in INPUT_SUFFIXES)
         if not files:
-            raise JobError(f"input.path: the pattern {path} matches no .jsonl or .parquet file")
+            raise JobError(f"input.path: the pattern {name} matches no .jsonl or .parquet file")
         return files
-    raise JobError(f"input.path: no such file or directory: {path}")
+    raise JobError(f"input.path: no such file or directory: {name}")

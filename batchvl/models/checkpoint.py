@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from batchvl.config.spec import path_is, shown
 from batchvl.errors import JobError
 
 LAYOUT_HF = "hf"
@@ -28,9 +29,10 @@ def resolve_model_dir(model: str, base_dir: str | os.PathLike = ".") -> Path:
     """A local checkpoint directory, or a hub name found in the local Hugging Face cache (never downloads)."""
     path = Path(os.path.expanduser(model))
     local = path if path.is_absolute() else Path(base_dir) / path
-    if local.is_dir():
+    name = shown(model, quote=False)
+    if path_is(local, "is_dir"):
         if not (local / "config.json").is_file():
-            raise JobError(f"model: {model} is a directory but has no config.json")
+            raise JobError(f"model: {name} is a directory but has no config.json")
         return local.resolve()
     if _HUB_NAME.match(model) and not model.startswith((".", "/")):
         from huggingface_hub import snapshot_download
@@ -39,9 +41,9 @@ def resolve_model_dir(model: str, base_dir: str | os.PathLike = ".") -> Path:
         try:
             return Path(snapshot_download(model, local_files_only=True))
         except LocalEntryNotFoundError:
-            raise JobError(f"model: {model} is not a local directory and not in the local Hugging Face cache "
+            raise JobError(f"model: {name} is not a local directory and not in the local Hugging Face cache "
                            "(batchvl never downloads; fetch it first with `hf download`)") from None
-    raise JobError(f"model: no such checkpoint directory: {model}")
+    raise JobError(f"model: no such checkpoint directory: {name}")
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,45 @@ class CheckpointInfo:
 
     @classmethod
     def read(cls, path: Path) -> CheckpointInfo:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        """The checkpoint's configs, read and checked. Raises JobError (`model: ...`) on a config that is not
+        JSON, not an InternVL one, or holds a number batchvl cannot use."""
+        config = read_json(path / "config.json")
         archs = config.get("architectures") or []
+        if not isinstance(archs, list):
+            archs = []
         if config.get("model_type") == "internvl":
             layout = LAYOUT_HF
         elif "InternVLChatModel" in archs or config.get("model_type") == "internvl_chat":
             layout = LAYOUT_OPENGVLAB
         else:
-            found = config.get("model_type") or archs
+            found = shown(config.get("model_type") or archs, quote=False)
             raise JobError(f"model: {path} is not an InternVL checkpoint (model_type/architectures: {found})")
-        return cls(path=path, layout=layout, config=config)
+        info = cls(path=path, layout=layout, config=config)
+        info._check()
+        return info
+
+    def _check(self) -> None:
+        """Each number the rest of batchvl reads from the configs, read once, so that a garbage value (a
+        string, a list, zero) is one JobError here rather than a traceback in the middle of a run."""
+        text_key = "text_config" if self.layout == LAYOUT_HF else "llm_config"
+        for key in ("vision_config", text_key):
+            if not isinstance(self.config.get(key) or {}, dict):
+                raise JobError(f"model: {self.path / 'config.json'}: {key} is not a mapping")
+        if not isinstance(self.template_name or "", str):
+            raise JobError(f"model: {self.path / 'config.json'}: template is not a string")
+        names = ("tile_size", "patch_size", "tokens_per_tile", "min_dynamic_patch", "max_dynamic_patch",
+                 "max_positions")
+        try:
+            values = {name: getattr(self, name) for name in names}
+            _ = self.downsample_ratio, self.use_thumbnail
+        except JobError:  # preprocessor_config.json, already named
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+            raise JobError(f"model: {self.path} has a config value batchvl cannot read "
+                           f"({type(e).__name__}: {shown(str(e), quote=False)})") from None
+        for name, value in values.items():
+            if value < (2 if name == "max_positions" else 1):
+                raise JobError(f"model: {self.path}: its {name} is {value}, which no model has")
 
     @property
     def vision_config(self) -> dict[str, Any]:
@@ -77,7 +108,7 @@ class CheckpointInfo:
     @cached_property
     def _preprocessor(self) -> dict[str, Any]:
         file = self.path / "preprocessor_config.json"
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        return read_json(file) if file.is_file() else {}
 
     @property
     def tile_size(self) -> int:
@@ -128,6 +159,20 @@ class CheckpointInfo:
         return self.config.get("template")
 
 
+def read_json(file: Path) -> dict[str, Any]:
+    """One of a checkpoint's JSON files, as the mapping it must hold. Raises JobError (`model: ...`) when it
+    cannot be read, is not JSON or holds something else."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"model: cannot read {file}: {shown(str(e), quote=False)}") from None
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
+        raise JobError(f"model: {file} is not valid JSON ({shown(str(e), quote=False)})") from None
+    if not isinstance(value, dict):
+        raise JobError(f"model: {file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _first(value: Any) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
@@ -142,9 +187,9 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
         if "trust_remote_code" in str(e):
             raise JobError("engine.trust_remote_code: the checkpoint's tokenizer needs its own code; "
                            "set engine.trust_remote_code: true to allow it") from None
-        raise JobError(f"model: cannot load the tokenizer from {path}: {e}") from None
-    except OSError as e:
-        raise JobError(f"model: cannot load the tokenizer from {path}: {e}") from None
+        raise JobError(f"model: cannot load the tokenizer from {path}: {shown(str(e), quote=False)}") from None
+    except Exception as e:  # whatever a broken tokenizer file raises, the fault is the checkpoint's
+        raise JobError(f"model: cannot load the tokenizer from {path}: {shown(str(e), quote=False)}") from None
 
 
 def checkpoint_chat_template(path: Path, tokenizer: Any) -> str | None:
@@ -157,7 +202,10 @@ def checkpoint_chat_template(path: Path, tokenizer: Any) -> str | None:
         return jinja.read_text(encoding="utf-8")
     as_json = path / "chat_template.json"
     if as_json.is_file():
-        return json.loads(as_json.read_text(encoding="utf-8")).get("chat_template")
+        template = read_json(as_json).get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise JobError(f"model: {as_json}: chat_template is not a string")
+        return template
     return None
 
 
@@ -168,8 +216,10 @@ def stop_token_ids(path: Path, tokenizer: Any) -> list[int]:
         ids.append(int(tokenizer.eos_token_id))
     gen = path / "generation_config.json"
     if gen.is_file():
-        eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        eos = read_json(gen).get("eos_token_id")
         for i in eos if isinstance(eos, list) else [eos]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
+            if i is not None and (isinstance(i, bool) or not isinstance(i, int)):
+                raise JobError(f"model: {gen}: eos_token_id {shown(i)} is not a token id")
+            if i is not None and i not in ids:
+                ids.append(i)
     return ids

@@ -8,7 +8,6 @@ of the model. Every parameter must be written exactly once; anything missing or 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -19,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchvl.config.spec import shown
 from batchvl.errors import CheckpointError
 from batchvl.models import internlm2, llama, phi3, qwen2
-from batchvl.models.checkpoint import LAYOUT_HF, LAYOUT_OPENGVLAB, CheckpointInfo
+from batchvl.models.checkpoint import LAYOUT_HF, LAYOUT_OPENGVLAB, CheckpointInfo, read_json
 from batchvl.models.decoder import DecoderLM, DecoderSpec
 from batchvl.models.internvit import VisionEncoder, VisionSpec
 
@@ -110,14 +110,55 @@ def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype) -> 
 
 
 def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names, or the one model.safetensors."""
+    return _weights_index(path)[0]
+
+
+def _weights_index(path: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The safetensors files of a checkpoint, and which file holds each tensor as its index says ({} for a
+    single model.safetensors, which has no index)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = json.loads(index.read_text())["weight_map"].values()
-        return [path / n for n in sorted(set(names))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map is not a mapping of tensor names to file names")
+        where = {name: path / file for name, file in weight_map.items()}
+        return sorted(set(where.values())), where
     single = path / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [single], {}
     raise CheckpointError(f"no safetensors weights in {path} (model.safetensors or its index)")
+
+
+def check_weights(path: Path, required: bool = True) -> None:
+    """Open the header of every safetensors file of a checkpoint (safetensors reads only the header, and checks
+    that the file is as long as it says), and check that each tensor the index names is in its file: a
+    missing, truncated or garbage shard is a CheckpointError (`model: ...`) here, before any work.
+    `required`: whether a checkpoint without safetensors weights is an error (the transformers backend can
+    also load other formats)."""
+    from safetensors import safe_open
+
+    if not required and not ((path / "model.safetensors.index.json").is_file()
+                             or (path / "model.safetensors").is_file()):
+        return
+    files, where = _weights_index(path)
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"the weights file {shown(file.name, quote=False)} that the index names is "
+                                  f"missing from {path}")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                present = set(f.keys())
+        except Exception as e:  # safetensors' SafetensorError, an OSError: the file is not a safetensors file
+            raise CheckpointError(f"{file} is not a readable safetensors file ({_reason(e)})") from None
+        missing = [name for name, held_in in where.items() if held_in == file and name not in present]
+        if missing:
+            raise CheckpointError(f"{file.name} lacks {len(missing)} tensor(s) that the index puts there, e.g. "
+                                  f"{shown(missing[0])}")
+
+
+def _reason(e: BaseException) -> str:
+    return shown(str(e), quote=False) if str(e) else type(e).__name__
 
 
 def _load_weights(model: InternVL, ck: CheckpointInfo, vs: VisionSpec, ts: DecoderSpec, family: ModuleType,
@@ -129,7 +170,11 @@ def _load_weights(model: InternVL, ck: CheckpointInfo, vs: VisionSpec, ts: Decod
     vit_layers = vs.layers_to_run
     load_device = str(device) if device.type == "cuda" else "cpu"
     for file in shard_files(ck.path):
-        with safe_open(str(file), framework="pt", device=load_device) as f:
+        try:
+            opened = safe_open(str(file), framework="pt", device=load_device)
+        except Exception as e:  # a shard that changed or broke since the plan checked it
+            raise CheckpointError(f"{file} is not a readable safetensors file ({_reason(e)})") from None
+        with opened as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
                 for target, offset, tensor in _route(name, ck.layout, vs, ts, family, vit_layers, f):
                     param = params.get(target)

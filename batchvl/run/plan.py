@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchvl.config import Job, JobError
+from batchvl.config.spec import shown
 from batchvl.engine import GenerationParams
 from batchvl.io.readers import columns_of, count_rows
 from batchvl.io.writer import (
@@ -27,7 +28,7 @@ from batchvl.models.checkpoint import (
     resolve_model_dir,
     stop_token_ids,
 )
-from batchvl.models.loader import build_specs
+from batchvl.models.loader import build_specs, check_weights
 from batchvl.prepare.templates import ConversationTemplate, get_template
 from batchvl.run.fingerprint import check_fingerprint, job_fingerprint
 
@@ -89,14 +90,23 @@ def plan_model(job: Job) -> Plan:
     (The pipeline API hands rows over in memory and needs only this.)"""
     path = resolve_model_dir(job.model, job.base_dir)
     checkpoint = CheckpointInfo.read(path)
+    limit = checkpoint.max_positions - 1  # the prompt takes at least one position
+    if job.generation.max_new_tokens > limit:
+        raise JobError(f"generation.max_new_tokens: must be <= {limit:,} (the model's context of "
+                       f"{checkpoint.max_positions:,} positions, less one for the prompt), got "
+                       f"{job.generation.max_new_tokens:,}")
     if job.engine.backend == "transformers" and checkpoint.layout == LAYOUT_OPENGVLAB \
             and not job.engine.trust_remote_code:
         raise JobError("engine.trust_remote_code: this is an OpenGVLab-layout checkpoint (InternVLChatModel); the "
                        "transformers backend can only load it with its own code: set engine.trust_remote_code: true")
     if job.engine.backend == "native":
         build_specs(checkpoint)  # an unsupported family or config fails here, before any work
+    check_weights(path, required=job.engine.backend == "native")  # headers only: a broken shard fails here
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
+    stop_token_ids(path, tokenizer)  # a broken generation_config.json fails here
     template = _resolve_template(job, checkpoint, tokenizer)
+    if isinstance(template, str):
+        _check_jinja(job, template, tokenizer)
     return Plan(job, checkpoint, tokenizer, template, files=[], rows=0)
 
 
@@ -122,7 +132,11 @@ def _resolve_template(job: Job, checkpoint: CheckpointInfo, tokenizer: Any) -> s
     if job.chat_template == "none":
         return None
     if job.chat_template != "auto":
-        return job.resolve(job.chat_template).read_text(encoding="utf-8")
+        try:
+            return job.resolve(job.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise JobError(f"chat_template: cannot read {shown(job.chat_template, quote=False)} as UTF-8 text "
+                           f"({shown(str(e), quote=False)})") from None
     template = checkpoint_chat_template(checkpoint.path, tokenizer)
     if template is not None:
         return template
@@ -134,6 +148,42 @@ def _resolve_template(job: Job, checkpoint: CheckpointInfo, tokenizer: Any) -> s
             raise JobError(f"chat_template: auto, but the checkpoint's template {e.args[0]}") from None
     raise JobError("chat_template: auto, but the checkpoint has no chat template of its own; "
                    "use none (prompt used raw) or a .jinja file")
+
+
+def _check_jinja(job: Job, template: str, tokenizer: Any) -> None:
+    """Compile a jinja chat template as transformers does, and render one user turn with it as each prompt row
+    will: a syntax error, or a template that fails on every row, is one JobError now rather than an error in
+    every row of the output. (A messages row's turns are its own, so for those only the syntax is checked.)"""
+    import jinja2
+
+    where = "the checkpoint's template" if job.chat_template == "auto" else shown(job.chat_template, quote=False)
+    try:
+        _compile_jinja(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise JobError(f"chat_template: {where} has a syntax error at line {e.lineno}: "
+                       f"{shown(e.message or '', quote=False)}") from None
+    if job.input.messages_column is not None:
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Describe this image."}], chat_template=template,
+                                      tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # whatever a template raises on the simplest turn, every prompt row would raise
+        raise JobError(f"chat_template: {where} fails on a one-turn user message ({type(e).__name__}: "
+                       f"{shown(str(e), quote=False)})") from None
+
+
+def _compile_jinja(source: str) -> None:
+    """The jinja environment apply_chat_template renders with (its sandbox, filters and `generation` tag)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a private name that moved: jinja's own sandbox finds the same syntax errors
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.from_string(source)
+        return
+    _compile_jinja_template(source)
 
 
 def _check_columns(job: Job, file: Path) -> None:
