@@ -31,3 +31,9 @@ class OutputWriteError(Exception):
 class WorkerError(Exception):
     """An engine worker process died or failed. The others ran to the end; the rows it held were not written,
     and a rerun of the same command runs them."""
+
+
+class TransientError(Exception):
+    """The machine, not the row, failed while a row was prepared (out of file descriptors, memory or disk space)
+    and short retries did not help. No row error is written for it: the run stops with this message, and a rerun
+    of the same command resumes."""

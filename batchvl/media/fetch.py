@@ -1,27 +1,36 @@
-"""Fetching media bytes asynchronously: local files with aiofiles, http(s) with aiohttp, fsspec URLs in a
-thread, data URIs and inline bytes at once.
+"""Fetching media bytes asynchronously: local files and fsspec URLs on worker threads, http(s) with aiohttp,
+data URIs and inline bytes at once.
 
 One `Fetcher` lives on the prefetch event loop. HTTP requests share one session, a concurrency limit and
 a per-request timeout; transient failures (connection errors, timeouts, 408/429/5xx) are retried with
-exponential backoff. Every failure becomes a `RowError` that names the reference.
+exponential backoff. Every failure becomes a `RowError` that names the reference, except the machine's own
+(out of file descriptors, memory, disk): those are retried and then raised as `TransientError`.
+
+No item holds more than `max_media_bytes` in memory: sizes known in advance (stat, Content-Length, fsspec) are
+checked before reading, and bodies are read in chunks, counted after decompression, and cut off at the cap.
+Each item's bytes are reserved from the row's `Allowance` before they are read (see `limits.Share`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiofiles
-
 from batchvl.errors import RowError
-from batchvl.media.sources import decode_data_uri, describe
+from batchvl.media import limits
+from batchvl.media.files import open_fsspec, read_file, read_fsspec, regular_file_size
+from batchvl.media.limits import UNLIMITED, Allowance, Share, machine_errno, persistent, retry_machine, too_large
+from batchvl.media.sources import data_uri_size, decode_data_uri, describe, scheme_of
 
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 LOCAL_SCHEMES = ("", "file")
+HTTP_CHUNK = 1 << 16
+__all__ = ["Blob", "FetchSettings", "Fetcher", "load_blob", "load_bytes", "scheme_of"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,9 @@ class FetchSettings:
     http_retries: int = 3
     http_concurrency: int = 64
     backoff_s: float = 0.5
+    max_media_bytes: int = limits.DEFAULT_MAX_MEDIA_MB << 20  # media.max_media_mb: one item, in memory, at most
+    machine_retries: int = limits.MACHINE_RETRIES  # EMFILE, ENOMEM ...: tries after the first before the run stops
+    machine_backoff_s: float = limits.MACHINE_BACKOFF_S
 
 
 @dataclass(frozen=True)
@@ -50,9 +62,11 @@ class Blob:
             return 0
 
 
-def scheme_of(ref: str) -> str:
-    scheme = urllib.parse.urlsplit(ref).scheme.lower()
-    return "" if len(scheme) <= 1 else scheme  # one letter is a Windows drive
+class _WaitForBytes(Exception):
+    """The body needs more of the allowance than is free now: give the connection back, wait, ask again."""
+
+    def __init__(self, n: int):
+        self.n = n
 
 
 class Fetcher:
@@ -65,33 +79,78 @@ class Fetcher:
         if self._http is not None:
             await self._http.close()
 
-    async def fetch(self, ref: Any, media_root: Path, read_local: bool = True) -> Blob:
-        """The bytes (or local path, when `read_local` is False) a reference points at."""
-        if isinstance(ref, (bytes, bytearray, memoryview)):
-            return Blob(describe(ref), data=bytes(ref))
+    async def fetch(self, ref: Any, media_root: Path, read_local: bool = True,
+                    allowance: Allowance = UNLIMITED) -> Blob:
+        """The bytes (or local path, when `read_local` is False) a reference points at, their size reserved from
+        `allowance` before they are read. A local path handed over unread is not held in memory, and not capped."""
         if isinstance(ref, dict):
             data, path = ref.get("bytes"), ref.get("path")
             if data is not None:
-                return await self.fetch(data, media_root, read_local)
+                return await self.fetch(data, media_root, read_local, allowance)
             if path:
-                return await self.fetch(path, media_root, read_local)
+                return await self.fetch(path, media_root, read_local, allowance)
             raise RowError("media: image struct has neither bytes nor path")
+        if isinstance(ref, str) and not ref.startswith("data:") and scheme_of(ref) in LOCAL_SCHEMES:
+            path = self._local_path(ref, media_root)
+            if not read_local:
+                await self._retry(lambda: self._thread(regular_file_size, path), str(path))
+                return Blob(str(path), path=path)
+        share = Share(allowance)
+        try:
+            blob = await self._fetch_bytes(ref, media_root, share)
+            await share.settle(len(blob.data))
+            return blob
+        except BaseException:
+            share.drop()
+            raise
+
+    async def _fetch_bytes(self, ref: Any, media_root: Path, share: Share) -> Blob:
+        cap = self.s.max_media_bytes
+        if isinstance(ref, (bytes, bytearray, memoryview)):
+            if len(ref) > cap:
+                raise too_large(describe(ref), cap, len(ref))
+            await share.wait_for(len(ref))
+            return Blob(describe(ref), data=bytes(ref))
         if not isinstance(ref, str):
             raise RowError(f"media: expected a path, URL, data URI, bytes or image struct, got {type(ref).__name__}")
+        name = describe(ref)
         if ref.startswith("data:"):
-            return Blob(describe(ref), data=decode_data_uri(ref))
+            size = data_uri_size(ref)
+            if size is not None and size > cap:
+                raise too_large(name, cap, size)
+            await share.wait_for(len(ref) if size is None else size)
+            data = decode_data_uri(ref)
+            if len(data) > cap:
+                raise too_large(name, cap, len(data))
+            return Blob(name, data=data)
         scheme = scheme_of(ref)
         if scheme in ("http", "https"):
-            return Blob(describe(ref), data=await self._fetch_http(ref))
+            return Blob(name, data=await self._fetch_http(ref, share))
         if scheme in LOCAL_SCHEMES:
-            path = Path(urllib.parse.unquote(urllib.parse.urlsplit(ref).path)) if scheme == "file" else Path(ref)
-            path = path.expanduser()
-            path = path if path.is_absolute() else media_root / path
-            if not read_local:
-                _check_file(path)
-                return Blob(str(path), path=path)
-            return Blob(str(path), data=await _read_local(path))
-        return Blob(describe(ref), data=await asyncio.get_running_loop().run_in_executor(None, _read_fsspec, ref))
+            path = self._local_path(ref, media_root)
+            size = await self._retry(lambda: self._thread(regular_file_size, path), str(path))
+            if size > cap:
+                raise too_large(str(path), cap, size)
+            await share.wait_for(size)
+            return Blob(str(path), data=await self._retry(lambda: self._thread(read_file, path, cap), str(path)))
+        fs, path, size = await self._retry(lambda: self._thread(open_fsspec, ref), name)
+        if size is not None and size > cap:
+            raise too_large(name, cap, size)
+        await share.wait_for(cap if size is None else size)
+        return Blob(name, data=await self._retry(lambda: self._thread(read_fsspec, fs, path, size, ref, cap), name))
+
+    @staticmethod
+    def _local_path(ref: str, media_root: Path) -> Path:
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(ref).path)) if scheme_of(ref) == "file" else Path(ref)
+        path = path.expanduser()
+        return path if path.is_absolute() else media_root / path
+
+    @staticmethod
+    async def _thread(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _retry(self, call, name: str):
+        return await retry_machine(call, name, self.s.machine_retries, self.s.machine_backoff_s)
 
     async def _session(self):
         if self._http is None:
@@ -103,27 +162,68 @@ class Fetcher:
                                                headers={"User-Agent": "batchvl"})
         return self._http
 
-    async def _fetch_http(self, url: str) -> bytes:
+    async def _fetch_http(self, url: str, share: Share) -> bytes:
         import aiohttp
 
         session = await self._session()
-        last = ""
-        for attempt in range(self.s.http_retries + 1):
-            if attempt:
-                await asyncio.sleep(self.s.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+        last, attempt, machine = "", 0, 0
+        while True:
             try:
                 async with self._http_slots, session.get(url) as response:
                     if response.status == 200:
-                        return await response.read()
+                        return await self._read_body(response, describe(url), share)
                     last = f"HTTP {response.status}"
                     if response.status not in TRANSIENT_HTTP:
                         break
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError) as e:
-                last = _connection_reason(e)
+            except _WaitForBytes as wait:  # the connection and its slot are given back: wait for the bytes here
+                await share.wait_for(wait.n)
+                continue
+            except aiohttp.TooManyRedirects as e:
+                raise RowError(f"media: cannot fetch {describe(url)}: too many redirects "
+                               f"({len(e.history)})") from None
+            except aiohttp.ClientResponseError as e:  # the reply was not HTTP, or broke its rules
+                raise RowError(f"media: cannot fetch {describe(url)}: {_bad_reply(e)}") from None
             except aiohttp.InvalidURL:
                 raise RowError(f"media: invalid URL {describe(url)}") from None
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError) as e:
+                code = machine_errno(e)
+                if code is not None:  # not the server's fault, nor the row's: wait, without using up a retry
+                    if machine == self.s.machine_retries:
+                        raise persistent(code, describe(url), machine + 1) from None
+                    await asyncio.sleep(self.s.machine_backoff_s * 2 ** machine)
+                    machine += 1
+                    continue
+                last = _connection_reason(e)
+            except aiohttp.ClientError as e:
+                raise RowError(f"media: cannot fetch {describe(url)}: {type(e).__name__}: "
+                               f"{_first_line(str(e))}") from None
+            if attempt == self.s.http_retries:
+                break
+            attempt += 1
+            await asyncio.sleep(self.s.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
         tries = f" after {attempt + 1} attempts" if attempt else ""
         raise RowError(f"media: cannot fetch {describe(url)}: {last}{tries}")
+
+    async def _read_body(self, response, name: str, share: Share) -> bytes:
+        """The body, decompressed, in chunks: refused from Content-Length, or cut off, past the cap. Bytes are
+        taken from the share as they come (raising _WaitForBytes when that would mean waiting)."""
+        cap = self.s.max_media_bytes
+        length = response.content_length
+        if length is not None and length > cap:  # compressed or not, refused before a byte is read
+            raise too_large(name, cap, length)
+        identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
+        expected = length if identity else None
+        if expected is not None and not share.stretch(expected):
+            raise _WaitForBytes(expected)
+        body = io.BytesIO()  # its getvalue() hands over the buffer: no second copy of the body
+        async for chunk in response.content.iter_chunked(HTTP_CHUNK):
+            total = body.tell() + len(chunk)
+            if total > cap:
+                raise too_large(name, cap)
+            if total > share.n and not share.stretch(min(cap, max(total, 2 * share.n, 1 << 20))):
+                raise _WaitForBytes(cap if expected is None else max(expected, total))
+            body.write(chunk)
+        return body.getvalue()
 
 
 def _connection_reason(e: BaseException) -> str:
@@ -135,53 +235,23 @@ def _connection_reason(e: BaseException) -> str:
     return text
 
 
-def _check_file(path: Path) -> None:
-    if path.is_dir():
-        raise RowError(f"media: is a directory, not a file: {path}")
-    if not path.is_file():
-        raise RowError(f"media: no such file: {path}")
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:200]
 
 
-async def _read_local(path: Path) -> bytes:
-    _check_file(path)
-    try:
-        async with aiofiles.open(path, "rb") as f:
-            return await f.read()
-    except OSError as e:
-        raise RowError(f"media: cannot read {path}: {e.strerror or e}") from None
+def _bad_reply(e: BaseException) -> str:
+    message = _first_line(getattr(e, "message", "") or str(e))
+    if "status line" in message.lower():
+        return f"not an HTTP reply ({message.rstrip(':')})"
+    return f"bad HTTP reply: {message}"
 
 
-def _read_fsspec(url: str) -> bytes:
-    """s3://, gs://, hf://, memory:// ... through fsspec, when it and the protocol's package are installed."""
-    scheme = scheme_of(url)
-    try:
-        import fsspec
-    except ImportError:
-        raise RowError(f"media: {scheme}:// URLs need fsspec (pip install fsspec and its {scheme} backend)") from None
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-    except ValueError as e:  # fsspec: "Protocol not known"
-        raise RowError(f"media: unsupported URL scheme {scheme!r} in {describe(url)} ({e})") from None
-    except ImportError as e:  # fsspec names the missing backend package, e.g. s3fs or gcsfs
-        raise RowError(f"media: {scheme}:// URLs need an fsspec backend that is not installed: {e}") from None
-    except Exception as e:  # some filesystems connect when created (ftp, sftp ...)
-        raise RowError(f"media: cannot open {describe(url)}: {type(e).__name__}: {e}") from None
-    try:
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise RowError(f"media: no such object: {url}") from None
-    except IsADirectoryError:
-        raise RowError(f"media: is a directory, not a file: {url}") from None
-    except Exception as e:  # backends raise their own types (botocore, gcsfs ...)
-        raise RowError(f"media: cannot read {describe(url)}: {type(e).__name__}: {e}") from None
-
-
-def load_blob(ref: Any, media_root: Path | None, read_local: bool = True) -> Blob:
+def load_blob(ref: Any, media_root: Path | None, read_local: bool = True,
+              settings: FetchSettings | None = None) -> Blob:
     """Fetch one reference synchronously (for callers outside the prefetch loop)."""
 
     async def one():
-        fetcher = Fetcher()
+        fetcher = Fetcher(settings)
         try:
             return await fetcher.fetch(ref, Path(media_root or "."), read_local)
         finally:
@@ -190,6 +260,6 @@ def load_blob(ref: Any, media_root: Path | None, read_local: bool = True) -> Blo
     return asyncio.run(one())
 
 
-def load_bytes(ref: Any, media_root: Path | None) -> bytes:
+def load_bytes(ref: Any, media_root: Path | None, settings: FetchSettings | None = None) -> bytes:
     """The bytes a reference points at. Raises RowError with a message naming the reference."""
-    return load_blob(ref, media_root).data
+    return load_blob(ref, media_root, settings=settings).data

@@ -36,6 +36,18 @@ def describe(ref: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+def scheme_of(ref: str) -> str:
+    scheme = urllib.parse.urlsplit(ref).scheme.lower()
+    return "" if len(scheme) <= 1 else scheme  # one letter is a Windows drive
+
+
+def data_uri_size(uri: str) -> int | None:
+    """How many bytes a base64 data: URI decodes to, before decoding it; None for percent-encoding (no larger
+    than the URI itself)."""
+    header, _, payload = uri.partition(",")
+    return len(payload.rstrip("=")) * 3 // 4 if header.endswith(";base64") else None
+
+
 def decode_data_uri(uri: str) -> bytes:
     header, comma, payload = uri.partition(",")
     if not comma:
