@@ -3,6 +3,9 @@
 InternVL's `get_index` splits the clip (or the `bound` [start, end] in seconds) into `num_segments` equal
 segments and takes the frame in the middle of each. Frames are decoded with decord; if decord is missing
 and PyAV is installed, PyAV decodes instead. Each frame then becomes one or more tiles like any image.
+
+At most `MAX_VIDEO_FRAMES` frames are sampled from one video (`media.video_frames` and a row's frames column
+alike): the frames are held decoded, at full size, until they are tiled.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from PIL import Image
 
 from batchvl.errors import RowError
 from batchvl.media.fetch import Blob
+from batchvl.media.limits import machine_errno, retry_machine_sync
+
+MAX_VIDEO_FRAMES = 256
+DECODE_CHUNK = 8  # frames decoded at once (decord); each is made an image before the next chunk
 
 
 def frame_indices(max_frame: int, fps: float, num_segments: int, bound: Sequence[float] | None = None,
@@ -31,8 +38,15 @@ def frame_indices(max_frame: int, fps: float, num_segments: int, bound: Sequence
     return [int(start_idx + seg_size / 2 + np.round(seg_size * i)) for i in range(num_segments)]
 
 
+def check_frames(num_segments: int, name: str = "video") -> None:
+    if num_segments > MAX_VIDEO_FRAMES:
+        raise RowError(f"media: {num_segments} frames asked of {name}, more than the {MAX_VIDEO_FRAMES} a video may "
+                       "give (media.video_frames)")
+
+
 def decode_frames(blob: Blob, num_segments: int, bound: Sequence[float] | None = None) -> list[Image.Image]:
-    """The sampled frames of a video as RGB images."""
+    """The sampled frames of a video as RGB images (at most MAX_VIDEO_FRAMES, checked before decoding)."""
+    check_frames(num_segments, blob.name)
     try:
         import decord  # noqa: F401
     except ImportError:
@@ -50,19 +64,26 @@ def decode_frames(blob: Blob, num_segments: int, bound: Sequence[float] | None =
 def _decord_frames(blob: Blob, num_segments: int, bound) -> list[Image.Image]:
     import decord
 
-    source = str(blob.path) if blob.path is not None else io.BytesIO(blob.data)
-    try:
-        reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
-    except Exception as e:  # decord raises DECORDError (a RuntimeError) with ffmpeg's message
-        raise RowError(f"media: cannot decode video {blob.name}: {str(e).splitlines()[0][:200]}") from None
+    def open_reader():
+        source = str(blob.path) if blob.path is not None else io.BytesIO(blob.data)
+        try:
+            return decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
+        except Exception as e:  # decord raises DECORDError (a RuntimeError) with ffmpeg's message
+            _raise_if_machine(e)
+            raise RowError(f"media: cannot decode video {blob.name}: {str(e).splitlines()[0][:200]}") from None
+
+    reader = retry_machine_sync(open_reader, blob.name)
     if len(reader) == 0:
         raise RowError(f"media: video has no frames: {blob.name}")
     indices = frame_indices(len(reader) - 1, float(reader.get_avg_fps()), num_segments, bound)
-    try:
-        frames = reader.get_batch(indices).asnumpy()  # [N, H, W, 3] uint8
-    except Exception as e:
-        raise RowError(f"media: cannot read frames of {blob.name}: {str(e).splitlines()[0][:200]}") from None
-    return [Image.fromarray(f).convert("RGB") for f in frames]
+    images = []
+    for start in range(0, len(indices), DECODE_CHUNK):
+        try:
+            frames = reader.get_batch(indices[start:start + DECODE_CHUNK]).asnumpy()  # [n, H, W, 3] uint8
+        except Exception as e:
+            raise RowError(f"media: cannot read frames of {blob.name}: {str(e).splitlines()[0][:200]}") from None
+        images += [Image.fromarray(f) for f in frames]  # already RGB
+    return images
 
 
 def _pyav_frames(blob: Blob, num_segments: int, bound) -> list[Image.Image]:
@@ -70,7 +91,7 @@ def _pyav_frames(blob: Blob, num_segments: int, bound) -> list[Image.Image]:
 
     source = str(blob.path) if blob.path is not None else io.BytesIO(blob.data)
     try:
-        with av.open(source) as container:
+        with retry_machine_sync(lambda: av.open(source), blob.name) as container:
             if not container.streams.video:
                 raise RowError(f"media: no video stream in {blob.name}")
             stream = container.streams.video[0]
@@ -91,3 +112,34 @@ def _pyav_frames(blob: Blob, num_segments: int, bound) -> list[Image.Image]:
     indices = frame_indices(count - 1, fps, num_segments, bound)
     last = max(frames)
     return [Image.fromarray(frames[min(i, last)] if i in frames else frames[last]) for i in indices]
+
+
+def _raise_if_machine(e: Exception) -> None:
+    """decord reports a file it could not open in text only: out of file descriptors is the machine's fault."""
+    if machine_errno(e) is not None:
+        raise e
+    if "Too many open files" in str(e):
+        import errno
+
+        raise OSError(errno.EMFILE, "Too many open files") from None
+
+
+def decoded_size(blob: Blob, num_segments: int) -> int:
+    """About the most memory decoding `num_segments` frames of this video takes (each frame an RGB image of 4
+    bytes a pixel, plus one chunk of frames as an array), from its header alone. RowError past MAX_VIDEO_FRAMES;
+    1080p frames are assumed when PyAV is not there to read the header, and 0 when the header cannot be read
+    (decoding then fails and says why)."""
+    check_frames(num_segments, blob.name)
+    try:
+        import av
+    except ImportError:
+        width, height = 1920, 1080
+    else:
+        source = str(blob.path) if blob.path is not None else io.BytesIO(blob.data)
+        try:
+            with av.open(source) as container:
+                context = container.streams.video[0].codec_context
+                width, height = context.width, context.height
+        except Exception:
+            return 0
+    return width * height * (4 * num_segments + 3 * min(num_segments, DECODE_CHUNK))

@@ -2,9 +2,13 @@
 
 A background thread runs an event loop. For each input row, in order, it takes a row slot (at most
 `max_rows` rows are in flight or waiting to be consumed), plans the row, fetches its media concurrently
-with every other row's, reserves their bytes against `max_bytes`, and hands decoding, tiling, normalising
-and tokenizing to a thread pool. The consumer iterates results in input order; taking one frees its slot
-and its bytes. The engine therefore never waits for media unless the whole pipeline is slower than it.
+with every other row's, and hands decoding, tiling, normalising and tokenizing to a thread pool. The consumer
+iterates results in input order; taking one frees its slot and its bytes. The engine therefore never waits for
+media unless the whole pipeline is slower than it.
+
+Memory is reserved against `max_bytes` before it is taken, not counted after: each item's bytes before they
+are read (their known size, or as they arrive), the decoded pixels before decoding (from the image or video
+header), and the row's tiles once built. What a row holds at each step is its `RowHold`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from batchvl.core import Request, Result, Row
-from batchvl.errors import RowError
-from batchvl.media.fetch import Fetcher, FetchSettings
+from batchvl.errors import RowError, TransientError
+from batchvl.media import image, video
+from batchvl.media.fetch import Blob, Fetcher, FetchSettings
+from batchvl.media.limits import Allowance
 from batchvl.prepare.plan import RowPlan
 from batchvl.prepare.preparer import RowPreparer
 
@@ -37,18 +43,63 @@ class ByteBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
+        self.peak = 0
         self._changed = asyncio.Event()
 
     async def acquire(self, n: int, urgent: Callable[[], bool] = lambda: False) -> None:
-        while not (self.used == 0 or self.used + n <= self.limit or urgent()):
+        while not self._fits(n, urgent):
             self._changed.clear()
             await self._changed.wait()
-        self.used += n
+        self._take(n)
+
+    def try_acquire(self, n: int, urgent: Callable[[], bool] = lambda: False) -> bool:
+        """Take n bytes if that needs no waiting."""
+        if not self._fits(n, urgent):
+            return False
+        self._take(n)
+        return True
 
     def release(self, n: int) -> None:
         """Give bytes back (n may be 0: a nudge to re-check `urgent`)."""
         self.used -= n
         self._changed.set()
+
+    def _fits(self, n: int, urgent: Callable[[], bool]) -> bool:
+        return self.used == 0 or self.used + n <= self.limit or urgent()
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+
+class RowHold(Allowance):
+    """The bytes one row holds in the budget: its fetched media, then its decoded pixels, then its tiles."""
+
+    def __init__(self, budget: ByteBudget, urgent: Callable[[], bool]):
+        self.budget = budget
+        self.urgent = urgent
+        self.held = 0
+
+    async def reserve(self, n: int) -> None:
+        await self.budget.acquire(n, self.urgent)
+        self.held += n
+
+    def try_reserve(self, n: int) -> bool:
+        if self.budget.try_acquire(n, self.urgent):
+            self.held += n
+            return True
+        return False
+
+    def give_back(self, n: int) -> None:
+        self.held -= n
+        self.budget.release(n)
+
+    async def settle(self, n: int) -> None:
+        """Hold exactly n bytes from now on."""
+        if n > self.held:
+            await self.reserve(n - self.held)
+        else:
+            self.give_back(self.held - n)
 
 
 def item_bytes(item: Request | Result) -> int:
@@ -72,12 +123,12 @@ class Prefetcher:
         self.max_rows = max(1, max_rows)
         self.max_bytes = max_bytes
         self.fetch_settings = fetch or FetchSettings()
+        self._budget: ByteBudget | None = None
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchvl-prepare")
         self._out: queue.Queue = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._stop = False
-        self.peak_bytes = 0  # the most bytes held at once (for tests and the log)
         # The preparation threads hold the GIL in Pillow/numpy glue; each time the consumer (the engine's
         # thread) lets go of it, around every CUDA sync and many torch calls, it may wait a whole switch
         # interval (5 ms by default) to get it back. 1 ms keeps the GPU fed. Restored by close().
@@ -86,6 +137,11 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, name="batchvl-prefetch", daemon=True)
         self._thread.start()
         self._ready.wait()
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most bytes held at once (for tests and the log)."""
+        return self._budget.peak if self._budget is not None else 0
 
     # ---- consumer side (the caller's thread) ------------------------------------------------------------
 
@@ -158,39 +214,68 @@ class Prefetcher:
             self._out.put(_END)
 
     async def _prepare(self, file: Path, row: Row, seq: int, result: concurrent.futures.Future) -> None:
-        held = 0
+        hold = RowHold(self._budget, lambda: self._consumed == seq)
         try:
-            plan = self.preparer.plan(row, self.media_root_for(file))
+            plan = self.preparer.plan(self._check_frames(row), self.media_root_for(file))
             if isinstance(plan, Result):
                 result.set_result((plan, 0))
                 return
-            item, held = await self._fetch_and_build(plan, lambda: self._consumed == seq)
-            result.set_result((item, held))
+            item = await self._fetch_and_build(plan, hold)
+            result.set_result((item, hold.held))
         except BaseException as e:  # never leave the consumer waiting
-            if held:
-                self._budget.release(held)
+            if hold.held:
+                hold.give_back(hold.held)
             if not result.done():
-                result.set_result((Result.failed(row.id, f"internal: {type(e).__name__}: {e}"), 0))
+                if isinstance(e, TransientError):  # the machine's, not the row's: the consumer raises it
+                    result.set_exception(e)
+                else:
+                    result.set_result((Result.failed(row.id, f"internal: {type(e).__name__}: {e}"), 0))
             if isinstance(e, asyncio.CancelledError):
                 raise
 
-    async def _fetch_and_build(self, plan: RowPlan, urgent: Callable[[], bool]) -> tuple[Request | Result, int]:
+    def _check_frames(self, row: Row) -> Row:
+        """A row asking for more frames than a video may give fails before it is planned: planning announces
+        every frame in the prompt, and 10^8 of them would take gigabytes before anything is decoded."""
+        column = self.preparer.s.video_frames_column
+        value = row.data.get(column) if column and row.data is not None and row.error is None else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > video.MAX_VIDEO_FRAMES:
+            return Row(row.id, row.source, row.data, f"input: {column!r} is {value}, more than the "
+                       f"{video.MAX_VIDEO_FRAMES} frames a video may give")
+        return row
+
+    async def _fetch_and_build(self, plan: RowPlan, hold: RowHold) -> Request | Result:
+        loop = asyncio.get_running_loop()
         try:
-            blobs = await asyncio.gather(*(self._fetcher.fetch(m.ref, plan.media_root, read_local=m.kind != "video")
-                                           for m in plan.media))
+            blobs = await self._fetch_all(plan, hold)
+            # Decoded pixels are reserved before decoding, from the headers, like fetched bytes before reading.
+            decoded = await loop.run_in_executor(None, self._decoded_size, plan, blobs)
         except RowError as e:
-            return Result.failed(plan.row.id, str(e), plan.keep), 0
-        raw = sum(b.size for b in blobs)
-        await self._budget.acquire(raw, urgent)
-        self.peak_bytes = max(self.peak_bytes, self._budget.used)
+            hold.give_back(hold.held)  # what the row's other items fetched is dropped with it
+            return Result.failed(plan.row.id, str(e), plan.keep)
+        await hold.reserve(decoded)
+        item = await loop.run_in_executor(self.pool, self.preparer.build, plan, blobs)
+        del blobs  # the fetched bytes and the decoded pixels are gone once built: the row now holds its tiles
+        await hold.settle(item_bytes(item))
+        return item
+
+    async def _fetch_all(self, plan: RowPlan, hold: RowHold) -> list[Blob]:
+        tasks = [asyncio.ensure_future(self._fetcher.fetch(m.ref, plan.media_root, read_local=m.kind != "video",
+                                                           allowance=hold)) for m in plan.media]
         try:
-            item = await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.build, plan, blobs)
-        finally:
-            self._budget.release(raw)
-        held = item_bytes(item)
-        await self._budget.acquire(held, urgent)
-        self.peak_bytes = max(self.peak_bytes, self._budget.used)
-        return item, held
+            return await asyncio.gather(*tasks)
+        finally:  # after one failure the others stop too, and give back what they reserved
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _decoded_size(self, plan: RowPlan, blobs: list[Blob]) -> int:
+        total = 0
+        for item, blob in zip(plan.media, blobs, strict=True):
+            if item.kind == "video":
+                total += video.decoded_size(blob, item.frames)
+            else:
+                total += image.decoded_size(blob.data, blob.name, self.preparer.s.max_image_pixels)
+        return total
 
     def _release(self, held: int) -> None:
         self._consumed += 1

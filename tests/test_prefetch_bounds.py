@@ -1,0 +1,226 @@
+"""The prefetcher reserves memory before it is taken: fetched bytes before reading, decoded pixels before
+decoding, frames before sampling; the machine's failures stop the run instead of failing rows. Memory is
+measured where it is the point: in a subprocess (its peak RSS, over its own baseline) or with tracemalloc."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batchvl.core import Request, Result, Row
+from batchvl.errors import TransientError
+from batchvl.media import files
+from batchvl.media.fetch import Blob, FetchSettings
+from batchvl.media.video import MAX_VIDEO_FRAMES, decode_frames
+from batchvl.prepare.prefetch import Prefetcher
+
+from .media_server import MediaServer, Route
+from .test_prefetch import png, preparer, rows_for
+
+MB = 1 << 20
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_growth_mb(tmp_path: Path, body: str) -> dict:
+    """Run `body` in a fresh Python after the prefetch imports; return what it prints as JSON, plus `growth_mb`:
+    how far its peak RSS rose above the peak it had before `body` ran."""
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent("""
+        import json, resource, sys
+        from pathlib import Path
+        from batchvl.media.fetch import FetchSettings
+        from batchvl.prepare.prefetch import Prefetcher
+        from tests.test_prefetch import preparer, rows_for
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = {}
+    """) + textwrap.dedent(body) + textwrap.dedent("""
+        out["growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        print(json.dumps(out))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_byte_budget_is_reserved_before_files_are_read(tmp_path):
+    """Eight 64 MB files under a 16 MB budget: read one or two at a time (the row the consumer waits for may
+    go past the budget), not all eight at once as when bytes were counted after reading."""
+    for i in range(8):
+        with open(tmp_path / f"{i}.png", "wb") as f:
+            f.truncate(64 * MB)  # sparse zeros: not an image, so each row fails after its bytes were read
+    out = peak_growth_mb(tmp_path, """
+        rows = rows_for([f"{i}.png" for i in range(8)])
+        pre = Prefetcher(rows, preparer(), lambda f: Path("."), max_rows=8, max_bytes=16 << 20, threads=4,
+                         fetch=FetchSettings(max_media_bytes=128 << 20))
+        out["errors"] = [r.error for r in pre]
+        pre.close()
+        out["peak_bytes"] = pre.peak_bytes
+    """)
+    assert len(out["errors"]) == 8 and all("not a decodable image" in e for e in out["errors"]), out["errors"]
+    assert out["peak_bytes"] <= 2 * 64 * MB
+    assert out["growth_mb"] < 200, out  # against 8 x 64 = 512 MB read at once before
+
+
+def test_decoded_pixels_are_reserved_before_decoding(tmp_path):
+    """Six small PNGs that take about 90 MB each to decode and tile, four preparation threads, a 100 MB budget:
+    at most two decodes at once (one within the budget, and the row the consumer waits for), not four. Before,
+    this took about 690 MB."""
+    for i in range(6):
+        Image.new("RGB", (4000, 4000), (i, 2 * i, 3 * i)).save(tmp_path / f"{i}.png")
+    assert (tmp_path / "0.png").stat().st_size < MB
+    out = peak_growth_mb(tmp_path, """
+        rows = rows_for([f"{i}.png" for i in range(6)])
+        pre = Prefetcher(rows, preparer(), lambda f: Path("."), max_rows=6, max_bytes=100 << 20, threads=4)
+        out["kinds"] = [type(r).__name__ for r in pre]
+        pre.close()
+        out["peak_bytes"] = pre.peak_bytes
+    """)
+    assert out["kinds"] == ["Request"] * 6
+    one_row = 4000 * 4000 * 6  # what decoded_size reserves for it
+    assert one_row <= out["peak_bytes"] <= 100 * MB + one_row + MB
+    assert out["growth_mb"] < 280, out  # two decodes and their tiling at most
+
+
+def test_an_image_over_max_image_pixels_fails_from_its_header_before_any_reservation(tmp_path):
+    Image.new("L", (5000, 5000)).save(tmp_path / "wide.png")
+    pre = Prefetcher(rows_for(["wide.png"]), preparer(max_image_pixels=1000 * 1000), lambda f: tmp_path,
+                     max_bytes=MB, threads=1)
+    (row,) = list(pre)
+    pre.close()
+    assert "image too large: 5000x5000 is more than media.max_image_pixels (1000000)" in row.error
+    assert pre.peak_bytes < MB  # its 25 MB of pixels were never asked for
+
+
+def test_bodies_larger_than_the_budget_wait_outside_their_connection():
+    """Eight 3 MB bodies under a 4 MB budget and 2 HTTP slots: rows that cannot take their bytes give back the
+    connection and wait, so the row the consumer waits for always gets a slot; nothing deadlocks."""
+    server = MediaServer()
+    base = server.start()
+    try:
+        for i in range(8):
+            server.routes[f"/{i}.bin"] = Route(body=os.urandom(3 * MB), delay_s=0.02)
+        pre = Prefetcher(rows_for([f"{base}/{i}.bin" for i in range(8)]), preparer(), lambda f: Path("."),
+                         max_rows=8, max_bytes=4 * MB, threads=2, fetch=FetchSettings(http_concurrency=2))
+        start = time.monotonic()
+        out = list(pre)
+        pre.close()
+        hits = sum(route.hits for route in server.routes.values())
+    finally:
+        server.stop()
+    assert time.monotonic() - start < 20
+    assert [r.id for r in out] == [f"r{i}" for i in range(8)]
+    assert all("not a decodable image" in r.error for r in out)
+    assert pre.peak_bytes <= 4 * MB + 3 * MB  # the budget, and the one row past it that the consumer waited for
+    assert hits > 8  # some rows did wait: they asked again once they had their bytes
+
+
+def test_frames_per_video_are_capped_before_anything_is_planned_or_decoded(tmp_path):
+    rows = [(Path("rows.jsonl"), Row(id="many", source="rows.jsonl:1", data={"video": "v.mp4", "n": 10 ** 8})),
+            (Path("rows.jsonl"), Row(id="edge", source="rows.jsonl:2", data={"video": "nope.mp4",
+                                                                             "n": MAX_VIDEO_FRAMES}))]
+    tracemalloc.start()
+    pre = Prefetcher(rows, preparer(image_column=None, video_column="video", video_frames_column="n"),
+                     lambda f: tmp_path, threads=1)
+    many, edge = list(pre)
+    pre.close()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert many.error == f"input: 'n' is 100000000, more than the {MAX_VIDEO_FRAMES} frames a video may give"
+    assert "no such file" in edge.error  # the cap itself is allowed
+    assert peak < 20 * MB  # 10^8 "Frame{i}: <image>" lines would have been gigabytes
+    with pytest.raises(Exception, match=f"more than the {MAX_VIDEO_FRAMES} a video may give"):
+        decode_frames(Blob("v.mp4", data=b"not read"), MAX_VIDEO_FRAMES + 1)
+
+
+# ---- the machine's failures ----------------------------------------------------------------------------------
+
+def flaky_open(monkeypatch, times: int) -> list[int]:
+    calls = [0]
+    real = os.open
+
+    def fake(path, *args, **kwargs):
+        if os.fspath(path).endswith(".png"):
+            calls[0] += 1
+            if calls[0] <= times:
+                raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "open", fake)
+    return calls
+
+
+def test_a_passing_shortage_of_file_descriptors_costs_no_row(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(png())
+    calls = flaky_open(monkeypatch, times=3)
+    pre = Prefetcher(rows_for(["a.png"]), preparer(), lambda f: tmp_path, threads=1,
+                     fetch=FetchSettings(machine_backoff_s=0.001))
+    (row,) = list(pre)
+    pre.close()
+    assert isinstance(row, Request), row
+    assert calls[0] == 4
+
+
+def test_a_lasting_shortage_stops_the_run_instead_of_failing_rows(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(png())
+    (tmp_path / "b.png").write_bytes(png())
+    flaky_open(monkeypatch, times=10 ** 6)
+    pre = Prefetcher(rows_for(["a.png", "b.png"]), preparer(), lambda f: tmp_path, threads=1,
+                     fetch=FetchSettings(machine_backoff_s=0.001, machine_retries=3))
+    seen = []
+    with pytest.raises(TransientError, match="EMFILE.*ulimit -n"):
+        for row in pre:
+            seen.append(row)
+    pre.close()
+    assert seen == []  # no error row was written for it
+
+
+def test_under_ulimit_n_every_row_still_succeeds(tmp_path):
+    """A real descriptor limit: a child process with only a few descriptors to spare prepares 40 rows, read
+    from files and over HTTP; EMFILE is met (sockets and files compete) and waited out, and every row is ok."""
+    server = MediaServer()
+    base = server.start()
+    try:
+        for i in range(20):
+            server.routes[f"/{i}.png"] = Route(body=png(seed=i), delay_s=0.05)
+            (tmp_path / f"{i}.png").write_bytes(png(seed=i))
+        out = peak_growth_mb(tmp_path, f"""
+            import os, resource
+            from batchvl.media import limits
+            from batchvl.core import Request
+            misses = []
+            machine_errno = limits.machine_errno
+            limits.machine_errno = lambda e: misses.append(1) or machine_errno(e)
+            import batchvl.media.fetch as fetch_module, batchvl.media.files as files_module
+            fetch_module.machine_errno = files_module.machine_errno = limits.machine_errno
+            refs = [f"{{i}}.png" for i in range(20)] + [f"{base}/{{i}}.png" for i in range(20)]
+            pre = Prefetcher(rows_for(refs), preparer(), lambda f: Path("."), max_rows=40, threads=2,
+                             fetch=FetchSettings(http_concurrency=64, machine_backoff_s=0.02, machine_retries=8))
+            in_use = len(os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 6, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            out["kinds"] = [type(r).__name__ if isinstance(r, Request) else r.error for r in pre]
+            pre.close()
+            out["misses"] = len(misses)
+        """)
+    finally:
+        server.stop()
+    assert out["kinds"] == ["Request"] * 40, out["kinds"]
+    assert out["misses"] > 0  # the limit was really met
+
+
+def test_a_row_error_is_still_a_row_error(tmp_path):
+    pre = Prefetcher(rows_for(["nope.png"]), preparer(), lambda f: tmp_path, threads=1)
+    (row,) = list(pre)
+    pre.close()
+    assert isinstance(row, Result) and row.error == f"media: no such file: {tmp_path / 'nope.png'}"
