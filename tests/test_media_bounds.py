@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import os
 import socket
 import threading
@@ -283,3 +284,30 @@ def test_out_of_descriptors_on_a_socket_is_retried_then_transient(raw_server, mo
     failures[0] = 100
     with pytest.raises(TransientError, match="EMFILE"):
         load_bytes(f"{base}/a.png", None, capped(1, machine_retries=2))
+
+
+# ---- the settings --------------------------------------------------------------------------------------------
+
+def job_with(tmp_path, **media):
+    from batchvl.config import load_job
+
+    (tmp_path / "rows.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    (tmp_path / "job.yaml").write_text(json.dumps({
+        "model": "any/model", "prompt": "Describe.", "input": {"path": "rows.jsonl"}, "output": {"path": "out"},
+        "engine": {"device": "cpu"}, "media": media}))
+    return load_job(tmp_path / "job.yaml")
+
+
+def test_max_media_mb_and_the_frames_bound_are_checked_settings(tmp_path):
+    from batchvl.config import JobError
+    from batchvl.media.video import MAX_VIDEO_FRAMES
+
+    job = job_with(tmp_path)
+    assert job.media.max_media_mb == 512 == FetchSettings().max_media_bytes >> 20  # one default, in both
+    assert job_with(tmp_path, max_media_mb=4, video_frames=MAX_VIDEO_FRAMES).media.max_media_mb == 4
+    with pytest.raises(JobError, match=r"^media.max_media_mb: must be >= 1, got 0$"):
+        job_with(tmp_path, max_media_mb=0)
+    with pytest.raises(JobError, match=r"^media.max_media_mb: must be <= 65,536, got 100000$"):
+        job_with(tmp_path, max_media_mb=100000)
+    with pytest.raises(JobError, match=rf"^media.video_frames: must be <= {MAX_VIDEO_FRAMES:,}, got 100000000$"):
+        job_with(tmp_path, video_frames=10 ** 8)

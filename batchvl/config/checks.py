@@ -29,9 +29,10 @@ LIMITS: dict[str, int] = {
     "media.http_retries": 10,  # with exponential backoff: the tenth waits about 2^9 x 0.5 s
     "media.http_timeout_s": 3600,  # seconds per request
     "media.max_image_pixels": 1 << 30,  # an RGB image this large takes 3 GiB decoded
+    "media.max_media_mb": 1 << 16,  # MiB of one media item in memory: 64 GiB
     "media.max_dynamic_patch": 256,  # tiles per image (256 tokens each); the grid search grows as its cube
     "media.min_dynamic_patch": 256,
-    "media.video_frames": 1024,  # frames per video, each at least one tile
+    "media.video_frames": 1024,  # frames per video, each at least one tile; a row's frames column alike
     "media.video_max_dynamic_patch": 256,
 }
 
@@ -73,7 +74,7 @@ def check_job(job: Job) -> None:
             if getattr(job.input, key) is not None:
                 raise JobError(f"input.{key}: not used with input.messages_column (messages carry their own "
                                "text and images); remove one of them")
-    for key in ("prefetch", "prefetch_mb", "http_concurrency", "max_image_pixels", "video_frames",
+    for key in ("prefetch", "prefetch_mb", "http_concurrency", "max_image_pixels", "max_media_mb", "video_frames",
                 "video_max_dynamic_patch"):
         at_least(f"media.{key}", getattr(job.media, key), 1)
     at_least("media.http_retries", job.media.http_retries, 0)

@@ -64,6 +64,7 @@ class MediaSpec:
     http_retries: int = 3
     http_concurrency: int = 64
     max_image_pixels: int = 1 << 28
+    max_media_mb: int = 512  # one media item's bytes in memory (a file, a decompressed body), at most
     video_frames: int = 8
     video_max_dynamic_patch: int = 1
 

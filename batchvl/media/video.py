@@ -16,11 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from batchvl.config.checks import LIMITS
 from batchvl.errors import RowError
 from batchvl.media.fetch import Blob
 from batchvl.media.limits import machine_errno, retry_machine_sync
 
-MAX_VIDEO_FRAMES = 256
+MAX_VIDEO_FRAMES = LIMITS["media.video_frames"]  # the job file's bound on media.video_frames, per row too
 DECODE_CHUNK = 8  # frames decoded at once (decord); each is made an image before the next chunk
 
 
