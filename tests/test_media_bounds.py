@@ -264,6 +264,20 @@ def test_a_machine_error_that_persists_is_transient_not_a_row_error(tmp_path, mo
     assert not issubclass(TransientError, RowError)
 
 
+def test_what_counts_as_the_machines_failure():
+    import aiohttp
+
+    from batchvl.media.limits import machine_errno, too_large
+
+    assert machine_errno(OSError(errno.EMFILE, "Too many open files")) == errno.EMFILE
+    assert machine_errno(MemoryError()) == errno.ENOMEM
+    wrapped = aiohttp.ClientConnectorError(None, OSError(errno.ENFILE, "File table overflow"))
+    assert machine_errno(wrapped) == errno.ENFILE
+    assert machine_errno(OSError(errno.ENOENT, "No such file")) is None
+    assert machine_errno(OSError(errno.ECONNREFUSED, "refused")) is None
+    assert str(too_large("a.png", MB, MB + MB // 2)) == "media: a.png is 1.5 MB, larger than media.max_media_mb (1 MB)"
+
+
 def test_out_of_descriptors_on_a_socket_is_retried_then_transient(raw_server, monkeypatch):
     """aiohttp wraps the socket's OSError(EMFILE) in a ClientConnectorError: still the machine's failure."""
     import aiohttp

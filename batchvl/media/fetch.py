@@ -107,9 +107,10 @@ class Fetcher:
     async def _fetch_bytes(self, ref: Any, media_root: Path, share: Share) -> Blob:
         cap = self.s.max_media_bytes
         if isinstance(ref, (bytes, bytearray, memoryview)):
-            if len(ref) > cap:
-                raise too_large(describe(ref), cap, len(ref))
-            await share.wait_for(len(ref))
+            size = ref.nbytes if isinstance(ref, memoryview) else len(ref)
+            if size > cap:
+                raise too_large(describe(ref), cap, size)
+            await share.wait_for(size)
             return Blob(describe(ref), data=bytes(ref))
         if not isinstance(ref, str):
             raise RowError(f"media: expected a path, URL, data URI, bytes or image struct, got {type(ref).__name__}")

@@ -33,19 +33,21 @@ def too_large(name: str, cap: int, size: int | None = None) -> RowError:
 
 
 def _mb(n: int) -> str:
-    return f"{n >> 20} MB" if n >= 1 << 20 else f"{n} bytes"
+    if n < 1 << 20:
+        return f"{n} bytes"
+    return f"{n >> 20} MB" if n % (1 << 20) == 0 else f"{n / (1 << 20):.1f} MB"
 
 
 def machine_errno(e: BaseException) -> int | None:
     """The errno of a machine-side failure (out of fds, memory, disk) in `e` or what it wraps, else None."""
-    seen = 0
-    while e is not None and seen < 5:  # aiohttp wraps the socket's OSError; so may others
+    for _ in range(5):  # aiohttp wraps the socket's OSError; so may others
         if isinstance(e, OSError) and e.errno in MACHINE_ERRNOS:
             return e.errno
+        if isinstance(e, MemoryError):
+            return errno.ENOMEM
         e = getattr(e, "os_error", None) or e.__cause__
-        seen += 1
-    if isinstance(e, MemoryError):
-        return errno.ENOMEM
+        if e is None:
+            break
     return None
 
 
