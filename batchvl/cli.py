@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 from batchvl.config import EngineSpec, build_section, load_job
-from batchvl.errors import JobError, OutputWriteError, WorkerError
+from batchvl.errors import JobError, OutputWriteError, TransientError, WorkerError
 from batchvl.log import configure_logging
 
 EXIT_JOB_ERROR = 2
-EXIT_RUN_ERROR = 1  # the output could not be written, or an engine worker failed: rerun to resume
+EXIT_RUN_ERROR = 1  # the output could not be written, a worker failed, the machine ran out of something: rerun
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet,
                               retry_errors=args.retry_errors, shard=shard)
-    except (OutputWriteError, WorkerError) as e:
+    except (OutputWriteError, TransientError, WorkerError) as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
         return EXIT_RUN_ERROR
     if summary.interrupted:

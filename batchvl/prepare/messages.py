@@ -14,6 +14,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from batchvl.config.checks import LIMITS
+from batchvl.config.spec import shown
 from batchvl.errors import RowError
 from batchvl.prepare.plan import MediaRef
 from batchvl.prepare.prompt import place_images
@@ -89,5 +91,9 @@ def _max_tiles(spec: dict, index: int, default: int) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RowError(f"messages: message {index}: max_dynamic_patch must be an integer >= 1, got {value!r}")
+        raise RowError(f"messages: message {index}: max_dynamic_patch must be an integer >= 1, got {shown(value)}")
+    most = LIMITS["media.max_dynamic_patch"]
+    if value > most:
+        raise RowError(f"messages: message {index}: max_dynamic_patch is {value}, more than {most}, the most a "
+                       "row may ask for")
     return value

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from batchvl.config.checks import LIMITS
+from batchvl.config.spec import shown
 from batchvl.core import Request, Result, Row, jsonish
-from batchvl.errors import RowError
+from batchvl.errors import RowError, TransientError
 from batchvl.media.fetch import Blob
 from batchvl.media.image import decode_image
 from batchvl.media.sources import as_reference_list
@@ -81,12 +83,14 @@ class RowPreparer:
             self._check_length(messages, media)
         except RowError as e:
             return Result.failed(row.id, str(e), keep)
+        except Exception as e:  # a bug or an unforeseen input must cost one row, not the run
+            return Result.failed(row.id, f"internal: {type(e).__name__}: {e}", keep)
         return RowPlan(row, media_root, messages, media, keep, max_new)
 
     def _plan_prompt(self, data: dict[str, Any]) -> tuple[list[dict[str, str]], list[MediaRef]]:
         s = self.s
         text = self._prompt_text(data)
-        max_tiles = self._row_int(data, s.max_dynamic_patch_column, s.max_tiles)
+        max_tiles = self._row_int(data, s.max_dynamic_patch_column, s.max_tiles, LIMITS["media.max_dynamic_patch"])
         images = [MediaRef("image", r, max_tiles) for r in self._refs(data, s.image_column)]
         text = place_images(text, len(images))
         videos = self._refs(data, s.video_column)
@@ -136,6 +140,8 @@ class RowPreparer:
             return self._build(plan, blobs)
         except RowError as e:
             return Result.failed(plan.row.id, str(e), plan.keep)
+        except TransientError:  # the machine's failure, not the row's: the run stops, a rerun resumes
+            raise
         except Exception as e:  # a bug or an unforeseen input must cost one row, not the run
             return Result.failed(plan.row.id, f"internal: {type(e).__name__}: {e}", plan.keep)
 
@@ -191,12 +197,16 @@ class RowPreparer:
         return as_reference_list(cell)
 
     @staticmethod
-    def _row_int(data: dict[str, Any], column: str | None, default: int) -> int:
+    def _row_int(data: dict[str, Any], column: str | None, default: int, most: int | None = None) -> int:
+        """A row's own integer setting from `column` (>= 1, and at most `most`, the job setting's own bound),
+        or `default` where the row has none."""
         value = data.get(column) if column else None
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise RowError(f"input: {column!r} must be an integer >= 1, got {value!r}")
+            raise RowError(f"input: {column!r} must be an integer >= 1, got {shown(value)}")
+        if most is not None and value > most:
+            raise RowError(f"input: {column!r} is {value}, more than {most}, the most a row may ask for")
         return value
 
     def _max_new_tokens(self, data: dict[str, Any]) -> int | None:

@@ -131,7 +131,7 @@ def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPre
     m = job.media
     threads = m.prepare_threads or os.cpu_count() or 1
     fetch = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
-                          http_concurrency=m.http_concurrency)
+                          http_concurrency=m.http_concurrency, max_media_bytes=m.max_media_mb << 20)
     return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, job.engine.max_batch_size),
                       max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch)
 
