@@ -222,9 +222,9 @@ def test_a_redirect_loop_and_a_non_http_reply_are_fetch_errors(raw_server):
     routes["/loop"] = replying(b"HTTP/1.1 302 Found\r\nLocation: /loop\r\nContent-Length: 0\r\n"
                                b"Connection: close\r\n\r\n")
     routes["/ssh"] = replying(b"SSH-2.0-OpenSSH_9.6\r\n")
-    with pytest.raises(RowError, match=r"^media: cannot fetch .*/loop: too many redirects \(10\)$"):
+    with pytest.raises(RowError, match=r"^http: cannot fetch .*/loop: too many redirects \(10\)$"):
         load_bytes(f"{base}/loop", None, capped(1))
-    with pytest.raises(RowError, match=r"^media: cannot fetch .*/ssh: not an HTTP reply \(Bad status line"):
+    with pytest.raises(RowError, match=r"^http: cannot fetch .*/ssh: not an HTTP reply \(Bad status line"):
         load_bytes(f"{base}/ssh", None, capped(1))
 
 

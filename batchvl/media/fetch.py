@@ -179,11 +179,12 @@ class Fetcher:
             except _WaitForBytes as wait:  # the connection and its slot are given back: wait for the bytes here
                 await share.wait_for(wait.n)
                 continue
+            # The server broke HTTP itself (kind `http`), where a 404 or a timeout says the media is not there.
             except aiohttp.TooManyRedirects as e:
-                raise RowError(f"media: cannot fetch {describe(url)}: too many redirects "
+                raise RowError(f"http: cannot fetch {describe(url)}: too many redirects "
                                f"({len(e.history)})") from None
             except aiohttp.ClientResponseError as e:  # the reply was not HTTP, or broke its rules
-                raise RowError(f"media: cannot fetch {describe(url)}: {_bad_reply(e)}") from None
+                raise RowError(f"http: cannot fetch {describe(url)}: {_bad_reply(e)}") from None
             except aiohttp.InvalidURL:
                 raise RowError(f"media: invalid URL {describe(url)}") from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError) as e:
