@@ -74,11 +74,7 @@ async def retry_machine(call: Callable[[], Awaitable[T]], name: str, retries: in
         try:
             return await call()
         except (OSError, MemoryError) as e:
-            code = machine_errno(e)
-            if code is None:
-                raise
-            if attempt == retries:
-                raise persistent(code, name, attempt + 1) from None
+            _retry_or_raise(e, attempt, retries, name)
         await asyncio.sleep(backoff(attempt, base_s))
     raise AssertionError("unreachable")
 
@@ -90,13 +86,19 @@ def retry_machine_sync(call: Callable[[], T], name: str, retries: int = MACHINE_
         try:
             return call()
         except (OSError, MemoryError) as e:
-            code = machine_errno(e)
-            if code is None:
-                raise
-            if attempt == retries:
-                raise persistent(code, name, attempt + 1) from None
+            _retry_or_raise(e, attempt, retries, name)
         time.sleep(backoff(attempt, base_s))
     raise AssertionError("unreachable")
+
+
+def _retry_or_raise(e: OSError | MemoryError, attempt: int, retries: int, name: str) -> None:
+    """Return (try again) if `e` is the machine's failure and tries are left; raise `e` itself if it is not the
+    machine's, and TransientError once `retries` more attempts have failed."""
+    code = machine_errno(e)
+    if code is None:
+        raise e
+    if attempt == retries:
+        raise persistent(code, name, attempt + 1) from None
 
 
 class Allowance:
