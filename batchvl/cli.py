@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     _verbosity(status)
     status.set_defaults(func=_status)
 
+    repair = sub.add_parser("repair", help="move the part files that cannot be read aside, so their rows run again")
+    repair.add_argument("out", type=Path, help="the output folder (output.path); no run may be writing it")
+    _verbosity(repair)
+    repair.set_defaults(func=_repair)
+
     validate = job_command("validate", "check a job and print its plan; changes nothing")
     validate.set_defaults(func=_validate)
 
@@ -246,8 +251,15 @@ def _status(args: argparse.Namespace) -> int:
         raise JobError(f"status: no such output folder: {args.out}")
     import pyarrow.parquet as pq
 
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(args.out))
-    print(f"{args.out}: {rows} rows in {len(part_files(args.out))} part file(s)")
+    rows, damaged = 0, []
+    for p in part_files(args.out):
+        try:
+            rows += pq.ParquetFile(p).metadata.num_rows
+        except (OSError, ValueError) as e:  # pyarrow's errors are both; the footer is unreadable
+            damaged.append(f"{p.name} ({' '.join(str(e).split())[:120]})")
+    print(f"{args.out}: {rows} rows in {len(part_files(args.out)) - len(damaged)} part file(s)")
+    if damaged:
+        print(f"damaged part files, not counted (`batchvl repair {args.out}` moves them aside): {'; '.join(damaged)}")
     for s in shard_status(args.out):
         if "shard" in s:
             total, done = s.get("rows_in_shard", 0), s.get("rows_done_in_shard", 0)
@@ -256,6 +268,17 @@ def _status(args: argparse.Namespace) -> int:
         else:
             print(f"unsharded runs: {s.get('rows_ok', 0)} ok, {s.get('rows_failed', 0)} failed, {s.get('state')}, "
                   f"updated {s.get('updated')}")
+    return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from batchvl.io.repair import move_damaged_parts
+
+    moved = move_damaged_parts(args.out)
+    for target, why in moved:
+        print(f"moved {target.name} to {target.parent}: {why}")
+    print(f"{args.out}: {len(moved)} damaged part file(s) moved aside; a rerun of the job runs their rows"
+          if moved else f"{args.out}: every part file reads")
     return 0
 
 

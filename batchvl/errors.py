@@ -37,3 +37,13 @@ class TransientError(Exception):
     """The machine, not the row, failed while a row was prepared (out of file descriptors, memory or disk space)
     and short retries did not help. No row error is written for it: the run stops with this message, and a rerun
     of the same command resumes."""
+
+
+class DamagedPartError(JobError):
+    """A committed part file of the output folder cannot be read (truncated, zeroed). The run stops on it with
+    one line; `batchvl repair OUT/` moves such parts aside, so that their rows run again."""
+
+    def __init__(self, part, reason: str):
+        self.part, self.reason = part, reason
+        super().__init__(f"output.path: the part file {part.name} cannot be read ({reason}); `batchvl repair "
+                         f"{part.parent}` moves damaged parts aside, so that their rows run again")

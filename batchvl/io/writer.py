@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchvl.core import Result, jsonish
+from batchvl.errors import DamagedPartError
 
 PART_GLOB = "part-*.parquet"
 TMP_PREFIX = ".tmp-part-"
@@ -71,7 +72,7 @@ def read_done(out_dir: Path) -> tuple[set[str], int, dict[str, int]]:
     ok = 0
     failed: dict[str, int] = {}
     for part in part_files(out_dir):
-        table = pq.read_table(part, columns=["id", "error"])
+        table = read_part(part, columns=["id", "error"])
         ids.update(table.column("id").to_pylist())
         for error in table.column("error").to_pylist():
             if error is None:
@@ -80,6 +81,16 @@ def read_done(out_dir: Path) -> tuple[set[str], int, dict[str, int]]:
                 kind = error_kind(error)
                 failed[kind] = failed.get(kind, 0) + 1
     return ids, ok, failed
+
+
+def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
+    """A committed part file, read whole (or these columns). A part that cannot be read (truncated, zeroed by a
+    failing disk or an interrupted copy) stops the run with one line naming it: its rows would otherwise
+    silently count as not done, or the run would crash on it every time."""
+    try:
+        return pq.read_table(part, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise DamagedPartError(part, " ".join(str(e).split())[:160]) from None
 
 
 def temp_parts(out_dir: Path) -> list[Path]:
@@ -111,7 +122,7 @@ def drop_rows(out_dir: Path, drop) -> int:
     fsync, rename over the part: atomic per part; a part left empty is removed). Returns the rows dropped."""
     dropped = 0
     for part in part_files(out_dir):
-        table = pq.read_table(part)
+        table = read_part(part)
         keep = [not drop(i, e) for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist(),
                                                strict=True)]
         gone = keep.count(False)
