@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchvl.errors import DamagedPartError, JobError
-from batchvl.io.writer import part_files, read_part
+from batchvl.io.writer import fsync_dir, part_files, read_part
 
 DAMAGED_DIR = "_damaged"
 
@@ -39,4 +39,7 @@ def move_damaged_parts(out_dir: Path) -> list[tuple[Path, str]]:
         target = aside / part.name
         part.replace(target)
         moved.append((target, why))
+    if moved:  # the moves survive a power loss
+        fsync_dir(out_dir / DAMAGED_DIR)
+        fsync_dir(out_dir)
     return moved

@@ -132,13 +132,14 @@ def drop_rows(out_dir: Path, drop) -> int:
             part.unlink()
         else:
             _write_atomic(table.filter(pa.array(keep)), part)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         dropped += gone
     return dropped
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to `path` through a temporary file, fsync and rename: readers see the old or the new file."""
+    """Write JSON to `path` through a temporary file, fsync and rename (then fsync the folder, so that the rename
+    survives a power loss): readers see the old or the new file."""
     tmp = path.with_name(f".tmp{path.name}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2, sort_keys=True)
@@ -146,6 +147,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -204,7 +206,7 @@ class PartWriter:
         self._seq += 1
         self.rows_written += len(self._rows)
         committed, self._rows = self._rows, []  # in place: never written twice, even if the fsync below fails
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         if self.on_commit is not None:
             self.on_commit(committed)
 
@@ -281,7 +283,8 @@ def table_results(table: pa.Table) -> list[Result]:
                    {c: r[c] for c in keep_names}) for r in table.to_pylist()]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the renames in a folder durable (a power loss after a rename without it can lose the rename)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
