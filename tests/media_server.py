@@ -14,7 +14,9 @@ class Route:
     status: int = 200
     delay_s: float = 0.0
     fail_first: int = 0  # answer 503 this many times before succeeding
+    retry_after: str | None = None  # the Retry-After header of those 503s
     hits: int = 0
+    hit_times: list[float] = field(default_factory=list)  # time.monotonic() of each request
 
 
 @dataclass
@@ -50,10 +52,15 @@ class MediaServer:
                         self.send_error(404)
                         return
                     route.hits += 1
+                    route.hit_times.append(time.monotonic())
                     time.sleep(route.delay_s)
                     answering()
                     if route.hits <= route.fail_first:
-                        self.send_error(503)
+                        self.send_response(503)
+                        if route.retry_after is not None:
+                            self.send_header("Retry-After", route.retry_after)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
                         return
                     self.send_response(route.status)
                     self.send_header("Content-Length", str(len(route.body)))

@@ -14,8 +14,10 @@ Each item's bytes are reserved from the row's `Allowance` before they are read (
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import io
 import random
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ class FetchSettings:
     http_retries: int = 3
     http_concurrency: int = 64
     backoff_s: float = 0.5
+    max_retry_after_s: float = 60.0  # a server's Retry-After is waited for, up to this
     max_media_bytes: int = limits.DEFAULT_MAX_MEDIA_MB << 20  # media.max_media_mb: one item, in memory, at most
     machine_retries: int = limits.MACHINE_RETRIES  # EMFILE, ENOMEM ...: tries after the first before the run stops
     machine_backoff_s: float = limits.MACHINE_BACKOFF_S
@@ -169,6 +172,7 @@ class Fetcher:
         session = await self._session()
         last, attempt, machine = "", 0, 0
         while True:
+            asked = None  # the wait a 429 or 503 asks for (Retry-After), in seconds
             try:
                 async with self._http_slots, session.get(url) as response:
                     if response.status == 200:
@@ -176,6 +180,7 @@ class Fetcher:
                     last = f"HTTP {response.status}"
                     if response.status not in TRANSIENT_HTTP:
                         break
+                    asked = retry_after_s(response.headers.get("Retry-After"))
             except _WaitForBytes as wait:  # the connection and its slot are given back: wait for the bytes here
                 await share.wait_for(wait.n)
                 continue
@@ -202,7 +207,10 @@ class Fetcher:
             if attempt == self.s.http_retries:
                 break
             attempt += 1
-            await asyncio.sleep(self.s.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+            wait = self.s.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+            if asked is not None:  # the server's own word, up to the cap (a slot is not held meanwhile)
+                wait = max(wait, min(asked, self.s.max_retry_after_s))
+            await asyncio.sleep(wait)
         tries = f" after {attempt + 1} attempts" if attempt else ""
         raise RowError(f"media: cannot fetch {describe(url)}: {last}{tries}")
 
@@ -235,6 +243,23 @@ def _connection_reason(e: BaseException) -> str:
     if "Connect call failed" in text or "Connection refused" in text:
         return "connection refused"
     return text
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header's wait in seconds: delay-seconds, or an HTTP date (RFC 9110); None when absent or
+    unreadable. A date in the past is 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _first_line(text: str) -> str:
