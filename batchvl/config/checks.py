@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from batchvl.config.spec import (
     BACKENDS,
     DECODE_ATTENTION,
@@ -90,7 +93,22 @@ def check_job(job: Job) -> None:
     _ = job.input.files  # raises when the path matches nothing
     if path_is(job.output_dir, "exists") and not job.output_dir.is_dir():
         raise JobError(f"output.path: exists and is not a directory: {shown(job.output.path, quote=False)}")
+    _check_output_outside_input(job)
     check_limits(job)
+
+
+def _check_output_outside_input(job: Job) -> None:
+    """An output folder inside the input folder (or holding input files) would be read back as input by the
+    next run: its part files are Parquet files under input.path. Raises JobError."""
+    out = Path(os.path.realpath(job.output_dir))
+    inp = job.resolve(job.input.path)
+    roots = [Path(os.path.realpath(inp))] if path_is(inp, "is_dir") else []
+    inside = any(out == root or root in out.parents for root in roots) or any(
+        out in Path(os.path.realpath(f)).parents for f in job.input.files)
+    if inside:
+        raise JobError(f"output.path: {shown(job.output.path, quote=False)} is inside the input "
+                       f"{shown(job.input.path, quote=False)}: the next run would read its part files back as "
+                       "input; choose an output folder outside it")
 
 
 def check_limits(job: Job) -> None:
