@@ -66,6 +66,22 @@ def test_changed_job_is_refused_and_overwrite_starts_over(tiny_model, tmp_path, 
     assert main(["run", str(job), "--quiet"]) == 2  # now the old setting is the different one
 
 
+def test_the_backend_is_part_of_the_fingerprint_but_a_key_an_older_folder_lacks_is_not(tiny_model, tmp_path, capsys):
+    job = text_job(tmp_path, tiny_model, [{"id": "a", "prompt": "hi"}], generation={"max_new_tokens": 4})
+    assert main(["run", str(job), "--quiet"]) == 0  # the transformers backend (text_job's)
+    capsys.readouterr()
+    # The two backends sample from different random generators: one folder must not mix their rows.
+    assert main(["run", str(job), "--quiet", "--set", "engine.backend=native"]) == 2
+    assert "(engine.backend: 'transformers' -> 'native')" in capsys.readouterr().err
+    # A folder written before the backend was recorded resumes under either backend.
+    path = tmp_path / "out" / "_batchvl.json"
+    recorded = json.loads(path.read_text())
+    del recorded["job"]["engine.backend"]
+    path.write_text(json.dumps(recorded))
+    assert main(["run", str(job), "--quiet", "--set", "engine.backend=native"]) == 0
+    assert "1 already done" in capsys.readouterr().out
+
+
 def test_retry_errors_runs_failed_rows_again(tiny_model, tmp_path, capsys):
     inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": f"r{i}", "prompt": "describe", "image": f"{i}.png"}
                                                 for i in range(4)])

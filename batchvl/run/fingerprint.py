@@ -8,11 +8,14 @@ two different jobs. Only settings that change the text of a row count. The list 
 - output.keep_columns (the output's columns);
 - every key of `generation`;
 - the media settings that change tiles or frames (effective values, checkpoint defaults filled in);
-- the effective engine dtype.
+- the effective engine dtype, and the backend: the two backends draw samples from different random
+  generators, so with sampling on they give different text for a row.
 
-Not counted, as they do not change results: engine.max_batch_size, max_batch_tokens, backend, device (for
-the same dtype), decode_attention, compile, gpus, media prefetch sizes, threads, HTTP
-settings, output.rows_per_file.
+Not counted, as they do not change results: engine.max_batch_size, max_batch_tokens, device (for the same
+dtype), decode_attention, compile, gpus, media prefetch sizes, threads, HTTP settings, output.rows_per_file.
+
+A key that the folder's recorded fingerprint does not hold was not recorded by the batchvl that wrote it, and
+is not compared: a folder written before a key was added keeps resuming.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "media.video_max_dynamic_patch": m.video_max_dynamic_patch,
         "media.max_image_pixels": m.max_image_pixels,
         "engine.dtype": _dtype(job),
+        "engine.backend": job.engine.backend,
     }
     for f in dataclasses.fields(job.generation):
         fp[f"generation.{f.name}"] = getattr(job.generation, f.name)
@@ -123,8 +127,9 @@ def _show(value: Any) -> str:
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for each key whose value changed, in a stable order."""
-    keys = list(new) + [k for k in old if k not in new]
+    """`key: old -> new` for each key whose value changed, in a stable order. A key `old` lacks is not compared
+    (an older batchvl did not record it)."""
+    keys = [k for k in new if k in old] + [k for k in old if k not in new]
     return [f"{k}: {_show(old.get(k))} -> {_show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
 
 
