@@ -129,9 +129,15 @@ def test_duplicate_ids_keep_the_first_and_become_keyed_error_rows(tiny_model, tm
 CRASH_ROWS = [{"id": f"r{i:02d}", "prompt": f"row number {i} says"} for i in range(12)]
 
 
-def crash_job(tmp_path, tiny_model, out, rows=CRASH_ROWS, new_tokens=8):
+@pytest.fixture(params=["transformers", "native"])
+def backend(request) -> str:
+    """The crash, signal and out-of-memory tests run on both engines."""
+    return request.param
+
+
+def crash_job(tmp_path, tiny_model, out, rows=CRASH_ROWS, new_tokens=8, backend="transformers"):
     return text_job(tmp_path, tiny_model, rows, out=out, generation={"max_new_tokens": new_tokens},
-                    engine={"max_batch_size": 2}, output={"rows_per_file": 2})
+                    engine={"max_batch_size": 2, "backend": backend}, output={"rows_per_file": 2})
 
 
 def spawn(job: Path, fault: str | None = None) -> subprocess.Popen:
@@ -144,17 +150,17 @@ def spawn(job: Path, fault: str | None = None) -> subprocess.Popen:
 
 
 @pytest.fixture
-def clean_texts(tiny_model, tmp_path):
+def clean_texts(tiny_model, tmp_path, backend):
     def run(rows=CRASH_ROWS, new_tokens=8):
-        job = crash_job(tmp_path, tiny_model, "clean", rows, new_tokens)
+        job = crash_job(tmp_path, tiny_model, "clean", rows, new_tokens, backend)
         assert main(["run", str(job), "--quiet"]) == 0
         return {k: r["text"] for k, r in by_id(tmp_path / "clean").items()}
     return run
 
 
-def test_sigterm_finishes_the_batch_in_flight_and_resumes(tiny_model, tmp_path, clean_texts):
+def test_sigterm_finishes_the_batch_in_flight_and_resumes(tiny_model, tmp_path, clean_texts, backend):
     rows = [{"id": f"r{i:02d}", "prompt": f"row number {i} says"} for i in range(40)]
-    job = crash_job(tmp_path, tiny_model, "out", rows, new_tokens=16)
+    job = crash_job(tmp_path, tiny_model, "out", rows, new_tokens=16, backend=backend)
     proc = spawn(job)
     deadline = time.time() + 120
     while not list((tmp_path / "out").glob("part-*.parquet")):
@@ -173,8 +179,9 @@ def test_sigterm_finishes_the_batch_in_flight_and_resumes(tiny_model, tmp_path, 
 
 
 @pytest.mark.parametrize("fault", ["read:5", "batch:3", "write:2"])
-def test_kill_9_at_a_fault_point_then_rerun_gives_every_row_once(tiny_model, tmp_path, clean_texts, fault):
-    job = crash_job(tmp_path, tiny_model, "out")
+def test_kill_9_at_a_fault_point_then_rerun_gives_every_row_once(tiny_model, tmp_path, clean_texts, fault,
+                                                                backend):
+    job = crash_job(tmp_path, tiny_model, "out", backend=backend)
     proc = spawn(job, f"kill:{fault}")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err
@@ -187,7 +194,7 @@ def test_kill_9_at_a_fault_point_then_rerun_gives_every_row_once(tiny_model, tmp
     assert {k: r["text"] for k, r in by_id(tmp_path / "out").items()} == clean_texts()
 
 
-def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, monkeypatch):
+def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, monkeypatch, backend):
     import batchvl.run.loop as runner
 
     real = runner.make_engine
@@ -211,7 +218,8 @@ def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, mo
 
     monkeypatch.setattr(runner, "make_engine", lambda *a, **k: Flaky(real(*a, **k)))
     rows = [{"id": f"r{i}", "prompt": f"row {i}"} for i in range(5)]
-    job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 4}, engine={"max_batch_size": 4})
+    job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 4},
+                   engine={"max_batch_size": 4, "backend": backend})
     assert main(["run", str(job), "--quiet"]) == 0
     assert sizes == [4, 2, 1, 1, 2, 1, 1, 1]
     assert handling == [None] * len(sizes)
