@@ -89,3 +89,14 @@ def make_stopper(src: Path, dst: Path) -> Path:
     gen["eos_token_id"] = [2, 0]
     (dst / "generation_config.json").write_text(json.dumps(gen))
     return dst
+
+
+@pytest.fixture
+def server():
+    """A local media server (tests/media_server.py) on 127.0.0.1: (the server, its base URL)."""
+    from .media_server import MediaServer
+
+    s = MediaServer()
+    base = s.start()
+    yield s, base
+    s.stop()

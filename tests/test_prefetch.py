@@ -15,7 +15,7 @@ from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
 
 from .conftest import random_image
-from .media_server import MediaServer, Route
+from .media_server import Route
 
 
 class CountingTokenizer:
@@ -39,14 +39,6 @@ def png(w=64, h=48, seed=0) -> bytes:
     buf = io.BytesIO()
     random_image(w, h, seed).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture
-def server():
-    s = MediaServer()
-    base = s.start()
-    yield s, base
-    s.stop()
 
 
 def rows_for(urls) -> list[tuple[Path, Row]]:

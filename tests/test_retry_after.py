@@ -11,15 +11,7 @@ import pytest
 
 from batchvl.media.fetch import Fetcher, FetchSettings, retry_after_s
 
-from .media_server import MediaServer, Route
-
-
-@pytest.fixture
-def server():
-    s = MediaServer()
-    base = s.start()
-    yield s, base
-    s.stop()
+from .media_server import Route
 
 
 def fetch(url: str, settings: FetchSettings) -> bytes:
