@@ -216,7 +216,7 @@ class Prefetcher:
     async def _prepare(self, file: Path, row: Row, seq: int, result: concurrent.futures.Future) -> None:
         hold = RowHold(self._budget, lambda: self._consumed == seq)
         try:
-            plan = self.preparer.plan(self._check_frames(row), self.media_root_for(file))
+            plan = self.preparer.plan(row, self.media_root_for(file))
             if isinstance(plan, Result):
                 result.set_result((plan, 0))
                 return
@@ -232,16 +232,6 @@ class Prefetcher:
                     result.set_result((Result.failed(row.id, f"internal: {type(e).__name__}: {e}"), 0))
             if isinstance(e, asyncio.CancelledError):
                 raise
-
-    def _check_frames(self, row: Row) -> Row:
-        """A row asking for more frames than a video may give fails before it is planned: planning announces
-        every frame in the prompt, and 10^8 of them would take gigabytes before anything is decoded."""
-        column = self.preparer.s.video_frames_column
-        value = row.data.get(column) if column and row.data is not None and row.error is None else None
-        if isinstance(value, int) and not isinstance(value, bool) and value > video.MAX_VIDEO_FRAMES:
-            return Row(row.id, row.source, row.data, f"input: {column!r} is {value}, more than the "
-                       f"{video.MAX_VIDEO_FRAMES} frames a video may give")
-        return row
 
     async def _fetch_and_build(self, plan: RowPlan, hold: RowHold) -> Request | Result:
         loop = asyncio.get_running_loop()

@@ -90,7 +90,9 @@ class RowPreparer:
     def _plan_prompt(self, data: dict[str, Any]) -> tuple[list[dict[str, str]], list[MediaRef]]:
         s = self.s
         text = self._prompt_text(data)
-        max_tiles = self._row_int(data, s.max_dynamic_patch_column, s.max_tiles, LIMITS["media.max_dynamic_patch"])
+        tiles = LIMITS["media.max_dynamic_patch"]
+        max_tiles = self._row_int(data, s.max_dynamic_patch_column, s.max_tiles,
+                                  (tiles, f"{tiles}, the most tiles a row may ask for"))
         images = [MediaRef("image", r, max_tiles) for r in self._refs(data, s.image_column)]
         text = place_images(text, len(images))
         videos = self._refs(data, s.video_column)
@@ -98,7 +100,10 @@ class RowPreparer:
             return [{"role": "user", "content": text}], images
         if len(videos) > 1:
             raise RowError("input: one video per row is supported")
-        frames = self._row_int(data, s.video_frames_column, s.video_frames)
+        # Before the frames are announced in the prompt: 10^8 "Frame{i}: <image>" lines would take gigabytes.
+        most = LIMITS["media.video_frames"]
+        frames = self._row_int(data, s.video_frames_column, s.video_frames,
+                               (most, f"the {most} frames a video may give"))
         bound = self._bound(data)
         video = MediaRef("video", videos[0], s.video_max_tiles, frames, bound)
         announce = "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(frames))
@@ -197,16 +202,17 @@ class RowPreparer:
         return as_reference_list(cell)
 
     @staticmethod
-    def _row_int(data: dict[str, Any], column: str | None, default: int, most: int | None = None) -> int:
-        """A row's own integer setting from `column` (>= 1, and at most `most`, the job setting's own bound),
-        or `default` where the row has none."""
+    def _row_int(data: dict[str, Any], column: str | None, default: int,
+                 most: tuple[int, str] | None = None) -> int:
+        """A row's own integer setting from `column` (>= 1, and at most `most`: the job setting's own bound,
+        and how the error names it), or `default` where the row has none."""
         value = data.get(column) if column else None
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RowError(f"input: {column!r} must be an integer >= 1, got {shown(value)}")
-        if most is not None and value > most:
-            raise RowError(f"input: {column!r} is {value}, more than {most}, the most a row may ask for")
+        if most is not None and value > most[0]:
+            raise RowError(f"input: {column!r} is {value}, more than {most[1]}")
         return value
 
     def _max_new_tokens(self, data: dict[str, Any]) -> int | None:
