@@ -4,12 +4,10 @@ rewritten at each commit (`OutputCounts`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from batchvl.config import Job
 from batchvl.core import Result
@@ -120,6 +118,3 @@ class OutputCounts:
         except OSError as e:  # the summary is informative; the parts are what counts
             log.warning("could not write %s: %s", self.name, e)
 
-
-def read_summary(out_dir: Path) -> dict[str, Any]:
-    return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
