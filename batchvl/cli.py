@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="remove earlier output and start over")
     run.add_argument("--shard", metavar="I/N", default=None,
                      help="run only shard I of N (0-based; rows by a stable hash of their id), e.g. for job arrays")
+    run.add_argument("--wait", action="store_true",
+                     help="if another run holds the output folder (or this shard of it), wait for it to finish "
+                          "instead of stopping")
     run.add_argument("--retry-errors", action="store_true",
                      help="run the rows whose error is set again; their new rows replace the old ones")
     run.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -207,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
             summary = _run_ray(job, args, shard)
         else:
             summary = run_job(job, overwrite=args.overwrite, progress=not args.quiet,
-                              retry_errors=args.retry_errors, shard=shard)
+                              retry_errors=args.retry_errors, shard=shard, wait=args.wait)
     except (OutputWriteError, TransientError, WorkerError) as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
         return EXIT_RUN_ERROR
@@ -240,34 +243,15 @@ def _run_ray(job, args: argparse.Namespace, shard):
 
     options = RayOptions(address=args.ray or None, prepare_actors=args.ray_prepare, engines=args.ray_engines)
     return run_ray_job(job, options, overwrite=args.overwrite, retry_errors=args.retry_errors,
-                       progress=not args.quiet)
+                       progress=not args.quiet, wait=args.wait)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from batchvl.io.shards import shard_status
-    from batchvl.io.writer import part_files
+    from batchvl.run.status import folder_status
 
     if not args.out.is_dir():
         raise JobError(f"status: no such output folder: {args.out}")
-    import pyarrow.parquet as pq
-
-    rows, damaged = 0, []
-    for p in part_files(args.out):
-        try:
-            rows += pq.ParquetFile(p).metadata.num_rows
-        except (OSError, ValueError) as e:  # pyarrow's errors are both; the footer is unreadable
-            damaged.append(f"{p.name} ({' '.join(str(e).split())[:120]})")
-    print(f"{args.out}: {rows} rows in {len(part_files(args.out)) - len(damaged)} part file(s)")
-    if damaged:
-        print(f"damaged part files, not counted (`batchvl repair {args.out}` moves them aside): {'; '.join(damaged)}")
-    for s in shard_status(args.out):
-        if "shard" in s:
-            total, done = s.get("rows_in_shard", 0), s.get("rows_done_in_shard", 0)
-            pct = 100.0 * done / total if total else 100.0
-            print(f"shard {s['shard']}: {done}/{total} rows ({pct:.1f}%), {s.get('state')}, updated {s.get('updated')}")
-        else:
-            print(f"unsharded runs: {s.get('rows_ok', 0)} ok, {s.get('rows_failed', 0)} failed, {s.get('state')}, "
-                  f"updated {s.get('updated')}")
+    print("\n".join(folder_status(args.out)))
     return 0
 
 

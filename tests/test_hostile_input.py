@@ -15,6 +15,7 @@ import pytest
 import batchvl.io.readers as readers
 from batchvl.cli import main
 from batchvl.core import Result
+from batchvl.io.durable import Owner
 from batchvl.io.readers import columns_of, count_rows, read_rows
 from batchvl.io.writer import PartWriter, output_schema
 
@@ -197,7 +198,7 @@ def test_keep_columns_typed_differently_per_file_keep_every_row(tiny_model, tmp_
 
 def test_a_value_that_does_not_fit_its_column_is_converted_not_lost(tmp_path, caplog):
     schema = output_schema({"n": pa.int64(), "s": pa.string()})
-    writer = PartWriter(tmp_path / "out", schema, rows_per_file=10)
+    writer = PartWriter(tmp_path / "out", schema, rows_per_file=10, owner=Owner.new())
     writer.add(Result("ok", "fine", None, "stop", 3, 1, {"n": 1, "s": "plain"}))
     writer.add(Result("big", "t", None, "stop", 3, 1, {"n": 2**70, "s": {"k": [1]}}))
     writer.add(Result("bad\ud800", "half \udc00", "input: x \ud800", "error", 0, 0, {"n": "7", "s": "\udc00"}))

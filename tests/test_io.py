@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from batchvl.cli import main
 from batchvl.core import Result
+from batchvl.io.durable import Owner
 from batchvl.io.readers import count_rows, read_rows
 from batchvl.io.writer import BASE_SCHEMA, PartWriter, done_ids, output_schema
 
@@ -63,7 +64,7 @@ def test_million_row_jsonl_streams_in_bounded_memory(tmp_path):
 
 def test_writer_commits_parts_atomically_and_reads_as_one_dataset(tmp_path):
     schema = output_schema({"source": pa.string()})
-    writer = PartWriter(tmp_path / "out", schema, rows_per_file=2)
+    writer = PartWriter(tmp_path / "out", schema, rows_per_file=2, owner=Owner.new())
     for i in range(5):
         writer.add(Result(f"r{i}", f"text {i}", None, "stop", 10 + i, 3, {"source": "s"}))
     assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 2  # 4 rows committed, 1 buffered

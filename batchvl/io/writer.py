@@ -11,23 +11,20 @@ globs of `part-*.parquet` (and pyarrow's dataset discovery) skip them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchvl.core import Result, jsonish
 from batchvl.errors import DamagedPartError
+from batchvl.io.durable import Owner, fsync_dir, temp_files, write_table_atomic
 
 PART_GLOB = "part-*.parquet"
-TMP_PREFIX = ".tmp-part-"
 FINGERPRINT_NAME = "_batchvl.json"
 SUMMARY_NAME = "_summary.json"
 
@@ -58,7 +55,7 @@ def part_files(out_dir: Path) -> list[Path]:
 
 def done_ids(out_dir: Path) -> set[str]:
     """Ids of every row already committed to the output folder."""
-    return read_done(out_dir)[0]
+    return read_done(out_dir).ids
 
 
 def error_kind(error: str) -> str:
@@ -66,21 +63,33 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0].strip() or "unknown"
 
 
-def read_done(out_dir: Path) -> tuple[set[str], int, dict[str, int]]:
-    """(ids committed, rows without error, failed rows by error kind) of the output folder."""
-    ids: set[str] = set()
+class Done(NamedTuple):
+    """What an output folder holds: the ids committed, how many rows have no error, the failed ones by error
+    kind, and the ids of the rows whose input record could not be read (their id is the record's position,
+    `file:line`), which a rerun replaces once the record reads."""
+
+    ids: set[str]
+    ok: int
+    failed: dict[str, int]
+    unreadable: set[str]
+
+
+def read_done(out_dir: Path) -> Done:
+    done = Done(set(), 0, {}, set())
     ok = 0
-    failed: dict[str, int] = {}
     for part in part_files(out_dir):
         table = read_part(part, columns=["id", "error"])
-        ids.update(table.column("id").to_pylist())
-        for error in table.column("error").to_pylist():
+        ids = table.column("id").to_pylist()
+        done.ids.update(ids)
+        for row_id, error in zip(ids, table.column("error").to_pylist(), strict=True):
             if error is None:
                 ok += 1
-            else:
-                kind = error_kind(error)
-                failed[kind] = failed.get(kind, 0) + 1
-    return ids, ok, failed
+                continue
+            kind = error_kind(error)
+            done.failed[kind] = done.failed.get(kind, 0) + 1
+            if error.startswith((f"input: line {row_id} ", f"input: record {row_id} ", f"input: record {row_id}:")):
+                done.unreadable.add(row_id)
+    return done._replace(ok=ok)
 
 
 def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
@@ -93,23 +102,11 @@ def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
         raise DamagedPartError(part, " ".join(str(e).split())[:160]) from None
 
 
-def temp_parts(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.glob(TMP_PREFIX + "*")) if out_dir.is_dir() else []
-
-
-def remove_temp_parts(out_dir: Path) -> int:
-    """Remove the temporary files a killed run left behind (never renamed, so never part of the output)."""
-    leftovers = temp_parts(out_dir)
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return len(leftovers)
-
-
 def clear_output(out_dir: Path) -> int:
     """Remove batchvl's part files (committed and temporary) and its `_` files, nothing else. Returns how many
     part files."""
     removed = 0
-    for path in [*part_files(out_dir), *temp_parts(out_dir)]:
+    for path in [*part_files(out_dir), *temp_files(out_dir)]:
         path.unlink()
         removed += 1
     for name in (FINGERPRINT_NAME, SUMMARY_NAME):
@@ -117,7 +114,7 @@ def clear_output(out_dir: Path) -> int:
     return removed
 
 
-def drop_rows(out_dir: Path, drop) -> int:
+def drop_rows(out_dir: Path, drop, owner: Owner) -> int:
     """Rewrite every part file holding rows for which `drop(id, error)` is true without them (temp file,
     fsync, rename over the part: atomic per part; a part left empty is removed). Returns the rows dropped."""
     dropped = 0
@@ -131,42 +128,21 @@ def drop_rows(out_dir: Path, drop) -> int:
         if gone == len(keep):
             part.unlink()
         else:
-            _write_atomic(table.filter(pa.array(keep)), part)
+            write_table_atomic(table.filter(pa.array(keep)), part, owner)
         fsync_dir(out_dir)
         dropped += gone
     return dropped
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to `path` through a temporary file, fsync and rename (then fsync the folder, so that the rename
-    survives a power loss): readers see the old or the new file."""
-    tmp = path.with_name(f".tmp{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class PartWriter:
     """Buffers results and commits them as part files of at most `rows_per_file` rows. `on_commit(results)` is
     called after each part is in place; `before_rename()` once a part's temporary file is written and fsynced,
-    before it is renamed into place (the crash tests' `write` fault point). Part names hold the start time and
-    a random run id, so writers never clash (shards, engine workers, reruns); `tag` adds a readable name to
-    them (an engine worker's, `gpu1`)."""
+    before it is renamed into place (the run's check that it still holds the folder, and the crash tests'
+    `write` fault point). Part names start with the owner's run id (its start time and a random suffix), so
+    writers never clash (shards, engine workers, reruns); `tag` adds a readable name to them (an engine
+    worker's, `gpu1`)."""
 
-    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int,
+    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int, owner: Owner,
                  on_commit: Callable[[list[Result]], None] | None = None, tag: str = "",
                  before_rename: Callable[[], None] | None = None):
         self.out_dir = out_dir
@@ -175,8 +151,8 @@ class PartWriter:
         self.schema = schema
         self.rows_per_file = rows_per_file
         self._rows: list[Result] = []
-        self._run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}" + \
-            (f"-{tag}" if tag else "")
+        self.owner = owner
+        self._run = owner.run + (f"-{tag}" if tag else "")
         self._seq = 0
         self.rows_written = 0
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +167,7 @@ class PartWriter:
             return
         table = self._to_table(self._rows)
         name = f"part-{self._run}-{self._seq:05d}.parquet"
-        tmp = self.out_dir / f"{TMP_PREFIX}{name}"
+        tmp = self.owner.temp(self.out_dir / name)
         try:
             with open(tmp, "wb") as f:
                 pq.write_table(table, f, compression="zstd")
@@ -281,12 +257,3 @@ def table_results(table: pa.Table) -> list[Result]:
     keep_names = table.schema.names[len(BASE_SCHEMA):]
     return [Result(r["id"], r["text"], r["error"], r["finish_reason"], r["prompt_tokens"], r["output_tokens"],
                    {c: r[c] for c in keep_names}) for r in table.to_pylist()]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the renames in a folder durable (a power loss after a rename without it can lose the rename)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,15 +1,17 @@
-"""Fault injection for the crash tests: `BATCHVL_FAULT=kill:<point>:<n>` SIGKILLs this process at the n-th
-time it reaches `<point>` (1-based). Points: `read` (after reading n input rows), `batch` (before the n-th
-engine batch), `write` (after the n-th part's temporary file is written and fsynced, before its rename).
-`kill:<point>:<n>@<worker>` fires only in that engine worker process (`cpu1`, `gpu3`: see batchvl.run.worker);
-without `@`, in any process that reaches the point. Unset (the normal case), `fault_point` costs one dict
-lookup."""
+"""Fault injection for the crash and concurrency tests: `BATCHVL_FAULT=kill:<point>:<n>` SIGKILLs this process
+at the n-th time it reaches `<point>` (1-based); `sleep:<point>:<n>:<seconds>` stalls it there that long (a
+slow disk, a slow batch: what a concurrent run sees meanwhile). Points: `read` (after reading n input rows),
+`batch` (before the n-th engine batch), `write` (after the n-th part's temporary file is written and fsynced,
+before its rename). A spec ending in `@<worker>` fires only in that engine worker process (`cpu1`, `gpu3`: see
+batchvl.run.worker); without `@`, in any process that reaches the point. Unset (the normal case),
+`fault_point` costs one dict lookup."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 
 ENV = "BATCHVL_FAULT"
 POINTS = ("read", "batch", "write")
@@ -25,25 +27,38 @@ def set_process_label(label: str) -> None:
     _process = label
 
 
-def _spec() -> tuple[str, int, str | None] | None:
+def _spec() -> tuple[str, str, int, float, str | None] | None:
     text = os.environ.get(ENV)
     if not text:
         return None
     spec, at, where = text.partition("@")
-    action, _, rest = spec.partition(":")
-    point, _, n = rest.partition(":")
-    if action != "kill" or point not in POINTS or not n.isdigit() or int(n) < 1 or (at and not where):
-        raise ValueError(f"{ENV}: expected kill:<{'|'.join(POINTS)}>:<n>[@<worker>], got {text!r}")
-    return point, int(n), where or None
+    action, point, n, *rest = spec.split(":") if spec.count(":") >= 2 else ("", "", "")
+    seconds = rest[0] if rest else "0"
+    ok = point in POINTS and n.isdigit() and int(n) >= 1 and not (at and not where) and (
+        (action == "kill" and not rest) or (action == "sleep" and len(rest) == 1 and _is_number(seconds)))
+    if not ok:
+        raise ValueError(f"{ENV}: expected kill:<{'|'.join(POINTS)}>:<n> or sleep:<point>:<n>:<seconds>, "
+                         f"optionally followed by @<worker>, got {text!r}")
+    return action, point, int(n), float(seconds), where or None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 def fault_point(name: str) -> None:
-    """Mark that the process reached point `name`; kill it here if BATCHVL_FAULT asks for this one."""
+    """Mark that the process reached point `name`; kill it (or stall it) here if BATCHVL_FAULT asks for this
+    one."""
     spec = _spec()
-    if spec is None or spec[0] != name or spec[2] not in (None, _process):
+    if spec is None or spec[1] != name or spec[4] not in (None, _process):
         return
     with _lock:
         _counts[name] = _counts.get(name, 0) + 1
-        hit = _counts[name] == spec[1]
-    if hit:
+        hit = _counts[name] == spec[2]
+    if hit and spec[0] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif hit:
+        time.sleep(spec[3])

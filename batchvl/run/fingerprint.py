@@ -28,7 +28,8 @@ from typing import Any
 
 from batchvl.config import Job, JobError
 from batchvl.engine.base import pick_device, pick_dtype
-from batchvl.io.writer import FINGERPRINT_NAME, write_json_atomic
+from batchvl.io.durable import Owner, create_json_once
+from batchvl.io.writer import FINGERPRINT_NAME
 
 VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -114,9 +115,11 @@ def read_fingerprint(out_dir: Path) -> dict[str, Any] | None:
         raise JobError(f"output.path: cannot read {path}: {e}; use --overwrite to start over") from None
 
 
-def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any], owner: Owner) -> bool:
+    """Record the fingerprint unless the folder has one: True if this call wrote it. Shards starting at once
+    race to write it; exactly one does, and the others check theirs against it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / FINGERPRINT_NAME, {"version": VERSION, "job": fingerprint})
+    return create_json_once(out_dir / FINGERPRINT_NAME, {"version": VERSION, "job": fingerprint}, owner)
 
 
 def _show(value: Any) -> str:

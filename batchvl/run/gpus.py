@@ -78,7 +78,7 @@ def run_on_workers(job: Job, plan: Plan, devices: list[int], stop: Stop, start: 
     generation_params(job, plan)  # its JobError (no EOS token) once, here, rather than from every worker
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     cpu = job.engine.device == "cpu"
-    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, shard)
+    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
     todo = counts.count_todo(job, plan)
     chunks = _chunks(pending_rows(plan.files, job.input.id_column, plan.done, shard), job.engine.max_batch_size)
     first = next(chunks, None)
@@ -91,7 +91,8 @@ def run_on_workers(job: Job, plan: Plan, devices: list[int], stop: Stop, start: 
         if first is not None:  # a finished run is not worth loading the model N times over
             for label, device in zip(labels, devices, strict=True):
                 workers.append(_start(ctx, WorkerArgs(label, None if cpu else device, len(devices), job, plan.files,
-                                                      logging.getLogger("batchvl").getEffectiveLevel()), stop_flag))
+                                                      logging.getLogger("batchvl").getEffectiveLevel(), plan.claim),
+                                      stop_flag))
             log.info("started %d engine workers (%s)", len(workers), ", ".join(labels))
             _feed(workers, itertools.chain([first], chunks), stop, stop_flag, summary, counts, bar)
     finally:

@@ -25,17 +25,17 @@ log = logging.getLogger(__name__)
 
 
 def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False,
-            retry_errors: bool = False, shard: Shard | None = None) -> Summary:
+            retry_errors: bool = False, shard: Shard | None = None, wait: bool = False) -> Summary:
     """Run a job to the end (or to SIGINT/SIGTERM: `Summary.interrupted`) and return its summary.
     `sync_times` synchronises the device at each stage boundary, so the time split is exact (benchmarks); it
     costs a little throughput. `retry_errors` runs the rows whose `error` is set again. `shard` runs only the
     rows whose id the shard owns. With more than one device in `engine.gpus`, rows go to one engine worker
-    process per device (batchvl.run.gpus); with one, the engine runs here, in this process."""
+    process per device (batchvl.run.gpus); with one, the engine runs here, in this process. The run holds the
+    output folder's lease (of its shard) throughout: another run of it is refused, or waits with `wait`."""
     start = time.perf_counter()
-    plan = open_output(job, overwrite, retry_errors)
-    log.info("plan:\n%s", plan.describe())
-    devices = job.engine.devices
-    with Stop() as stop:
+    with open_output(job, overwrite, retry_errors, shard, wait) as plan, Stop() as stop:
+        log.info("plan:\n%s", plan.describe())
+        devices = job.engine.devices
         if len(devices) > 1:
             summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
         else:
@@ -51,9 +51,9 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
     load_start = time.perf_counter()
     engine = build_engine(job, plan)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
-    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, shard)
+    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
     todo = counts.count_todo(job, plan)
-    writer = open_writer(job, plan.files, counts.commit)
+    writer = open_writer(job, plan.files, counts.commit, plan.claim)
     bar = Progress(total=max(todo, 0), enabled=progress)
     times = getattr(engine, "times", None) or StageTimes()
     times.sync = sync_times

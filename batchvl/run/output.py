@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,47 +15,90 @@ import pyarrow.parquet as pq
 from batchvl.config import Job
 from batchvl.core import Result, Row
 from batchvl.errors import OutputWriteError
+from batchvl.io.durable import Owner, remove_dead_temps
+from batchvl.io.lease import REWRITE, Claim, Lease, Scope, live_runs
 from batchvl.io.readers import read_rows
 from batchvl.io.shards import Shard
-from batchvl.io.writer import PartWriter, clear_output, drop_rows, output_schema, read_done, remove_temp_parts
+from batchvl.io.writer import PartWriter, clear_output, drop_rows, output_schema, part_files, read_done
 from batchvl.run.faults import fault_point
-from batchvl.run.fingerprint import read_fingerprint, write_fingerprint
+from batchvl.run.fingerprint import check_fingerprint, read_fingerprint, write_fingerprint
 from batchvl.run.plan import Plan, plan_job
 
 log = logging.getLogger(__name__)
 
 
-def open_output(job: Job, overwrite: bool = False, retry_errors: bool = False) -> Plan:
-    """Plan the job and make its output folder ready to take rows: `--overwrite` clears it, leftovers of a
-    killed run go, the fingerprint is written (or checked), `--retry-errors` removes the error rows to run
-    again. The plan's `done` holds the ids already written, which a run skips."""
-    plan = plan_job(job, check_output=not overwrite)
-    out_dir = job.output_dir
+@contextmanager
+def open_output(job: Job, overwrite: bool = False, retry_errors: bool = False, shard: Shard | None = None,
+                wait: bool = False, command: str = "") -> Iterator[Plan]:
+    """Plan the job, take the output folder's lease (of the shard, with one; see batchvl.io.lease) for as long
+    as the `with` block runs, and make the folder ready to take rows: `--overwrite` clears it, leftovers of
+    killed runs go, the fingerprint is written once (or checked), `--retry-errors` removes the error rows to
+    run again. The plan's `done` holds the ids already written, which a run skips, read once the lease is held.
+    A run that clashes with one holding the folder is refused (JobError naming it), or waits for it (`wait`)."""
+    plan = plan_job(job, check_output=False, read_output=False)
+    rewrites = overwrite or retry_errors
+    scope = Scope(shard.index, shard.count, rewrites) if shard else Scope(0, 1, rewrites)
+    with Lease(job.output_dir, scope, Owner.new(), wait=wait, command=command) as lease:
+        plan.claim = lease.claim
+        _prepare_folder(job, plan, overwrite, retry_errors, shard)
+        yield plan
+
+
+def _prepare_folder(job: Job, plan: Plan, overwrite: bool, retry_errors: bool, shard: Shard | None) -> None:
+    out_dir, owner = job.output_dir, plan.claim.owner
     if overwrite:
         removed = clear_output(out_dir)
         log.info("--overwrite: removed %d part file(s) from %s", removed, out_dir)
-        plan.done, plan.done_ok, plan.done_failed = set(), 0, {}
-    leftovers = remove_temp_parts(out_dir)
+    leftovers = remove_dead_temps(out_dir, live_runs(out_dir))
     if leftovers:
-        log.info("removed %d temporary part file(s) left by an interrupted run", leftovers)
+        log.info("removed %d temporary file(s) left by interrupted runs", leftovers)
+    check_fingerprint(job, plan.fingerprint)  # a run that finished before our lease may have written one
     if read_fingerprint(out_dir) is None:
-        if plan.done:
+        if part_files(out_dir):
             log.warning("%s has no %s (written by an older batchvl); taking this job's", out_dir, "fingerprint")
-        write_fingerprint(out_dir, plan.fingerprint)
+        if not write_fingerprint(out_dir, plan.fingerprint, owner):
+            check_fingerprint(job, plan.fingerprint)  # a sibling shard wrote it first: it must be the same job
     if retry_errors:
-        dropped = drop_rows(out_dir, lambda _id, error: error is not None and not error.startswith(DUPLICATE_ERROR))
+        dropped = drop_rows(out_dir, lambda _id, error: error is not None and not error.startswith(DUPLICATE_ERROR),
+                            owner)
         log.info("--retry-errors: %d error row(s) removed from the output, to run again", dropped)
-        plan.done, plan.done_ok, plan.done_failed = read_done(out_dir)
-    return plan
+    done = read_done(out_dir)
+    if done.unreadable and _replace_fixed_records(job, plan, done.unreadable, shard):
+        done = read_done(out_dir)
+    plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
 
 
-def open_writer(job: Job, files: list[Path], on_commit: Callable[[list[Result]], None], tag: str = "") -> SafeWriter:
-    """The writer of a run's part files, with the output schema of the job (its keep columns typed as the input's)
-    and the `write` fault point of the crash tests. `tag` names an engine worker's parts."""
+def _replace_fixed_records(job: Job, plan: Plan, unreadable: set[str], shard: Shard | None) -> int:
+    """Remove the error rows of input records that could not be read before and read now (a bad JSON line
+    fixed by hand), so that they run again; a shard, those it owns. Their error row's id is the record's
+    position; the fixed record may have an id of its own, so without this the folder would keep both rows.
+    Shards may do this at once: the `rewrite` lease lets one rewrite part files at a time."""
+    mine = {i for i in unreadable if shard is None or shard.owns(i)}
+    fixed = {row.source for _, row in read_rows(plan.files, job.input.id_column)
+             if row.source in mine and row.error is None}
+    if not fixed:
+        return 0
+    with Lease(job.output_dir, REWRITE, plan.claim.owner, wait=True):
+        dropped = drop_rows(job.output_dir, lambda row_id, error: row_id in fixed and error is not None,
+                            plan.claim.owner)
+    log.info("%d input record(s) that could not be read before read now: their error rows are replaced", dropped)
+    return dropped
+
+
+def open_writer(job: Job, files: list[Path], on_commit: Callable[[list[Result]], None], claim: Claim,
+                tag: str = "") -> SafeWriter:
+    """The writer of a run's part files, with the output schema of the job (its keep columns typed as the input's).
+    Before each part is renamed into place it checks that the run still holds the folder's lease (`claim`), and
+    passes the `write` fault point of the crash tests. `tag` names an engine worker's parts."""
     out = job.output_dir
     schema = output_schema(keep_types(job, files))
-    return SafeWriter(out, PartWriter(out, schema, job.output.rows_per_file, on_commit=on_commit, tag=tag,
-                                      before_rename=lambda: fault_point("write")))
+
+    def before_rename() -> None:
+        fault_point("write")
+        claim.check()
+
+    return SafeWriter(out, PartWriter(out, schema, job.output.rows_per_file, claim.owner.here(), on_commit=on_commit,
+                                      tag=tag, before_rename=before_rename))
 
 
 class SafeWriter:
@@ -84,6 +128,9 @@ class SafeWriter:
     def _guard(self, action, *args) -> None:
         try:
             action(*args)
+        except OutputWriteError:  # the run lost the folder's lease: nothing more is written
+            self.ok = False
+            raise
         except OSError as e:
             self.ok = False
             raise OutputWriteError(f"output.path: cannot write to {self.out_dir}: {e}; what was committed is "

@@ -16,6 +16,7 @@ import pyarrow as pa
 from batchvl.config import Job, JobError
 from batchvl.config.spec import shown
 from batchvl.engine import GenerationParams
+from batchvl.io.lease import Claim
 from batchvl.io.readers import columns_of, count_rows
 from batchvl.io.writer import (
     read_done,
@@ -49,6 +50,7 @@ class Plan:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     done_ok: int = 0  # rows of the output folder without error, and failed ones by error kind
     done_failed: dict[str, int] = field(default_factory=dict)
+    claim: Claim | None = None  # the output folder's lease, once a run holds it (batchvl.run.output.open_output)
 
     def describe(self) -> str:
         job = self.job
@@ -110,9 +112,10 @@ def plan_model(job: Job) -> Plan:
     return Plan(job, checkpoint, tokenizer, template, files=[], rows=0)
 
 
-def plan_job(job: Job, check_output: bool = True) -> Plan:
+def plan_job(job: Job, check_output: bool = True, read_output: bool = True) -> Plan:
     """Check everything a run would, without changing anything. Raises JobError naming the key.
-    `check_output`: also refuse an output folder written by a job with a different fingerprint."""
+    `check_output`: also refuse an output folder written by a job with a different fingerprint. `read_output`:
+    fill in the rows already done (a run does that itself, once it holds the folder's lease)."""
     plan = plan_model(job)
     plan.files = job.input.files
     for file in plan.files:
@@ -122,7 +125,8 @@ def plan_job(job: Job, check_output: bool = True) -> Plan:
     if check_output:
         check_fingerprint(job, plan.fingerprint)
     plan.rows = count_rows(plan.files)
-    plan.done, plan.done_ok, plan.done_failed = read_done(job.output_dir)
+    if read_output:
+        plan.done, plan.done_ok, plan.done_failed, _ = read_done(job.output_dir)
     return plan
 
 

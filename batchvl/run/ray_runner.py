@@ -183,7 +183,7 @@ def _layout(ray: Any, job: Job, options: RayOptions) -> tuple[dict[str, Any], di
 
 
 def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_errors: bool = False,
-                progress: bool = True) -> Summary:
+                progress: bool = True, wait: bool = False) -> Summary:
     """Run a job as a Ray Data pipeline (see the module docstring) and return its summary. The output folder
     is the same as a local run's: a rerun (local or Ray) skips the rows already written."""
     ray = require_ray()
@@ -196,9 +196,8 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         job = for_cluster(ray, job)
-        plan = open_output(job, overwrite, retry_errors)
-        log.info("plan:\n%s", plan.describe())
-        with Stop() as stop:
+        with open_output(job, overwrite, retry_errors, wait=wait) as plan, Stop() as stop:
+            log.info("plan:\n%s", plan.describe())
             summary = _run(ray, job, plan, options, stop, start, progress)
         summary.interrupted = stop.signum
     finally:
@@ -221,8 +220,8 @@ def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float
                         batch_size=job.engine.max_batch_size, **engine_args)
 
     summary = Summary(skipped=len(plan.done), counts_images=False)
-    counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start)
-    writer = open_writer(job, files, counts.commit)
+    counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner)
+    writer = open_writer(job, files, counts.commit, plan.claim)
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
     completed = False  # _summary.json says "failed", not "finished", when an exception ends the run
     try:

@@ -11,13 +11,10 @@ from pathlib import Path
 
 from batchvl.config import Job
 from batchvl.core import Result
+from batchvl.io.durable import Owner, write_json_atomic
 from batchvl.io.readers import read_rows
 from batchvl.io.shards import Shard
-from batchvl.io.writer import (
-    SUMMARY_NAME,
-    error_kind,
-    write_json_atomic,
-)
+from batchvl.io.writer import SUMMARY_NAME, error_kind
 from batchvl.run.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -69,8 +66,9 @@ class OutputCounts:
     """The output folder's `_summary.json`: rows ok and failed (by error kind) over the whole folder, and this
     run's committed rows, seconds and rows/s. Rewritten atomically at each commit."""
 
-    def __init__(self, out_dir: Path, ok: int, failed: dict[str, int], start: float, shard: Shard | None = None):
-        self.out_dir, self.ok, self.failed, self.start = out_dir, ok, failed, start
+    def __init__(self, out_dir: Path, ok: int, failed: dict[str, int], start: float, owner: Owner,
+                 shard: Shard | None = None):
+        self.out_dir, self.ok, self.failed, self.start, self.owner = out_dir, ok, failed, start, owner
         self.this_run = 0
         self.shard = shard
         self.shard_rows = 0  # input rows the shard owns
@@ -114,7 +112,8 @@ class OutputCounts:
                 "elapsed_s": round(elapsed, 3),
                 "rows_per_s": round(self.this_run / max(elapsed, 1e-9), 3),
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            })
+                "run": self.owner.run,
+            }, self.owner)
         except OSError as e:  # the summary is informative; the parts are what counts
             log.warning("could not write %s: %s", self.name, e)
 

@@ -31,6 +31,7 @@ from batchvl.config import Job
 from batchvl.core import Row
 from batchvl.engine.timing import StageTimes
 from batchvl.errors import JobError, OutputWriteError
+from batchvl.io.lease import Claim
 from batchvl.log import configure_logging
 from batchvl.run.faults import set_process_label
 from batchvl.run.loop import build_engine, make_preparer, process_rows
@@ -55,6 +56,7 @@ class WorkerArgs:
     job: Job
     files: list[Path]
     log_level: int
+    claim: Claim  # the run's lease of the output folder, checked before each commit
 
 
 def worker_main(args: WorkerArgs, tasks: multiprocessing.Queue, events, stop_flag) -> None:
@@ -95,7 +97,8 @@ def _work(args: WorkerArgs, tasks: multiprocessing.Queue, send: _Events, stoppin
     engine = build_engine(job, plan)
     try:
         send("ready", time.perf_counter() - load_start)
-        writer = open_writer(job, args.files, lambda rs: send("commit", len(rs), failed_by_kind(rs)), args.label)
+        writer = open_writer(job, args.files, lambda rs: send("commit", len(rs), failed_by_kind(rs)), args.claim,
+                             args.label)
         times = getattr(engine, "times", None) or StageTimes()
 
         def ran(results) -> None:
