@@ -213,6 +213,9 @@ def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, mo
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
             return self.engine.generate(requests)
 
+        def out_of_memory(self, rows):
+            pass  # not the engine's own: it keeps its batch size, so each batch splits all the way down
+
         def close(self):
             self.engine.close()
 
@@ -227,6 +230,32 @@ def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, mo
     assert sorted(out) == [f"r{i}" for i in range(5)]
     assert out["r3"]["error"].startswith("oom: device out of memory for this row alone")
     assert all(out[f"r{i}"]["text"] is not None for i in (0, 1, 2, 4))
+
+
+def test_the_native_engine_sizes_itself_down_after_running_out_of_memory(tiny_model, tmp_path, monkeypatch,
+                                                                         caplog):
+    """On the H200 (BENCHMARKS.md), a batch of 1,024 rows of the 8B shape ran out of memory; the cache it had
+    allocated stayed, so every later batch ran out of memory too, down to 16 rows. The engine now halves its
+    batch size and frees its cache on each out-of-memory, so later batches are cut to a size that fits."""
+    from batchvl.engine.native import NativeEngine
+
+    real, ran = NativeEngine._run, []
+
+    def run(self, requests):
+        ran.append(len(requests))
+        if len(requests) > 2:  # what fits on this pretend device
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(self, requests)
+
+    monkeypatch.setattr(NativeEngine, "_run", run)
+    rows = [{"id": f"r{i:02d}", "prompt": f"row {i}"} for i in range(24)]
+    job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 3},
+                   engine={"max_batch_size": 8, "backend": "native"})
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert ran == [8, 4, 2, 2, 2, 2] + [2] * 8  # two out-of-memory errors, then batches cut to 2 rows
+    assert "now runs at most 2 rows at once" in caplog.text
+    out = by_id(tmp_path / "out")
+    assert sorted(out) == [r["id"] for r in rows] and all(r["error"] is None for r in out.values())
 
 
 def test_write_failure_stops_with_exit_1_and_stays_resumable(tiny_model, tmp_path, monkeypatch, capsys):

@@ -54,6 +54,11 @@ class Engine(ABC):
         """Use `params` for the next batches."""
         self.params = params
 
+    def out_of_memory(self, rows: int) -> None:  # noqa: B027 - optional hook
+        """A batch of `rows` rows ran out of device memory (the run retries it in halves). An engine that keeps
+        memory between batches sizes itself down here, so that later batches fit instead of failing the same
+        way. The default does nothing."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, most engines need nothing here
         """Release device memory. The default does nothing."""
 

@@ -76,6 +76,14 @@ class ModelRunner:
                 self.cache = None
                 raise
 
+    def release(self, max_batch_size: int) -> None:
+        """Free the cache and the decode graphs; the next batch allocates them again, for at most
+        `max_batch_size` rows."""
+        self.max_batch_size = max_batch_size
+        self.graphs = self.cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None, cache: KVCache,
                 row0: int, chunk_tokens: int) -> torch.Tensor:
         """ids [n, P] right-padded prompts (lengths [n]) into cache rows row0 .. row0 + n, with the image

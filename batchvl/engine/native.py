@@ -141,6 +141,15 @@ class NativeEngine(Engine):
         return [decode_result(r, row, self.params, self.tokenizer)
                 for r, row in zip(requests, self.last_tokens, strict=True)]
 
+    def out_of_memory(self, rows: int) -> None:
+        """After a batch of `rows` rows ran out of memory: run at most half as many rows at once from now on
+        (`generate` cuts larger batches), and free the KV cache and its graphs, which were sized for the larger
+        batch and would otherwise keep the memory the smaller batches need."""
+        self.max_batch_size = max(1, min(self.max_batch_size, rows) // 2)
+        self.runner.release(self.max_batch_size)
+        log.warning("the native engine now runs at most %d rows at once (engine.max_batch_size), after running "
+                    "out of device memory on %d", self.max_batch_size, rows)
+
     def start(self, slots: int, need: int) -> BatchState:
         """An empty batch of `slots` slots whose rows need up to `need` positions (prompt + new tokens): the
         cache is reserved (and the decode graphs captured, when it is new) here."""

@@ -94,6 +94,8 @@ def _generate(engine, requests: list[Request]) -> list[Result]:
         else:
             log.warning("a batch of %d rows failed (%s); retrying it in halves", len(requests), why)
     # Retried below, outside the handler: the exception's frames hold the failed attempt's tensors.
+    if why is None:
+        engine.out_of_memory(len(requests))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if len(requests) == 1:
