@@ -7,6 +7,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 
 from batchvl.cli import main
+from batchvl.io.durable import Owner
+from batchvl.io.lease import Lease, Scope
 
 from .conftest import base_job, write_job, write_jsonl
 
@@ -41,6 +43,9 @@ def test_a_damaged_part_stops_the_run_naming_it_and_repair_moves_it_aside(tiny_m
     status = capsys.readouterr().out
     assert "2 rows in 1 part file(s)" in status and truncated.name in status and zeroed.name in status
 
+    with Lease(out, Scope(1, 2), Owner.new()):  # a shard writing the folder: repair waits for no run
+        assert main(["repair", str(out)]) == 2
+        assert "is being written by another run: run " in capsys.readouterr().err
     assert main(["repair", str(out)]) == 0
     report = capsys.readouterr().out
     assert "2 damaged part file(s) moved aside" in report
