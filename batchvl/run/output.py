@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from batchvl.config import Job
 from batchvl.core import Result, Row
 from batchvl.errors import OutputWriteError
+from batchvl.io.ids import Ids
 from batchvl.io.readers import read_rows
 from batchvl.io.shards import Shard
 from batchvl.io.writer import PartWriter, clear_output, drop_rows, output_schema, read_done, remove_temp_parts
@@ -120,13 +121,12 @@ def duplicate_key(row_id: str, source: str) -> str:
     return f"{row_id}#dup@{source}"
 
 
-def pending_rows(files: list[Path], id_column: str | None, done: set[str],
-                  shard: Shard | None = None) -> Iterator[tuple[Path, Row]]:
+def pending_rows(files: list[Path], ids: Ids, done: set[str], shard: Shard | None = None) -> Iterator[tuple[Path, Row]]:
     """The input rows still to run. The first occurrence of an id is the row; a later one becomes an error row
     with id `duplicate_key(id, source)`, so that output ids stay unique. Ids (and duplicate keys) already in
     the output are skipped: that is how a rerun resumes. With a shard, only the ids it owns."""
     first: dict[str, str] = {}
-    for file, row in read_rows(files, id_column):
+    for file, row in read_rows(files, ids):
         fault_point("read")
         if shard is not None and not shard.owns(row.id):
             continue

@@ -16,10 +16,9 @@ import pyarrow as pa
 from batchvl.config import Job, JobError
 from batchvl.config.spec import shown
 from batchvl.engine import GenerationParams
+from batchvl.io.ids import Ids, moved_folder
 from batchvl.io.readers import columns_of, count_rows
-from batchvl.io.writer import (
-    read_done,
-)
+from batchvl.io.writer import read_done
 from batchvl.models.checkpoint import (
     LAYOUT_OPENGVLAB,
     CheckpointInfo,
@@ -49,6 +48,7 @@ class Plan:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     done_ok: int = 0  # rows of the output folder without error, and failed ones by error kind
     done_failed: dict[str, int] = field(default_factory=dict)
+    ids: Ids | None = None  # how rows are named (None: no input, as for the pipeline API)
 
     def describe(self) -> str:
         job = self.job
@@ -123,7 +123,27 @@ def plan_job(job: Job, check_output: bool = True) -> Plan:
         check_fingerprint(job, plan.fingerprint)
     plan.rows = count_rows(plan.files)
     plan.done, plan.done_ok, plan.done_failed = read_done(job.output_dir)
+    plan.ids = Ids.of(job)
+    if check_output:
+        _check_ids_stay(job, plan)
     return plan
+
+
+def _check_ids_stay(job: Job, plan: Plan) -> None:
+    """Refuse an output folder whose ids name the input files relative to another folder than this job's
+    input.path does: their rows would run again under new ids. (A batchvl before ids were fixed by input.path
+    named files relative to the folder holding them all, which moved when files were added.)"""
+    moved = moved_folder(plan.done, (plan.ids.name(f) for f in plan.files), plan.ids.root)
+    if moved is None:
+        return
+    old, new, folder = moved
+    given = Path(os.path.expanduser(job.input.path))
+    shown_folder = str(folder) if given.is_absolute() else os.path.relpath(folder, job.base_dir)
+    folder_text = shown(shown_folder, quote=False)
+    raise JobError(f"output.path: {shown(job.output.path, quote=False)} holds ids that name input files relative "
+                   f"to {folder_text}, not to input.path {shown(job.input.path, quote=False)} ({shown(old)} for "
+                   f"what is now {shown(new)}), so their rows would run again; to resume this folder set "
+                   f"input.path: {folder_text}, or use --overwrite to start over")
 
 
 def _resolve_template(job: Job, checkpoint: CheckpointInfo, tokenizer: Any) -> str | ConversationTemplate | None:
