@@ -9,7 +9,9 @@ two different jobs. Only settings that change the text of a row count. The list 
 - every key of `generation`;
 - the media settings that change tiles or frames (effective values, checkpoint defaults filled in);
 - the effective engine dtype, and the backend: the two backends draw samples from different random
-  generators, so with sampling on they give different text for a row.
+  generators, so with sampling on they give different text for a row;
+- the rule that makes an id column's values ids (`input.ids`): a folder written before it was recorded made
+  ids with str() and keeps doing so (`written_before_id_rule`), so none of its rows runs again under a new id.
 
 Not counted, as they do not change results: engine.max_batch_size, max_batch_tokens, device (for the same
 dtype), decode_attention, compile, gpus, media prefetch sizes, threads, HTTP settings, output.rows_per_file.
@@ -28,10 +30,12 @@ from typing import Any
 
 from batchvl.config import Job, JobError
 from batchvl.engine.base import pick_device, pick_dtype
-from batchvl.io.writer import FINGERPRINT_NAME, write_json_atomic
+from batchvl.io.ids import ID_RULE
+from batchvl.io.writer import FINGERPRINT_NAME, part_files, write_json_atomic
 
 VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ID_KEY = "input.ids"
 
 
 def _sha(data: bytes) -> str:
@@ -79,6 +83,7 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "model.weights": _weights_sha(Path(ck.path)),
         "prompt": job.prompt,
         "input.id_column": i.id_column,
+        ID_KEY: ID_RULE,
         "input.prompt_column": i.prompt_column,
         "input.messages_column": i.messages_column,
         "input.image_column": i.image_column,
@@ -112,6 +117,13 @@ def read_fingerprint(out_dir: Path) -> dict[str, Any] | None:
         return dict(data["job"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise JobError(f"output.path: cannot read {path}: {e}; use --overwrite to start over") from None
+
+
+def written_before_id_rule(out_dir: Path) -> bool:
+    """Whether an output folder was written by a batchvl that made ids with str() (a bytes id as `b'...'`, a
+    float as `1.0`): its fingerprint lacks `input.ids`, or it holds part files but no fingerprint."""
+    recorded = read_fingerprint(out_dir)
+    return bool(part_files(out_dir)) if recorded is None else ID_KEY not in recorded
 
 
 def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any]) -> None:

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batchvl.config import Job, JobError
 from batchvl.config.spec import shown
 from batchvl.engine import GenerationParams
-from batchvl.io.ids import Ids, moved_folder
+from batchvl.io.ids import Ids, id_type_problem, moved_folder
 from batchvl.io.readers import columns_of, count_rows
 from batchvl.io.writer import read_done
 from batchvl.models.checkpoint import (
@@ -29,7 +30,7 @@ from batchvl.models.checkpoint import (
 )
 from batchvl.models.loader import build_specs, check_weights
 from batchvl.prepare.templates import ConversationTemplate, get_template
-from batchvl.run.fingerprint import check_fingerprint, job_fingerprint
+from batchvl.run.fingerprint import ID_KEY, check_fingerprint, job_fingerprint, written_before_id_rule
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,21 @@ def plan_job(job: Job, check_output: bool = True) -> Plan:
     `check_output`: also refuse an output folder written by a job with a different fingerprint."""
     plan = plan_model(job)
     plan.files = job.input.files
+    plan.ids = Ids.of(job, old_values=check_output and written_before_id_rule(job.output_dir))
     for file in plan.files:
-        _check_columns(job, file)
+        _check_columns(job, file, plan.ids)
     _check_writable(job.output_dir)
     plan.fingerprint = job_fingerprint(job, plan.checkpoint, plan.template)
+    if plan.ids.old_values:
+        # Not recorded, so that a folder given a fingerprint now (it had parts but none) keeps its ids' old form.
+        del plan.fingerprint[ID_KEY]
+        if job.input.id_column is not None:
+            log.warning("%s was written by a batchvl that made ids with str(); it keeps doing so for this folder "
+                        "(README \"Row ids\"); --overwrite starts it over under the current rule", job.output_dir)
     if check_output:
         check_fingerprint(job, plan.fingerprint)
     plan.rows = count_rows(plan.files)
     plan.done, plan.done_ok, plan.done_failed = read_done(job.output_dir)
-    plan.ids = Ids.of(job)
     if check_output:
         _check_ids_stay(job, plan)
     return plan
@@ -206,7 +213,7 @@ def _compile_jinja(source: str) -> None:
     _compile_jinja_template(source)
 
 
-def _check_columns(job: Job, file: Path) -> None:
+def _check_columns(job: Job, file: Path, ids: Ids) -> None:
     wanted = {
         "input.id_column": job.input.id_column,
         "input.prompt_column": job.input.prompt_column,
@@ -226,6 +233,11 @@ def _check_columns(job: Job, file: Path) -> None:
     for key, column in wanted.items():
         if column is not None and column not in present:
             raise JobError(f"{key}: column {column!r} is not in {file.name} (columns: {', '.join(sorted(present))})")
+    if file.suffix == ".parquet" and ids.column is not None and not ids.old_values:
+        problem = id_type_problem(pq.ParquetFile(file).schema_arrow.field(ids.column).type)
+        if problem is not None:  # every row would be an error row
+            raise JobError(f"input.id_column: column {ids.column!r} of {file.name} cannot hold ids: {problem}; "
+                           "cast it to integers or strings")
 
 
 def _check_writable(out_dir: Path) -> None:
