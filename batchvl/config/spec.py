@@ -21,6 +21,11 @@ BACKENDS = ("native", "transformers")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 INPUT_SUFFIXES = (".jsonl", ".parquet")
+# media.max_image_pixels by default: Pillow's own decompression-bomb error threshold (2 * PIL.Image.MAX_IMAGE_PIXELS:
+# above it Image.open raises DecompressionBombError), not its warning threshold (89,478,485), which 100-megapixel
+# camera photos pass. It was 1 << 28 (268,435,456) until issue 15: a PNG of tens of KB declaring 240 megapixels got
+# through.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 
 @dataclass
@@ -80,7 +85,7 @@ class MediaSpec:
     http_timeout_s: float = 30.0
     http_retries: int = 3
     http_concurrency: int = 64
-    max_image_pixels: int = 1 << 28
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused from their header
     max_media_mb: int = 512  # one media item's bytes in memory (a file, a decompressed body), at most
     video_frames: int = 8
     video_max_dynamic_patch: int = 1
