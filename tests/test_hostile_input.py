@@ -16,6 +16,7 @@ import batchvl.io.readers as readers
 from batchvl.cli import main
 from batchvl.core import Result
 from batchvl.io.durable import Owner
+from batchvl.io.ids import Ids
 from batchvl.io.readers import columns_of, count_rows, read_rows
 from batchvl.io.writer import PartWriter, output_schema
 
@@ -50,7 +51,7 @@ def hostile_jsonl(path: Path) -> Path:
 def test_jsonl_lines_python_cannot_hold_become_error_rows_and_the_rest_is_read(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "MAX_JSONL_LINE_BYTES", 250_000)
     path = hostile_jsonl(tmp_path / "rows.jsonl")
-    rows = [r for _, r in read_rows([path], id_column="id")]
+    rows = [r for _, r in read_rows([path], Ids(path.parent, "id"))]
     assert [r.id for r in rows] == ["a", "rows.jsonl:2", "rows.jsonl:3", "b", "rows.jsonl:6", "lone\\ud800", "c"]
     assert [r.source for r in rows][1:3] == ["rows.jsonl:2", "rows.jsonl:3"]
     assert "cannot be read: Exceeds the limit (4300 digits)" in rows[1].error
@@ -77,7 +78,7 @@ def test_over_long_jsonl_line_is_skipped_in_bounded_memory(tmp_path, monkeypatch
         f.write('{"pad": "' + "z" * (3 * cap))  # over-long and last, with no newline
     assert len(fits) == cap
     tracemalloc.start()
-    rows = [r for _, r in read_rows([path])]
+    rows = [r for _, r in read_rows([path], Ids(path.parent))]
     counted = count_rows([path])
     columns_of(path)
     peak = tracemalloc.get_traced_memory()[1]
@@ -136,7 +137,7 @@ def test_corrupt_parquet_row_group_becomes_error_rows_and_the_rest_is_read(tmp_p
     corrupt_row_group(path, 2, column)
     with pytest.raises(OSError):
         pq.read_table(path)  # the file really is broken there
-    rows = [r for _, r in read_rows([path], id_column="id")]
+    rows = [r for _, r in read_rows([path], Ids(path.parent, "id"))]
     assert len(rows) == 5000 and [r.source for r in rows] == [f"a.parquet:{i}" for i in range(5000)]
     good = [r for r in rows if r.error is None]
     assert [r.id for r in good] == [f"r{i}" for i in (*range(2000), *range(3000, 5000))]
@@ -170,7 +171,7 @@ def test_job_over_corrupt_parquet_exits_0_with_every_row_once(tiny_model, tmp_pa
 def test_parquet_value_with_no_python_equivalent_costs_only_its_row(tmp_path):
     when = pa.array([0, 2**62, 0], pa.timestamp("ms"))  # the middle one is far past year 9999
     pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "when": when}), tmp_path / "t.parquet")
-    rows = [r for _, r in read_rows([tmp_path / "t.parquet"], id_column="id")]
+    rows = [r for _, r in read_rows([tmp_path / "t.parquet"], Ids(tmp_path, "id"))]
     assert [r.id for r in rows] == ["a", "b", "c"]
     assert rows[0].error is None and rows[2].data["prompt"] == "z"
     assert rows[1].data is None and rows[1].error.startswith("input: record t.parquet:1 cannot be read: column 'when'")

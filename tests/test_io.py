@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from batchvl.cli import main
 from batchvl.core import Result
 from batchvl.io.durable import Owner
+from batchvl.io.ids import Ids
 from batchvl.io.readers import count_rows, read_rows
 from batchvl.io.writer import BASE_SCHEMA, PartWriter, done_ids, output_schema
 
@@ -22,7 +23,7 @@ from .conftest import base_job, write_job, write_jsonl
 def test_jsonl_bad_lines_become_error_rows_keyed_by_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "a"}\n\nnot json\n[1, 2]\n{"prompt": "b"}\n')
-    rows = [r for _, r in read_rows([path])]
+    rows = [r for _, r in read_rows([path], Ids(path.parent))]
     assert [r.id for r in rows] == ["rows.jsonl:1", "rows.jsonl:3", "rows.jsonl:4", "rows.jsonl:5"]
     assert rows[0].data == {"prompt": "a"} and rows[0].error is None
     assert rows[1].data is None and "not valid JSON" in rows[1].error
@@ -32,7 +33,7 @@ def test_jsonl_bad_lines_become_error_rows_keyed_by_line(tmp_path):
 
 def test_missing_id_becomes_an_error_row(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"id": 7, "p": 1}, {"p": 2}])
-    rows = [r for _, r in read_rows([path], id_column="id")]
+    rows = [r for _, r in read_rows([path], Ids(path.parent, "id"))]
     assert rows[0].id == "7" and rows[0].error is None
     assert rows[1].id == "rows.jsonl:2" and "no value in id column" in rows[1].error
 
@@ -42,7 +43,7 @@ def test_parquet_is_read_in_batches_with_row_numbers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(readers, "PARQUET_BATCH_ROWS", 7)
     pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(30)]}), tmp_path / "a.parquet", row_group_size=10)
-    rows = [r for _, r in read_rows([tmp_path / "a.parquet"])]
+    rows = [r for _, r in read_rows([tmp_path / "a.parquet"], Ids(tmp_path))]
     assert [r.id for r in rows] == [f"a.parquet:{i}" for i in range(30)]
     assert rows[29].data == {"prompt": "p29"}
 
@@ -55,7 +56,7 @@ def test_million_row_jsonl_streams_in_bounded_memory(tmp_path):
         for i in range(200_000):
             f.write(json.dumps({"id": i, "prompt": "describe this image please", "image": f"img/{i}.jpg"}) + "\n")
     tracemalloc.start()
-    n = sum(1 for _ in read_rows([path], id_column="id"))
+    n = sum(1 for _ in read_rows([path], Ids(path.parent, "id")))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert n == 200_000

@@ -21,6 +21,11 @@ BACKENDS = ("native", "transformers")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 INPUT_SUFFIXES = (".jsonl", ".parquet")
+# media.max_image_pixels by default: Pillow's own decompression-bomb error threshold (2 * PIL.Image.MAX_IMAGE_PIXELS:
+# above it Image.open raises DecompressionBombError), not its warning threshold (89,478,485), which 100-megapixel
+# camera photos pass. It was 1 << 28 (268,435,456) until issue 15: a PNG of tens of KB declaring 240 megapixels got
+# through.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
 
 @dataclass
@@ -44,6 +49,23 @@ class InputSpec:
         """The input files, in a stable order: a file, every .jsonl/.parquet under a directory, or a glob."""
         return _expand_input(self.path, self.base_dir)
 
+    @cached_property
+    def root(self) -> Path:
+        """The folder that default row ids name input files relative to, fixed by `path` alone so that adding
+        files never renames the others: a file's own folder (the id names the file), the directory itself, or
+        a glob's leading folder, before its first wildcard (`data/**/*.jsonl`: `data`)."""
+        p = _absolute(self.path, self.base_dir)
+        if path_is(p, "is_dir"):
+            return p
+        if path_is(p, "is_file") or not glob.has_magic(str(p)):
+            return p.parent
+        plain = []
+        for part in p.parts:
+            if glob.has_magic(part):
+                break
+            plain.append(part)
+        return Path(*plain)
+
 
 @dataclass
 class OutputSpec:
@@ -63,7 +85,7 @@ class MediaSpec:
     http_timeout_s: float = 30.0
     http_retries: int = 3
     http_concurrency: int = 64
-    max_image_pixels: int = 1 << 28
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused from their header
     max_media_mb: int = 512  # one media item's bytes in memory (a file, a decompressed body), at most
     video_frames: int = 8
     video_max_dynamic_patch: int = 1
@@ -118,8 +140,7 @@ class Job:
 
     def resolve(self, path: str) -> Path:
         """A path from the job file, made absolute against the job file's folder (`~` expanded)."""
-        p = Path(os.path.expanduser(path))
-        return p if p.is_absolute() else Path(self.base_dir) / p
+        return _absolute(path, self.base_dir)
 
     @cached_property
     def output_dir(self) -> Path:
@@ -224,10 +245,13 @@ def path_is(path: Path, kind: str) -> bool:
         return False
 
 
-def _expand_input(path: str, base_dir: str) -> list[Path]:
+def _absolute(path: str, base_dir: str) -> Path:
     p = Path(os.path.expanduser(path))
-    if not p.is_absolute():
-        p = Path(base_dir) / p
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+def _expand_input(path: str, base_dir: str) -> list[Path]:
+    p = _absolute(path, base_dir)
     name = shown(path, quote=False)
     if path_is(p, "is_dir"):
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES)

@@ -9,7 +9,6 @@ after it are read as usual.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchvl.core import Row
+from batchvl.io.ids import Ids
 
 PARQUET_BATCH_ROWS = 1024
 MAX_JSONL_LINE_BYTES = 64 * 1024 * 1024  # a longer line is skipped (never held whole) and becomes an error row
@@ -28,32 +28,23 @@ _SKIP_CHUNK = 64 * 1024
 Record = tuple[str, dict | None, str | None, Any]
 
 
-def row_key_names(files: list[Path]) -> dict[Path, str]:
-    """Short, stable names for input files, used in default row ids: the path below their common folder."""
-    if len(files) == 1:
-        return {files[0]: files[0].name}
-    root = os.path.commonpath([str(f.parent) for f in files])
-    return {f: os.path.relpath(f, root) for f in files}
-
-
-def read_rows(files: list[Path], id_column: str | None = None) -> Iterator[tuple[Path, Row]]:
-    """Yield (file, row) for every record of every file, in order.
+def read_rows(files: list[Path], ids: Ids) -> Iterator[tuple[Path, Row]]:
+    """Yield (file, row) for every record of every file, in order, named as `ids` says.
 
     A record that cannot be parsed, or lacks its id, is still yielded, with `data=None` and an `error`, so it
     becomes an error row and no input row is ever lost.
     """
-    names = row_key_names(files)
     for path in files:
-        for row in read_file_rows(path, names[path], id_column):
+        for row in read_file_rows(path, ids):
             yield path, row
 
 
-def read_file_rows(path: Path, name: str, id_column: str | None = None) -> Iterator[Row]:
-    """The rows of one input file, as `read_rows` gives them; `name` is the file's part of the default ids.
+def read_file_rows(path: Path, ids: Ids) -> Iterator[Row]:
+    """The rows of one input file, as `read_rows` gives them.
 
     Ids and sources are valid UTF-8 (a lone surrogate, from a JSON escape or an undecodable file name, is
     written as its backslash escape), so they can be written and found again on resume."""
-    name = utf8_safe(name)
+    name, id_column = ids.name(path), ids.column
     records = _read_jsonl(path, name) if path.suffix == ".jsonl" else _read_parquet(path, name, id_column)
     for source, data, error, key in records:
         row_id = source
@@ -64,18 +55,11 @@ def read_file_rows(path: Path, name: str, id_column: str | None = None) -> Itera
                 data = None
         if key is not None and id_column is not None:
             try:
-                row_id = utf8_safe(key if isinstance(key, str) else str(key))
+                row_id = ids.text(key)
             except (ValueError, RecursionError) as e:
                 row_id, data = source, None
                 error = f"input: record {source}: its {id_column!r} value cannot be an id: {_one_line(e)}"
         yield Row(id=row_id, source=source, data=data, error=error)
-
-
-def utf8_safe(text: str) -> str:
-    """`text`, with anything UTF-8 cannot encode (lone surrogates) as backslash escapes."""
-    if text.isascii():
-        return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _one_line(error: BaseException) -> str:

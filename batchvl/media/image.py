@@ -6,19 +6,19 @@ import io
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from batchvl.config.spec import DEFAULT_MAX_IMAGE_PIXELS
 from batchvl.errors import RowError
 from batchvl.media.limits import machine_errno, persistent
 
-# Our own limit (media.max_image_pixels) replaces Pillow's global guard, which warns at 89M pixels and
-# refuses at twice that whatever the job says.
+# Our own limit (media.max_image_pixels, by default Pillow's error threshold) replaces Pillow's global guard, which
+# warns at 89M pixels and refuses at twice that whatever the job says.
 Image.MAX_IMAGE_PIXELS = None
 # Every format plugin imported now, not on the first image of its format: a lazy import opens files, and on a
 # machine out of file descriptors that would fail the row ("cannot decode ...: Too many open files").
 Image.init()
-DEFAULT_MAX_PIXELS = 1 << 28  # 268M pixels, e.g. 16384 x 16384
 
 
-def decode_image(data: bytes, name: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode with Pillow, apply the EXIF orientation, and return RGB.
 
     Images above `max_pixels` are refused from their header, before decoding (decompression bombs).
@@ -68,7 +68,7 @@ def decoded_bytes(width: int, height: int, mode: str, transparent: bool = False,
     return width * height * (per_pixel + (4 if rotated else 0))
 
 
-def decoded_size(data: bytes, name: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> int:
+def decoded_size(data: bytes, name: str = "image", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> int:
     """The memory decoding `data` will take, from the image's header alone (Pillow reads no pixels to open it).
     RowError when the header says more than `max_pixels`; 0 when the header cannot be read (decoding then
     fails quickly and says why)."""

@@ -9,7 +9,9 @@ two different jobs. Only settings that change the text of a row count. The list 
 - every key of `generation`;
 - the media settings that change tiles or frames (effective values, checkpoint defaults filled in);
 - the effective engine dtype, and the backend: the two backends draw samples from different random
-  generators, so with sampling on they give different text for a row.
+  generators, so with sampling on they give different text for a row;
+- the rule that makes an id column's values ids (`input.ids`): a folder written before it was recorded made
+  ids with str() and keeps doing so (`written_before_id_rule`), so none of its rows runs again under a new id.
 
 Not counted, as they do not change results: engine.max_batch_size, max_batch_tokens, device (for the same
 dtype), decode_attention, compile, gpus, media prefetch sizes, threads, HTTP settings, output.rows_per_file.
@@ -23,16 +25,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 from batchvl.config import Job, JobError
 from batchvl.engine.base import pick_device, pick_dtype
 from batchvl.io.durable import Owner, create_json_once
-from batchvl.io.writer import FINGERPRINT_NAME
+from batchvl.io.ids import ID_RULE
+from batchvl.io.writer import FINGERPRINT_NAME, part_files
 
 VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ID_KEY = "input.ids"
 
 
 def _sha(data: bytes) -> str:
@@ -80,6 +85,7 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "model.weights": _weights_sha(Path(ck.path)),
         "prompt": job.prompt,
         "input.id_column": i.id_column,
+        ID_KEY: ID_RULE,
         "input.prompt_column": i.prompt_column,
         "input.messages_column": i.messages_column,
         "input.image_column": i.image_column,
@@ -115,6 +121,13 @@ def read_fingerprint(out_dir: Path) -> dict[str, Any] | None:
         raise JobError(f"output.path: cannot read {path}: {e}; use --overwrite to start over") from None
 
 
+def written_before_id_rule(out_dir: Path) -> bool:
+    """Whether an output folder was written by a batchvl that made ids with str() (a bytes id as `b'...'`, a
+    float as `1.0`): its fingerprint lacks `input.ids`, or it holds part files but no fingerprint."""
+    recorded = read_fingerprint(out_dir)
+    return bool(part_files(out_dir)) if recorded is None else ID_KEY not in recorded
+
+
 def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any], owner: Owner) -> bool:
     """Record the fingerprint unless the folder has one: True if this call wrote it. Shards starting at once
     race to write it; exactly one does, and the others check theirs against it."""
@@ -129,20 +142,60 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for each key whose value changed, in a stable order. A key `old` lacks is not compared
-    (an older batchvl did not record it)."""
+# Defaults that changed since a folder may have been written with them: its resume is refused (the value
+# differs), and the refusal names the value as the former default.
+FORMER_DEFAULTS: dict[str, Any] = {
+    "media.max_image_pixels": 1 << 28,  # lowered to Pillow's own limit (issue 15): a PNG bomb got through
+}
+# Keys recorded as the value of the job setting of the same name: `--set key=recorded value` gives that value back.
+SETTINGS = ("generation.", "media.", "engine.dtype", "engine.backend")
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys whose value changed, in a stable order. A key `old` lacks is not compared (an older batchvl did
+    not record it)."""
     keys = [k for k in new if k in old] + [k for k in old if k not in new]
-    return [f"{k}: {_show(old.get(k))} -> {_show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each key whose value changed (see changed_keys)."""
+    return [f"{k}: {_show(old.get(k))}{' (the former default)' if FORMER_DEFAULTS.get(k, ()) == old.get(k) else ''}"
+            f" -> {_show(new.get(k))}" for k in changed_keys(old, new)]
+
+
+def resume_overrides(old: dict[str, Any], new: dict[str, Any]) -> list[str] | None:
+    """The `--set` arguments that give a job the fingerprint `old` again, when only settings changed; else None."""
+    keys = changed_keys(old, new)
+    if not keys or not all(k in old and k in new and k.startswith(SETTINGS) for k in keys):
+        return None
+    return [shlex.quote(f"{k}={_as_yaml(old[k])}") for k in keys]
+
+
+def _as_yaml(value: Any) -> str:
+    """A recorded value as `--set` reads it back (YAML): a string as it is, a float always with a point (YAML reads
+    1e-05 as a string), anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    text = json.dumps(value)
+    if isinstance(value, float) and "e" in text and "." not in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return text
 
 
 def check_fingerprint(job: Job, fingerprint: dict[str, Any]) -> None:
-    """Raise JobError if the output folder was written by a job with a different fingerprint."""
+    """Raise JobError if the output folder was written by a job with a different fingerprint. When only settings
+    changed, the message says which `--set` resumes the folder as it was written."""
     old = read_fingerprint(job.output_dir)
     if old is None:
         return
     changed = differences(old, fingerprint)
     if changed:
         shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        sets = resume_overrides(old, fingerprint)
+        resume = "" if sets is None else (f"to resume it as it was written, run with "
+                                          f"{' '.join('--set ' + s for s in sets)} (or set the same in the job "
+                                          "file), or ")
         raise JobError(f"output.path: {job.output.path} was written with a different job ({shown}); "
-                       "use --overwrite to start over")
+                       f"{resume}use --overwrite to start over")

@@ -79,8 +79,8 @@ def run_on_workers(job: Job, plan: Plan, devices: list[int], stop: Stop, start: 
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     cpu = job.engine.device == "cpu"
     counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
-    todo = counts.count_todo(job, plan)
-    chunks = _chunks(pending_rows(plan.files, job.input.id_column, plan.done, shard), job.engine.max_batch_size)
+    todo = counts.count_todo(plan)
+    chunks = _chunks(pending_rows(plan.files, plan.ids, plan.done, shard), job.engine.max_batch_size)
     first = next(chunks, None)
     labels = [worker_label(d, cpu) for d in devices]
     bar = Progress(total=max(todo, 0), enabled=progress, workers=labels)

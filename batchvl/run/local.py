@@ -52,7 +52,7 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
     engine = build_engine(job, plan)
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
     counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
-    todo = counts.count_todo(job, plan)
+    todo = counts.count_todo(plan)
     writer = open_writer(job, plan.files, counts.commit, plan.claim)
     bar = Progress(total=max(todo, 0), enabled=progress)
     times = getattr(engine, "times", None) or StageTimes()
@@ -65,7 +65,7 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
 
     completed = False  # _summary.json says "failed", not "finished", when an exception ends the run
     try:
-        rows = pending_rows(plan.files, job.input.id_column, plan.done, shard)
+        rows = pending_rows(plan.files, plan.ids, plan.done, shard)
         process_rows(job, engine, make_preparer(job, plan), rows, writer, lambda: bool(stop.signum), times, ran)
         completed = True
     finally:

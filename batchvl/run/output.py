@@ -16,13 +16,14 @@ from batchvl.config import Job
 from batchvl.core import Result, Row
 from batchvl.errors import OutputWriteError
 from batchvl.io.durable import Owner, remove_dead_temps
+from batchvl.io.ids import Ids
 from batchvl.io.lease import REWRITE, Claim, Lease, Scope, live_runs
 from batchvl.io.readers import read_rows
 from batchvl.io.shards import Shard
 from batchvl.io.writer import PartWriter, clear_output, drop_rows, output_schema, part_files, read_done
 from batchvl.run.faults import fault_point
 from batchvl.run.fingerprint import check_fingerprint, read_fingerprint, write_fingerprint
-from batchvl.run.plan import Plan, plan_job
+from batchvl.run.plan import Plan, check_ids_stay, plan_job
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def open_output(job: Job, overwrite: bool = False, retry_errors: bool = False, s
     killed runs go, the fingerprint is written once (or checked), `--retry-errors` removes the error rows to
     run again. The plan's `done` holds the ids already written, which a run skips, read once the lease is held.
     A run that clashes with one holding the folder is refused (JobError naming it), or waits for it (`wait`)."""
-    plan = plan_job(job, check_output=False, read_output=False)
+    plan = plan_job(job, check_output=False, read_output=False, fresh=overwrite)
     rewrites = overwrite or retry_errors
     scope = Scope(shard.index, shard.count, rewrites) if shard else Scope(0, 1, rewrites)
     with Lease(job.output_dir, scope, Owner.new(), wait=wait, command=command) as lease:
@@ -63,9 +64,11 @@ def _prepare_folder(job: Job, plan: Plan, overwrite: bool, retry_errors: bool, s
                             owner)
         log.info("--retry-errors: %d error row(s) removed from the output, to run again", dropped)
     done = read_done(out_dir)
+    plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
+    check_ids_stay(job, plan)  # before anything below acts on ids
     if done.unreadable and _replace_fixed_records(job, plan, done.unreadable, shard):
         done = read_done(out_dir)
-    plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
+        plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
 
 
 def _replace_fixed_records(job: Job, plan: Plan, unreadable: set[str], shard: Shard | None) -> int:
@@ -74,7 +77,7 @@ def _replace_fixed_records(job: Job, plan: Plan, unreadable: set[str], shard: Sh
     position; the fixed record may have an id of its own, so without this the folder would keep both rows.
     Shards may do this at once: the `rewrite` lease lets one rewrite part files at a time."""
     mine = {i for i in unreadable if shard is None or shard.owns(i)}
-    fixed = {row.source for _, row in read_rows(plan.files, job.input.id_column)
+    fixed = {row.source for _, row in read_rows(plan.files, plan.ids)
              if row.source in mine and row.error is None}
     if not fixed:
         return 0
@@ -167,13 +170,12 @@ def duplicate_key(row_id: str, source: str) -> str:
     return f"{row_id}#dup@{source}"
 
 
-def pending_rows(files: list[Path], id_column: str | None, done: set[str],
-                  shard: Shard | None = None) -> Iterator[tuple[Path, Row]]:
+def pending_rows(files: list[Path], ids: Ids, done: set[str], shard: Shard | None = None) -> Iterator[tuple[Path, Row]]:
     """The input rows still to run. The first occurrence of an id is the row; a later one becomes an error row
     with id `duplicate_key(id, source)`, so that output ids stay unique. Ids (and duplicate keys) already in
     the output are skipped: that is how a rerun resumes. With a shard, only the ids it owns."""
     first: dict[str, str] = {}
-    for file, row in read_rows(files, id_column):
+    for file, row in read_rows(files, ids):
         fault_point("read")
         if shard is not None and not shard.owns(row.id):
             continue

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batchvl.config import Job, JobError
 from batchvl.config.spec import shown
 from batchvl.engine import GenerationParams
+from batchvl.io.ids import Ids, id_type_problem, moved_folder
 from batchvl.io.lease import Claim
 from batchvl.io.readers import columns_of, count_rows
-from batchvl.io.writer import (
-    read_done,
-)
+from batchvl.io.writer import read_done
 from batchvl.models.checkpoint import (
     LAYOUT_OPENGVLAB,
     CheckpointInfo,
@@ -31,7 +31,7 @@ from batchvl.models.checkpoint import (
 )
 from batchvl.models.loader import build_specs, check_weights
 from batchvl.prepare.templates import ConversationTemplate, get_template
-from batchvl.run.fingerprint import check_fingerprint, job_fingerprint
+from batchvl.run.fingerprint import ID_KEY, check_fingerprint, job_fingerprint, written_before_id_rule
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Plan:
     done_ok: int = 0  # rows of the output folder without error, and failed ones by error kind
     done_failed: dict[str, int] = field(default_factory=dict)
     claim: Claim | None = None  # the output folder's lease, once a run holds it (batchvl.run.output.open_output)
+    ids: Ids | None = None  # how rows are named (None: no input, as for the pipeline API)
 
     def describe(self) -> str:
         job = self.job
@@ -112,22 +113,50 @@ def plan_model(job: Job) -> Plan:
     return Plan(job, checkpoint, tokenizer, template, files=[], rows=0)
 
 
-def plan_job(job: Job, check_output: bool = True, read_output: bool = True) -> Plan:
+def plan_job(job: Job, check_output: bool = True, read_output: bool = True, fresh: bool = False) -> Plan:
     """Check everything a run would, without changing anything. Raises JobError naming the key.
-    `check_output`: also refuse an output folder written by a job with a different fingerprint. `read_output`:
-    fill in the rows already done (a run does that itself, once it holds the folder's lease)."""
+    `check_output`: also refuse an output folder written by a job with a different fingerprint, or whose ids
+    name the input files differently. `read_output`: fill in the rows already done (a run does that itself,
+    once it holds the folder's lease). `fresh`: the run starts the folder over (--overwrite), so the rule its
+    ids were written by does not matter."""
     plan = plan_model(job)
     plan.files = job.input.files
+    plan.ids = Ids.of(job, old_values=not fresh and written_before_id_rule(job.output_dir))
     for file in plan.files:
-        _check_columns(job, file)
+        _check_columns(job, file, plan.ids)
     _check_writable(job.output_dir)
     plan.fingerprint = job_fingerprint(job, plan.checkpoint, plan.template)
+    if plan.ids.old_values:
+        # Not recorded, so that a folder given a fingerprint now (it had parts but none) keeps its ids' old form.
+        del plan.fingerprint[ID_KEY]
+        if job.input.id_column is not None:
+            log.warning("%s was written by a batchvl that made ids with str(); it keeps doing so for this folder "
+                        "(README \"Row ids\"); --overwrite starts it over under the current rule", job.output_dir)
     if check_output:
         check_fingerprint(job, plan.fingerprint)
     plan.rows = count_rows(plan.files)
     if read_output:
         plan.done, plan.done_ok, plan.done_failed, _ = read_done(job.output_dir)
+        if check_output:
+            check_ids_stay(job, plan)
     return plan
+
+
+def check_ids_stay(job: Job, plan: Plan) -> None:
+    """Refuse an output folder whose ids name the input files relative to another folder than this job's
+    input.path does: their rows would run again under new ids. (A batchvl before ids were fixed by input.path
+    named files relative to the folder holding them all, which moved when files were added.)"""
+    moved = moved_folder(plan.done, (plan.ids.name(f) for f in plan.files), plan.ids.root)
+    if moved is None:
+        return
+    old, new, folder = moved
+    given = Path(os.path.expanduser(job.input.path))
+    shown_folder = str(folder) if given.is_absolute() else os.path.relpath(folder, job.base_dir)
+    folder_text = shown(shown_folder, quote=False)
+    raise JobError(f"output.path: {shown(job.output.path, quote=False)} holds ids that name input files relative "
+                   f"to {folder_text}, not to input.path {shown(job.input.path, quote=False)} ({shown(old)} for "
+                   f"what is now {shown(new)}), so their rows would run again; to resume this folder set "
+                   f"input.path: {folder_text}, or use --overwrite to start over")
 
 
 def _resolve_template(job: Job, checkpoint: CheckpointInfo, tokenizer: Any) -> str | ConversationTemplate | None:
@@ -190,7 +219,7 @@ def _compile_jinja(source: str) -> None:
     _compile_jinja_template(source)
 
 
-def _check_columns(job: Job, file: Path) -> None:
+def _check_columns(job: Job, file: Path, ids: Ids) -> None:
     wanted = {
         "input.id_column": job.input.id_column,
         "input.prompt_column": job.input.prompt_column,
@@ -210,6 +239,11 @@ def _check_columns(job: Job, file: Path) -> None:
     for key, column in wanted.items():
         if column is not None and column not in present:
             raise JobError(f"{key}: column {column!r} is not in {file.name} (columns: {', '.join(sorted(present))})")
+    if file.suffix == ".parquet" and ids.column is not None and not ids.old_values:
+        problem = id_type_problem(pq.ParquetFile(file).schema_arrow.field(ids.column).type)
+        if problem is not None:  # every row would be an error row
+            raise JobError(f"input.id_column: column {ids.column!r} of {file.name} cannot hold ids: {problem}; "
+                           "cast it to integers or strings")
 
 
 def _check_writable(out_dir: Path) -> None:

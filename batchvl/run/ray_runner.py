@@ -37,7 +37,8 @@ import pyarrow as pa
 
 from batchvl.config import Job
 from batchvl.errors import JobError
-from batchvl.io.readers import read_file_rows, row_key_names
+from batchvl.io.ids import Ids
+from batchvl.io.readers import read_file_rows
 from batchvl.io.writer import table_results
 from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, open_output, open_writer
 from batchvl.run.progress import Progress
@@ -70,7 +71,7 @@ class RayOptions:
     engines: int | None = None  # Engine actors; default: one per GPU, or 1 on a cluster without GPUs
 
 
-def _input_datasource(ray: Any, files: list[Path], id_column: str | None, keys_only: bool,
+def _input_datasource(ray: Any, files: list[Path], ids: Ids, keys_only: bool,
                       done_ref: Any = None, firsts_ref: Any = None):
     """A Ray datasource over the job's input files, one read task per file, parsed by batchvl's reader.
 
@@ -79,16 +80,15 @@ def _input_datasource(ray: Any, files: list[Path], id_column: str | None, keys_o
     ids in `firsts_ref` (id -> (order, source) of the first occurrence) turned into error rows."""
     from ray.data.datasource import FileBasedDatasource
 
-    names = row_key_names(files)
-    known = {os.path.realpath(f): (i, f, names[f]) for i, f in enumerate(files)}
+    known = {os.path.realpath(f): (i, f) for i, f in enumerate(files)}
 
     class InputRows(FileBasedDatasource):
         def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
-            index, file, name = known[os.path.realpath(path)]
+            index, file = known[os.path.realpath(path)]
             done = ray.get(done_ref) if done_ref is not None else set()
             firsts = ray.get(firsts_ref) if firsts_ref is not None else {}
             block: list[dict[str, Any]] = []
-            for number, row in enumerate(read_file_rows(file, name, id_column)):
+            for number, row in enumerate(read_file_rows(file, ids)):
                 order = index << POSITION_BITS | number
                 if keys_only:
                     block.append({"id": row.id, "order": order, "source": row.source})
@@ -124,12 +124,12 @@ def _pending(row, order: int, file: Path, done: set[str], firsts: dict[str, tupl
     return {ROW_ID: key, ROW_SOURCE: row.source, ROW_FILE: str(file), ROW_RECORD: record, ROW_ERROR: error}
 
 
-def _duplicates(ray: Any, files: list[Path], id_column: str | None) -> dict[str, tuple[int, str]]:
+def _duplicates(ray: Any, files: list[Path], ids: Ids) -> dict[str, tuple[int, str]]:
     """Ids that occur more than once in the input: id -> (order, source) of the first occurrence. Without an
     id column the ids are positions, unique by construction."""
-    if id_column is None:
+    if ids.column is None:
         return {}
-    keys = ray.data.read_datasource(_input_datasource(ray, files, id_column, keys_only=True), num_cpus=READ_CPUS)
+    keys = ray.data.read_datasource(_input_datasource(ray, files, ids, keys_only=True), num_cpus=READ_CPUS)
     first: dict[str, tuple[int, str]] = {}
     repeated: set[str] = set()
     for batch in keys.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -209,10 +209,10 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
 def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float,
          progress: bool) -> Summary:
     files, out_dir = plan.files, job.output_dir
-    firsts = _duplicates(ray, files, job.input.id_column)
+    firsts = _duplicates(ray, files, plan.ids)
     done_ref, firsts_ref = ray.put(plan.done), ray.put(firsts)
     prepare_args, engine_args = _layout(ray, job, options)
-    rows = _input_datasource(ray, files, job.input.id_column, False, done_ref, firsts_ref)
+    rows = _input_datasource(ray, files, plan.ids, False, done_ref, firsts_ref)
     ds = ray.data.read_datasource(rows, num_cpus=READ_CPUS)
     ds = ds.map_batches(Prepare, fn_constructor_kwargs={"job": job}, batch_format="pyarrow",
                         batch_size=max(job.engine.max_batch_size, 16), **prepare_args)

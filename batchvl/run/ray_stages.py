@@ -24,6 +24,7 @@ import torch
 
 from batchvl.config import Job, job_from_mapping, load_job
 from batchvl.core import Request, Result, Row
+from batchvl.io.ids import id_text
 from batchvl.io.writer import output_schema, results_table
 from batchvl.run.loop import build_engine, make_prefetcher, make_preparer, run_batch
 from batchvl.run.output import keep_types
@@ -122,7 +123,12 @@ class Prepare:
         if value is None:
             return Row(id=f"<no id>#{index}", source=f"batch row {index}", data=None,
                        error=f"input: the row has no value in id column {column!r}")
-        return Row(id=str(value), source=str(value), data=data)
+        try:
+            row_id = id_text(value)
+        except ValueError as e:
+            return Row(id=f"<bad id>#{index}", source=f"batch row {index}", data=None,
+                       error=f"input: the row's {column!r} value cannot be an id: {e}")
+        return Row(id=row_id, source=row_id, data=data)
 
 
 def _job_row(r: dict[str, Any]) -> tuple[Path, Row]:

@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchvl.config import Job
 from batchvl.core import Result
 from batchvl.io.durable import Owner, write_json_atomic
 from batchvl.io.readers import read_rows
@@ -75,11 +74,11 @@ class OutputCounts:
         self.shard_done = 0  # of those, already in the output when the run started
         self.name = shard.summary_name if shard else SUMMARY_NAME
 
-    def count_todo(self, job: Job, plan: Plan) -> int:
+    def count_todo(self, plan: Plan) -> int:
         """Rows this run has to do (of the shard, with one), for the progress bar."""
         if self.shard is None:
             return plan.rows - len(plan.done)
-        self.shard_rows = sum(1 for _, r in read_rows(plan.files, job.input.id_column) if self.shard.owns(r.id))
+        self.shard_rows = sum(1 for _, r in read_rows(plan.files, plan.ids) if self.shard.owns(r.id))
         self.shard_done = sum(1 for i in plan.done if self.shard.owns(i.split("#dup@")[0]))
         return self.shard_rows - self.shard_done
 
