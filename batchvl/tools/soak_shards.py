@@ -90,16 +90,19 @@ class Segment:
 
 def plan_kills(settings: SoakSettings, rng: random.Random) -> list[list[Kill]]:
     """Each shard's kills in order: `kills` in all, spread over the shards as evenly as they go (the
-    remainder to shards drawn at random), a share `early` of them at a start."""
+    remainder to shards drawn at random); round(kills x early) of them, drawn at random, come at a start."""
     share, rest = divmod(settings.kills, settings.shards)
     extra = set(rng.sample(range(settings.shards), rest))
+    counts = [share + (shard in extra) for shard in range(settings.shards)]
+    slots = [shard for shard, n in enumerate(counts) for _ in range(n)]
+    early = [0] * settings.shards
+    for shard in rng.sample(slots, round(settings.kills * settings.early)):
+        early[shard] += 1
     plans = []
-    for shard in range(settings.shards):
-        n = share + (shard in extra)
-        early = sum(rng.random() < settings.early for _ in range(n))
-        moments = sorted(rng.uniform(0.02, settings.last_kill_at) for _ in range(n - early))
+    for shard, n in enumerate(counts):
+        moments = sorted(rng.uniform(0.02, settings.last_kill_at) for _ in range(n - early[shard]))
         kills = [Kill(False, at, rng.uniform(0, settings.delay_s)) for at in moments]
-        for _ in range(early):
+        for _ in range(early[shard]):
             kills.insert(rng.randint(0, len(kills)), Kill(True, 0.0, rng.uniform(0.2, settings.early_window_s)))
         plans.append(kills)
     return plans
