@@ -14,8 +14,10 @@ moment of a process's start instead (loading, resuming), before it commits anyth
 Then it checks, prints a table and exits non-zero if a check fails:
 - every input id appears exactly once in the output, and only the rows meant to be bad have an error;
 - the text of a sample of ids equals that of one clean run (unsharded, never killed, its own folder, over
-  the sampled rows alone, at another batch size: a row's text must not depend on its batch);
-- no shard process exited non-zero except by the soak's own SIGKILL (its stderr's tail is printed);
+  the sampled rows alone, at another batch size: a row's text must not depend on its batch), which runs
+  alongside the shards;
+- no shard process exited non-zero except by the soak's own SIGKILL (its stderr's tail is printed), every
+  planned kill was made, and no temporary file is left in the folder;
 - resident memory is flat: each process's VmRSS and VmHWM (from /proc/<pid>/status, polled) give a peak per
   segment (one process's life between its start and its end), and no peak is far above the typical one.
 
