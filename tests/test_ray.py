@@ -161,6 +161,25 @@ def test_cuda_on_a_cluster_without_gpus_is_a_job_error(tiny_model, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("given", ["flag", "RAY_ADDRESS"])
+def test_a_ray_client_address_is_refused_in_one_line_before_the_output_folder_is_made(tiny_model, tmp_path, capsys,
+                                                                                        monkeypatch, given):
+    """Ray Data's executor cannot run through Ray Client (it dies in it, with ray[client] installed): refused."""
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))
+    argv = ["run", str(job), "--quiet", "--ray"]
+    if given == "flag":
+        argv.append("ray://head.example:10001")
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("batchvl: error: --ray")
+    assert "ray://head.example:10001 is a Ray Client address" in err and "--ray auto" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_ray_batchvl_imports_and_run_ray_names_the_extra(tiny_model, tmp_path):
     inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
     job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))

@@ -65,9 +65,29 @@ POSITION_BITS = 40  # a row's input order: file index << POSITION_BITS | record 
 class RayOptions:
     """How the pipeline is laid out on the cluster. None: chosen from the cluster's resources."""
 
-    address: str | None = None  # None: ray.init() (a running local cluster, or a new one)
+    address: str | None = None  # None: ray.init() (RAY_ADDRESS, a running local cluster, or a new one)
     prepare_actors: int | None = None  # Prepare actors (1 CPU each); default: the cluster's CPUs less the engines
     engines: int | None = None  # Engine actors; default: one per GPU, or 1 on a cluster without GPUs
+
+    def __post_init__(self):
+        check_address(self.address)
+
+
+CLIENT_PREFIX = "ray://"
+
+
+def check_address(address: str | None) -> None:
+    """Refuse a Ray Client address (`ray://`, given or in RAY_ADDRESS) before anything is touched. Ray Data's
+    executor runs in the driver and needs a real worker there: through Ray Client the pipeline dies in it
+    (`'Worker' object has no attribute 'core_worker'`, seen with Ray 2.60 and ray[client]), and without
+    ray[client] ray.init fails with a traceback."""
+    given = address if address is not None else os.environ.get("RAY_ADDRESS")
+    if given and given.strip().startswith(CLIENT_PREFIX):
+        source = "--ray" if address is not None else "--ray (RAY_ADDRESS)"
+        raise JobError(f"{source}: {given.strip()} is a Ray Client address, which Ray Data pipelines cannot run "
+                       "through; run batchvl on a node of the cluster with --ray auto (or --ray HEAD_IP:6379), or "
+                       "submit it there: ray job submit --address http://HEAD_IP:8265 -- batchvl run job.yaml "
+                       "--ray auto")
 
 
 def _input_datasource(ray: Any, files: list[Path], id_column: str | None, keys_only: bool,
