@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,7 +53,26 @@ def jsonl_rows(images: dict[str, Path]) -> list[dict]:
     return rows
 
 
-def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_model, images, tmp_path, capsys):
+class RayStarted(Exception):
+    pass
+
+
+@contextmanager
+def no_ray_work(monkeypatch):
+    """Within: connecting to Ray, asking the cluster for its resources or reading a dataset raises RayStarted."""
+    def started(*args, **kwargs):
+        raise RayStarted
+
+    with monkeypatch.context() as m:
+        m.setattr(ray, "init", started)
+        m.setattr(ray, "is_initialized", lambda: False)
+        m.setattr(ray, "cluster_resources", started)
+        m.setattr(ray.data, "read_datasource", started)
+        yield
+
+
+def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_model, images, tmp_path, capsys,
+                                                                                monkeypatch):
     media = images["wide.jpg"].parent
     inp = write_jsonl(media / "rows.jsonl", jsonl_rows(images))
     with open(inp, "a", encoding="utf-8") as f:
@@ -80,7 +100,8 @@ def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_mo
 
     parts = part_files(tmp_path / "ray")
     capsys.readouterr()
-    assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0  # a rerun: nothing left to do
+    with no_ray_work(monkeypatch):
+        assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0  # a rerun: nothing left to do
     assert "0 rows ok, 0 failed, 10 already done" in capsys.readouterr().out
     assert part_files(tmp_path / "ray") == parts
     assert rows_by_id(tmp_path / "ray") == local
@@ -114,6 +135,45 @@ def test_ray_run_resumes_a_partial_output_and_reads_parquet_with_default_ids(tin
     assert parts_schema(tmp_path / "ray").field("score").type == pa.int16()
     ids, ok, failed = read_done(tmp_path / "ray")
     assert len(ids) == 6 and ok == 5 and failed == {"media": 1}
+
+
+def test_a_rerun_with_ray_exits_before_starting_ray_only_when_every_input_row_is_written(tiny_model, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The finished folder comes from a local run (the same folder a Ray run writes), of a job with engine.device
+    and dtype auto: the dtype its fingerprint records says whether the cluster that wrote it had GPUs."""
+    rows = [{"id": "a", "prompt": "One."}, {"id": "b", "prompt": "Two."}, {"id": "a", "prompt": "Again."}]
+    inp = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with open(inp, "a", encoding="utf-8") as f:
+        f.write("{not json\n")  # an error row, which --retry-errors runs again
+    job = str(write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None},
+                                                       engine={"device": "auto", "dtype": "auto"})))
+    assert main(["run", job, "--quiet"]) == 0
+    out = tmp_path / "out"
+    fingerprint = json.loads((out / "_batchvl.json").read_text())
+    assert len(read_done(out)[0]) == 4 and fingerprint["job"]["engine.dtype"] == "float32"
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    with no_ray_work(monkeypatch):
+        assert main(["run", job, "--quiet", "--ray"]) == 0
+        assert "0 rows ok, 0 failed, 4 already done" in capsys.readouterr().out
+        assert main(["run", job, "--quiet", "--ray", "--set", "generation.max_new_tokens=5"]) == 2
+        assert "was written with a different job (generation.max_new_tokens: 12 -> 5)" in capsys.readouterr().err
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the folder is left as it was
+        with pytest.raises(RayStarted):  # the bad line's error row is to run again
+            main(["run", job, "--quiet", "--ray", "--retry-errors"])
+
+        fingerprint["job"]["engine.dtype"] = "bfloat16"  # as a cluster with GPUs writes it
+        (out / "_batchvl.json").write_text(json.dumps(fingerprint))
+        assert main(["run", job, "--quiet", "--ray"]) == 0
+        assert main(["run", job, "--quiet", "--ray", "--set", "engine.dtype=float32"]) == 2
+        capsys.readouterr()
+
+        write_jsonl(inp, [{"id": "a", "prompt": "One."}, {"id": "c", "prompt": "New."}, {"id": "a", "prompt": "x"}])
+        with open(inp, "a", encoding="utf-8") as f:
+            f.write("{not json\n")  # as many rows as ids in the folder, but "c" is not one of them
+        with pytest.raises(RayStarted):
+            main(["run", job, "--quiet", "--ray"])
 
 
 def test_documented_user_pipeline_gives_the_local_output(tiny_model, images, tmp_path):
