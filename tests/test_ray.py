@@ -71,7 +71,7 @@ def no_ray_work(monkeypatch):
         yield
 
 
-def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_model, images, tmp_path, capsys,
+def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_model, images, tmp_path, capfd,
                                                                                 monkeypatch):
     media = images["wide.jpg"].parent
     inp = write_jsonl(media / "rows.jsonl", jsonl_rows(images))
@@ -82,7 +82,12 @@ def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_mo
     write_job(tmp_path / "ray.yaml", base_job(tiny_model, inp, tmp_path / "ray", **sections))
 
     assert main(["run", str(tmp_path / "local.yaml"), "--quiet"]) == 0
-    assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0
+    capfd.readouterr()
+    assert main(["run", str(tmp_path / "ray.yaml"), "--ray"]) == 0  # not --quiet: Ray's output is kept below batchvl's
+    err = capfd.readouterr().err
+    assert "10/10" in err  # batchvl's bar
+    for ray_data_line in ("streaming_executor.py", "logging_progress.py", "Progress will be logged", "Progress bars"):
+        assert ray_data_line not in err  # Ray Data's plan, its progress report and its notice that bars are off
     local, remote = rows_by_id(tmp_path / "local"), rows_by_id(tmp_path / "ray")
     assert remote == local
     assert len(local) == 10
@@ -99,16 +104,16 @@ def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_mo
     assert (tmp_path / "ray" / "_batchvl.json").read_text() == (tmp_path / "local" / "_batchvl.json").read_text()
 
     parts = part_files(tmp_path / "ray")
-    capsys.readouterr()
+    capfd.readouterr()
     with no_ray_work(monkeypatch):
         assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0  # a rerun: nothing left to do
-    assert "0 rows ok, 0 failed, 10 already done" in capsys.readouterr().out
+    assert "0 rows ok, 0 failed, 10 already done" in capfd.readouterr().out
     assert part_files(tmp_path / "ray") == parts
     assert rows_by_id(tmp_path / "ray") == local
     assert main(["run", str(tmp_path / "ray.yaml"), "--quiet"]) == 0  # a local rerun reads the Ray parts
-    assert "0 rows ok, 0 failed, 10 already done" in capsys.readouterr().out
+    assert "0 rows ok, 0 failed, 10 already done" in capfd.readouterr().out
     assert main(["status", str(tmp_path / "ray")]) == 0
-    assert "10 rows" in capsys.readouterr().out
+    assert "10 rows" in capfd.readouterr().out
 
 
 def test_ray_run_resumes_a_partial_output_and_reads_parquet_with_default_ids(tiny_model, images, tmp_path):

@@ -43,6 +43,7 @@ from batchvl.run.fingerprint import read_fingerprint
 from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, open_output, open_writer, pending_rows
 from batchvl.run.plan import Plan, plan_job
 from batchvl.run.progress import Progress
+from batchvl.run.ray_session import check_address, ray_session
 from batchvl.run.ray_stages import (
     ROW_ERROR,
     ROW_FILE,
@@ -73,23 +74,6 @@ class RayOptions:
 
     def __post_init__(self):
         check_address(self.address)
-
-
-CLIENT_PREFIX = "ray://"
-
-
-def check_address(address: str | None) -> None:
-    """Refuse a Ray Client address (`ray://`, given or in RAY_ADDRESS) before anything is touched. Ray Data's
-    executor runs in the driver and needs a real worker there: through Ray Client the pipeline dies in it
-    (`'Worker' object has no attribute 'core_worker'`, seen with Ray 2.60 and ray[client]), and without
-    ray[client] ray.init fails with a traceback."""
-    given = address if address is not None else os.environ.get("RAY_ADDRESS")
-    if given and given.strip().startswith(CLIENT_PREFIX):
-        source = "--ray" if address is not None else "--ray (RAY_ADDRESS)"
-        raise JobError(f"{source}: {given.strip()} is a Ray Client address, which Ray Data pipelines cannot run "
-                       "through; run batchvl on a node of the cluster with --ray auto (or --ray HEAD_IP:6379), or "
-                       "submit it there: ray job submit --address http://HEAD_IP:8265 -- batchvl run job.yaml "
-                       "--ray auto")
 
 
 def _input_datasource(ray: Any, files: list[Path], id_column: str | None, keys_only: bool,
@@ -239,22 +223,13 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
         log.info("nothing to do: all %d input row(s) are in %s; Ray was not started", finished.rows,
                  job.output_dir)
         return Summary(skipped=len(finished.done), counts_images=False, elapsed_s=time.perf_counter() - start)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=options.address)
-    if not progress:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    try:
+    with ray_session(ray, options.address, verbose=log.isEnabledFor(logging.DEBUG)):  # DEBUG: -v
         job = for_cluster(ray, job)
         plan = open_output(job, overwrite, retry_errors)
         log.info("plan:\n%s", plan.describe())
         with Stop() as stop:
             summary = _run(ray, job, plan, options, stop, start, progress)
         summary.interrupted = stop.signum
-    finally:
-        if started_ray:
-            ray.shutdown()
     return summary
 
 
