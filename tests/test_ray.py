@@ -1,4 +1,4 @@
-"""`batchvl run --ray` and the batchvl.ray stages, on a local Ray cluster of 2 CPUs with the tiny model.
+"""`batchvl run --ray` and the batchvl.ray stages, on a local Ray cluster of 3 CPUs with the tiny model.
 
 A Ray run must write what a local run writes, row for row and with the same Arrow schema, into an output
 folder that `batchvl status`, resume and a later local run all understand.
@@ -29,7 +29,7 @@ REPO = Path(batchvl.__file__).resolve().parents[1]
 @pytest.fixture(scope="module", autouse=True)
 def local_cluster():
     """One local Ray cluster for the module; its workers import this checkout's batchvl."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield
     ray.shutdown()
@@ -181,32 +181,39 @@ def test_a_rerun_with_ray_exits_before_starting_ray_only_when_every_input_row_is
             main(["run", job, "--quiet", "--ray"])
 
 
-def test_documented_user_pipeline_gives_the_local_output(tiny_model, images, tmp_path):
-    """The README's 'Ray Data in your own pipeline' example, with num_gpus=0: this machine has no GPU."""
+def readme_pipeline() -> str:
+    """The code of the README's 'In your own Ray pipeline' example."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### In your own Ray pipeline"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```\n", start)]
+
+
+def test_readme_pipeline_runs_as_written_on_a_cluster_without_gpus_and_gives_the_local_rows(tiny_model, images,
+                                                                                               tmp_path):
+    """The README's example, run as it is written (its folder `shared` made this test's) on this module's cluster:
+    3 CPUs and no GPU. Its rows are a local run's, except that a duplicate id is not marked: two rows."""
     media = images["wide.jpg"].parent
     rows = [{"id": f"u{i}", "prompt": f"Picture {i}.", "image": image}
             for i, image in enumerate(["wide.jpg", "tall.png", None, "missing.jpg", "tiny.png"])]
+    rows.append({"id": "u0", "prompt": "The first picture again.", "image": None})
     pq.write_table(pa.Table.from_pylist(rows), media / "rows.parquet")
-    write_job(tmp_path / "job.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "local"))
-    assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 0
+    write_job(media / "job.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "local",
+                                           engine={"device": "auto", "dtype": "auto"}))
+    assert main(["run", str(media / "job.yaml"), "--quiet"]) == 0
+    local = rows_by_id(tmp_path / "local")
 
-    import batchvl.ray
-    from batchvl.config import load_job
+    code = readme_pipeline()
+    assert code.count('"/shared/captions"') == 1
+    exec(compile(code.replace('"/shared/captions"', repr(str(media))), "README.md", "exec"), {})
 
-    job = load_job(tmp_path / "job.yaml")
-    ds = ray.data.read_parquet(str(media / "rows.parquet"))
-    ds = ds.map_batches(batchvl.ray.Prepare, fn_constructor_kwargs={"job": job}, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-    ds = ds.map_batches(batchvl.ray.Engine, fn_constructor_kwargs={"job": job}, batch_format="pyarrow",
-                        batch_size=job.engine.max_batch_size, num_gpus=0, num_cpus=0.5,
-                        compute=ray.data.ActorPoolStrategy(size=1))
-    ds.write_parquet(str(tmp_path / "mine"))
-
-    mine = sorted(pq.read_table(tmp_path / "mine").to_pylist(), key=lambda r: r["id"])
-    assert mine == rows_by_id(tmp_path / "local")
-    assert mine[3]["id"] == "u3" and mine[3]["error"].startswith("media: no such file")
-    assert pq.read_table(tmp_path / "mine").schema.remove_metadata() == output_schema({})
-
+    mine = rows_by_id(media / "out")
+    assert pq.read_table(media / "out").schema.remove_metadata() == output_schema({})
+    assert [r["id"] for r in mine] == ["u0", "u0", "u1", "u2", "u3", "u4"]
+    assert [r for r in mine if r["id"] != "u0"] == [r for r in local if not r["id"].startswith("u0")]
+    assert local[0]["id"] == "u0" and local[0] in mine and local[1]["id"] == "u0#dup@rows.parquet:5"
+    assert {r["error"] is None for r in mine if r["id"] == "u0"} == {True}
+    assert mine[4]["id"] == "u3" and mine[4]["error"].startswith("media: no such file")
 
 def test_engine_refuses_rows_that_were_not_prepared(tiny_model, images, tmp_path):
     inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
