@@ -252,6 +252,28 @@ def test_a_ray_client_address_is_refused_in_one_line_before_the_output_folder_is
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cluster_refusing_this_process_its_token_is_one_line_before_the_output_folder_is_made(
+        tiny_model, tmp_path, capsys, monkeypatch):
+    """What ray.init raises, after its retries, when a token-authenticated cluster is given by address without
+    RAY_AUTH_MODE=token (the real refusal takes 20 s: `python -m batchvl.tools.ray_cluster_check` runs it)."""
+    def refused(*args, **kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: ray.exceptions.AuthenticationError: "
+                               "RPC error: InvalidAuthToken: Authentication token is missing or incorrect.")
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from e
+
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    assert main(["run", str(job), "--quiet", "--ray", "10.0.0.1:6379"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("batchvl: error: --ray: the Ray cluster at 10.0.0.1:6379 refused")
+    assert "RAY_AUTH_MODE=token" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_ray_batchvl_imports_and_run_ray_names_the_extra(tiny_model, tmp_path):
     inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
     job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))

@@ -1,6 +1,7 @@
 """`batchvl run --ray`'s connection to Ray, and Ray's own output kept below batchvl's.
 
-- A Ray Client address (`ray://`) is refused before anything is touched (`check_address`).
+- A Ray Client address (`ray://`) is refused before anything is touched (`check_address`), and a cluster that
+  cannot be reached, or refuses this process its token, is one line too (a JobError, before the output is touched).
 - Ray Data's progress bars are off for the run: batchvl draws its own bar, and in a terminal the two were drawn
   over each other. Ray Data's console log (which otherwise prints the execution plan and, when stderr is no
   terminal, a progress report every few seconds) is at WARNING unless -v; its full log stays in the session's
@@ -45,7 +46,10 @@ def ray_session(ray: Any, address: str | None, verbose: bool) -> Iterator[None]:
     level = logging.INFO if verbose else logging.WARNING
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, logging_level=level)
+        try:
+            ray.init(address=address, logging_level=level)
+        except ConnectionError as e:
+            raise JobError(_cannot_connect(address, e)) from None
     context = ray.data.DataContext.get_current()
     bars = context.enable_progress_bars
     context.enable_progress_bars = False
@@ -64,6 +68,23 @@ def ray_session(ray: Any, address: str | None, verbose: bool) -> Iterator[None]:
             handler.removeFilter(hush)
         if started:
             ray.shutdown()
+
+
+def _cannot_connect(address: str | None, error: BaseException) -> str:
+    """One line for ray.init's failure to reach the cluster. With Ray's token authentication, which `ray start`
+    turns on where a token is found, Ray 2.60 sends the token only to a cluster it finds by itself (`auto`);
+    to an address given by name only under RAY_AUTH_MODE=token. Without it, the GCS refuses the driver."""
+    where = address or os.environ.get("RAY_ADDRESS") or "the address ray.init() finds"
+    causes, cause = [], error
+    while cause is not None and len(causes) < 5:
+        causes.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    if any("InvalidAuthToken" in text or "AuthenticationError" in text for text in causes):
+        return (f"--ray: the Ray cluster at {where} refused this process: it wants its authentication token, which "
+                "Ray sends to an address given by name only under RAY_AUTH_MODE=token (the token is read from "
+                "~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH); or run on a node of the cluster with "
+                "--ray auto")
+    return f"--ray: cannot connect to the Ray cluster at {where}: {' '.join(str(error).split())[:300]}"
 
 
 class _DropNotice(logging.Filter):
