@@ -1,4 +1,4 @@
-"""`batchvl run --ray` and the batchvl.ray stages, on a local Ray cluster of 2 CPUs with the tiny model.
+"""`batchvl run --ray` and the batchvl.ray stages, on a local Ray cluster of 3 CPUs with the tiny model.
 
 A Ray run must write what a local run writes, row for row and with the same Arrow schema, into an output
 folder that `batchvl status`, resume and a later local run all understand.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,7 +29,7 @@ REPO = Path(batchvl.__file__).resolve().parents[1]
 @pytest.fixture(scope="module", autouse=True)
 def local_cluster():
     """One local Ray cluster for the module; its workers import this checkout's batchvl."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield
     ray.shutdown()
@@ -52,7 +53,26 @@ def jsonl_rows(images: dict[str, Path]) -> list[dict]:
     return rows
 
 
-def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_model, images, tmp_path, capsys):
+class RayStarted(Exception):
+    pass
+
+
+@contextmanager
+def no_ray_work(monkeypatch):
+    """Within: connecting to Ray, asking the cluster for its resources or reading a dataset raises RayStarted."""
+    def started(*args, **kwargs):
+        raise RayStarted
+
+    with monkeypatch.context() as m:
+        m.setattr(ray, "init", started)
+        m.setattr(ray, "is_initialized", lambda: False)
+        m.setattr(ray, "cluster_resources", started)
+        m.setattr(ray.data, "read_datasource", started)
+        yield
+
+
+def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_model, images, tmp_path, capfd,
+                                                                                monkeypatch):
     media = images["wide.jpg"].parent
     inp = write_jsonl(media / "rows.jsonl", jsonl_rows(images))
     with open(inp, "a", encoding="utf-8") as f:
@@ -62,7 +82,12 @@ def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_mo
     write_job(tmp_path / "ray.yaml", base_job(tiny_model, inp, tmp_path / "ray", **sections))
 
     assert main(["run", str(tmp_path / "local.yaml"), "--quiet"]) == 0
-    assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0
+    capfd.readouterr()
+    assert main(["run", str(tmp_path / "ray.yaml"), "--ray"]) == 0  # not --quiet: Ray's output is kept below batchvl's
+    err = capfd.readouterr().err
+    assert "10/10" in err  # batchvl's bar
+    for ray_data_line in ("streaming_executor.py", "logging_progress.py", "Progress will be logged", "Progress bars"):
+        assert ray_data_line not in err  # Ray Data's plan, its progress report and its notice that bars are off
     local, remote = rows_by_id(tmp_path / "local"), rows_by_id(tmp_path / "ray")
     assert remote == local
     assert len(local) == 10
@@ -79,15 +104,16 @@ def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_mo
     assert (tmp_path / "ray" / "_batchvl.json").read_text() == (tmp_path / "local" / "_batchvl.json").read_text()
 
     parts = part_files(tmp_path / "ray")
-    capsys.readouterr()
-    assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0  # a rerun: nothing left to do
-    assert "0 rows ok, 0 failed, 10 already done" in capsys.readouterr().out
+    capfd.readouterr()
+    with no_ray_work(monkeypatch):
+        assert main(["run", str(tmp_path / "ray.yaml"), "--quiet", "--ray"]) == 0  # a rerun: nothing left to do
+    assert "0 rows ok, 0 failed, 10 already done" in capfd.readouterr().out
     assert part_files(tmp_path / "ray") == parts
     assert rows_by_id(tmp_path / "ray") == local
     assert main(["run", str(tmp_path / "ray.yaml"), "--quiet"]) == 0  # a local rerun reads the Ray parts
-    assert "0 rows ok, 0 failed, 10 already done" in capsys.readouterr().out
+    assert "0 rows ok, 0 failed, 10 already done" in capfd.readouterr().out
     assert main(["status", str(tmp_path / "ray")]) == 0
-    assert "10 rows" in capsys.readouterr().out
+    assert "10 rows" in capfd.readouterr().out
 
 
 def test_ray_run_resumes_a_partial_output_and_reads_parquet_with_default_ids(tiny_model, images, tmp_path):
@@ -116,32 +142,78 @@ def test_ray_run_resumes_a_partial_output_and_reads_parquet_with_default_ids(tin
     assert len(ids) == 6 and ok == 5 and failed == {"media": 1}
 
 
-def test_documented_user_pipeline_gives_the_local_output(tiny_model, images, tmp_path):
-    """The README's 'Ray Data in your own pipeline' example, with num_gpus=0: this machine has no GPU."""
+def test_a_rerun_with_ray_exits_before_starting_ray_only_when_every_input_row_is_written(tiny_model, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The finished folder comes from a local run (the same folder a Ray run writes), of a job with engine.device
+    and dtype auto: the dtype its fingerprint records says whether the cluster that wrote it had GPUs."""
+    rows = [{"id": "a", "prompt": "One."}, {"id": "b", "prompt": "Two."}, {"id": "a", "prompt": "Again."}]
+    inp = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with open(inp, "a", encoding="utf-8") as f:
+        f.write("{not json\n")  # an error row, which --retry-errors runs again
+    job = str(write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None},
+                                                       engine={"device": "auto", "dtype": "auto"})))
+    assert main(["run", job, "--quiet"]) == 0
+    out = tmp_path / "out"
+    fingerprint = json.loads((out / "_batchvl.json").read_text())
+    assert len(read_done(out)[0]) == 4 and fingerprint["job"]["engine.dtype"] == "float32"
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    with no_ray_work(monkeypatch):
+        assert main(["run", job, "--quiet", "--ray"]) == 0
+        assert "0 rows ok, 0 failed, 4 already done" in capsys.readouterr().out
+        assert main(["run", job, "--quiet", "--ray", "--set", "generation.max_new_tokens=5"]) == 2
+        assert "was written with a different job (generation.max_new_tokens: 12 -> 5)" in capsys.readouterr().err
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the folder is left as it was
+        with pytest.raises(RayStarted):  # the bad line's error row is to run again
+            main(["run", job, "--quiet", "--ray", "--retry-errors"])
+
+        fingerprint["job"]["engine.dtype"] = "bfloat16"  # as a cluster with GPUs writes it
+        (out / "_batchvl.json").write_text(json.dumps(fingerprint))
+        assert main(["run", job, "--quiet", "--ray"]) == 0
+        assert main(["run", job, "--quiet", "--ray", "--set", "engine.dtype=float32"]) == 2
+        capsys.readouterr()
+
+        write_jsonl(inp, [{"id": "a", "prompt": "One."}, {"id": "c", "prompt": "New."}, {"id": "a", "prompt": "x"}])
+        with open(inp, "a", encoding="utf-8") as f:
+            f.write("{not json\n")  # as many rows as ids in the folder, but "c" is not one of them
+        with pytest.raises(RayStarted):
+            main(["run", job, "--quiet", "--ray"])
+
+
+def readme_pipeline() -> str:
+    """The code of the README's 'In your own Ray pipeline' example."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### In your own Ray pipeline"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```\n", start)]
+
+
+def test_readme_pipeline_runs_as_written_on_a_cluster_without_gpus_and_gives_the_local_rows(tiny_model, images,
+                                                                                               tmp_path):
+    """The README's example, run as it is written (its folder `shared` made this test's) on this module's cluster:
+    3 CPUs and no GPU. Its rows are a local run's, except that a duplicate id is not marked: two rows."""
     media = images["wide.jpg"].parent
     rows = [{"id": f"u{i}", "prompt": f"Picture {i}.", "image": image}
             for i, image in enumerate(["wide.jpg", "tall.png", None, "missing.jpg", "tiny.png"])]
+    rows.append({"id": "u0", "prompt": "The first picture again.", "image": None})
     pq.write_table(pa.Table.from_pylist(rows), media / "rows.parquet")
-    write_job(tmp_path / "job.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "local"))
-    assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 0
+    write_job(media / "job.yaml", base_job(tiny_model, media / "rows.parquet", tmp_path / "local",
+                                           engine={"device": "auto", "dtype": "auto"}))
+    assert main(["run", str(media / "job.yaml"), "--quiet"]) == 0
+    local = rows_by_id(tmp_path / "local")
 
-    import batchvl.ray
-    from batchvl.config import load_job
+    code = readme_pipeline()
+    assert code.count('"/shared/captions"') == 1
+    exec(compile(code.replace('"/shared/captions"', repr(str(media))), "README.md", "exec"), {})
 
-    job = load_job(tmp_path / "job.yaml")
-    ds = ray.data.read_parquet(str(media / "rows.parquet"))
-    ds = ds.map_batches(batchvl.ray.Prepare, fn_constructor_kwargs={"job": job}, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-    ds = ds.map_batches(batchvl.ray.Engine, fn_constructor_kwargs={"job": job}, batch_format="pyarrow",
-                        batch_size=job.engine.max_batch_size, num_gpus=0, num_cpus=0.5,
-                        compute=ray.data.ActorPoolStrategy(size=1))
-    ds.write_parquet(str(tmp_path / "mine"))
-
-    mine = sorted(pq.read_table(tmp_path / "mine").to_pylist(), key=lambda r: r["id"])
-    assert mine == rows_by_id(tmp_path / "local")
-    assert mine[3]["id"] == "u3" and mine[3]["error"].startswith("media: no such file")
-    assert pq.read_table(tmp_path / "mine").schema.remove_metadata() == output_schema({})
-
+    mine = rows_by_id(media / "out")
+    assert pq.read_table(media / "out").schema.remove_metadata() == output_schema({})
+    assert [r["id"] for r in mine] == ["u0", "u0", "u1", "u2", "u3", "u4"]
+    assert [r for r in mine if r["id"] != "u0"] == [r for r in local if not r["id"].startswith("u0")]
+    assert local[0]["id"] == "u0" and local[0] in mine and local[1]["id"] == "u0#dup@rows.parquet:5"
+    assert {r["error"] is None for r in mine if r["id"] == "u0"} == {True}
+    assert mine[4]["id"] == "u3" and mine[4]["error"].startswith("media: no such file")
 
 def test_engine_refuses_rows_that_were_not_prepared(tiny_model, images, tmp_path):
     inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
@@ -158,6 +230,47 @@ def test_cuda_on_a_cluster_without_gpus_is_a_job_error(tiny_model, tmp_path, cap
     write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))
     assert main(["run", str(tmp_path / "job.yaml"), "--quiet", "--ray", "--set", "engine.device=cuda"]) == 2
     assert capsys.readouterr().err.strip() == "batchvl: error: engine.device: cuda, but the Ray cluster has no GPUs"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("given", ["flag", "RAY_ADDRESS"])
+def test_a_ray_client_address_is_refused_in_one_line_before_the_output_folder_is_made(tiny_model, tmp_path, capsys,
+                                                                                        monkeypatch, given):
+    """Ray Data's executor cannot run through Ray Client (it dies in it, with ray[client] installed): refused."""
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))
+    argv = ["run", str(job), "--quiet", "--ray"]
+    if given == "flag":
+        argv.append("ray://head.example:10001")
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("batchvl: error: --ray")
+    assert "ray://head.example:10001 is a Ray Client address" in err and "--ray auto" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cluster_refusing_this_process_its_token_is_one_line_before_the_output_folder_is_made(
+        tiny_model, tmp_path, capsys, monkeypatch):
+    """What ray.init raises, after its retries, when a token-authenticated cluster is given by address without
+    RAY_AUTH_MODE=token (the real refusal takes 20 s: `python -m batchvl.tools.ray_cluster_check` runs it)."""
+    def refused(*args, **kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: ray.exceptions.AuthenticationError: "
+                               "RPC error: InvalidAuthToken: Authentication token is missing or incorrect.")
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from e
+
+    inp = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out", input={"image_column": None}))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    assert main(["run", str(job), "--quiet", "--ray", "10.0.0.1:6379"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("batchvl: error: --ray: the Ray cluster at 10.0.0.1:6379 refused")
+    assert "RAY_AUTH_MODE=token" in err
     assert not (tmp_path / "out").exists()
 
 

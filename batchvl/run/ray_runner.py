@@ -38,10 +38,13 @@ import pyarrow as pa
 from batchvl.config import Job
 from batchvl.errors import JobError
 from batchvl.io.ids import Ids
-from batchvl.io.readers import read_file_rows
-from batchvl.io.writer import table_results
-from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, open_output, open_writer
+from batchvl.io.readers import count_rows, read_file_rows
+from batchvl.io.writer import read_done, table_results
+from batchvl.run.fingerprint import read_fingerprint
+from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, open_output, open_writer, pending_rows
+from batchvl.run.plan import Plan, plan_job
 from batchvl.run.progress import Progress
+from batchvl.run.ray_session import check_address, ray_session
 from batchvl.run.ray_stages import (
     ROW_ERROR,
     ROW_FILE,
@@ -66,9 +69,12 @@ POSITION_BITS = 40  # a row's input order: file index << POSITION_BITS | record 
 class RayOptions:
     """How the pipeline is laid out on the cluster. None: chosen from the cluster's resources."""
 
-    address: str | None = None  # None: ray.init() (a running local cluster, or a new one)
+    address: str | None = None  # None: ray.init() (RAY_ADDRESS, a running local cluster, or a new one)
     prepare_actors: int | None = None  # Prepare actors (1 CPU each); default: the cluster's CPUs less the engines
     engines: int | None = None  # Engine actors; default: one per GPU, or 1 on a cluster without GPUs
+
+    def __post_init__(self):
+        check_address(self.address)
 
 
 def _input_datasource(ray: Any, files: list[Path], ids: Ids, keys_only: bool,
@@ -148,16 +154,40 @@ def for_cluster(ray: Any, job: Job) -> Job:
     (the head node often has no GPU): auto is cuda when the cluster has GPUs, and the dtype follows as in a
     local run (bfloat16 on CUDA, float32 on the CPU). The fingerprint and every actor then agree."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    if job.engine.device == "cuda" and not gpus:
+        raise JobError("engine.device: cuda, but the Ray cluster has no GPUs")
+    return _resolved(job, gpus > 0)
+
+
+def _resolved(job: Job, cluster_has_gpus: bool) -> Job:
     device = job.engine.device
     if device == "auto":
-        device = "cuda" if gpus else "cpu"
-    if device == "cuda" and not gpus:
-        raise JobError("engine.device: cuda, but the Ray cluster has no GPUs")
+        device = "cuda" if cluster_has_gpus else "cpu"
     dtype = job.engine.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     # engine.gpus is this host's worker processes; here each engine actor holds one GPU that Ray assigns
     return dataclasses.replace(job, engine=dataclasses.replace(job.engine, device=device, dtype=dtype, gpus=1))
+
+
+def finished_plan(job: Job, retry_errors: bool) -> Plan | None:
+    """The plan of a rerun that has nothing to do, told without Ray: the output folder holds a row for every
+    input row, and was written by this job (a changed job is refused here, as a full run refuses it). None:
+    there is work to do, or the folder is new. Nothing in the folder is changed.
+
+    Cheap where there is work: every input row has its own output id (first occurrences their id, later
+    duplicates and bad lines their own keys), so fewer ids in the folder than rows in the input means work,
+    and only a folder with as many is read through. The engine's dtype counts in the fingerprint and, with
+    `device: auto` and `dtype: auto`, depends on whether the cluster has GPUs: the folder's own says which."""
+    recorded = read_fingerprint(job.output_dir)
+    if recorded is None:
+        return None
+    done, _, failed, _ = read_done(job.output_dir)
+    if len(done) < count_rows(job.input.files) or (retry_errors and failed):
+        return None
+    plan = plan_job(_resolved(job, recorded.get("engine.dtype") == "bfloat16"))
+    pending = pending_rows(plan.files, plan.ids, plan.done)
+    return plan if next(pending, None) is None else None
 
 
 def _layout(ray: Any, job: Job, options: RayOptions) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -188,21 +218,17 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
     is the same as a local run's: a rerun (local or Ray) skips the rows already written."""
     ray = require_ray()
     start = time.perf_counter()
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=options.address)
-    if not progress:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    try:
+    finished = None if overwrite else finished_plan(job, retry_errors)
+    if finished is not None:
+        log.info("nothing to do: all %d input row(s) are in %s; Ray was not started", finished.rows,
+                 job.output_dir)
+        return Summary(skipped=len(finished.done), counts_images=False, elapsed_s=time.perf_counter() - start)
+    with ray_session(ray, options.address, verbose=log.isEnabledFor(logging.DEBUG)):  # DEBUG: -v
         job = for_cluster(ray, job)
         with open_output(job, overwrite, retry_errors, wait=wait) as plan, Stop() as stop:
             log.info("plan:\n%s", plan.describe())
             summary = _run(ray, job, plan, options, stop, start, progress)
         summary.interrupted = stop.signum
-    finally:
-        if started_ray:
-            ray.shutdown()
     return summary
 
 
