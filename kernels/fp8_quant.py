@@ -18,7 +18,7 @@ cost is that decode-sized M (64 rows) fills only part of the GPU, where the call
 K is a compile-time constant: one compilation per width (a model has two or three: hidden, intermediate),
 fixed trip counts, and Triton's interpreter cannot loop to a runtime bound (it fails on numpy 2.4).
 
-The rounding to e4m3 is done in float32 arithmetic (`_round_to_e4m3`) and the final cast to float8 only
+The rounding to e4m3 is done in float32 arithmetic (`round_to_e4m3`) and the final cast to float8 only
 changes the container: it receives a value that e4m3 holds exactly. Triton's interpreter converts to fp8
 without saturation and rounds halves up (and mis-carries a rounded-up mantissa), so a plain cast would not
 match torch there; on the GPU the hardware conversion of an exact value is exact. So the same code, float8
@@ -43,14 +43,16 @@ EPS = 1e-12  # the smallest amax a scale is taken from: an all-zero row gets a f
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _jit(fn):
-    """triton.jit when triton imports; without it the kernel is left undecorated and never launched."""
+def jit_when_triton(fn):
+    """triton.jit when triton imports; without it the kernel is left undecorated and never launched (the
+    wrappers raise first), so that the references still import."""
     return triton.jit(fn) if triton is not None else fn
 
 
-@_jit
-def _round_to_e4m3(v):
-    """v (float32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, still as float32.
+@jit_when_triton
+def round_to_e4m3(v):
+    """v (float32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, still as float32 (shared with
+    the fused kernels that end in fp8).
 
     e4m3 keeps 3 mantissa bits: the step is 2^(e - 3) for |v| in [2^e, 2^(e + 1)), and 2^-9 below 2^-6.
     Adding c = 2^(e + 20) makes float32 itself round |v| to that step (the sum's step is 2^(e - 3)), ties to
@@ -65,7 +67,7 @@ def _round_to_e4m3(v):
     return (rounded.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
-@_jit
+@jit_when_triton
 def _quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, K: tl.constexpr, EPS_: tl.constexpr,
                      FP8_MAX_: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 past 2^31 elements
@@ -84,10 +86,10 @@ def _quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, K: tl.constexp
         mask = k0 + cols < K
         x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
         v = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX_), FP8_MAX_)
-        tl.store(q_row + k0 + cols, _round_to_e4m3(v).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + k0 + cols, round_to_e4m3(v).to(q_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+def as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """x [..., K] as [M, K] without copying, after checking what the kernel and the reference both need."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -110,7 +112,7 @@ def quantize_fp8_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, tor
     x [..., K] bfloat16/float16/float32, last dim contiguous. Returns q float8_e4m3fn [M, K] and scale
     float32 [M, 1], M the product of the leading dims, with x ≈ q.float() * scale (see the module docstring).
     """
-    rows = _rows(x, "quantize_fp8_per_token_reference").float()  # [M, K]
+    rows = as_rows(x, "quantize_fp8_per_token_reference").float()  # [M, K]
     amax = rows.abs().amax(-1, keepdim=True).clamp(min=EPS)  # [M, 1]
     # Divided by a tensor, not by the number 448: on CUDA torch turns division by a Python number into
     # multiplication by its reciprocal, which can be one bit off the correctly rounded quotient.
@@ -128,17 +130,8 @@ def quantize_fp8_per_token(x: torch.Tensor, block_k: int | None = None) -> tuple
     dims. `block_k` (a power of two >= 16) is the chunk a program reads at a time; by default K rounded up to
     a power of two, at most 2048.
     """
-    if triton is None:
-        raise ImportError(f"quantize_fp8_per_token needs triton ({_NO_TRITON}); use "
-                          "quantize_fp8_per_token_reference") from _NO_TRITON
-    rows = _rows(x, "quantize_fp8_per_token")
-    if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device) < (8, 9):
-            raise ValueError(f"quantize_fp8_per_token: {torch.cuda.get_device_name(x.device)} has no fp8 "
-                             "(compute capability 8.9 or later needed)")
-    elif not _interpreted():
-        raise ValueError(f"quantize_fp8_per_token: x is on {x.device}; the kernel needs a CUDA GPU (or "
-                         "TRITON_INTERPRET=1 on the CPU). Use quantize_fp8_per_token_reference there")
+    rows = as_rows(x, "quantize_fp8_per_token")
+    check_kernel_device(x, "quantize_fp8_per_token")
     m, k = rows.shape
     if block_k is None:
         block_k = min(2048, max(16, triton.next_power_of_2(k)))
@@ -152,8 +145,18 @@ def quantize_fp8_per_token(x: torch.Tensor, block_k: int | None = None) -> tuple
     return q, scale
 
 
-def _interpreted() -> bool:
-    """Whether the kernels were defined under Triton's interpreter (TRITON_INTERPRET=1 when they were made)."""
+def check_kernel_device(x: torch.Tensor, name: str) -> None:
+    """Raise unless the fp8 kernels can run on x: triton imports, and x is on a CUDA GPU with fp8 (compute
+    capability 8.9 or later) or on the CPU under Triton's interpreter."""
+    if triton is None:
+        raise ImportError(f"{name} needs triton ({_NO_TRITON}); use {name}_reference") from _NO_TRITON
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device) < (8, 9):
+            raise ValueError(f"{name}: {torch.cuda.get_device_name(x.device)} has no fp8 (compute capability 8.9 "
+                             "or later needed)")
+        return
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_quantize_kernel, InterpretedFunction)
+    if not isinstance(round_to_e4m3, InterpretedFunction):  # TRITON_INTERPRET=1 was not set when it was made
+        raise ValueError(f"{name}: x is on {x.device}; the kernel needs a CUDA GPU (or TRITON_INTERPRET=1 on the "
+                         f"CPU). Use {name}_reference there")

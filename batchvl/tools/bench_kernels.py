@@ -4,7 +4,14 @@ For decode attention: random bf16 queries and caches of the real models' head la
 each row attending to its own length. The reference is float32 attention on the upcast inputs. Both the
 kernel and what the engine would otherwise run (SDPA over the whole span under a mask, with grouped-query
 attention) are compared with it and timed; `GB/s` counts the bytes that must be read (each row's valid
-keys and values once, the queries) and written. Speed is printed, never asserted.
+keys and values once, the queries) and written.
+
+For per-token fp8 quantization: random bf16 activations of the linears' input widths (rows scaled over four
+decades, as activations are), at decode and prefill row counts. The kernel's q must equal the eager torch
+reference's bit for bit (the table counts differing bytes) and its scales must equal the reference's; both are
+timed, and `GB/s` counts the bytes that must move: the input read once, q and the scales written.
+
+Speed is printed, never asserted.
 """
 
 from __future__ import annotations
@@ -20,6 +27,11 @@ HEAD_LAYOUTS = {
     "internlm2.5-7b": (32, 8, 128),
     "internlm2-20b": (48, 8, 128),
 }
+
+# The input widths of the fp8 linears: Qwen2.5-7B's hidden size (qkv, gate_up), Llama-3-70B's hidden size,
+# Qwen2.5-7B's intermediate size (down).
+FP8_WIDTHS = (3584, 8192, 18944)
+FP8_ROWS = (64, 256, 16384)  # decode batches, a prefill chunk of tokens
 
 
 def _sdpa(q, k, v, lengths):
@@ -66,17 +78,56 @@ def check_decode_attention(rows: tuple[int, ...], span: int, lengths_kind: str, 
     return lines
 
 
-def main(rows: tuple[int, ...] = (64, 128, 256), span: int = 2048, chunks: tuple[int, ...] = (256, 512)) -> int:
+def check_fp8_quant(rows: tuple[int, ...] = FP8_ROWS, widths: tuple[int, ...] = FP8_WIDTHS) -> list[str]:
+    """Markdown table rows: the kernel's agreement with the eager reference, and both median times."""
+    import triton.testing
+
+    from batchvl.kernels import quantize_fp8_per_token
+    from batchvl.kernels.fp8_quant import quantize_fp8_per_token_reference
+
+    dev = torch.device("cuda")
+    lines = []
+    for k in widths:
+        for m in rows:
+            gen = torch.Generator(device=dev).manual_seed(m * 100_000 + k)
+            x = torch.randn(m, k, device=dev, generator=gen)
+            x = (x * torch.logspace(-2, 2, m, device=dev)[:, None]).to(torch.bfloat16)  # [M, K]
+            q, scale = quantize_fp8_per_token(x)
+            ref_q, ref_scale = quantize_fp8_per_token_reference(x)
+            q_diff = int((q.view(torch.uint8) != ref_q.view(torch.uint8)).sum())
+            scale_diff = int((scale != ref_scale).sum())
+            ms = triton.testing.do_bench(lambda x=x: quantize_fp8_per_token(x), return_mode="median")
+            ref_ms = triton.testing.do_bench(lambda x=x: quantize_fp8_per_token_reference(x), return_mode="median")
+            moved = m * k * (x.element_size() + 1) + m * 4  # read x once, write q and the scales
+            lines.append(f"| {m} | {k} | {q_diff} | {scale_diff} | {ms * 1e3:.1f} | {ref_ms * 1e3:.1f} "
+                         f"| {ref_ms / ms:.2f} | {moved / ms / 1e6:.0f} | {moved / ref_ms / 1e6:.0f} |")
+            del x, q, scale, ref_q, ref_scale
+    return lines
+
+
+KERNELS = ("decode-attention", "fp8-quant")
+
+
+def main(rows: tuple[int, ...] = (64, 128, 256), span: int = 2048, chunks: tuple[int, ...] = (256, 512),
+         kernels: tuple[str, ...] = KERNELS) -> int:
     if not torch.cuda.is_available():
         print("bench-kernels needs a CUDA GPU (the CPU tests run the kernels in Triton's interpreter)")
         return 1
     import triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("| heads of | rows | span | lengths | chunk | kernel err vs fp32 | SDPA err vs fp32 | kernel us | SDPA us "
-          "| speed-up | kernel GB/s |")
-    print("|" + "---|" * 11)
-    for kind in ("caption", "mixed"):
-        for line in check_decode_attention(rows, span, kind, chunks):
+    if "decode-attention" in kernels:
+        print("| heads of | rows | span | lengths | chunk | kernel err vs fp32 | SDPA err vs fp32 | kernel us "
+              "| SDPA us | speed-up | kernel GB/s |")
+        print("|" + "---|" * 11)
+        for kind in ("caption", "mixed"):
+            for line in check_decode_attention(rows, span, kind, chunks):
+                print(line, flush=True)
+    if "fp8-quant" in kernels:
+        print("\nPer-token fp8 quantization, bf16 input: the kernel against the eager torch reference")
+        print("| rows | K | q bytes differing | scales differing | kernel us | eager us | speed-up | kernel GB/s "
+              "| eager GB/s |")
+        print("|" + "---|" * 9)
+        for line in check_fp8_quant():
             print(line, flush=True)
     return 0
