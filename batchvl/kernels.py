@@ -15,7 +15,7 @@ from pathlib import Path
 
 __path__ = [str(Path(__file__).resolve().parent.parent / "kernels")]
 
-__all__ = ["decode_attention", "quantize_fp8_per_token"]
+__all__ = ["decode_attention", "quantize_fp8_per_token", "rmsnorm_quantize_fp8"]
 
 try:
     import triton  # noqa: F401
@@ -29,3 +29,4 @@ except ImportError as e:
 else:
     from batchvl.kernels.decode_attention import decode_attention  # noqa: E402 - needs the __path__ above
     from batchvl.kernels.fp8_quant import quantize_fp8_per_token  # noqa: E402
+    from batchvl.kernels.rmsnorm_fp8_quant import rmsnorm_quantize_fp8  # noqa: E402

@@ -7,7 +7,7 @@ still imports, so that the torch references beside the kernels do (the engine's 
 names triton. Tests run the kernels on the CPU under TRITON_INTERPRET=1.
 """
 
-__all__ = ["decode_attention", "quantize_fp8_per_token"]
+__all__ = ["decode_attention", "quantize_fp8_per_token", "rmsnorm_quantize_fp8"]
 
 try:
     import triton  # noqa: F401
@@ -21,3 +21,4 @@ except ImportError as e:
 else:
     from batchvl.kernels.decode_attention import decode_attention
     from batchvl.kernels.fp8_quant import quantize_fp8_per_token
+    from batchvl.kernels.rmsnorm_fp8_quant import rmsnorm_quantize_fp8

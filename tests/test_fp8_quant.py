@@ -144,44 +144,51 @@ def _run(script: str, **env: str) -> str:
     return result.stdout
 
 
-def test_kernel_compiles_for_hopper_with_exact_division_and_an_e4m3_store():
-    """Without a GPU: Triton compiles the kernel for sm_90 here (to PTX and a cubin), which the interpreter
-    never does. The PTX must divide correctly rounded (`/` would be approximate) and convert to e4m3 in
-    hardware; outside the interpreter a CPU tensor is refused."""
+def test_kernels_compile_for_hopper_with_exact_division_and_an_e4m3_store():
+    """Without a GPU: Triton compiles both fp8 kernels (this file's and rmsnorm_fp8_quant's) for sm_90 here, to
+    PTX and a cubin, which the interpreter never does. The PTX must divide correctly rounded (`/` would be
+    approximate) and convert to e4m3 in hardware; outside the interpreter a CPU tensor is refused."""
     out = _run("""
         import torch, triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from batchvl.kernels import fp8_quant
+        from batchvl.kernels import fp8_quant, rmsnorm_fp8_quant
         try:
             fp8_quant.quantize_fp8_per_token(torch.ones(2, 16))
         except ValueError as e:
             print("refused:", e)
+        common = {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "stride_x": "i32", "stride_q": "i32",
+                  "K": "constexpr", "EPS_": "constexpr", "FP8_MAX_": "constexpr", "BLOCK_K": "constexpr"}
+        consts = {"K": 3584, "EPS_": fp8_quant.EPS, "FP8_MAX_": fp8_quant.FP8_MAX}
         for x in ("bf16", "fp16", "fp32"):
-            sig = {"x_ptr": "*" + x, "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "stride_x": "i32",
-                   "stride_q": "i32", "K": "constexpr", "EPS_": "constexpr", "FP8_MAX_": "constexpr",
-                   "BLOCK_K": "constexpr"}
-            consts = {"K": 3584, "EPS_": fp8_quant.EPS, "FP8_MAX_": fp8_quant.FP8_MAX, "BLOCK_K": 2048}
-            k = triton.compile(ASTSource(fp8_quant._quantize_kernel, sig, constexprs=consts),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            ptx = k.asm["ptx"]
-            print(x, "cubin" in k.asm, "div.rn.f32" in ptx, "div.full" in ptx or "div.approx" in ptx,
-                  "cvt.rn.satfinite.e4m3x2.f32" in ptx)
+            for kernel, sig, block in (
+                    (fp8_quant._quantize_kernel, {"x_ptr": "*" + x, **common}, 2048),
+                    (rmsnorm_fp8_quant._rmsnorm_quantize_kernel,
+                     {"x_ptr": "*" + x, "w_ptr": "*" + x, **common, "eps": "fp32"}, 4096)):
+                k = triton.compile(ASTSource(kernel, sig, constexprs={**consts, "BLOCK_K": block}),
+                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+                ptx = k.asm["ptx"]
+                print(kernel.__name__, x, "cubin" in k.asm, "div.rn.f32" in ptx,
+                      "div.full" in ptx or "div.approx" in ptx, "cvt.rn.satfinite.e4m3x2.f32" in ptx)
     """, TRITON_INTERPRET="0")
     assert "refused: quantize_fp8_per_token: x is on cpu; the kernel needs a CUDA GPU" in out
     for x in ("bf16", "fp16", "fp32"):
-        assert f"{x} True True False True" in out, out
+        for name in ("_quantize_kernel", "_rmsnorm_quantize_kernel"):
+            assert f"{name} {x} True True False True" in out, out
 
 
-def test_reference_imports_and_runs_without_triton():
+def test_references_import_and_run_without_triton():
     out = _run("""
         import sys
         sys.modules["triton"] = None  # import triton now raises ImportError
         import torch
         from batchvl.kernels.fp8_quant import quantize_fp8_per_token, quantize_fp8_per_token_reference
+        from batchvl.kernels.rmsnorm_fp8_quant import rmsnorm_quantize_fp8_reference
         q, scale = quantize_fp8_per_token_reference(torch.tensor([[1.0, -2.0, 0.5]]))
         print(q.float().tolist(), scale.tolist())
-        for name in ("quantize_fp8_per_token", "decode_attention"):
+        q, scale = rmsnorm_quantize_fp8_reference(torch.tensor([[3.0, -3.0]]), torch.tensor([1.0, 0.5]), 0.0)
+        print("norm", q.float().tolist(), scale.tolist())
+        for name in ("quantize_fp8_per_token", "rmsnorm_quantize_fp8", "decode_attention"):
             try:
                 exec(f"from batchvl.kernels import {name}")
             except ImportError as e:
@@ -193,6 +200,8 @@ def test_reference_imports_and_runs_without_triton():
     """)
     scale = (torch.tensor([[2.0]]) / torch.tensor([[FP8_MAX]])).tolist()
     assert f"[[224.0, -448.0, 112.0]] {scale}" in out, out
-    assert "ImportError: batchvl.kernels.quantize_fp8_per_token needs triton" in out
-    assert "ImportError: batchvl.kernels.decode_attention needs triton" in out
+    scale = (torch.tensor([[1.0]]) / torch.tensor([[FP8_MAX]])).tolist()
+    assert f"norm [[448.0, -224.0]] {scale}" in out, out
+    for name in ("quantize_fp8_per_token", "rmsnorm_quantize_fp8", "decode_attention"):
+        assert f"ImportError: batchvl.kernels.{name} needs triton" in out
     assert "ImportError: quantize_fp8_per_token needs triton" in out

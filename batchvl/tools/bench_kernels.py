@@ -9,7 +9,9 @@ keys and values once, the queries) and written.
 For per-token fp8 quantization: random bf16 activations of the linears' input widths (rows scaled over four
 decades, as activations are), at decode and prefill row counts. The kernel's q must equal the eager torch
 reference's bit for bit (the table counts differing bytes) and its scales must equal the reference's; both are
-timed, and `GB/s` counts the bytes that must move: the input read once, q and the scales written.
+timed, and `GB/s` counts the bytes that must move: the input read once, q and the scales written. The fused
+RMSNorm + quantization kernel is compared with its eager reference (it matches closely, not bit for bit: see
+kernels/rmsnorm_fp8_quant.py) and timed against it and against RMSNorm followed by the per-token kernel.
 
 Speed is printed, never asserted.
 """
@@ -105,7 +107,46 @@ def check_fp8_quant(rows: tuple[int, ...] = FP8_ROWS, widths: tuple[int, ...] = 
     return lines
 
 
-KERNELS = ("decode-attention", "fp8-quant")
+def check_rmsnorm_fp8_quant(rows: tuple[int, ...] = FP8_ROWS, widths: tuple[int, ...] = FP8_WIDTHS) -> list[str]:
+    """Markdown table rows: the fused kernel against the eager reference (agreement, times), and the unfused
+    path it replaces in the decoder (batchvl's RMSNorm, then the per-token kernel)."""
+    import triton.testing
+
+    from batchvl.kernels import quantize_fp8_per_token, rmsnorm_quantize_fp8
+    from batchvl.kernels.rmsnorm_fp8_quant import MAX_K, rmsnorm_quantize_fp8_reference
+    from batchvl.models.layers import RMSNorm
+
+    dev = torch.device("cuda")
+    lines = []
+    for k in (w for w in widths if w <= MAX_K):
+        norm = RMSNorm(k, eps=1e-6).to(dev, torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.normal_(1.0, 0.3)
+        weight = norm.weight.detach()
+        for m in rows:
+            gen = torch.Generator(device=dev).manual_seed(m * 100_000 + k)
+            x = torch.randn(m, k, device=dev, generator=gen)
+            x = (x * torch.logspace(-2, 2, m, device=dev)[:, None]).to(torch.bfloat16)  # [M, K]
+            q, scale = rmsnorm_quantize_fp8(x, weight, 1e-6)
+            ref_q, ref_scale = rmsnorm_quantize_fp8_reference(x, weight, 1e-6)
+            steps = (q.view(torch.uint8).int() - ref_q.view(torch.uint8).int()).abs()
+            scale_rel = ((scale - ref_scale).abs() / ref_scale).max().item()
+            with torch.no_grad():
+                ms = triton.testing.do_bench(lambda x=x, w=weight: rmsnorm_quantize_fp8(x, w, 1e-6),
+                                             return_mode="median")
+                ref_ms = triton.testing.do_bench(lambda x=x, w=weight: rmsnorm_quantize_fp8_reference(x, w, 1e-6),
+                                                 return_mode="median")
+                two_ms = triton.testing.do_bench(lambda x=x, n=norm: quantize_fp8_per_token(n(x)),
+                                                 return_mode="median")
+            moved = m * k * (x.element_size() + 1) + k * weight.element_size() + m * 4
+            lines.append(f"| {m} | {k} | {int(steps.count_nonzero())} | {int(steps.max())} | {scale_rel:.1e} "
+                         f"| {ms * 1e3:.1f} | {ref_ms * 1e3:.1f} | {two_ms * 1e3:.1f} | {ref_ms / ms:.2f} "
+                         f"| {two_ms / ms:.2f} | {moved / ms / 1e6:.0f} |")
+            del x, q, scale, ref_q, ref_scale, steps
+    return lines
+
+
+KERNELS = ("decode-attention", "fp8-quant", "rmsnorm-fp8-quant")
 
 
 def main(rows: tuple[int, ...] = (64, 128, 256), span: int = 2048, chunks: tuple[int, ...] = (256, 512),
@@ -129,5 +170,13 @@ def main(rows: tuple[int, ...] = (64, 128, 256), span: int = 2048, chunks: tuple
               "| eager GB/s |")
         print("|" + "---|" * 9)
         for line in check_fp8_quant():
+            print(line, flush=True)
+    if "rmsnorm-fp8-quant" in kernels:
+        print("\nRMSNorm fused with per-token fp8 quantization, bf16 input: the kernel against the eager reference "
+              "and against RMSNorm then the per-token kernel")
+        print("| rows | K | q bytes differing | most e4m3 steps apart | scale rel diff | fused us | eager us "
+              "| norm + kernel us | vs eager | vs norm + kernel | fused GB/s |")
+        print("|" + "---|" * 11)
+        for line in check_rmsnorm_fp8_quant():
             print(line, flush=True)
     return 0
