@@ -107,6 +107,45 @@ def check_fp8_quant(rows: tuple[int, ...] = FP8_ROWS, widths: tuple[int, ...] = 
     return lines
 
 
+def _fp8_edge_rows(dtype: torch.dtype) -> torch.Tensor:
+    """[8, 1011] rows, on the CPU, that the rounding and the scale find hardest: every e4m3 value, each tie
+    between neighbours and the floats beside it, both signs (the row holds 448, so its scale is 1); a zero row;
+    an outlier pushing the rest into e4m3's subnormals; rows near the dtype's largest and smallest normals (the
+    latter under EPS for bfloat16 and float32), and one just over EPS."""
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # +0 .. 448
+    mid = (grid[:-1] + grid[1:]) / 2
+    ties = torch.cat([grid, mid, torch.nextafter(mid, torch.zeros(1)), torch.nextafter(mid, torch.full((1,), 1e9))])
+    row = torch.cat([ties, -ties, torch.tensor([448.0])])
+    noise = torch.randn(4, row.numel(), generator=torch.Generator().manual_seed(0))
+    finfo = torch.finfo(dtype)
+    outlier = noise[0].clone()
+    outlier[7] = 1e5
+    rows = torch.stack([row, torch.zeros_like(row), -torch.zeros_like(row), outlier, noise[1],
+                        noise[2] * finfo.max / 8, noise[3] * finfo.tiny, noise[3] * max(finfo.tiny, 1e-11)])
+    return rows.clamp(finfo.min, finfo.max).to(dtype)
+
+
+def check_fp8_quant_edges() -> list[str]:
+    """Markdown table rows: on the edge rows, the kernel against the reference on the GPU, and the reference on
+    the GPU against the reference on the CPU (torch's division and fp8 cast agree across devices)."""
+    from batchvl.kernels import quantize_fp8_per_token
+    from batchvl.kernels.fp8_quant import quantize_fp8_per_token_reference
+
+    lines = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = _fp8_edge_rows(dtype)
+        q, scale = quantize_fp8_per_token(x.cuda())
+        ref_q, ref_scale = quantize_fp8_per_token_reference(x.cuda())
+        cpu_q, cpu_scale = quantize_fp8_per_token_reference(x)
+        kernel_q = int((q.view(torch.uint8) != ref_q.view(torch.uint8)).sum())
+        kernel_scale = int((scale != ref_scale).sum())
+        device_q = int((ref_q.view(torch.uint8).cpu() != cpu_q.view(torch.uint8)).sum())
+        device_scale = int((ref_scale.cpu() != cpu_scale).sum())
+        lines.append(f"| {str(dtype).removeprefix('torch.')} | {x.numel()} | {kernel_q} | {kernel_scale} "
+                     f"| {device_q} | {device_scale} |")
+    return lines
+
+
 def check_rmsnorm_fp8_quant(rows: tuple[int, ...] = FP8_ROWS, widths: tuple[int, ...] = FP8_WIDTHS) -> list[str]:
     """Markdown table rows: the fused kernel against the eager reference (agreement, times), and the unfused
     path it replaces in the decoder (batchvl's RMSNorm, then the per-token kernel)."""
@@ -165,6 +204,12 @@ def main(rows: tuple[int, ...] = (64, 128, 256), span: int = 2048, chunks: tuple
             for line in check_decode_attention(rows, span, kind, chunks):
                 print(line, flush=True)
     if "fp8-quant" in kernels:
+        print("\nPer-token fp8 quantization on edge rows (all must be 0)")
+        print("| dtype | values | kernel q bytes differing | kernel scales differing | reference GPU vs CPU q "
+              "| reference GPU vs CPU scales |")
+        print("|" + "---|" * 6)
+        for line in check_fp8_quant_edges():
+            print(line, flush=True)
         print("\nPer-token fp8 quantization, bf16 input: the kernel against the eager torch reference")
         print("| rows | K | q bytes differing | scales differing | kernel us | eager us | speed-up | kernel GB/s "
               "| eager GB/s |")
