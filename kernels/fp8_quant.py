@@ -2,14 +2,16 @@
 
 W8A8 fp8 linears (`torch._scaled_mm` with rowwise scales) need each activation row as float8_e4m3fn values q
 and one float32 scale, with x ≈ q * scale. Done as separate eager ops (amax, divide, cast) it costs as much as
-the fp8 matrix product saves; here it is one pass over the data. For each row of x [M, K]:
+the fp8 matrix product saves; here it is one kernel launch that writes only q and the scales. For each row
+of x [M, K]:
 
     scale = max(amax(|x_row|), EPS) / 448        448 = torch.finfo(torch.float8_e4m3fn).max
     q     = e4m3(clamp(x_row / scale, -448, 448))  rounded to nearest, ties to even, as torch's cast
 
 all in float32 with correctly rounded divisions, so the kernel's q equals the reference's bit for bit and its
-scale is the same float32. EPS = 1e-12 keeps an all-zero row finite: scale 1e-12 / 448, q all zero. Inputs
-must be finite (an inf or NaN makes the row's values NaN, in the kernel as in the reference; not tested).
+scale is the same float32. EPS = 1e-12 keeps an all-zero row finite: scale 1e-12 / 448, q all zero (a row
+whose amax is under EPS is scaled as if its amax were EPS). Inputs must be finite: an inf or NaN spoils its
+row's q and scale, and there the kernel and the reference may disagree (not tested).
 
 The kernel runs one program per row and reads the row twice, in BLOCK_K chunks: once for its amax, once to
 quantize. Any K works with a bounded register footprint, and the second read of a row (tens of KB at most)
