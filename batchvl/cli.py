@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     kern = sub.add_parser("bench-kernels", help="check each Triton kernel against torch on the GPU, and time it")
     kern.add_argument("--rows", type=int, action="append", default=None, help="batch sizes (default 64, 128, 256)")
     kern.add_argument("--span", type=int, default=2048)
+    kern.add_argument("--kernel", action="append", default=None,
+                      choices=("decode-attention", "fp8-quant", "rmsnorm-fp8-quant"),
+                      help="the kernels to check (default: all)")
     _verbosity(kern)
     kern.set_defaults(func=_bench_kernels)
 
@@ -151,9 +154,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
+    from batchvl.tools.bench_kernels import KERNELS
     from batchvl.tools.bench_kernels import main as kernels_main
 
-    return kernels_main(tuple(args.rows or (64, 128, 256)), args.span)
+    return kernels_main(tuple(args.rows or (64, 128, 256)), args.span, kernels=tuple(args.kernel or KERNELS))
 
 
 def _bench_media(args: argparse.Namespace) -> int:

@@ -100,7 +100,11 @@ def test_import_graph_sees_the_kernel_modules_as_batchvl_kernels():
     assert "batchvl.kernels.decode_attention" in graph.modules
     assert graph.direct_import_exists(importer="batchvl.kernels", imported="batchvl.kernels.decode_attention")
     assert graph.direct_import_exists(importer="batchvl.engine.native", imported="batchvl.kernels")
-    assert graph.find_children("batchvl.kernels") == {"batchvl.kernels.decode_attention"}
+    assert graph.direct_import_exists(importer="batchvl.kernels", imported="batchvl.kernels.fp8_quant")
+    assert graph.direct_import_exists(importer="batchvl.kernels.rmsnorm_fp8_quant",
+                                      imported="batchvl.kernels.fp8_quant")
+    assert graph.find_children("batchvl.kernels") == {"batchvl.kernels.decode_attention", "batchvl.kernels.fp8_quant",
+                                                      "batchvl.kernels.rmsnorm_fp8_quant"}
 
 
 # --- the layers -----------------------------------------------------------------------------------------------
