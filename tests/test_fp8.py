@@ -304,3 +304,31 @@ def test_a_broken_or_mismatched_fp8_checkpoint_is_refused(fp8_checkpoints, tmp_p
     with pytest.raises(Exception, match=BROKEN[case]) as caught:
         load_model(CheckpointInfo.read(path), CPU, torch.float32, "none" if case == "quantization none" else "fp8")
     assert caught.type.__name__ == ("JobError" if case == "quantization none" else CheckpointError.__name__)
+
+
+def test_the_native_engine_runs_fp8_through_generate(tiny_model, tiny_fp8_model):
+    """engine.quantization reaches the loader through the native engine: an fp8 checkpoint generates, its
+    first-step logits near the dense model's, and a dense checkpoint quantized while loading gives the same."""
+    from batchvl.engine.base import GenerationParams
+    from batchvl.engine.native import NativeEngine
+    from batchvl.models.checkpoint import checkpoint_chat_template, load_tokenizer
+    from batchvl.tools.check_parity import sample_rows
+
+    tokenizer = load_tokenizer(tiny_model)
+    per_tile = CheckpointInfo.read(tiny_model).tokens_per_tile
+    rows = sample_rows(tokenizer, checkpoint_chat_template(tiny_model, tokenizer), per_tile)[-2:]  # an image, text
+    params = GenerationParams(max_new_tokens=3, eos_token_ids=(tokenizer.eos_token_id,), ignore_eos=True)
+    logits = {}
+    for name, path, quantization in (("dense", tiny_model, "none"), ("fp8 checkpoint", tiny_fp8_model, "fp8"),
+                                     ("quantized while loading", tiny_model, "fp8")):
+        engine = NativeEngine(CheckpointInfo.read(path), tokenizer, params, device="cpu", dtype="float32",
+                              quantization=quantization)
+        assert fp8_modules(engine.model) == (set() if quantization == "none" else LM)
+        engine.first_step_logits = []
+        results = engine.generate(rows)
+        assert [r.error for r in results] == [None, None] and all(r.output_tokens == 3 for r in results)
+        logits[name] = torch.cat(engine.first_step_logits)
+        engine.close()
+    torch.testing.assert_close(logits["fp8 checkpoint"], logits["quantized while loading"], rtol=0, atol=0)
+    error = float((logits["fp8 checkpoint"] - logits["dense"]).norm() / logits["dense"].norm())
+    assert 1e-5 < error < 0.25, error

@@ -1,17 +1,25 @@
 """engine.quantization and engine.quantize_vision as job settings: what is refused, with one line naming the
-setting and exit code 2."""
+setting and exit code 2 (a bad value, the transformers backend, the CPU, a GPU before compute capability 8.9, an
+fp8 checkpoint run unquantized, a quantization the native engine does not load)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from batchvl.cli import main
+from batchvl.config import EngineSpec, JobError
+from batchvl.engine.factory import check_quantization
+from batchvl.models.checkpoint import CheckpointInfo
 
 from .conftest import base_job, write_job, write_jsonl
 
 NATIVE = ("engine.backend=native",)
+ON_CPU = "engine.quantization: fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); " \
+         "this run is on the CPU"
 
 
 def job_dict(model: Path, tmp_path: Path) -> dict:
@@ -33,6 +41,7 @@ CASES = {
     "the transformers backend": (("engine.quantization=fp8",),
                                  "engine.quantization: fp8 runs on the native backend only; engine.backend is "
                                  "transformers"),
+    "the CPU": ((*NATIVE, "engine.quantization=fp8"), ON_CPU),
     "vision without fp8": ((*NATIVE, "engine.quantize_vision=true"),
                            "engine.quantize_vision: quantizes the vision tower with engine.quantization: fp8; "
                            "engine.quantization is none"),
@@ -47,3 +56,64 @@ def test_refused_with_one_line_naming_the_setting(capsys, tiny_model, tmp_path, 
     assert one_line_error(capsys, command, job, *sets) == message
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device auto is the CPU only where there is no GPU")
+def test_device_auto_on_a_machine_without_a_gpu_is_the_cpu(capsys, tiny_model, tmp_path):
+    job = write_job(tmp_path / "job.yaml", job_dict(tiny_model, tmp_path))
+    assert one_line_error(capsys, "validate", job, *NATIVE, "engine.device=auto", "engine.quantization=fp8") == ON_CPU
+
+
+def test_an_fp8_checkpoint_is_not_run_unquantized(capsys, tiny_fp8_model, tmp_path):
+    job = write_job(tmp_path / "job.yaml", job_dict(tiny_fp8_model, tmp_path))
+    for command in ("validate", "run"):
+        assert one_line_error(capsys, command, job, *NATIVE) == (
+            f"engine.quantization: {tiny_fp8_model.name} holds fp8 weights (compressed-tensors FP8_DYNAMIC); the "
+            "native backend runs it only with engine.quantization: fp8")
+    # with fp8 it gets as far as the device
+    assert one_line_error(capsys, "validate", job, *NATIVE, "engine.quantization=fp8") == ON_CPU
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda q: q.update(quant_method="awq"), "quant_method 'awq' is not supported natively"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="tensor"),
+     "weights.strategy is 'tensor', not 'channel'; batchvl loads FP8_DYNAMIC only"),
+    (lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=False),
+     "input_activations.dynamic is False, not True"),
+    (lambda q: q.update(kv_cache_scheme={"num_bits": 8}), "a quantized KV cache (kv_cache_scheme) is not supported"),
+    (lambda q: q.update(config_groups={"W8A16": ["Linear"]}), "the preset 'W8A16'; batchvl loads FP8_DYNAMIC only"),
+])
+def test_a_quantization_the_native_engine_does_not_load_is_refused_at_validate(capsys, tiny_fp8_model, tmp_path,
+                                                                                change, words):
+    import shutil
+
+    model = tmp_path / "ck"
+    shutil.copytree(tiny_fp8_model, model)
+    config = json.loads((model / "config.json").read_text())
+    change(config["quantization_config"])
+    (model / "config.json").write_text(json.dumps(config))
+    job = write_job(tmp_path / "job.yaml", job_dict(model, tmp_path))
+    err = one_line_error(capsys, "validate", job, *NATIVE, "engine.quantization=fp8")
+    assert err.startswith(f"model: {model / 'config.json'}: quantization_config") and words in err, err
+    # the preset form of the scheme the native engine does load
+    config["quantization_config"]["config_groups"] = {"fp8_dynamic": ["Linear"]}
+    config["quantization_config"].update(quant_method="compressed-tensors", kv_cache_scheme=None)
+    (model / "config.json").write_text(json.dumps(config))
+    assert one_line_error(capsys, "validate", job, *NATIVE, "engine.quantization=fp8") == ON_CPU
+
+
+@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_fp8_needs_compute_capability_8_9(monkeypatch, tiny_model, capability, refused):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0) if i == 0 else capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A100-SXM4-80GB")
+    spec = EngineSpec(backend="native", device="cuda", quantization="fp8", gpus=[0, 1])
+    ck = CheckpointInfo.read(tiny_model)
+    if not refused:
+        check_quantization(spec, ck)
+        return
+    with pytest.raises(JobError) as caught:
+        check_quantization(spec, ck)
+    assert str(caught.value) == (
+        "engine.quantization: fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); GPU 1 "
+        f"(NVIDIA A100-SXM4-80GB) is {capability[0]}.{capability[1]}")
