@@ -1,6 +1,7 @@
 """engine.quantization and engine.quantize_vision as job settings: what is refused, with one line naming the
 setting and exit code 2 (a bad value, the transformers backend, the CPU, a GPU before compute capability 8.9, an
-fp8 checkpoint run unquantized, a quantization the native engine does not load)."""
+fp8 checkpoint run unquantized, a quantization the native engine does not load), and the fingerprint that keeps
+fp8 and bf16 rows out of one output folder."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from batchvl.cli import main
-from batchvl.config import EngineSpec, JobError
+from batchvl.config import EngineSpec, JobError, job_from_mapping
 from batchvl.engine.factory import check_quantization
+from batchvl.io.writer import FINGERPRINT_NAME
 from batchvl.models.checkpoint import CheckpointInfo
+from batchvl.run.fingerprint import check_fingerprint, job_fingerprint
 
 from .conftest import base_job, write_job, write_jsonl
 
@@ -117,3 +120,48 @@ def test_fp8_needs_compute_capability_8_9(monkeypatch, tiny_model, capability, r
     assert str(caught.value) == (
         "engine.quantization: fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); GPU 1 "
         f"(NVIDIA A100-SXM4-80GB) is {capability[0]}.{capability[1]}")
+
+
+# --- the fingerprint ------------------------------------------------------------------------------------------
+
+def fingerprint(tmp_path: Path, model: Path, **engine) -> tuple:
+    """(the job with these engine settings, its fingerprint); native on the CPU, which check_job allows (the
+    device is checked where the model is planned)."""
+    raw = job_dict(model, tmp_path)
+    raw["engine"].update(backend="native", **engine)
+    job = job_from_mapping(raw, tmp_path)
+    return job, job_fingerprint(job, CheckpointInfo.read(model), None)
+
+
+def record(job, fp: dict) -> None:
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    (job.output_dir / FINGERPRINT_NAME).write_text(json.dumps({"version": 1, "job": fp}))
+
+
+def test_the_fingerprint_keeps_fp8_and_bf16_rows_apart(tiny_model, tmp_path):
+    bf16, bf16_fp = fingerprint(tmp_path, tiny_model)
+    fp8, fp8_fp = fingerprint(tmp_path, tiny_model, quantization="fp8")
+    fp8_vision, fp8_vision_fp = fingerprint(tmp_path, tiny_model, quantization="fp8", quantize_vision=True)
+    assert (bf16_fp["engine.quantization"], bf16_fp["engine.quantize_vision"]) == ("none", False)
+    record(bf16, bf16_fp)
+    check_fingerprint(bf16, bf16_fp)
+    with pytest.raises(JobError, match=r"engine.quantization: 'none' -> 'fp8'\); to resume it as it was written, "
+                                       r"run with --set engine.quantization=none "):
+        check_fingerprint(fp8, fp8_fp)
+    record(fp8, fp8_fp)
+    with pytest.raises(JobError, match=r"engine.quantization: 'fp8' -> 'none'"):
+        check_fingerprint(bf16, bf16_fp)
+    with pytest.raises(JobError, match=r"quantize_vision: false -> true\); .*--set engine.quantize_vision=false"):
+        check_fingerprint(fp8_vision, fp8_vision_fp)
+
+
+def test_a_folder_written_before_the_setting_existed_counts_as_unquantized(tiny_model, tmp_path):
+    bf16, bf16_fp = fingerprint(tmp_path, tiny_model)
+    fp8, fp8_fp = fingerprint(tmp_path, tiny_model, quantization="fp8")
+    old = {k: v for k, v in bf16_fp.items() if k not in ("engine.quantization", "engine.quantize_vision")}
+    record(bf16, old)
+    check_fingerprint(bf16, bf16_fp)  # it resumes as it always did
+    with pytest.raises(JobError) as caught:
+        check_fingerprint(fp8, fp8_fp)
+    assert "(engine.quantization: 'none' (not recorded: the only value then) -> 'fp8')" in str(caught.value)
+    assert "--set engine.quantization=none" in str(caught.value)
