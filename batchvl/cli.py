@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="language model family (internlm2 needs --layout opengvlab)")
     tiny.add_argument("--vision", choices=("300m", "6b"), default="300m",
                       help="InternViT-300M's structure (LayerNorm, qkv bias) or InternViT-6B's (RMSNorm, qk norm)")
+    tiny.add_argument("--fp8", action="store_true",
+                      help="the language model's linear weights in compressed-tensors' FP8_DYNAMIC layout")
     _verbosity(tiny)
     tiny.set_defaults(func=_make_tiny)
     check = sub.add_parser("check-parity", help="compare the native engine with transformers on random weights")
@@ -284,7 +286,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
     try:
         made = make_tiny_model(args.dir, seed=args.seed, force=args.force, layout=args.layout, llm=args.llm,
-                               vision=args.vision)
+                               vision=args.vision, fp8=args.fp8)
     except (FileExistsError, ValueError) as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR

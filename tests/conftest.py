@@ -15,13 +15,24 @@ import pytest
 import yaml
 from PIL import Image
 
-from batchvl.tools.tiny import make_tiny_model
+from batchvl.tools.tiny import make_tiny_model, write_fp8_dynamic
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-internvl"
     make_tiny_model(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny checkpoint in compressed-tensors' FP8_DYNAMIC layout: its decoder's linear weights in fp8."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("models") / "tiny-internvl-fp8"
+    shutil.copytree(tiny_model, path)
+    write_fp8_dynamic(path)
     return path
 
 

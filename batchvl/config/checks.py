@@ -10,6 +10,7 @@ from batchvl.config.spec import (
     DECODE_ATTENTION,
     DEVICES,
     DTYPES,
+    QUANTIZATIONS,
     Job,
     at_least,
     at_most,
@@ -52,6 +53,7 @@ def check_job(job: Job) -> None:
     at_least("generation.min_new_tokens", job.generation.min_new_tokens, 0)
     at_least("engine.max_batch_tokens", job.engine.max_batch_tokens, 0)
     one_of("engine.decode_attention", job.engine.decode_attention, DECODE_ATTENTION)
+    _check_quantization(job)
     _ = job.engine.devices  # raises on a bad engine.gpus
     if job.generation.min_new_tokens > job.generation.max_new_tokens:
         raise JobError(f"generation.min_new_tokens: {job.generation.min_new_tokens} is larger than "
@@ -95,6 +97,19 @@ def check_job(job: Job) -> None:
         raise JobError(f"output.path: exists and is not a directory: {shown(job.output.path, quote=False)}")
     _check_output_outside_input(job)
     check_limits(job)
+
+
+def _check_quantization(job: Job) -> None:
+    """engine.quantization and quantize_vision, as far as the job alone tells; the device and the checkpoint are
+    checked by batchvl.engine.factory.check_quantization. Raises JobError."""
+    engine = job.engine
+    one_of("engine.quantization", engine.quantization, QUANTIZATIONS)
+    if engine.quantization == "fp8" and engine.backend != "native":
+        raise JobError(f"engine.quantization: fp8 runs on the native backend only; engine.backend is "
+                       f"{shown(engine.backend, quote=False)}")
+    if engine.quantize_vision and engine.quantization != "fp8":
+        raise JobError(f"engine.quantize_vision: quantizes the vision tower with engine.quantization: fp8; "
+                       f"engine.quantization is {shown(engine.quantization, quote=False)}")
 
 
 def _check_output_outside_input(job: Job) -> None:

@@ -20,6 +20,7 @@ DECODE_ATTENTION = ("auto", "triton", "sdpa")
 BACKENDS = ("native", "transformers")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZATIONS = ("none", "fp8")
 INPUT_SUFFIXES = (".jsonl", ".parquet")
 # media.max_image_pixels by default: Pillow's own decompression-bomb error threshold (2 * PIL.Image.MAX_IMAGE_PIXELS:
 # above it Image.open raises DecompressionBombError), not its warning threshold (89,478,485), which 100-megapixel
@@ -115,6 +116,10 @@ class EngineSpec:
     decode_attention: str = "auto"  # native: auto (the Triton kernel on CUDA when triton imports) | triton | sdpa
     compile: bool = True  # native, CUDA: torch.compile the repeated blocks (~20 s once, then ~20% faster)
     trust_remote_code: bool = False
+    # native: none, or fp8 (W8A8 e4m3: per-output-channel weight scales, per-token activation scales) for the
+    # language model's linear layers; needs a GPU of compute capability 8.9 or newer (batchvl.engine.factory).
+    quantization: str = "none"
+    quantize_vision: bool = False  # with fp8: the vision tower's linear layers too
     # auto (every visible GPU), a number of GPUs, or a list of GPU ids: one worker process per GPU when more
     # than one. With device cpu, a number of CPU worker processes (tests, CPU hosts).
     gpus: str | int | list[int] = "auto"

@@ -29,6 +29,7 @@ from batchvl.engine.timing import StageTimes
 from batchvl.media.tiling import normalize_uint8
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.decoder import KVCache
+from batchvl.models.fp8 import use_activation_quantizer
 from batchvl.models.loader import load_model
 from batchvl.prepare.prompt import IMG_CONTEXT
 
@@ -51,11 +52,27 @@ def _decode_kernel(choice: str, device: torch.device):
     return decode_attention
 
 
+def _fp8_activation_kernel(device: torch.device):
+    """The fused per-token fp8 quantization kernel (batchvl.kernels.fp8_quant) on CUDA, or None: the Fp8Linear
+    layers then quantize their inputs with the eager torch reference, which is correct but slow (issue 16's
+    probe: it takes away most of fp8's gain)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from batchvl.kernels.fp8_quant import quantize_fp8_per_token
+    except ImportError as e:
+        log.warning("the fp8 activation kernel is not importable (%s): activations are quantized in eager torch, "
+                    "slowly", e)
+        return None
+    return quantize_fp8_per_token
+
+
 class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
-                 prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True):
+                 prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
+                 quantization: str = "none", quantize_vision: bool = False):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -64,10 +81,13 @@ class NativeEngine(Engine):
         self.vision_chunk = vision_chunk
         self.prefill_tokens = prefill_tokens
         self.check_every = check_every
-        log.info("loading %s natively (%s, %s)", checkpoint.path, self.device, self.dtype)
-        loaded = load_model(checkpoint, self.device, self.dtype)
+        log.info("loading %s natively (%s, %s%s)", checkpoint.path, self.device, self.dtype,
+                 "" if quantization == "none" else f", {quantization}" + (" with vision" if quantize_vision else ""))
+        loaded = load_model(checkpoint, self.device, self.dtype, quantization, quantize_vision)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
+        if quantization == "fp8":
+            use_activation_quantizer(self.model, _fp8_activation_kernel(self.device))
         if compile and self.device.type == "cuda":  # on the CPU, compiling costs more than it saves
             compile_model(self.model)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)

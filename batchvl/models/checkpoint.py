@@ -18,6 +18,7 @@ from typing import Any
 
 from batchvl.config.spec import path_is, shown
 from batchvl.errors import JobError
+from batchvl.models.compressed import Fp8Checkpoint, read_quantization
 
 LAYOUT_HF = "hf"
 LAYOUT_OPENGVLAB = "opengvlab"
@@ -152,6 +153,13 @@ class CheckpointInfo:
     def max_positions(self) -> int:
         """The longest sequence (prompt + output) the language model accepts."""
         return int(self.text_config.get("max_position_embeddings", 32768))
+
+    @cached_property
+    def quantization(self) -> Fp8Checkpoint | None:
+        """The weights' fp8 layout when config.json says they are quantized (compressed-tensors FP8_DYNAMIC), else
+        None. Raises JobError (`model: ...`) for a quantization the native engine does not load; read only by the
+        native backend's checks and loader (the transformers backend reads quantization_config itself)."""
+        return read_quantization(self.config, self.path / "config.json")
 
     @property
     def template_name(self) -> str | None:

@@ -22,7 +22,9 @@ from batchvl.config.spec import shown
 from batchvl.errors import CheckpointError
 from batchvl.models import internlm2, llama, phi3, qwen2
 from batchvl.models.checkpoint import LAYOUT_HF, LAYOUT_OPENGVLAB, CheckpointInfo, read_json
+from batchvl.models.compressed import SCALE_SUFFIX, ZERO_POINT_SUFFIX, dense_refused
 from batchvl.models.decoder import DecoderLM, DecoderSpec
+from batchvl.models.fp8 import FP8_DTYPE, fp8_targets, quantize_weight, to_fp8_modules
 from batchvl.models.internvit import VisionEncoder, VisionSpec
 
 log = logging.getLogger(__name__)
@@ -98,11 +100,29 @@ def build_specs(ck: CheckpointInfo) -> tuple[VisionSpec, DecoderSpec, str]:
     return vision_spec(ck, text.hidden), text, family
 
 
-def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype, quantization: str = "none",
+               quantize_vision: bool = False) -> LoadedModel:
+    """The checkpoint's model on `device` in `dtype`. With `quantization='fp8'`, the language model's linear
+    layers (and the vision tower's, with `quantize_vision`) are Fp8Linear modules from the start, filled as the
+    weights stream in: a dense tensor is quantized on the device, slice by slice, and an fp8 checkpoint's
+    tensors are copied as they are; no dense copy of those layers is ever held. An fp8 checkpoint needs
+    quantization 'fp8' (JobError otherwise: batchvl does not dequantize it)."""
     vision, text, family = build_specs(ck)
+    fp8_checkpoint = ck.quantization is not None
+    if fp8_checkpoint and quantization != "fp8":
+        raise dense_refused(ck.path)
     with torch.device("meta"):
         model = InternVL(vision, text)
-    model = model.to(dtype).to_empty(device=device)  # dtype first: on meta it costs nothing
+    model = model.to(dtype)  # dtype first: on meta it costs nothing; fp8 layers are swapped in after it
+    if quantization == "fp8":
+        swapped = set(to_fp8_modules(model, fp8_targets(model, quantize_vision)))
+        if fp8_checkpoint:  # and whatever else the checkpoint holds in fp8 (the vision tower, say)
+            try:
+                to_fp8_modules(model, _fp8_modules(ck, vision, text, FAMILIES[family]) - swapped,
+                               keep_misfits=False)
+            except (TypeError, AttributeError) as e:
+                raise CheckpointError(f"{ck.path} stores in fp8 a layer batchvl keeps dense: {e}") from None
+    model = model.to_empty(device=device)
     _load_weights(model, ck, vision, text, FAMILIES[family], device, dtype)
     model.lm.tie_weights()
     model.eval().requires_grad_(False)
@@ -176,22 +196,91 @@ def _load_weights(model: InternVL, ck: CheckpointInfo, vs: VisionSpec, ts: Decod
             raise CheckpointError(f"{file} is not a readable safetensors file ({_reason(e)})") from None
         with opened as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                if name.endswith(ZERO_POINT_SUFFIX) and ck.quantization is not None:
+                    _check_zero_point(name, f.get_tensor(name))
+                    continue
                 for target, offset, tensor in _route(name, ck.layout, vs, ts, family, vit_layers, f):
-                    param = params.get(target)
-                    if param is None:
-                        raise CheckpointError(f"weight {name} maps to {target}, which the model does not have")
-                    rows = tensor.shape[0] if param.dim() > 0 else 1
-                    dest = param.data if param.dim() == 0 else param.data.narrow(0, offset, rows)
-                    if dest.shape != tensor.shape:
-                        raise CheckpointError(f"weight {name}: shape {tuple(tensor.shape)} does not fit {target} "
-                                              f"rows {offset}..{offset + rows} of {tuple(param.shape)}")
-                    dest.copy_(tensor.to(device=device, dtype=dtype))
-                    filled[target] += tensor.numel()
+                    for dest_name, rows in _place(params, target, offset, tensor, name, device, dtype):
+                        filled[dest_name] += rows
+                        if filled[dest_name] > params[dest_name].numel():
+                            raise CheckpointError(f"weight {name}: {dest_name} is written more than once")
     if ts.tie_embeddings and filled.get("lm.lm_head.weight", 0) == 0:
         filled["lm.lm_head.weight"] = params["lm.lm_head.weight"].numel()  # tied to the embeddings below
     missing = [n for n, p in params.items() if filled[n] != p.numel()]
     if missing:
         raise CheckpointError(f"{len(missing)} parameter(s) not (fully) loaded, e.g. {missing[:5]}")
+
+
+def _place(params: dict[str, nn.Parameter], target: str, offset: int, tensor: torch.Tensor, name: str,
+           device: torch.device, dtype: torch.dtype) -> list[tuple[str, int]]:
+    """Copy one routed checkpoint tensor into rows offset.. of `target`; returns [(parameter, elements written)].
+    An Fp8Linear's weight takes fp8 rows as they are, or dense rows quantized here into it and its scale."""
+    param = params.get(target)
+    if param is None:
+        raise CheckpointError(f"weight {name} maps to {target}, which the model does not have")
+    rows = tensor.shape[0] if param.dim() > 0 else 1
+    dest = param.data if param.dim() == 0 else param.data.narrow(0, offset, rows)
+    if dest.shape != tensor.shape:
+        raise CheckpointError(f"weight {name}: shape {tuple(tensor.shape)} does not fit {target} "
+                              f"rows {offset}..{offset + rows} of {tuple(param.shape)}")
+    if tensor.dtype.itemsize == 1 and tensor.is_floating_point() and param.dtype != FP8_DTYPE:
+        raise CheckpointError(f"weight {name} is {tensor.dtype} but has no {SCALE_SUFFIX.lstrip('.')} beside it "
+                              "(an fp8 weight needs one scale per output channel)")
+    if param.dtype != FP8_DTYPE:  # a dense parameter (in the model's dtype), or an fp8 layer's float32 scale
+        dest.copy_(tensor.to(device=device, dtype=param.dtype))
+        return [(target, tensor.numel())]
+    if tensor.dtype == FP8_DTYPE:
+        dest.copy_(tensor.to(device))
+        return [(target, tensor.numel())]
+    if tensor.dtype.itemsize == 1:
+        raise CheckpointError(f"weight {name} is {tensor.dtype}; fp8 weights must be float8_e4m3fn")
+    q, scale = quantize_weight(tensor.to(device=device, dtype=dtype))  # as the model's dtype would hold it
+    dest.copy_(q)
+    scale_name = target.removesuffix(".weight") + SCALE_SUFFIX
+    params[scale_name].data.narrow(0, offset, rows).copy_(scale)
+    return [(target, tensor.numel()), (scale_name, rows)]
+
+
+def _check_zero_point(name: str, zero_point: torch.Tensor) -> None:
+    """compressed-tensors omits zero points of symmetric schemes; one that is there must be zero."""
+    if bool(zero_point.ne(0).any()):
+        raise CheckpointError(f"weight {name} is a non-zero zero point: an asymmetric scheme, which FP8_DYNAMIC "
+                              "is not")
+
+
+class _Shapes:
+    """A safetensors file seen through its header only: get_tensor gives an empty meta tensor of the shape."""
+
+    def __init__(self, f: Any):
+        self.f = f
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return torch.empty(self.f.get_slice(name).get_shape(), device="meta")
+
+
+def _fp8_modules(ck: CheckpointInfo, vs: VisionSpec, ts: DecoderSpec, family: ModuleType) -> set[str]:
+    """Our modules that an fp8 checkpoint holds in fp8: those a `<module>.weight_scale` routes to, read from the
+    files' headers. A module that `ignore` lists cannot have one (CheckpointError)."""
+    from safetensors import safe_open
+
+    fp8 = ck.quantization
+    out = set()
+    for file in shard_files(ck.path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                if not name.endswith(SCALE_SUFFIX):
+                    continue
+                module = name.removesuffix(SCALE_SUFFIX)
+                if fp8.ignores(module):
+                    raise CheckpointError(f"weight {name}: quantization_config.ignore lists {module}, yet it has "
+                                          "an fp8 scale")
+                try:
+                    routed = _route(name, ck.layout, vs, ts, family, vs.layers_to_run, _Shapes(f))
+                except KeyError:  # a family's map_weight: no layer of ours has fp8 weights for this name
+                    raise CheckpointError(f"weight {name}: {module} is stored in fp8, which batchvl loads only "
+                                          "for linear layers of the decoder and the vision tower") from None
+                out.update(target.removesuffix(SCALE_SUFFIX) for target, _, _ in routed)
+    return out
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ two different jobs. Only settings that change the text of a row count. The list 
 - the media settings that change tiles or frames (effective values, checkpoint defaults filled in);
 - the effective engine dtype, and the backend: the two backends draw samples from different random
   generators, so with sampling on they give different text for a row;
+- engine.quantization and engine.quantize_vision: fp8 and bf16 rows differ. Both are always recorded, and a
+  folder whose fingerprint lacks them (written before they existed) counts as `none` / `false`, its only
+  possible values then (IMPLIED_WHEN_MISSING), so that an fp8 run cannot resume it;
 - the rule that makes an id column's values ids (`input.ids`): a folder written before it was recorded made
   ids with str() and keeps doing so (`written_before_id_rule`), so none of its rows runs again under a new id.
 
@@ -17,7 +20,8 @@ Not counted, as they do not change results: engine.max_batch_size, max_batch_tok
 dtype), decode_attention, compile, gpus, media prefetch sizes, threads, HTTP settings, output.rows_per_file.
 
 A key that the folder's recorded fingerprint does not hold was not recorded by the batchvl that wrote it, and
-is not compared: a folder written before a key was added keeps resuming.
+is not compared: a folder written before a key was added keeps resuming. The exception is a key whose value such
+a folder can only have had (IMPLIED_WHEN_MISSING): it is compared against that value.
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "media.max_image_pixels": m.max_image_pixels,
         "engine.dtype": _dtype(job),
         "engine.backend": job.engine.backend,
+        "engine.quantization": job.engine.quantization,
+        "engine.quantize_vision": job.engine.quantize_vision,
     }
     for f in dataclasses.fields(job.generation):
         fp[f"generation.{f.name}"] = getattr(job.generation, f.name)
@@ -148,28 +154,43 @@ FORMER_DEFAULTS: dict[str, Any] = {
     "media.max_image_pixels": 1 << 28,  # lowered to Pillow's own limit (issue 15): a PNG bomb got through
 }
 # Keys recorded as the value of the job setting of the same name: `--set key=recorded value` gives that value back.
-SETTINGS = ("generation.", "media.", "engine.dtype", "engine.backend")
+SETTINGS = ("generation.", "media.", "engine.dtype", "engine.backend", "engine.quantization",
+            "engine.quantize_vision")
+# Keys added after folders were written without them, whose value in every such folder is known: a batchvl before
+# engine.quantization ran everything unquantized. A folder lacking one is compared as if it held this value.
+IMPLIED_WHEN_MISSING: dict[str, Any] = {"engine.quantization": "none", "engine.quantize_vision": False}
+
+
+def _recorded(old: dict[str, Any], key: str) -> Any:
+    """What folder fingerprint `old` says for `key`, with IMPLIED_WHEN_MISSING filled in (None if neither)."""
+    return old[key] if key in old else IMPLIED_WHEN_MISSING.get(key)
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The keys whose value changed, in a stable order. A key `old` lacks is not compared (an older batchvl did
-    not record it)."""
-    keys = [k for k in new if k in old] + [k for k in old if k not in new]
-    return [k for k in keys if old.get(k) != new.get(k)]
+    not record it), unless IMPLIED_WHEN_MISSING says what it was."""
+    keys = [k for k in new if k in old or k in IMPLIED_WHEN_MISSING] + [k for k in old if k not in new]
+    return [k for k in keys if _recorded(old, k) != new.get(k)]
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key: old -> new` for each key whose value changed (see changed_keys)."""
-    return [f"{k}: {_show(old.get(k))}{' (the former default)' if FORMER_DEFAULTS.get(k, ()) == old.get(k) else ''}"
-            f" -> {_show(new.get(k))}" for k in changed_keys(old, new)]
+    out = []
+    for k in changed_keys(old, new):
+        was = _recorded(old, k)
+        note = " (the former default)" if FORMER_DEFAULTS.get(k, ()) == was else ""
+        note = " (not recorded: the only value then)" if k not in old else note
+        out.append(f"{k}: {_show(was)}{note} -> {_show(new.get(k))}")
+    return out
 
 
 def resume_overrides(old: dict[str, Any], new: dict[str, Any]) -> list[str] | None:
     """The `--set` arguments that give a job the fingerprint `old` again, when only settings changed; else None."""
     keys = changed_keys(old, new)
-    if not keys or not all(k in old and k in new and k.startswith(SETTINGS) for k in keys):
+    if not keys or not all((k in old or k in IMPLIED_WHEN_MISSING) and k in new and k.startswith(SETTINGS)
+                           for k in keys):
         return None
-    return [shlex.quote(f"{k}={_as_yaml(old[k])}") for k in keys]
+    return [shlex.quote(f"{k}={_as_yaml(_recorded(old, k))}") for k in keys]
 
 
 def _as_yaml(value: Any) -> str:

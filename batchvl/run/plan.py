@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from batchvl.config import Job, JobError
 from batchvl.config.spec import shown
 from batchvl.engine import GenerationParams
+from batchvl.engine.factory import check_quantization
 from batchvl.io.ids import Ids, id_type_problem, moved_folder
 from batchvl.io.lease import Claim
 from batchvl.io.readers import columns_of, count_rows
@@ -59,7 +60,7 @@ class Plan:
             f"model:    {self.checkpoint.path} ({self.checkpoint.layout} layout, "
             f"{self.checkpoint.tokens_per_tile} tokens per tile)",
             f"backend:  {job.engine.backend} (device {job.engine.device}, dtype {job.engine.dtype}, "
-            f"batch {job.engine.max_batch_size})" + _workers_note(job),
+            f"batch {job.engine.max_batch_size}{_quantization_note(job)})" + _workers_note(job),
             f"template: {job.chat_template}" + _template_note(self.template),
             f"input:    {len(self.files)} file(s), {self.rows} row(s)",
             f"output:   {job.output_dir} ({len(self.done)} row(s) already done)",
@@ -78,6 +79,13 @@ def _workers_note(job: Job) -> str:
         return ""
     labels = ", ".join(worker_label(d, job.engine.device == "cpu") for d in devices)
     return f"\nworkers:  {len(devices)} engine worker processes ({labels})"
+
+
+def _quantization_note(job: Job) -> str:
+    if job.engine.quantization == "none":
+        return ""
+    return f", {job.engine.quantization} " + ("language model and vision tower" if job.engine.quantize_vision
+                                               else "language model")
 
 
 def _template_note(template: str | ConversationTemplate | None) -> str:
@@ -104,6 +112,7 @@ def plan_model(job: Job) -> Plan:
                        "transformers backend can only load it with its own code: set engine.trust_remote_code: true")
     if job.engine.backend == "native":
         build_specs(checkpoint)  # an unsupported family or config fails here, before any work
+    check_quantization(job.engine, checkpoint)  # fp8 on this device, and a checkpoint already in fp8
     check_weights(path, required=job.engine.backend == "native")  # headers only: a broken shard fails here
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
     stop_token_ids(path, tokenizer)  # a broken generation_config.json fails here

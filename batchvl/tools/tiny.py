@@ -9,6 +9,7 @@ the same files. The weights are random, so the text it produces is noise.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -56,20 +57,22 @@ VISIONS = ("300m", "6b")
 OPENGVLAB_TEMPLATES = {"qwen2": "internvl2_5", "internlm2": "internlm2-chat", "llama": "Hermes-2", "phi3": "phi3-chat"}
 
 
-def tiny_config(seed: int, layout: str = "hf", llm: str = "qwen2", vision: str = "300m") -> dict:
-    return {"seed": seed, "version": 2, "vision": vision, "llm": llm, "layout": layout}
+def tiny_config(seed: int, layout: str = "hf", llm: str = "qwen2", vision: str = "300m", fp8: bool = False) -> dict:
+    config = {"seed": seed, "version": 2, "vision": vision, "llm": llm, "layout": layout}
+    return {**config, "fp8": True} if fp8 else config
 
 
 def make_tiny_model(out_dir: Path, seed: int = 0, force: bool = False, layout: str = "hf", llm: str = "qwen2",
-                    vision: str = "300m") -> bool:
-    """Write the tiny checkpoint into `out_dir`. Returns False when an identical one is already there."""
+                    vision: str = "300m", fp8: bool = False) -> bool:
+    """Write the tiny checkpoint into `out_dir`. Returns False when an identical one is already there.
+    `fp8`: in compressed-tensors' FP8_DYNAMIC layout, as llm-compressor writes it (see `write_fp8_dynamic`)."""
     if layout not in LAYOUTS or llm not in LLMS or vision not in VISIONS:
         raise ValueError(f"layout/llm/vision must be one of {LAYOUTS} / {LLMS} / {VISIONS}")
     if llm == "internlm2" and layout != "opengvlab":
         raise ValueError("InternLM2 exists only in the OpenGVLab layout (transformers has no InternLM2 model)")
     out_dir = Path(out_dir)
     marker = out_dir / MARKER
-    wanted = tiny_config(seed, layout, llm, vision)
+    wanted = tiny_config(seed, layout, llm, vision, fp8)
     if not force and marker.is_file() and json.loads(marker.read_text()) == wanted:
         return False
     if out_dir.exists():
@@ -89,9 +92,65 @@ def make_tiny_model(out_dir: Path, seed: int = 0, force: bool = False, layout: s
         tokenizer.chat_template = None  # the config's named template is used instead, as for InternVL2 checkpoints
         tokenizer.save_pretrained(tmp)
         write_opengvlab(tmp, model, llm)
+    if fp8:
+        write_fp8_dynamic(tmp)
     (tmp / MARKER).write_text(json.dumps(wanted))
     tmp.rename(out_dir)
     return True
+
+
+# The language model's linear weights in either layout and every family: what llm-compressor's FP8_DYNAMIC
+# recipe (targets Linear, ignore the LM head and the vision side) quantizes in an InternVL checkpoint.
+_LM_LINEAR = re.compile(r"(^|\.)language_model\.(model\.)?layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|"
+                        r"mlp\.(gate|up|down|gate_up)_proj|attention\.(wqkv|wo)|feed_forward\.w[123])\.weight$")
+FP8_DYNAMIC_ARGS = {
+    "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
+                "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax",
+                "observer_kwargs": {}},
+    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True,
+                          "group_size": None, "block_structure": None, "actorder": None, "observer": None,
+                          "observer_kwargs": {}},
+}
+
+
+def write_fp8_dynamic(path: Path, scale_dtype: torch.dtype = torch.float32) -> None:
+    """Rewrite the checkpoint in `path` in compressed-tensors' FP8_DYNAMIC layout, as llm-compressor saves it
+    (batchvl.models.compressed cites the sources): each language-model linear weight becomes float8_e4m3fn
+    [out, in] with a `weight_scale` [out, 1] (in `scale_dtype`: compressed-tensors keeps the dense weight's
+    dtype), quantized per output channel; config.json gets the `quantization_config`, whose `ignore` names the
+    other linear layers (the LM head, the vision tower, the projector) as llm-compressor lists them."""
+    from safetensors.torch import load_file, save_file
+
+    from batchvl.models.fp8 import quantize_weight
+
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    files = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+    ignore = []
+    for file in files:
+        tensors = load_file(path / file)
+        out = {}
+        for name, w in tensors.items():
+            if _LM_LINEAR.search(name):
+                q, scale = quantize_weight(w)
+                out[name], out[name + "_scale"] = q, scale.to(scale_dtype)
+                if index:
+                    index["weight_map"][name + "_scale"] = file
+            else:
+                out[name] = w
+                if name.endswith(".weight") and w.dim() == 2 and "embed" not in name:
+                    ignore.append(name.removesuffix(".weight"))
+        save_file(out, path / file, metadata={"format": "pt"})
+    if index:
+        index_file.write_text(json.dumps(index, indent=2))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], **FP8_DYNAMIC_ARGS, "output_activations": None,
+                                      "format": "float-quantized"}},
+        "ignore": sorted(ignore), "kv_cache_scheme": None, "global_compression_ratio": None,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 PREPROCESSOR_CONFIG = {
