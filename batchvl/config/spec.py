@@ -21,6 +21,7 @@ BACKENDS = ("native", "transformers")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("none", "fp8")
+LOAD_FORMATS = ("auto", "dummy")
 INPUT_SUFFIXES = (".jsonl", ".parquet")
 # media.max_image_pixels by default: Pillow's own decompression-bomb error threshold (2 * PIL.Image.MAX_IMAGE_PIXELS:
 # above it Image.open raises DecompressionBombError), not its warning threshold (89,478,485), which 100-megapixel
@@ -120,6 +121,9 @@ class EngineSpec:
     # language model's linear layers; needs a GPU of compute capability 8.9 or newer (batchvl.engine.factory).
     quantization: str = "none"
     quantize_vision: bool = False  # with fp8: the vision tower's linear layers too
+    # native, for benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every
+    # parameter is filled with seeded random values on the device, as vLLM's --load-format dummy does).
+    load_format: str = "auto"
     # auto (every visible GPU), a number of GPUs, or a list of GPU ids: one worker process per GPU when more
     # than one. With device cpu, a number of CPU worker processes (tests, CPU hosts).
     gpus: str | int | list[int] = "auto"

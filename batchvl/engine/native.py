@@ -72,7 +72,7 @@ class NativeEngine(Engine):
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
-                 quantization: str = "none", quantize_vision: bool = False):
+                 quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto"):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -81,9 +81,10 @@ class NativeEngine(Engine):
         self.vision_chunk = vision_chunk
         self.prefill_tokens = prefill_tokens
         self.check_every = check_every
-        log.info("loading %s natively (%s, %s%s)", checkpoint.path, self.device, self.dtype,
-                 "" if quantization == "none" else f", {quantization}" + (" with vision" if quantize_vision else ""))
-        loaded = load_model(checkpoint, self.device, self.dtype, quantization, quantize_vision)
+        log.info("loading %s natively (%s, %s%s%s)", checkpoint.path, self.device, self.dtype,
+                 "" if quantization == "none" else f", {quantization}" + (" with vision" if quantize_vision else ""),
+                 ", random weights (load_format dummy)" if load_format == "dummy" else "")
+        loaded = load_model(checkpoint, self.device, self.dtype, quantization, quantize_vision, load_format)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
         if quantization == "fp8":

@@ -24,6 +24,7 @@ from batchvl.models import internlm2, llama, phi3, qwen2
 from batchvl.models.checkpoint import LAYOUT_HF, LAYOUT_OPENGVLAB, CheckpointInfo, read_json
 from batchvl.models.compressed import SCALE_SUFFIX, ZERO_POINT_SUFFIX, dense_refused
 from batchvl.models.decoder import DecoderLM, DecoderSpec
+from batchvl.models.dummy import fill_dummy
 from batchvl.models.fp8 import FP8_DTYPE, fp8_targets, quantize_weight, to_fp8_modules
 from batchvl.models.internvit import VisionEncoder, VisionSpec
 
@@ -101,12 +102,14 @@ def build_specs(ck: CheckpointInfo) -> tuple[VisionSpec, DecoderSpec, str]:
 
 
 def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype, quantization: str = "none",
-               quantize_vision: bool = False) -> LoadedModel:
+               quantize_vision: bool = False, load_format: str = "auto") -> LoadedModel:
     """The checkpoint's model on `device` in `dtype`. With `quantization='fp8'`, the language model's linear
     layers (and the vision tower's, with `quantize_vision`) are Fp8Linear modules from the start, filled as the
     weights stream in: a dense tensor is quantized on the device, slice by slice, and an fp8 checkpoint's
     tensors are copied as they are; no dense copy of those layers is ever held. An fp8 checkpoint needs
-    quantization 'fp8' (JobError otherwise: batchvl does not dequantize it)."""
+    quantization 'fp8' (JobError otherwise: batchvl does not dequantize it). With `load_format='dummy'` no weight
+    file is read: every parameter is filled with seeded random values on the device (batchvl.models.dummy), fp8
+    layers directly in fp8."""
     vision, text, family = build_specs(ck)
     fp8_checkpoint = ck.quantization is not None
     if fp8_checkpoint and quantization != "fp8":
@@ -116,14 +119,17 @@ def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype, qua
     model = model.to(dtype)  # dtype first: on meta it costs nothing; fp8 layers are swapped in after it
     if quantization == "fp8":
         swapped = set(to_fp8_modules(model, fp8_targets(model, quantize_vision)))
-        if fp8_checkpoint:  # and whatever else the checkpoint holds in fp8 (the vision tower, say)
+        if fp8_checkpoint and load_format != "dummy":  # and whatever else the checkpoint holds in fp8 (vision, say)
             try:
                 to_fp8_modules(model, _fp8_modules(ck, vision, text, FAMILIES[family]) - swapped,
                                keep_misfits=False)
             except (TypeError, AttributeError) as e:
                 raise CheckpointError(f"{ck.path} stores in fp8 a layer batchvl keeps dense: {e}") from None
     model = model.to_empty(device=device)
-    _load_weights(model, ck, vision, text, FAMILIES[family], device, dtype)
+    if load_format == "dummy":
+        fill_dummy(model, dtype)
+    else:
+        _load_weights(model, ck, vision, text, FAMILIES[family], device, dtype)
     model.lm.tie_weights()
     model.eval().requires_grad_(False)
     return LoadedModel(model, vision, text, family)

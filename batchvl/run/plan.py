@@ -113,7 +113,8 @@ def plan_model(job: Job) -> Plan:
     if job.engine.backend == "native":
         build_specs(checkpoint)  # an unsupported family or config fails here, before any work
     check_quantization(job.engine, checkpoint)  # fp8 on this device, and a checkpoint already in fp8
-    check_weights(path, required=job.engine.backend == "native")  # headers only: a broken shard fails here
+    if job.engine.load_format != "dummy":  # dummy reads no weight file (native only: batchvl.config.checks)
+        check_weights(path, required=job.engine.backend == "native")  # headers only: a broken shard fails here
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
     stop_token_ids(path, tokenizer)  # a broken generation_config.json fails here
     template = _resolve_template(job, checkpoint, tokenizer)

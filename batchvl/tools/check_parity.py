@@ -49,10 +49,9 @@ class RowCheck:
     tokens: int
 
 
-def build_checkpoint(shape: str, out: Path, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                     shapes: dict | None = None) -> Path:
-    """A random transformers-native checkpoint of the named shape, written with save_pretrained."""
-    from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
+def _config(shape: str, shapes: dict | None = None):
+    """The transformers-native InternVLConfig of a named shape, its GenerationConfig and the tokenizer."""
+    from transformers import GenerationConfig, InternVLConfig
 
     vision, text = (shapes or SHAPES)[shape]
     tokenizer = build_tokenizer()
@@ -60,14 +59,34 @@ def build_checkpoint(shape: str, out: Path, device: torch.device, dtype: torch.d
                             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
                             image_seq_length=(448 // vision["patch_size"]) ** 2 // 4, downsample_ratio=0.5,
                             tie_word_embeddings=False)
+    generation = GenerationConfig(eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    return config, generation, tokenizer
+
+
+def write_skeleton(shape: str, out: Path, shapes: dict | None = None) -> Path:
+    """A checkpoint of the named shape without its weights: config.json, generation_config.json and the
+    tokenizer only, written without building the model. The native engine runs it with
+    `engine.load_format: dummy`; for shapes whose weights do not fit the disk (`bench --no-save`)."""
+    config, generation, tokenizer = _config(shape, shapes)
+    config.save_pretrained(out)
+    generation.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_checkpoint(shape: str, out: Path, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                     shapes: dict | None = None) -> Path:
+    """A random transformers-native checkpoint of the named shape, written with save_pretrained."""
+    from transformers import InternVLForConditionalGeneration
+
+    config, generation, tokenizer = _config(shape, shapes)
     torch.manual_seed(seed)
     with torch.device(device):
         model = InternVLForConditionalGeneration(config).to(dtype).eval()
     with torch.no_grad():  # transformers initialises layer scales and embeddings to constants; vary them
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)
-    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id],
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = generation
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     del model
