@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     full = sub.add_parser("bench", help="the whole pipeline on the GPU, native engine vs transformers")
     full.add_argument("--shape", default="internvl2-1b",
                       choices=("internvl2-1b", "internvl2-2b", "internvl2-8b", "internvl3-8b", "internvl2-26b",
-                               "internvl2-4b"))
+                               "internvl2-40b", "internvl2-76b", "internvl2-4b"))
     full.add_argument("--workload", default="caption-7tile", choices=("caption-7tile", "mixed", "video"))
     full.add_argument("--rows", type=int, default=512)
     full.add_argument("--batch", type=int, default=64, help="engine.max_batch_size of the native side")
@@ -125,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                            "first native run")
     full.add_argument("--texts", type=Path, default=None, metavar="FILE",
                       help="write each native side's text by row id to FILE (JSON), to compare two commits")
+    full.add_argument("--no-save", action="store_true",
+                      help="write no weights: only the shape's configs and tokenizer, the native sides running on "
+                           "random weights built on the GPU (engine.load_format: dummy); for shapes whose weights do "
+                           "not fit the disk (internvl2-40b, -76b). Not with --baseline")
     _verbosity(full)
     full.set_defaults(func=_bench)
 
@@ -148,11 +152,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.no_save and args.baseline:
+        print("batchvl: error: --no-save: the transformers baseline loads weight files, which --no-save does not "
+              "write; drop --baseline", file=sys.stderr)
+        return EXIT_JOB_ERROR
     from batchvl.tools.bench import main as bench_main
 
     return bench_main(args.shape, args.workload, args.rows, args.batch, args.baseline, args.baseline_rows,
                       args.baseline_batch or args.batch, args.workdir, args.variant, args.warmup_rows,
-                      args.settings, args.texts)
+                      args.settings, args.texts, args.no_save)
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:

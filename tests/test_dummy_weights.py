@@ -161,3 +161,9 @@ def test_the_76b_fits_one_h200_only_with_fp8(tmp_path):
     assert 150e9 < bf16["total"] < 155e9 and bf16["total"] > H200_BYTES
     assert 68e9 < fp8["lm linears"] < 70e9 and 10e9 < fp8["vision linears"] + fp8["vision other"] < 12e9
     assert fp8["total"] < 0.6 * H200_BYTES
+
+
+def test_bench_no_save_refuses_the_transformers_baseline_in_one_line(capsys):
+    code = main(["bench", "--shape", "internvl2-76b", "--no-save", "--baseline", "transformers"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("batchvl: error: --no-save: "), err

@@ -26,11 +26,12 @@ import torch
 from batchvl.config import load_job
 from batchvl.media.tiling import choose_grid
 from batchvl.models.checkpoint import CheckpointInfo
+from batchvl.models.footprint import describe
 from batchvl.models.loader import build_specs
 from batchvl.run.local import run_job
 from batchvl.run.summary import Summary
 from batchvl.tools.bench_media import write_images
-from batchvl.tools.check_parity import build_checkpoint
+from batchvl.tools.check_parity import build_checkpoint, write_skeleton
 from batchvl.tools.shapes import SHAPES
 
 WORKLOADS = {"caption-7tile": dict(images="7tile", max_new_tokens=128),
@@ -247,7 +248,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, dict]]:
 def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
           baseline_batch: int, workdir: Path | None = None, device: str = "cuda",
           variants: list[str] = (), warmup_rows: int = 0, settings: list[str] = (),
-          texts_out: Path | None = None) -> tuple[list[Side], float]:
+          texts_out: Path | None = None, no_save: bool = False) -> tuple[list[Side], float]:
     """Run the native side, each variant (the native side with other engine settings, its text compared
     with the first's), then the baseline; returns the sides and the matmul peak (TFLOP/s; nan on the CPU).
 
@@ -255,8 +256,15 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
     a first batch costs (kernel loading, cuBLAS and cuDNN heuristics, Triton and torch.compile
     compilation, allocator growth), and the timed run then measures the steady state. The warm-up time is
     printed. `settings` (KEY=VALUE, as in a variant) apply to every native side, variants on top.
-    `texts_out`: write each native side's text by row id there (JSON), to compare runs of two commits."""
+    `texts_out`: write each native side's text by row id there (JSON), to compare runs of two commits.
+    `no_save`: write only the shape's configs and tokenizer (no weights) and run every native side with
+    `engine.load_format: dummy` (random weights built on the device): for shapes whose weights do not fit the
+    disk. The transformers baseline needs weight files, so it is refused with it."""
+    if no_save and baseline:
+        raise ValueError("--no-save writes no weights, which the transformers baseline needs to load")
     base = parse_settings(settings)
+    if no_save:
+        base.setdefault("engine", {})["load_format"] = "dummy"
 
     def native_settings(extra: dict[str, dict] | None = None) -> dict[str, dict]:
         merged = {section: dict(values) for section, values in base.items()}
@@ -284,9 +292,14 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
         root = Path(tmp)
         t0 = time.perf_counter()
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        model = build_checkpoint(shape, root / "model", dev, dtype, shapes=SHAPES)
+        if no_save:
+            model = write_skeleton(shape, root / "model", shapes=SHAPES)
+        else:
+            model = build_checkpoint(shape, root / "model", dev, dtype, shapes=SHAPES)
+        print(weights_line(model, base.get("engine", {}), dev), flush=True)
         rows_file = prepare_data(root, workload, max(rows, baseline_rows))
-        print(f"setup (weights + {max(rows, baseline_rows)} JPEGs): {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"setup ({'configs' if no_save else 'weights'} + {max(rows, baseline_rows)} JPEGs): "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
         sides = [timed("native", "native", batch, rows, native_settings())]
         print(format_sides(sides, peak), flush=True)
         for text in variants:
@@ -305,11 +318,22 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
     return sides, peak
 
 
+def weights_line(model: Path, engine: dict, device: torch.device) -> str:
+    """What the native side's weights will take on the device (bf16 on CUDA, float32 on the CPU), against its
+    memory: printed before loading, so a shape that cannot fit says so first."""
+    vs, ts, _ = build_specs(CheckpointInfo.read(model))
+    fp8 = engine.get("quantization") == "fp8"
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return describe(vs, ts, 2 if device.type == "cuda" else 4, fp8_lm=fp8,
+                    fp8_vision=fp8 and bool(engine.get("quantize_vision")), device_bytes=total)
+
+
 def main(shape: str, workload: str, rows: int, batch: int, baseline: str | None, baseline_rows: int,
          baseline_batch: int, workdir: Path | None, variants: list[str] = (), warmup_rows: int = 0,
-         settings: list[str] = (), texts_out: Path | None = None) -> int:
+         settings: list[str] = (), texts_out: Path | None = None, no_save: bool = False) -> int:
     sides, peak = bench(shape, workload, rows, batch, baseline, baseline_rows, baseline_batch, workdir,
-                        variants=variants, warmup_rows=warmup_rows, settings=settings, texts_out=texts_out)
+                        variants=variants, warmup_rows=warmup_rows, settings=settings, texts_out=texts_out,
+                        no_save=no_save)
     print(format_sides(sides, peak))
     if baseline:
         base = sides[-1].images / sides[-1].seconds
