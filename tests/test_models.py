@@ -106,6 +106,23 @@ def test_check_parity_on_the_tiny_shape_agrees_exactly_in_float32():
         assert c.rel_err_native_vs_ref < 1e-5 and c.agree_prefix == 8, c
 
 
+def test_check_parity_puts_the_default_engine_beside_the_settings_under_test():
+    """With engine settings (fp8 on the GPU), the default native engine runs on the same rows, and its error
+    against float32 and its agreement with the settings' tokens stand beside theirs."""
+    from batchvl.tools.check_parity import check_parity, format_table
+
+    checks, info = check_parity("tiny", tokens=6, device="cpu", dtype="float32",
+                                engine={"decode_attention": "sdpa"})
+    for c in checks:
+        assert c.rel_err_default_vs_fp32 is not None and c.rel_err_default_vs_fp32 < 1e-5
+        assert c.default_agree_prefix == 6, c
+    table = format_table(checks, info)
+    assert "native (default settings) vs fp32 | agree with default native (prefix) |" in table
+    assert all(line.count("|") == 11 for line in table.splitlines()[1:])
+    plain, _ = check_parity("tiny", tokens=2, device="cpu", dtype="float32")
+    assert plain[0].rel_err_default_vs_fp32 is None  # no settings, no second run
+
+
 def test_check_parity_refuses_a_misspelt_engine_key_naming_it(capsys):
     assert main(["check-parity", "--engine", "compiel=true"]) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,9 @@ row, the native engine with transformers' `InternVLForConditionalGeneration` run
 
 - the relative error ||a - b|| / ||b|| of the first generated step's logits, for native vs transformers in
   the chosen dtype, and for each against transformers in float32 (what bf16 noise alone amounts to);
-- greedy agreement over the first N tokens (both sides forced to generate N tokens).
+- greedy agreement over the first N tokens (both sides forced to generate N tokens);
+- with `--engine` settings under test (`quantization=fp8`, say), the same for the native engine without them,
+  side by side: its error against float32 and how many leading tokens the two native runs agree on.
 
 Random weights give nearly flat logits, so near-ties make greedy sequences in bf16 part ways sooner than a
 trained model's would; the float32 row of the table shows what each side's own rounding costs.
@@ -47,6 +49,9 @@ class RowCheck:
     agree_positions: int  # positions where they agree
     ref_fp32_agree_prefix: int  # the same for transformers (dtype) vs transformers (float32): the noise floor
     tokens: int
+    # With engine settings (fp8, say): the native engine with none of them, on the same rows, side by side
+    rel_err_default_vs_fp32: float | None = None  # native (dtype, default settings) vs transformers (float32)
+    default_agree_prefix: int | None = None  # leading tokens native with the settings and without agree on
 
 
 def _config(shape: str, shapes: dict | None = None):
@@ -163,12 +168,12 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     # The job file's engine section, checked as a job file's is, then built by the one engine factory.
     spec = dataclasses.replace(build_section(EngineSpec, dict(engine or {}), "engine"), backend="native",
                                device=dev.type, dtype=str(dt).removeprefix("torch."), max_batch_size=len(rows))
-    engine = make_engine(spec, ck, tokenizer, params)
-    engine.first_step_logits = []
-    engine.generate(rows)
-    native_logits = torch.cat(engine.first_step_logits)
-    native_ids = engine.last_tokens
-    engine.close()
+    native_logits, native_ids = _native(spec, ck, tokenizer, params, rows)
+    default = None
+    if engine:  # the same engine without the settings under test, for the columns beside them
+        plain = dataclasses.replace(build_section(EngineSpec, {}, "engine"), backend="native", device=spec.device,
+                                    dtype=spec.dtype, max_batch_size=spec.max_batch_size)
+        default = _native(plain, ck, tokenizer, params, rows)
 
     refs = {}
     for ref_dtype in (dt, torch.float32):
@@ -190,22 +195,39 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
             rel_err_ref_vs_fp32=rel_err(ref_logits, fp32_logits),
             agree_prefix=prefix, agree_positions=sum(a == b for a, b in zip(mine, ref_ids, strict=True)),
             ref_fp32_agree_prefix=_common_prefix(ref_ids, fp32_ids), tokens=tokens))
+        if default is not None:
+            checks[-1].rel_err_default_vs_fp32 = rel_err(default[0][i], fp32_logits)
+            checks[-1].default_agree_prefix = _common_prefix(mine, default[1][i])
     if tmp:
         tmp.cleanup()
     return checks, info
+
+
+def _native(spec: EngineSpec, ck: CheckpointInfo, tokenizer, params: GenerationParams,
+            rows: list[Request]) -> tuple[torch.Tensor, list[list[int]]]:
+    """The native engine's first-step logits [rows, V] and greedy tokens for `rows`, built by the engine factory."""
+    engine = make_engine(spec, ck, tokenizer, params)
+    engine.first_step_logits = []
+    engine.generate(rows)
+    logits, ids = torch.cat(engine.first_step_logits), engine.last_tokens
+    engine.close()
+    return logits, ids
 
 
 def format_table(checks: list[RowCheck], info: dict) -> str:
     head = (f"shape {info['shape']} on {info['device']}, {info['dtype']}, torch {info['torch']}, "
             f"engine settings {info.get('engine') or 'default'}; "
             f"first-step logits relative error and greedy agreement over {info['tokens']} tokens")
+    beside = any(c.rel_err_default_vs_fp32 is not None for c in checks)
+    extra = " native (default settings) vs fp32 | agree with default native (prefix) |" if beside else ""
     lines = [head, "| row | prompt tokens | native vs transformers | native vs fp32 | transformers vs fp32 "
-             "| agree (prefix) | agree (positions) | transformers vs fp32 agree (prefix) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| agree (prefix) | agree (positions) | transformers vs fp32 agree (prefix) |" + extra,
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if beside else "")]
     for c in checks:
+        cells = (f" {c.rel_err_default_vs_fp32:.2e} | {c.default_agree_prefix}/{c.tokens} |" if beside else "")
         lines.append(f"| {c.id} | {c.prompt_tokens} | {c.rel_err_native_vs_ref:.2e} | {c.rel_err_native_vs_fp32:.2e} "
                      f"| {c.rel_err_ref_vs_fp32:.2e} | {c.agree_prefix}/{c.tokens} | {c.agree_positions}/{c.tokens} "
-                     f"| {c.ref_fp32_agree_prefix}/{c.tokens} |")
+                     f"| {c.ref_fp32_agree_prefix}/{c.tokens} |" + cells)
     return "\n".join(lines)
 
 
