@@ -127,6 +127,9 @@ def test_check_parity_refuses_a_misspelt_engine_key_naming_it(capsys):
     assert main(["check-parity", "--engine", "compiel=true"]) == 2
     err = capsys.readouterr().err
     assert "engine.compiel: unknown key" in err and err.count("\n") == 1
+    assert main(["check-parity", "--engine", "decode_attention=torch"]) == 2  # a value is checked as a job's is
+    err = capsys.readouterr().err
+    assert err.startswith("batchvl: error: engine.decode_attention:") and err.count("\n") == 1
 
 
 def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path):

@@ -1,7 +1,7 @@
 """The job file: its sections (`spec`), reading and overriding it (`load`), and the checks that need no model
 and no data (`checks`). Everything a run does is decided here, once, before anything heavy happens."""
 
-from batchvl.config.checks import check_job
+from batchvl.config.checks import check_engine, check_job
 from batchvl.config.load import build_section, job_from_mapping, load_job
 from batchvl.config.spec import (
     BACKENDS,
@@ -19,5 +19,5 @@ from batchvl.config.spec import (
 from batchvl.errors import JobError
 
 __all__ = ["BACKENDS", "DECODE_ATTENTION", "DEVICES", "DTYPES", "EngineSpec", "GenerationSpec", "InputSpec", "Job",
-           "JobError", "MediaSpec", "OutputSpec", "build_section", "check_job", "job_from_mapping", "load_job",
-           "resolve_gpus"]
+           "JobError", "MediaSpec", "OutputSpec", "build_section", "check_engine", "check_job", "job_from_mapping",
+           "load_job", "resolve_gpus"]

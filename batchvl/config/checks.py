@@ -12,6 +12,7 @@ from batchvl.config.spec import (
     DTYPES,
     LOAD_FORMATS,
     QUANTIZATIONS,
+    EngineSpec,
     Job,
     at_least,
     at_most,
@@ -44,18 +45,11 @@ LIMITS: dict[str, int] = {
 
 def check_job(job: Job) -> None:
     """Every check that needs no model and no data (values, ranges, files). Raises JobError."""
-    one_of("engine.backend", job.engine.backend, BACKENDS)
-    one_of("engine.device", job.engine.device, DEVICES)
-    one_of("engine.dtype", job.engine.dtype, DTYPES)
-    at_least("engine.max_batch_size", job.engine.max_batch_size, 1)
+    check_engine(job.engine)
     at_least("output.rows_per_file", job.output.rows_per_file, 1)
     at_least("generation.max_new_tokens", job.generation.max_new_tokens, 1)
     at_least("generation.top_k", job.generation.top_k, 0)
     at_least("generation.min_new_tokens", job.generation.min_new_tokens, 0)
-    at_least("engine.max_batch_tokens", job.engine.max_batch_tokens, 0)
-    one_of("engine.decode_attention", job.engine.decode_attention, DECODE_ATTENTION)
-    _check_quantization(job)
-    _ = job.engine.devices  # raises on a bad engine.gpus
     if job.generation.min_new_tokens > job.generation.max_new_tokens:
         raise JobError(f"generation.min_new_tokens: {job.generation.min_new_tokens} is larger than "
                        f"generation.max_new_tokens {job.generation.max_new_tokens}")
@@ -100,10 +94,22 @@ def check_job(job: Job) -> None:
     check_limits(job)
 
 
-def _check_quantization(job: Job) -> None:
+def check_engine(engine: EngineSpec) -> None:
+    """The engine section's values, as far as they tell alone (also for tools that take engine settings without
+    a job: check-parity). Raises JobError naming the key."""
+    one_of("engine.backend", engine.backend, BACKENDS)
+    one_of("engine.device", engine.device, DEVICES)
+    one_of("engine.dtype", engine.dtype, DTYPES)
+    at_least("engine.max_batch_size", engine.max_batch_size, 1)
+    at_least("engine.max_batch_tokens", engine.max_batch_tokens, 0)
+    one_of("engine.decode_attention", engine.decode_attention, DECODE_ATTENTION)
+    _check_quantization(engine)
+    _ = engine.devices  # raises on a bad engine.gpus
+
+
+def _check_quantization(engine: EngineSpec) -> None:
     """engine.quantization and quantize_vision, as far as the job alone tells; the device and the checkpoint are
     checked by batchvl.engine.factory.check_quantization. Raises JobError."""
-    engine = job.engine
     one_of("engine.quantization", engine.quantization, QUANTIZATIONS)
     if engine.quantization == "fp8" and engine.backend != "native":
         raise JobError(f"engine.quantization: fp8 runs on the native backend only; engine.backend is "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from batchvl.config import EngineSpec, build_section
+from batchvl.config import EngineSpec, build_section, check_engine
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams, pick_device, pick_dtype
 from batchvl.engine.factory import make_engine
@@ -168,6 +168,7 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     # The job file's engine section, checked as a job file's is, then built by the one engine factory.
     spec = dataclasses.replace(build_section(EngineSpec, dict(engine or {}), "engine"), backend="native",
                                device=dev.type, dtype=str(dt).removeprefix("torch."), max_batch_size=len(rows))
+    check_engine(spec)
     native_logits, native_ids = _native(spec, ck, tokenizer, params, rows)
     default = None
     if engine:  # the same engine without the settings under test, for the columns beside them
