@@ -24,11 +24,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from batchvl.kernels.fp8_quant import quantize_fp8_per_token_reference
+
 log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-SCALE_FLOOR = 1e-12  # an all-zero row gets this amax, not a zero scale (0 / 0)
 QUANTIZE_ROWS_AT_ONCE = 4096  # weight rows quantized per step while loading: bounds the float32 temporaries
 
 # The linear layers `engine.quantization: fp8` covers: every decoder layer's four (not the LM head, not the
@@ -40,18 +41,11 @@ VISION_LINEARS = re.compile(r"^vision\.vit\.blocks\.\d+\.(qkv|proj|fc1|fc2)$")
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (any float dtype) -> (q [M, K] float8_e4m3fn, scale [M, 1] float32), one scale per row:
-    scale = max(amax(|row|), 1e-12) / 448 and q = clamp(x / scale, -448, 448), computed in float32.
-
-    The torch reference of the per-token activation quantization, and the per-output-channel weight
-    quantization (a weight's rows are its output channels). kernels/fp8_quant.py's
-    `quantize_fp8_per_token_reference` has the same semantics; this copy exists because the models layer does
-    not import the kernels (the engine hands the Triton kernel in, see `use_activation_quantizer`)."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=SCALE_FLOOR) / FP8_MAX  # [M, 1]
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+# The per-token (per-row) quantization in plain torch: the activations' fallback where the engine hands in no
+# kernel, and the per-output-channel weight quantization (a weight's rows are its output channels). One
+# implementation with the Triton kernel's, bit for bit: scale = max(amax(|row|), 1e-12) / 448, q = e4m3 of
+# clamp(x / scale, -448, 448), in float32.
+quantize_rows = quantize_fp8_per_token_reference
 
 
 def quantize_weight(w: torch.Tensor, rows_at_once: int = QUANTIZE_ROWS_AT_ONCE) -> tuple[torch.Tensor, torch.Tensor]:
