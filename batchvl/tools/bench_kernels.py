@@ -18,6 +18,8 @@ Speed is printed, never asserted.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -188,6 +190,16 @@ def check_rmsnorm_fp8_quant(rows: tuple[int, ...] = FP8_ROWS, widths: tuple[int,
 KERNELS = ("decode-attention", "fp8-quant", "rmsnorm-fp8-quant")
 
 
+def _table(title: str, columns: list[str], lines: Iterable[str]) -> None:
+    """A markdown table: an optional title line, the header, then each row as it is measured."""
+    if title:
+        print(f"\n{title}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for line in lines:
+        print(line, flush=True)
+
+
 def main(rows: tuple[int, ...] = (64, 128, 256), span: int = 2048, chunks: tuple[int, ...] = (256, 512),
          kernels: tuple[str, ...] = KERNELS) -> int:
     if not torch.cuda.is_available():
@@ -197,31 +209,19 @@ def main(rows: tuple[int, ...] = (64, 128, 256), span: int = 2048, chunks: tuple
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     if "decode-attention" in kernels:
-        print("| heads of | rows | span | lengths | chunk | kernel err vs fp32 | SDPA err vs fp32 | kernel us "
-              "| SDPA us | speed-up | kernel GB/s |")
-        print("|" + "---|" * 11)
-        for kind in ("caption", "mixed"):
-            for line in check_decode_attention(rows, span, kind, chunks):
-                print(line, flush=True)
+        _table("", ["heads of", "rows", "span", "lengths", "chunk", "kernel err vs fp32", "SDPA err vs fp32",
+                    "kernel us", "SDPA us", "speed-up", "kernel GB/s"],
+               (line for kind in ("caption", "mixed") for line in check_decode_attention(rows, span, kind, chunks)))
     if "fp8-quant" in kernels:
-        print("\nPer-token fp8 quantization on edge rows (all must be 0)")
-        print("| dtype | values | kernel q bytes differing | kernel scales differing | reference GPU vs CPU q "
-              "| reference GPU vs CPU scales |")
-        print("|" + "---|" * 6)
-        for line in check_fp8_quant_edges():
-            print(line, flush=True)
-        print("\nPer-token fp8 quantization, bf16 input: the kernel against the eager torch reference")
-        print("| rows | K | q bytes differing | scales differing | kernel us | eager us | speed-up | kernel GB/s "
-              "| eager GB/s |")
-        print("|" + "---|" * 9)
-        for line in check_fp8_quant():
-            print(line, flush=True)
+        _table("Per-token fp8 quantization on edge rows (all must be 0)",
+               ["dtype", "values", "kernel q bytes differing", "kernel scales differing", "reference GPU vs CPU q",
+                "reference GPU vs CPU scales"], check_fp8_quant_edges())
+        _table("Per-token fp8 quantization, bf16 input: the kernel against the eager torch reference",
+               ["rows", "K", "q bytes differing", "scales differing", "kernel us", "eager us", "speed-up",
+                "kernel GB/s", "eager GB/s"], check_fp8_quant())
     if "rmsnorm-fp8-quant" in kernels:
-        print("\nRMSNorm fused with per-token fp8 quantization, bf16 input: the kernel against the eager reference "
-              "and against RMSNorm then the per-token kernel")
-        print("| rows | K | q bytes differing | most e4m3 steps apart | scale rel diff | fused us | eager us "
-              "| norm + kernel us | vs eager | vs norm + kernel | fused GB/s |")
-        print("|" + "---|" * 11)
-        for line in check_rmsnorm_fp8_quant():
-            print(line, flush=True)
+        _table("RMSNorm fused with per-token fp8 quantization, bf16 input: the kernel against the eager reference "
+               "and against RMSNorm then the per-token kernel",
+               ["rows", "K", "q bytes differing", "most e4m3 steps apart", "scale rel diff", "fused us", "eager us",
+                "norm + kernel us", "vs eager", "vs norm + kernel", "fused GB/s"], check_rmsnorm_fp8_quant())
     return 0
