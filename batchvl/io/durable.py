@@ -86,21 +86,33 @@ def remove_dead_temps(out_dir: Path, live_runs: Iterable[str]) -> int:
             age = now - path.stat().st_mtime
         except FileNotFoundError:
             continue
-        writer_gone = m is None or (m.group("host") == _host_name() and not _pid_exists(int(m.group("pid"))))
+        writer_gone = m is None or (m.group("host") == _host_name() and not process_alive(int(m.group("pid"))))
         if writer_gone or age >= ORPHAN_AGE_S:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
 
 
-def _pid_exists(pid: int) -> bool:
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks after boot (Linux); None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` of this machine exists; with `started` (its `process_start`), whether it is still
+    that process and not a later one that was given the same pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, under another user
         pass
-    return True
+    now = process_start(pid) if started is not None else None
+    return started is None or now is None or now == started
 
 
 def write_json_atomic(path: Path, value: Any, owner: Owner) -> None:

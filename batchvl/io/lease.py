@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from batchvl.errors import JobError, OutputWriteError
-from batchvl.io.durable import Owner, create_json_once, fsync_dir, write_json_atomic
+from batchvl.io.durable import Owner, create_json_once, fsync_dir, process_alive, process_start, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def liveness(holder: Holder) -> str:
     can tell, see `Lease`). Looks once, without waiting."""
     if holder.machine != machine_id():
         return "alive" if time.time() - holder.updated < STALE_S else "unknown"
-    return "alive" if _process_alive(holder.pid, holder.pid_start) else "dead"
+    return "alive" if process_alive(holder.pid, holder.pid_start) else "dead"
 
 
 def live_runs(out_dir: Path) -> set[str]:
@@ -206,7 +206,7 @@ class Lease:
     def _content(self) -> dict[str, Any]:
         return asdict(Holder(
             run=self.owner.run, host=socket.gethostname(), pid=os.getpid(), machine=machine_id(),
-            pid_start=_process_start(os.getpid()), index=self.scope.index, count=self.scope.count,
+            pid_start=process_start(os.getpid()), index=self.scope.index, count=self.scope.count,
             exclusive=self.scope.exclusive, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             beat=self._beat, updated=time.time(), command=self.command, mutex=self.scope.mutex))
 
@@ -237,7 +237,7 @@ class Lease:
         if holder is None:
             return "stale" if path.exists() else "gone"  # unreadable after a moment: not a live holder's file
         if holder.machine == machine_id():
-            return "alive" if _process_alive(holder.pid, holder.pid_start) else "stale"
+            return "alive" if process_alive(holder.pid, holder.pid_start) else "stale"
         seen = self._watch.get(path)
         if seen is not None and seen[0] != holder.beat:  # it beat while we watched
             del self._watch[path]
@@ -317,23 +317,3 @@ def machine_id() -> str:
     except OSError:
         pass
     return "/".join(parts)
-
-
-def _process_start(pid: int) -> str | None:
-    """When process `pid` started, in clock ticks after boot (Linux); None where /proc cannot tell."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
-
-
-def _process_alive(pid: int, started: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        pass
-    now = _process_start(pid)
-    return started is None or now is None or now == started
