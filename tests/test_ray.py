@@ -181,6 +181,21 @@ def test_a_rerun_with_ray_exits_before_starting_ray_only_when_every_input_row_is
             main(["run", job, "--quiet", "--ray"])
 
 
+def test_a_rerun_with_ray_runs_when_a_record_that_could_not_be_read_reads_now(tiny_model, tmp_path, monkeypatch):
+    """Without an id column a fixed line keeps its id (its position), which the folder already holds as an error
+    row: the early exit must still see that the run has work (replacing that row), as a local run does."""
+    inp = tmp_path / "rows.jsonl"
+    inp.write_text('{"prompt": "One."}\n{not json\n')
+    job = str(write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, tmp_path / "out",
+                                                       input={"image_column": None, "id_column": None})))
+    assert main(["run", job, "--quiet"]) == 0
+    with no_ray_work(monkeypatch):
+        assert main(["run", job, "--quiet", "--ray"]) == 0  # finished: Ray is not started
+        inp.write_text('{"prompt": "One."}\n{"prompt": "Two."}\n')
+        with pytest.raises(RayStarted):
+            main(["run", job, "--quiet", "--ray"])
+
+
 def readme_pipeline() -> str:
     """The code of the README's 'In your own Ray pipeline' example."""
     text = (REPO / "README.md").read_text(encoding="utf-8")

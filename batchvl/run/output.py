@@ -76,9 +76,7 @@ def _replace_fixed_records(job: Job, plan: Plan, unreadable: set[str], shard: Sh
     fixed by hand), so that they run again; a shard, those it owns. Their error row's id is the record's
     position; the fixed record may have an id of its own, so without this the folder would keep both rows.
     Shards may do this at once: the `rewrite` lease lets one rewrite part files at a time."""
-    mine = {i for i in unreadable if shard is None or shard.owns(i)}
-    fixed = {row.source for _, row in read_rows(plan.files, plan.ids)
-             if row.source in mine and row.error is None}
+    fixed = fixed_records(plan, unreadable, shard)
     if not fixed:
         return 0
     with Lease(job.output_dir, REWRITE, plan.claim.owner, wait=True):
@@ -86,6 +84,15 @@ def _replace_fixed_records(job: Job, plan: Plan, unreadable: set[str], shard: Sh
                             plan.claim.owner)
     log.info("%d input record(s) that could not be read before read now: their error rows are replaced", dropped)
     return dropped
+
+
+def fixed_records(plan: Plan, unreadable: set[str], shard: Shard | None = None) -> set[str]:
+    """Of the output's rows whose input record could not be read (`unreadable`: their ids are the records'
+    positions), those whose record reads now; with a shard, of those it owns. One pass over the input."""
+    mine = {i for i in unreadable if shard is None or shard.owns(i)}
+    if not mine:
+        return set()
+    return {row.source for _, row in read_rows(plan.files, plan.ids) if row.source in mine and row.error is None}
 
 
 def open_writer(job: Job, files: list[Path], on_commit: Callable[[list[Result]], None], claim: Claim,

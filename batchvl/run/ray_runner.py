@@ -41,8 +41,8 @@ from batchvl.io.ids import Ids
 from batchvl.io.readers import count_rows, read_file_rows
 from batchvl.io.writer import read_done, table_results
 from batchvl.run.fingerprint import read_fingerprint
-from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, open_output, open_writer, pending_rows
-from batchvl.run.plan import Plan, plan_job
+from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, fixed_records, open_output, open_writer, pending_rows
+from batchvl.run.plan import Plan, check_ids_stay, plan_job
 from batchvl.run.progress import Progress
 from batchvl.run.ray_session import check_address, ray_session
 from batchvl.run.ray_stages import (
@@ -182,10 +182,14 @@ def finished_plan(job: Job, retry_errors: bool) -> Plan | None:
     recorded = read_fingerprint(job.output_dir)
     if recorded is None:
         return None
-    done, _, failed, _ = read_done(job.output_dir)
-    if len(done) < count_rows(job.input.files) or (retry_errors and failed):
+    done = read_done(job.output_dir)
+    if len(done.ids) < count_rows(job.input.files) or (retry_errors and done.failed):
         return None
-    plan = plan_job(_resolved(job, recorded.get("engine.dtype") == "bfloat16"))
+    plan = plan_job(_resolved(job, recorded.get("engine.dtype") == "bfloat16"), read_output=False)
+    plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
+    check_ids_stay(job, plan)
+    if fixed_records(plan, done.unreadable):  # a record fixed since: the run replaces its error row
+        return None
     pending = pending_rows(plan.files, plan.ids, plan.done)
     return plan if next(pending, None) is None else None
 
