@@ -14,6 +14,7 @@ loop.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -22,6 +23,7 @@ from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.compile import compile_model
 from batchvl.engine.graphs import VisionGraph
+from batchvl.engine.memory import plan_memory
 from batchvl.engine.model_runner import ModelRunner
 from batchvl.engine.sampler import Sampler
 from batchvl.engine.state import BatchState
@@ -89,12 +91,13 @@ class NativeEngine(Engine):
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
         if quantization == "fp8":
             use_activation_quantizer(self.model, _fp8_activation_kernel(self.device))
-        if compile and self.device.type == "cuda":  # on the CPU, compiling costs more than it saves
+        self.compiled = compile and self.device.type == "cuda"  # on the CPU, compiling costs more than it saves
+        if self.compiled:
             compile_model(self.model)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.pad_id = 0
         self.set_params(params)
-        self.max_batch_tokens = max_batch_tokens or self._auto_batch_tokens()
+        self.max_batch_tokens = max_batch_tokens or self._plan_memory()
         self.times = StageTimes()
         self._pinned: torch.Tensor | None = None  # the host staging buffer for tiles
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -112,13 +115,23 @@ class NativeEngine(Engine):
         self.eos_block = torch.tensor([t for t in params.stops if 0 <= t < self.text_spec.vocab] or [0],
                                       device=self.device)
 
-    def _auto_batch_tokens(self) -> int:
-        """Tokens (prompt + output, summed over rows) one batch may hold: the KV cache's share of free memory."""
+    def _plan_memory(self) -> int:
+        """Tokens (prompt + output, summed over rows) one batch may hold: the KV cache's share of the memory left
+        after the weights, once one prefill chunk's and one vision chunk's activations are counted; the prefill
+        chunk is cut where a large model's would not fit (batchvl.engine.memory)."""
         if self.device.type != "cuda":
             return 1 << 20
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_token = KVCache.bytes_per_token(self.text_spec, self.dtype)
-        return max(int(free * 0.6) // per_token, 4096)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        plan = plan_memory(free, self.text_spec, self.vision_spec, size, self.prefill_tokens, self.vision_chunk)
+        if plan.prefill_tokens < self.prefill_tokens:
+            log.info("prefill runs in chunks of %d tokens (not %d): their activations fit in what the weights "
+                     "leave", plan.prefill_tokens, self.prefill_tokens)
+        self.prefill_tokens = plan.prefill_tokens
+        tokens = max(plan.cache_bytes // KVCache.bytes_per_token(self.text_spec, self.dtype), 4096)
+        log.info("memory: %.1f GB free after the weights; KV cache %.1f GB (%d tokens), activations %.1f GB",
+                 free / 1e9, plan.cache_bytes / 1e9, tokens, plan.activation_bytes / 1e9)
+        return tokens
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -231,8 +244,16 @@ class NativeEngine(Engine):
         return buf[:tiles]
 
     def close(self) -> None:
+        """Give the device memory back, all of it: a second engine in this process (bench's timed run after its
+        warm-up, the pipeline API's next model) needs it. On the H200 the 76B shape's second load ran out of
+        memory with the first's 84 GB still held. Dropping the references is not enough: each compiled block
+        holds its own forward (a reference cycle, freed only by the cycle collector), and torch.compile keeps
+        what it compiled on the code objects of the blocks' methods, which outlive the model."""
         self.runner.close()
-        self._vision_graph = None
+        self.runner = self._vision_graph = self._pinned = None  # the runner holds the language model too
         del self.model
+        gc.collect()
+        if self.compiled:
+            torch._dynamo.reset()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
