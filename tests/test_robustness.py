@@ -4,6 +4,7 @@ out-of-memory splitting and write failures."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -286,3 +287,25 @@ def test_write_failure_stops_with_exit_1_and_stays_resumable(tiny_model, tmp_pat
     monkeypatch.setattr(writer.pq, "write_table", real)
     assert main(["run", str(job), "--quiet"]) == 0
     assert sorted(by_id(tmp_path / "out")) == [f"r{i}" for i in range(6)]
+
+
+def test_a_rerun_with_every_row_written_loads_no_model_and_says_so(tiny_model, tmp_path, monkeypatch, caplog):
+    import batchvl.run.local as local
+
+    rows = [{"id": f"r{i}", "prompt": f"row {i}"} for i in range(5)]
+    job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 2})
+    assert main(["run", str(job), "--quiet"]) == 0
+    before = by_id(tmp_path / "out")
+    loads = []
+    real = local.build_engine
+    monkeypatch.setattr(local, "build_engine", lambda *a: loads.append(1) or real(*a))
+    caplog.set_level(logging.INFO, logger="batchvl")
+    for args in ([], ["--shard", "0/2"], ["--shard", "1/2"]):
+        assert main(["run", str(job), "--quiet", *args]) == 0
+    assert loads == [] and caplog.text.count("the model was not loaded") == 3
+    assert by_id(tmp_path / "out") == before
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["state"] == "finished"
+    # One row more in the input: now there is work, and the model loads for it alone.
+    write_jsonl(tmp_path / "rows.jsonl", [*rows, {"id": "r5", "prompt": "row 5"}])
+    assert main(["run", str(job), "--quiet"]) == 0
+    assert loads == [1] and sorted(by_id(tmp_path / "out")) == [f"r{i}" for i in range(6)]

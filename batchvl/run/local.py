@@ -15,7 +15,7 @@ from batchvl.engine.timing import StageTimes
 from batchvl.io.shards import Shard
 from batchvl.run.gpus import run_on_workers
 from batchvl.run.loop import build_engine, make_preparer, process_rows
-from batchvl.run.output import open_output, open_writer, pending_rows
+from batchvl.run.output import nothing_to_do, open_output, open_writer, pending_rows
 from batchvl.run.plan import Plan
 from batchvl.run.progress import Progress
 from batchvl.run.signals import Stop
@@ -36,6 +36,8 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
     with open_output(job, overwrite, retry_errors, shard, wait) as plan, Stop() as stop:
         log.info("plan:\n%s", plan.describe())
         devices = job.engine.devices
+        if nothing_to_do(plan, shard):
+            return _nothing_to_do(job, plan, start, shard)
         if len(devices) > 1:
             summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
         else:
@@ -44,6 +46,16 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
             summary = _run(job, plan, stop, start, progress, sync_times, shard)
     summary.interrupted = stop.signum
     return summary
+
+
+def _nothing_to_do(job: Job, plan: Plan, start: float, shard: Shard | None) -> Summary:
+    """A rerun whose rows are all written: it says so, marks the folder finished, and loads no model."""
+    log.info("nothing to do: every input row%s is already in %s; the model was not loaded",
+             f" of shard {shard.label}" if shard else "", job.output_dir)
+    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
+    counts.count_todo(plan)
+    counts.write("finished")
+    return Summary(skipped=len(plan.done), elapsed_s=time.perf_counter() - start)
 
 
 def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_times: bool,

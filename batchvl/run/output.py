@@ -177,13 +177,25 @@ def duplicate_key(row_id: str, source: str) -> str:
     return f"{row_id}#dup@{source}"
 
 
-def pending_rows(files: list[Path], ids: Ids, done: set[str], shard: Shard | None = None) -> Iterator[tuple[Path, Row]]:
+def nothing_to_do(plan: Plan, shard: Shard | None = None) -> bool:
+    """Whether every input row (of the shard) is already in the output folder, so that a run need not load the
+    model. Cheap when there is work without a shard: fewer ids in the folder than rows in the input means work
+    (every input row has its own output id). Otherwise the input is read through until a pending row shows."""
+    if shard is None and len(plan.done) < plan.rows:
+        return False
+    return next(pending_rows(plan.files, plan.ids, plan.done, shard, faults=False), None) is None
+
+
+def pending_rows(files: list[Path], ids: Ids, done: set[str], shard: Shard | None = None,
+                 faults: bool = True) -> Iterator[tuple[Path, Row]]:
     """The input rows still to run. The first occurrence of an id is the row; a later one becomes an error row
     with id `duplicate_key(id, source)`, so that output ids stay unique. Ids (and duplicate keys) already in
-    the output are skipped: that is how a rerun resumes. With a shard, only the ids it owns."""
+    the output are skipped: that is how a rerun resumes. With a shard, only the ids it owns. `faults`: pass
+    the fault-injection point of each row read (tests); a look ahead that is not the run's own read does not."""
     first: dict[str, str] = {}
     for file, row in read_rows(files, ids):
-        fault_point("read")
+        if faults:
+            fault_point("read")
         if shard is not None and not shard.owns(row.id):
             continue
         seen = first.get(row.id)
