@@ -179,7 +179,8 @@ def test_sigterm_finishes_the_batch_in_flight_and_resumes(tiny_model, tmp_path, 
     assert {k: r["text"] for k, r in by_id(tmp_path / "out").items()} == clean_texts(rows, 16)
 
 
-@pytest.mark.parametrize("fault", ["read:5", "batch:3", "write:2"])
+# batch:2, as the native engine gets 8 of the 12 rows in a call (refill): there is no third
+@pytest.mark.parametrize("fault", ["read:5", "batch:2", "write:2"])
 def test_kill_9_at_a_fault_point_then_rerun_gives_every_row_once(tiny_model, tmp_path, clean_texts, fault,
                                                                 backend):
     job = crash_job(tmp_path, tiny_model, "out", backend=backend)
@@ -225,7 +226,8 @@ def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, mo
     job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 4},
                    engine={"max_batch_size": 4, "backend": backend})
     assert main(["run", str(job), "--quiet"]) == 0
-    assert sizes == [4, 2, 1, 1, 2, 1, 1, 1]
+    # The native engine refills its slots, so the loop hands it all five rows at once (four batches' worth).
+    assert sizes == ([5, 2, 1, 1, 3, 1, 2, 1, 1] if backend == "native" else [4, 2, 1, 1, 2, 1, 1, 1])
     assert handling == [None] * len(sizes)
     out = by_id(tmp_path / "out")
     assert sorted(out) == [f"r{i}" for i in range(5)]
@@ -251,9 +253,38 @@ def test_the_native_engine_sizes_itself_down_after_running_out_of_memory(tiny_mo
     monkeypatch.setattr(NativeEngine, "_run", run)
     rows = [{"id": f"r{i:02d}", "prompt": f"row {i}"} for i in range(24)]
     job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 3},
-                   engine={"max_batch_size": 8, "backend": "native"})
+                   engine={"max_batch_size": 8, "backend": "native", "refill": False})
     assert main(["run", str(job), "--quiet"]) == 0
     assert ran == [8, 4, 2, 2, 2, 2] + [2] * 8  # two out-of-memory errors, then batches cut to 2 rows
+    assert "now runs at most 2 rows at once" in caplog.text
+    out = by_id(tmp_path / "out")
+    assert sorted(out) == [r["id"] for r in rows] and all(r["error"] is None for r in out.values())
+
+
+def test_a_refilling_engine_sizes_its_slots_down_after_running_out_of_memory(tiny_model, tmp_path, monkeypatch,
+                                                                            caplog):
+    """The same with refill: the batch's slots (what the cache is sized for) halve on each out-of-memory,
+    while the rows of the failed call are split and rerun, none lost."""
+    from batchvl.engine.native import NativeEngine
+
+    real, slots = NativeEngine.start, []
+
+    def start(self, n, need):
+        slots.append(n)
+        if n > 2:  # what fits on this pretend device
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(self, n, need)
+
+    monkeypatch.setattr(NativeEngine, "start", start)
+    rows = [{"id": f"r{i:02d}", "prompt": f"row {i}", "limit": 1 + i % 3} for i in range(24)]
+    inp = write_jsonl(tmp_path / "rows.jsonl", rows)  # rows of 1 to 3 new tokens: slots free at different steps
+    job = write_job(tmp_path / "job.yaml", base_job(
+        tiny_model, inp, tmp_path / "out", generation={"max_new_tokens": 3},
+        input={"image_column": None, "max_new_tokens_column": "limit"},
+        engine={"max_batch_size": 8, "backend": "native"}))
+    assert main(["run", str(job), "--quiet"]) == 0
+    # All 24 rows in one call (four batches' worth): 8 slots fail, then 4 for the first half, then 2 from then on.
+    assert slots == [8, 4, 2, 2, 2]
     assert "now runs at most 2 rows at once" in caplog.text
     out = by_id(tmp_path / "out")
     assert sorted(out) == [r["id"] for r in rows] and all(r["error"] is None for r in out.values())

@@ -15,7 +15,9 @@ loop.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
+from collections import deque
 
 import torch
 
@@ -36,6 +38,8 @@ from batchvl.models.loader import load_model
 from batchvl.prepare.prompt import IMG_CONTEXT
 
 log = logging.getLogger(__name__)
+
+REFILL_SHARE = 4  # waiting rows join a running batch once a quarter of its slots have finished
 
 
 def _decode_kernel(choice: str, device: torch.device):
@@ -74,7 +78,8 @@ class NativeEngine(Engine):
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
-                 quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto"):
+                 quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
+                 refill: bool = True):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -83,6 +88,7 @@ class NativeEngine(Engine):
         self.vision_chunk = vision_chunk
         self.prefill_tokens = prefill_tokens
         self.check_every = check_every
+        self.refill = refill
         log.info("loading %s natively (%s, %s%s%s)", checkpoint.path, self.device, self.dtype,
                  "" if quantization == "none" else f", {quantization}" + (" with vision" if quantize_vision else ""),
                  ", random weights (load_format dummy)" if load_format == "dummy" else "")
@@ -136,7 +142,11 @@ class NativeEngine(Engine):
     # -----------------------------------------------------------------------------------------------------
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Run requests in sub-batches that fit the token budget; results keep the request order."""
+        """Run requests; results keep the request order. With refill (the default), more requests than the
+        batch has slots run in one batch whose finished slots take the waiting rows (`_run_refilling`);
+        without, in static sub-batches that fit the token budget."""
+        if self.refill and len(requests) > 1:
+            return self._run_refilling(requests)
         results: list[Result] = []
         for chunk in self._split(requests):
             results.extend(self._run(chunk))
@@ -174,6 +184,72 @@ class NativeEngine(Engine):
         self.last_tokens = state.generated()
         return [decode_result(r, row, self.params, self.tokenizer)
                 for r, row in zip(requests, self.last_tokens, strict=True)]
+
+    @torch.inference_mode()
+    def _run_refilling(self, requests: list[Request]) -> list[Result]:
+        """One batch of as many slots as the budget allows, for all of `requests`: the first rows fill it, and
+        whenever at least 1/REFILL_SHARE of its slots have finished (or all have), the waiting rows take them,
+        prefilled into the free slots while the others keep their state; then decoding goes on. A static batch
+        would run until its longest row is done while the finished rows' slots sit idle.
+
+        Rows are independent of their slot and of the step they join at (BatchState), so each row generates
+        what it generates alone: token for token in float32 (tests/test_refill.py). The cache's span covers
+        the longest row of all the requests. Results come back together, in request order: a failure (out of
+        memory) loses none of them, as the caller reruns them all."""
+        p = self.params
+        need = max(len(r.prompt_ids) + (r.max_new_tokens or p.max_new_tokens) for r in requests)
+        slots = max(1, min(self.max_batch_size, len(requests), self.max_batch_tokens // need))
+        with self.times.stage("decode"):
+            state = self.start(slots, need)
+        waiting = deque(range(len(requests)))
+        holder: list[int | None] = [None] * slots  # the request index each slot runs, None when free
+        tokens: list[list[int] | None] = [None] * len(requests)
+        stop_hit = self._stop_hit()
+        self._admit(state, holder, list(range(slots)), waiting, requests)
+        while True:
+            with self.times.stage("decode"):
+                for _ in range(self.check_every):
+                    state.decode()
+                state.sync(stop_hit)  # the host learns which rows are done: one synchronisation
+                done = state.done.tolist()
+                finished = [s for s, i in enumerate(holder) if i is not None and done[s]]
+                if finished:
+                    for s, ids in zip(finished, state.out[finished, : state.width].tolist(), strict=True):
+                        tokens[holder[s]] = ids
+                        holder[s] = None
+            free = [s for s, i in enumerate(holder) if i is None]
+            if not waiting:
+                if len(free) == slots:
+                    break
+            elif len(free) == slots or len(free) * REFILL_SHARE >= slots:
+                self._admit(state, holder, free, waiting, requests)
+        self.last_tokens = tokens
+        return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
+
+    def _admit(self, state: BatchState, holder: list[int | None], free: list[int], waiting: deque[int],
+               requests: list[Request]) -> None:
+        """Prefill waiting rows, in order, into the `free` slots (ascending): one vision pass for all of them,
+        one prefill per run of adjacent slots."""
+        take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        rows = [requests[i] for i in take]
+        with self.times.stage("vision"):
+            features = self._vision(rows)
+        # Each row's share of the features: one embedding per image context token of its prompt.
+        sizes = [sum(1 for t in r.prompt_ids if t == self.image_token_id) for r in rows]
+        offsets = [0, *itertools.accumulate(sizes)]
+        with self.times.stage("prefill"):
+            start = 0
+            while start < len(take):
+                end = start + 1
+                while end < len(take) and free[end] == free[end - 1] + 1:
+                    end += 1
+                piece = None if features is None else features[offsets[start] : offsets[end]]
+                logits = state.admit_rows(free[start], rows[start:end], piece)
+                if self.first_step_logits is not None:
+                    self.first_step_logits.append(logits[:, : self.text_spec.vocab].cpu())
+                start = end
+        for slot, index in zip(free, take, strict=False):  # fewer rows than free slots at the end
+            holder[slot] = index
 
     def out_of_memory(self, rows: int) -> None:
         """After a batch of `rows` rows ran out of memory: run at most half as many rows at once from now on

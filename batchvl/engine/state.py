@@ -76,9 +76,14 @@ class BatchState:
         """Prefill one row into a free `slot` (one never filled, or whose row is done) of a running batch and
         take its first token; every other slot keeps its state. `features`: the row's image embeddings.
         Returns its first step's logits [1, V]."""
-        if not 0 <= slot < self.slots:
-            raise IndexError(f"slot {slot} of a batch of {self.slots}")
-        return self._prefill(slot, [request], features)
+        return self.admit_rows(slot, [request], features)
+
+    def admit_rows(self, first: int, requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
+        """`admit` for the free slots first .. first + n - 1 at once, in one prefill: `features` are the rows'
+        image embeddings in request order. Returns the first step's logits [n, V]."""
+        if not 0 <= first < self.slots:
+            raise IndexError(f"slot {first} of a batch of {self.slots}")
+        return self._prefill(first, requests, features)
 
     def _prefill(self, first: int, requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
         n, p, device = len(requests), self.params, self.runner.device

@@ -28,6 +28,7 @@ from batchvl.config import Job
 from batchvl.core import Row
 from batchvl.errors import JobError, OutputWriteError, WorkerError
 from batchvl.io.shards import Shard
+from batchvl.run.loop import engine_rows
 from batchvl.run.output import pending_rows
 from batchvl.run.plan import Plan, generation_params, worker_label
 from batchvl.run.progress import Progress
@@ -80,7 +81,7 @@ def run_on_workers(job: Job, plan: Plan, devices: list[int], stop: Stop, start: 
     cpu = job.engine.device == "cpu"
     counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
     todo = counts.count_todo(plan)
-    chunks = _chunks(pending_rows(plan.files, plan.ids, plan.done, shard), job.engine.max_batch_size)
+    chunks = _chunks(pending_rows(plan.files, plan.ids, plan.done, shard), engine_rows(job))
     first = next(chunks, None)
     labels = [worker_label(d, cpu) for d in devices]
     bar = Progress(total=max(todo, 0), enabled=progress, workers=labels)

@@ -37,7 +37,7 @@ def process_rows(job: Job, engine, preparer: RowPreparer, rows: Iterable[tuple[P
     after an error, the caller closes it with `close_after_error`."""
     prefetcher = make_prefetcher(job, rows, preparer)
     try:
-        for batch in batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size):
+        for batch in batches_of(_timed(prefetcher, times, "media wait"), engine_rows(job)):
             if stopping():
                 break
             fault_point("batch")
@@ -134,8 +134,20 @@ def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPre
     threads = m.prepare_threads or os.cpu_count() or 1
     fetch = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
                           http_concurrency=m.http_concurrency, max_media_bytes=m.max_media_mb << 20)
-    return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, job.engine.max_batch_size),
+    return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, engine_rows(job)),
                       max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch)
+
+
+REFILL_ROWS = 4  # with refill, the engine gets this many batches' worth of rows at once
+
+
+def engine_rows(job: Job) -> int:
+    """How many prepared rows the loop hands the engine at once: a batch, or with refill (native) several
+    batches' worth, which the engine runs through one batch's slots as its rows finish. More rows per call
+    keep the slots full for longer (a call's last rows drain its batch); they also hold more prepared media
+    and are written (and, on SIGINT, waited for) a call at a time."""
+    refill = job.engine.backend == "native" and job.engine.refill
+    return job.engine.max_batch_size * (REFILL_ROWS if refill else 1)
 
 
 def make_preparer(job: Job, plan: Plan) -> RowPreparer:

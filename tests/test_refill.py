@@ -1,0 +1,96 @@
+"""Refill: finished rows' slots take waiting rows while the batch runs on (NativeEngine._run_refilling).
+
+Each row must generate exactly what it generates in a static batch and alone, token for token, on the CPU in
+float32, whatever the slot it lands in and the step it joins at: with per-row max_new_tokens (so that rows end
+at different steps and slots free up one by one), stop strings, sampling with per-row seeds, the repetition
+penalty and min_new_tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from batchvl.engine.base import GenerationParams
+from batchvl.engine.native import NativeEngine
+from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
+from batchvl.tools.check_parity import sample_rows
+
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    ck = CheckpointInfo.read(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    return ck, tokenizer, sample_rows(tokenizer, checkpoint_chat_template(tiny_model, tokenizer), ck.tokens_per_tile)
+
+
+def engine(setup, refill: bool, slots: int, **params) -> NativeEngine:
+    ck, tokenizer, _ = setup
+    params = GenerationParams(**{"max_new_tokens": MAX_NEW, "eos_token_ids": (tokenizer.eos_token_id,), **params})
+    return NativeEngine(ck, tokenizer, params, device="cpu", dtype="float32", max_batch_size=slots, refill=refill)
+
+
+def requests(setup):
+    """Nine rows of the four kinds (a 7-tile image, two images, a small image, text), with limits from 1 to
+    MAX_NEW, so that they finish at different steps."""
+    rows = setup[2]
+    limits = [MAX_NEW, 3, 7, 1, 5, 9, 2, MAX_NEW, 4]
+    return [dataclasses.replace(rows[i % len(rows)], id=f"row{i}", max_new_tokens=limit)
+            for i, limit in enumerate(limits)]
+
+
+PARAMS = {
+    "greedy": {},
+    "sampling": {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 11},
+    "penalty": {"repetition_penalty": 1.3},
+    "min-new-tokens": {"min_new_tokens": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_refilled_rows_generate_what_static_batches_and_each_row_alone_generate(setup, name):
+    rows = requests(setup)
+    refilled = engine(setup, refill=True, slots=3, **PARAMS[name])
+    calls = []
+    real = refilled._admit
+    refilled._admit = lambda state, holder, free, waiting, reqs: calls.append(len(free)) or \
+        real(state, holder, free, waiting, reqs)
+    got = refilled.generate(rows)
+    assert len(calls) > 2  # rows joined a running batch, more than once
+    static = engine(setup, refill=False, slots=3, **PARAMS[name])
+    want = static.generate(rows)
+    alone = [static.generate([r])[0] for r in rows]
+    assert [(r.id, r.text, r.output_tokens, r.finish_reason) for r in got] == \
+        [(r.id, r.text, r.output_tokens, r.finish_reason) for r in want] == \
+        [(r.id, r.text, r.output_tokens, r.finish_reason) for r in alone]
+    assert all(r.output_tokens <= row.max_new_tokens for r, row in zip(got, rows, strict=True))
+    assert len({r.output_tokens for r in got}) > 2  # rows ended at different steps
+
+
+def test_stop_strings_end_refilled_rows_where_they_end_static_ones(setup):
+    rows = requests(setup)
+    static = engine(setup, refill=False, slots=9)
+    first = static.generate(rows)
+    # A stop string from the middle of one row's text: it ends that row early, freeing its slot.
+    longest = max(first, key=lambda r: len(r.text))
+    stop = longest.text[len(longest.text) // 2 : len(longest.text) // 2 + 2]
+    assert stop.strip()
+    want = engine(setup, refill=False, slots=9, stop=[stop]).generate(rows)
+    got = engine(setup, refill=True, slots=2, stop=[stop]).generate(rows)
+    assert [(r.text, r.finish_reason) for r in got] == [(r.text, r.finish_reason) for r in want]
+    assert any(r.finish_reason == "stop" for r in got)
+
+
+def test_a_batch_takes_waiting_rows_only_once_a_quarter_of_its_slots_are_free(setup):
+    rows = [dataclasses.replace(setup[2][3], id=f"t{i}", max_new_tokens=2 + (i % 8)) for i in range(16)]
+    e = engine(setup, refill=True, slots=8)
+    admitted = []
+    real = e._admit
+    e._admit = lambda state, holder, free, waiting, reqs: admitted.append(min(len(free), len(waiting))) or \
+        real(state, holder, free, waiting, reqs)
+    e.check_every = 1  # the host learns of every finished row at once
+    e.generate(rows)
+    assert admitted[0] == 8 and all(n >= 2 for n in admitted[1:]) and sum(admitted) == 16
