@@ -219,7 +219,12 @@ def test_the_76b_fits_one_h200_only_with_fp8(tmp_path):
     assert fp8["total"] < 0.6 * H200_BYTES
 
 
-def test_bench_no_save_refuses_the_transformers_baseline_in_one_line(capsys):
-    code = main(["bench", "--shape", "internvl2-76b", "--no-save", "--baseline", "transformers"])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("batchvl: error: --no-save: "), err
+def test_bench_no_save_runs_the_transformers_baseline_on_dummy_weights_too(capsys):
+    from batchvl.tools.bench import bench
+
+    sides, _ = bench("tiny", "caption-7tile", rows=1, batch=1, baseline="transformers", baseline_rows=1,
+                     baseline_batch=1, device="cpu", no_save=True)
+    native, reference = sides
+    assert "setup (configs + 1 JPEGs)" in capsys.readouterr().out  # no weights were written
+    assert (native.name, reference.name) == ("native", "transformers")
+    assert (native.rows, reference.rows) == (1, 1) and reference.output_tokens == 128  # ignore_eos: all 128
