@@ -1,6 +1,6 @@
 """engine.load_format: dummy (random weights with no weight files, for benchmarks of models whose checkpoint does
-not fit the disk), the checkpoint skeleton `bench --no-save` writes, the big shapes' published dimensions, and the
-weights' size arithmetic against the built model."""
+not fit the disk) on both backends, the checkpoint skeleton `bench --no-save` writes, the big shapes' published
+dimensions, and the weights' size arithmetic against the built model."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ import pytest
 import torch
 
 from batchvl.cli import main
-from batchvl.models.checkpoint import CheckpointInfo
+from batchvl.engine.base import GenerationParams
+from batchvl.engine.hf import TransformersEngine
+from batchvl.media.tiling import normalize_uint8
+from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
 from batchvl.models.footprint import weight_bytes
 from batchvl.models.fp8 import FP8_DTYPE, FP8_MAX, Fp8Linear, fp8_targets, to_fp8_modules
 from batchvl.models.loader import InternVL, build_specs, load_model
-from batchvl.tools.check_parity import write_skeleton
+from batchvl.tools.check_parity import sample_rows, write_skeleton
 from batchvl.tools.shapes import SHAPES
+from batchvl.tools.tiny import make_tiny_model
 
 from .conftest import base_job, write_job, write_jsonl
 
@@ -31,10 +35,10 @@ def skeleton(tmp_path_factory) -> Path:
     return write_skeleton("tiny", tmp_path_factory.mktemp("models") / "tiny-skeleton", shapes=SHAPES)
 
 
-def job_file(tmp_path: Path, model: Path, name: str = "job.yaml", **engine) -> Path:
+def job_file(tmp_path: Path, model: Path, name: str = "job.yaml", backend: str = "native", **engine) -> Path:
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": f"r{i}", "prompt": "hi", "image": None} for i in range(3)])
     job = base_job(model, rows, tmp_path / "out", chat_template="none",
-                   engine=dict(backend="native", compile=False, **engine))
+                   engine=dict(backend=backend, compile=False, **engine))
     return write_job(tmp_path / name, job)
 
 
@@ -49,8 +53,9 @@ def test_the_skeleton_holds_configs_and_tokenizer_but_no_weights(skeleton):
     assert not [n for n in names if n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")]
 
 
-def test_a_job_runs_end_to_end_on_dummy_weights_with_no_weight_file(capsys, skeleton, tmp_path):
-    code, err = run(capsys, job_file(tmp_path, skeleton, load_format="dummy"))
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+def test_a_job_runs_end_to_end_on_dummy_weights_with_no_weight_file(capsys, skeleton, tmp_path, backend):
+    code, err = run(capsys, job_file(tmp_path, skeleton, backend=backend, load_format="dummy"))
     assert code == 0, err
     table = pq.read_table(tmp_path / "out").to_pylist()
     assert sorted(r["id"] for r in table) == ["r0", "r1", "r2"]
@@ -81,12 +86,63 @@ def test_a_folder_without_the_key_counts_as_written_from_the_checkpoint(capsys, 
     assert code == 2 and "engine.load_format: 'auto' (not recorded: the only value then) -> 'dummy'" in err, err
 
 
-def test_dummy_is_refused_with_the_transformers_backend(capsys, tiny_model, tmp_path):
-    job = job_file(tmp_path, tiny_model)
-    code = main(["validate", str(job), "--set", "engine.backend=transformers", "--set", "engine.load_format=dummy"])
+def test_the_transformers_backend_takes_dummy_weights_but_still_refuses_fp8(capsys, skeleton, tmp_path):
+    job = job_file(tmp_path, skeleton, backend="transformers", load_format="dummy")
+    code = main(["validate", str(job)])
+    assert code == 0, capsys.readouterr().err
+    code = main(["validate", str(job), "--set", "engine.quantization=fp8"])
     err = capsys.readouterr().err
-    assert code == 2 and err.strip() == ("batchvl: error: engine.load_format: dummy (random weights, no weight files) "
-                                         "runs on the native backend only; engine.backend is transformers")
+    assert code == 2 and err.strip() == ("batchvl: error: engine.quantization: fp8 runs on the native backend only; "
+                                         "engine.backend is transformers")
+
+
+def test_dummy_on_the_transformers_backend_refuses_an_opengvlab_checkpoint_in_one_line(capsys, tmp_path):
+    """OpenGVLab's model is its own remote code: its parameter names are not the ones the filling reads."""
+    model = tmp_path / "opengvlab"
+    make_tiny_model(model, layout="opengvlab")
+    job = job_file(tmp_path, model, backend="transformers", load_format="dummy", trust_remote_code=True)
+    code = main(["validate", str(job)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("batchvl: error: engine.load_format: dummy with the transformers backend needs a "
+                          "transformers-layout checkpoint"), err
+
+
+def transformers_engine(model: Path, load_format: str) -> TransformersEngine:
+    tokenizer = load_tokenizer(model)
+    params = GenerationParams(max_new_tokens=3, eos_token_ids=(tokenizer.eos_token_id,), ignore_eos=True)
+    return TransformersEngine(CheckpointInfo.read(model), tokenizer, params, device="cpu", dtype="float32",
+                              load_format=load_format)
+
+
+def test_transformers_dummy_weights_are_seeded_spread_like_the_natives_with_the_checkpoints_buffers(tiny_model):
+    """Two dummy loads give the same weights, none the checkpoint's, with the native side's spread (norms near 1);
+    the buffers the modules compute (the rotary inv_freq) are those of the checkpoint loaded normally, and the
+    model generates with finite logits, through its vision tower too."""
+    a, b = transformers_engine(tiny_model, "dummy"), transformers_engine(tiny_model, "dummy")
+    real = transformers_engine(tiny_model, "auto")
+    pa, pb, preal = (dict(e.model.named_parameters()) for e in (a, b, real))
+    assert pa.keys() == preal.keys()
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert not any(torch.equal(pa[n], preal[n]) for n in pa if pa[n].numel() > 1)
+    norms = [n for n in pa if n.endswith(("norm.weight", "layernorm_before.weight", "layernorm_after.weight"))]
+    assert any("vision_tower" in n for n in norms) and any("multi_modal_projector" in n for n in norms)
+    for name, p in pa.items():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all(), name
+        mean = 1.0 if name in norms else 0.0
+        assert abs(p.mean().item() - mean) < 0.02 and p.std().item() < 0.04, name
+    buffers, real_buffers = dict(a.model.named_buffers()), dict(real.model.named_buffers())
+    assert "model.language_model.rotary_emb.inv_freq" in buffers and buffers.keys() == real_buffers.keys()
+    assert all(torch.equal(buffers[n], real_buffers[n]) for n in buffers)
+    tokenizer = a.tokenizer
+    rows = sample_rows(tokenizer, checkpoint_chat_template(tiny_model, tokenizer),
+                       CheckpointInfo.read(tiny_model).tokens_per_tile)[-2:]  # an image, text only
+    with torch.inference_mode():
+        logits = a.model(input_ids=torch.tensor([rows[0].prompt_ids]),
+                         pixel_values=normalize_uint8(rows[0].tiles, torch.float32)).logits  # [1, S, V]
+    assert torch.isfinite(logits).all() and logits.std() > 0
+    results = a.generate(rows)
+    assert [r.error for r in results] == [None, None] and all(r.output_tokens == 3 for r in results)
 
 
 def test_dummy_weights_are_seeded_filled_everywhere_and_not_the_checkpoints(tiny_model):
@@ -163,7 +219,12 @@ def test_the_76b_fits_one_h200_only_with_fp8(tmp_path):
     assert fp8["total"] < 0.6 * H200_BYTES
 
 
-def test_bench_no_save_refuses_the_transformers_baseline_in_one_line(capsys):
-    code = main(["bench", "--shape", "internvl2-76b", "--no-save", "--baseline", "transformers"])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("batchvl: error: --no-save: "), err
+def test_bench_no_save_runs_the_transformers_baseline_on_dummy_weights_too(capsys):
+    from batchvl.tools.bench import bench
+
+    sides, _ = bench("tiny", "caption-7tile", rows=1, batch=1, baseline="transformers", baseline_rows=1,
+                     baseline_batch=1, device="cpu", no_save=True)
+    native, reference = sides
+    assert "setup (configs + 1 JPEGs)" in capsys.readouterr().out  # no weights were written
+    assert (native.name, reference.name) == ("native", "transformers")
+    assert (native.rows, reference.rows) == (1, 1) and reference.output_tokens == 128  # ignore_eos: all 128

@@ -114,10 +114,7 @@ def _check_quantization(engine: EngineSpec) -> None:
     if engine.quantization == "fp8" and engine.backend != "native":
         raise JobError(f"engine.quantization: fp8 runs on the native backend only; engine.backend is "
                        f"{shown(engine.backend, quote=False)}")
-    one_of("engine.load_format", engine.load_format, LOAD_FORMATS)
-    if engine.load_format == "dummy" and engine.backend != "native":
-        raise JobError(f"engine.load_format: dummy (random weights, no weight files) runs on the native backend "
-                       f"only; engine.backend is {shown(engine.backend, quote=False)}")
+    one_of("engine.load_format", engine.load_format, LOAD_FORMATS)  # dummy runs on either backend
     if engine.quantize_vision and engine.quantization != "fp8":
         raise JobError(f"engine.quantize_vision: quantizes the vision tower with engine.quantization: fp8; "
                        f"engine.quantization is {shown(engine.quantization, quote=False)}")

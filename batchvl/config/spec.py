@@ -124,8 +124,9 @@ class EngineSpec:
     # language model's linear layers; needs a GPU of compute capability 8.9 or newer (batchvl.engine.factory).
     quantization: str = "none"
     quantize_vision: bool = False  # with fp8: the vision tower's linear layers too
-    # native, for benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every
-    # parameter is filled with seeded random values on the device, as vLLM's --load-format dummy does).
+    # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
+    # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;
+    # the transformers one needs a transformers-layout checkpoint for it (batchvl.engine.hf).
     load_format: str = "auto"
     # auto (every visible GPU), a number of GPUs, or a list of GPU ids: one worker process per GPU when more
     # than one. With device cpu, a number of CPU worker processes (tests, CPU hosts).

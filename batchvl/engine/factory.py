@@ -30,7 +30,8 @@ def make_engine(spec: EngineSpec, checkpoint: CheckpointInfo, tokenizer: Any, pa
                             load_format=spec.load_format, refill=spec.refill)
     if spec.backend == "transformers":
         return TransformersEngine(checkpoint, tokenizer, params, device=spec.device, dtype=spec.dtype,
-                                  max_batch_size=spec.max_batch_size, trust_remote_code=spec.trust_remote_code)
+                                  max_batch_size=spec.max_batch_size, trust_remote_code=spec.trust_remote_code,
+                                  load_format=spec.load_format)
     raise JobError(f"engine.backend: unknown backend {spec.backend!r}")
 
 

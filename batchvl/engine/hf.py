@@ -3,6 +3,13 @@
 It is the correctness reference for the native engine and the baseline it is measured against, so it
 does nothing clever: rows are left-padded into one batch, all their tiles go in one `pixel_values`, and
 transformers places the image features at the `<IMG_CONTEXT>` positions in batch order.
+
+With `load_format='dummy'` (`bench --no-save`, for shapes whose weights do not fit the disk) no weight file is
+read: the model is built from the checkpoint's config directly on the device, in the engine's dtype, and filled
+by batchvl.models.dummy as the native engine's dummy weights are (same spread, norms near 1), so the two sides
+do comparable arithmetic. Building on the device rather than on meta keeps the buffers the modules compute in
+their constructors (the rotary inv_freq), which meta followed by `to_empty` would leave uninitialised; nothing
+is built twice, so peak memory stays near the model's size.
 """
 
 from __future__ import annotations
@@ -14,15 +21,19 @@ import torch
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.timing import StageTimes
+from batchvl.errors import JobError
 from batchvl.media.tiling import normalize_uint8
 from batchvl.models.checkpoint import LAYOUT_HF, CheckpointInfo
+from batchvl.models.dummy import fill_dummy
 
 log = logging.getLogger(__name__)
 
 
 class TransformersEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
-                 dtype: str = "auto", max_batch_size: int = 8, trust_remote_code: bool = False):
+                 dtype: str = "auto", max_batch_size: int = 8, trust_remote_code: bool = False,
+                 load_format: str = "auto"):
+        check_load_format(checkpoint, load_format)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -31,8 +42,11 @@ class TransformersEngine(Engine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else params.eos_token_ids[0]
         self.remote = checkpoint.layout != LAYOUT_HF
         self.times = StageTimes()
-        log.info("loading %s with transformers (%s, %s)", checkpoint.path, self.device, self.dtype)
-        if self.remote:
+        log.info("loading %s with transformers (%s, %s)%s", checkpoint.path, self.device, self.dtype,
+                 ", random weights (load_format dummy)" if load_format == "dummy" else "")
+        if load_format == "dummy":
+            self.model = _dummy_model(checkpoint, self.device, self.dtype)
+        elif self.remote:
             from transformers import AutoModel
 
             # OpenGVLab's own InternVLChatModel; its generate() takes pixel_values + input_ids and returns only
@@ -80,3 +94,28 @@ class TransformersEngine(Engine):
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def check_load_format(checkpoint: CheckpointInfo, load_format: str) -> None:
+    """Dummy weights need a transformers-layout checkpoint: an OpenGVLab one's model is its own remote code,
+    whose parameter names (its projector's LayerNorm is `mlp1.0`) fill_dummy cannot read. Raises JobError; the
+    plan calls it too, so that `batchvl validate` says so before anything loads."""
+    if load_format == "dummy" and checkpoint.layout != LAYOUT_HF:
+        raise JobError(f"engine.load_format: dummy with the transformers backend needs a transformers-layout "
+                       f"checkpoint (InternVLForConditionalGeneration); {checkpoint.path} is OpenGVLab's "
+                       f"(InternVLChatModel): use engine.backend: native, which runs it on dummy weights")
+
+
+def _dummy_model(checkpoint: CheckpointInfo, device: torch.device, dtype: torch.dtype):
+    """transformers' InternVL from the checkpoint's config alone, built on `device` in `dtype` (see the module
+    docstring) and filled with seeded random weights, with the checkpoint's generation config as from_pretrained
+    would read it."""
+    from transformers import AutoConfig, GenerationConfig, InternVLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(checkpoint.path, local_files_only=True)
+    with torch.device(device):  # every parameter and buffer is allocated here, once, in `dtype`
+        model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    fill_dummy(model, dtype)
+    if (checkpoint.path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint.path, local_files_only=True)
+    return model

@@ -18,6 +18,7 @@ from batchvl.config import Job, JobError
 from batchvl.config.spec import shown
 from batchvl.engine import GenerationParams
 from batchvl.engine.factory import check_quantization
+from batchvl.engine.hf import check_load_format
 from batchvl.io.ids import Ids, id_type_problem, moved_folder
 from batchvl.io.lease import Claim
 from batchvl.io.readers import columns_of, count_rows
@@ -113,7 +114,9 @@ def plan_model(job: Job) -> Plan:
     if job.engine.backend == "native":
         build_specs(checkpoint)  # an unsupported family or config fails here, before any work
     check_quantization(job.engine, checkpoint)  # fp8 on this device, and a checkpoint already in fp8
-    if job.engine.load_format != "dummy":  # dummy reads no weight file (native only: batchvl.config.checks)
+    if job.engine.backend == "transformers":
+        check_load_format(checkpoint, job.engine.load_format)  # dummy there needs a transformers-layout checkpoint
+    if job.engine.load_format != "dummy":  # dummy reads no weight file, on either backend
         check_weights(path, required=job.engine.backend == "native")  # headers only: a broken shard fails here
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
     stop_token_ids(path, tokenizer)  # a broken generation_config.json fails here

@@ -3,7 +3,9 @@
 It builds random bf16 weights of a named real shape on the GPU (saved as a transformers-native
 checkpoint, so both sides load the same weights), writes synthetic JPEG files, and runs the same job
 twice through `run_job`: reading, media preparation, engine, Parquet writing. Output lengths are forced
-(`ignore_eos`), since random weights would stop anywhere. Speed is printed, never asserted.
+(`ignore_eos`), since random weights would stop anywhere. Speed is printed, never asserted. With `--no-save`
+only the configs and tokenizer are written, and each side builds its own random weights on the GPU
+(`engine.load_format: dummy`).
 
 Workloads (fixed, so figures compare across runs):
 - `caption-7tile`: every image 1344x896 (3x2 tiles + thumbnail = 7 tiles), a short prompt, 128 tokens out;
@@ -257,14 +259,15 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
     compilation, allocator growth), and the timed run then measures the steady state. The warm-up time is
     printed. `settings` (KEY=VALUE, as in a variant) apply to every native side, variants on top.
     `texts_out`: write each native side's text by row id there (JSON), to compare runs of two commits.
-    `no_save`: write only the shape's configs and tokenizer (no weights) and run every native side with
-    `engine.load_format: dummy` (random weights built on the device): for shapes whose weights do not fit the
-    disk. The transformers baseline needs weight files, so it is refused with it."""
-    if no_save and baseline:
-        raise ValueError("--no-save writes no weights, which the transformers baseline needs to load")
+    `no_save`: write only the shape's configs and tokenizer (no weights) and run every side, the baseline too,
+    with `engine.load_format: dummy` (random weights built on the device, of the same spread on both sides):
+    for shapes whose weights do not fit the disk. The two sides' weights then differ, so their texts do not
+    compare; their speeds do."""
     base = parse_settings(settings)
+    baseline_settings: dict[str, dict] = {}  # not `settings`: those are the native engine's
     if no_save:
         base.setdefault("engine", {})["load_format"] = "dummy"
+        baseline_settings = {"engine": {"load_format": "dummy"}}
 
     def native_settings(extra: dict[str, dict] | None = None) -> dict[str, dict]:
         merged = {section: dict(values) for section, values in base.items()}
@@ -314,7 +317,7 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
             texts = {s.name: texts_of(root / f"out-{s.name}") for s in sides}
             texts_out.write_text(json.dumps(texts, ensure_ascii=False, sort_keys=True))
         if baseline:
-            sides.append(timed(baseline, baseline, baseline_batch, baseline_rows))
+            sides.append(timed(baseline, baseline, baseline_batch, baseline_rows, baseline_settings))
     return sides, peak
 
 
