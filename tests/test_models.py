@@ -154,3 +154,24 @@ def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path):
     assert "native" in format_sides(sides, 800.0)
     texts = json.loads((tmp_path / "texts.json").read_text())  # --texts: each native side's text by row id
     assert set(texts) == {"native", "one-row"} and len(texts["native"]) == 4 and texts["native"] == texts["one-row"]
+
+
+def test_caption_natural_lengths_are_long_tailed_seeded_and_run_with_refill_on_and_off(capsys):
+    import random
+
+    from batchvl.cli import _parser
+    from batchvl.tools.bench import WORKLOADS, bench, natural_length
+
+    lengths = [natural_length(r) for r in [random.Random(0)] for _ in range(2000)]
+    body = sum(40 <= n <= 120 for n in lengths) / len(lengths)
+    assert 0.85 < body < 0.95 and max(lengths) > 300 and min(lengths) >= 40 and max(lengths) <= 400
+    assert lengths[:50] == [natural_length(r) for r in [random.Random(0)] for _ in range(50)]  # seeded
+    choices = next(a for a in _parser()._subparsers._group_actions[0].choices["bench"]._actions
+                   if a.dest == "workload").choices
+    assert set(choices) == set(WORKLOADS)
+    sides, _ = bench("tiny", "caption-natural", rows=6, batch=2, baseline=None, baseline_rows=0, baseline_batch=2,
+                     device="cpu", variants=["static:refill=false"])
+    native, static = sides
+    assert native.output_tokens == static.output_tokens > 6 * 40  # each row its own limit (ignore_eos)
+    assert "variant static {'engine': {'refill': False}}: 6/6 rows have the native side's text" in \
+        capsys.readouterr().out

@@ -14,6 +14,7 @@ is built twice, so peak memory stays near the model's size.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -92,6 +93,7 @@ class TransformersEngine(Engine):
 
     def close(self) -> None:
         del self.model
+        gc.collect()  # what reference cycles hold goes too, before the next engine in this process loads
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

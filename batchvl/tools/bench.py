@@ -38,7 +38,10 @@ from batchvl.tools.shapes import SHAPES
 
 WORKLOADS = {"caption-7tile": dict(images="7tile", max_new_tokens=128),
              "mixed": dict(images="mixed", max_new_tokens=256),  # each row 32..256 (seeded), its own limit
-             "video": dict(images=None, max_new_tokens=256)}  # 8 frames x 1 tile from synthetic mp4 files
+             "video": dict(images=None, max_new_tokens=256),  # 8 frames x 1 tile from synthetic mp4 files
+             # 7-tile captions whose lengths follow a long tail, as a trained model's do (natural_length)
+             "caption-natural": dict(images="7tile", max_new_tokens=400)}
+PER_ROW_LIMITS = ("mixed", "caption-natural")  # workloads whose rows carry their own max_new_tokens ("limit")
 SHORT_TEMPLATE = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                   "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
@@ -128,6 +131,14 @@ def _write_mp4(path: Path, frames: list, fps: int) -> None:
             container.mux(packet)
 
 
+def natural_length(rng) -> int:
+    """A caption length as trained models' captions run: nine rows in ten take 40 to 120 tokens (uniform),
+    the tenth 120 to 400, log-uniform, so that a few run long. `rng`: a random.Random (seeded by the caller)."""
+    if rng.random() < 0.9:
+        return rng.randint(40, 120)
+    return round(120 * (400 / 120) ** rng.random())
+
+
 def prepare_data(root: Path, workload: str, rows: int) -> Path:
     import random
 
@@ -142,6 +153,8 @@ def prepare_data(root: Path, workload: str, rows: int) -> Path:
                 row = {"id": p.stem, "prompt": "Describe this image in detail.", "image": str(p)}
                 if workload == "mixed":
                     row["limit"] = lengths.randint(32, 256)
+                elif workload == "caption-natural":
+                    row["limit"] = natural_length(lengths)
                 f.write(json.dumps(row) + "\n")
     (root / "short.jinja").write_text(SHORT_TEMPLATE)
     return root / "rows.jsonl"
@@ -156,7 +169,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     job_file = root / f"{name}.yaml"
     max_new = WORKLOADS[workload]["max_new_tokens"]
     columns = {"video_column": "video", "image_column": None} if workload == "video" else {"image_column": "image"}
-    if workload == "mixed":
+    if workload in PER_ROW_LIMITS:
         columns["max_new_tokens_column"] = "limit"
     spec = {
         "model": str(model), "chat_template": str(root / "short.jinja"),
