@@ -137,8 +137,11 @@ def backend(request) -> str:
 
 
 def crash_job(tmp_path, tiny_model, out, rows=CRASH_ROWS, new_tokens=8, backend="transformers"):
+    """On the native engine with refill on (off by default): its calls take several batches' worth of rows, the
+    path where a crash or a signal could lose the most; the static path is what the rest of the suite runs."""
+    engine = {"max_batch_size": 2, "backend": backend, **({"refill": True} if backend == "native" else {})}
     return text_job(tmp_path, tiny_model, rows, out=out, generation={"max_new_tokens": new_tokens},
-                    engine={"max_batch_size": 2, "backend": backend}, output={"rows_per_file": 2})
+                    engine=engine, output={"rows_per_file": 2})
 
 
 def spawn(job: Path, fault: str | None = None) -> subprocess.Popen:
@@ -223,10 +226,11 @@ def test_out_of_memory_splits_the_batch_down_to_one_row(tiny_model, tmp_path, mo
 
     monkeypatch.setattr(runner, "make_engine", lambda *a, **k: Flaky(real(*a, **k)))
     rows = [{"id": f"r{i}", "prompt": f"row {i}"} for i in range(5)]
+    refill = {"refill": True} if backend == "native" else {}
     job = text_job(tmp_path, tiny_model, rows, generation={"max_new_tokens": 4},
-                   engine={"max_batch_size": 4, "backend": backend})
+                   engine={"max_batch_size": 4, "backend": backend, **refill})
     assert main(["run", str(job), "--quiet"]) == 0
-    # The native engine refills its slots, so the loop hands it all five rows at once (four batches' worth).
+    # With refill the native engine is handed all five rows at once (up to four batches' worth).
     assert sizes == ([5, 2, 1, 1, 3, 1, 2, 1, 1] if backend == "native" else [4, 2, 1, 1, 2, 1, 1, 1])
     assert handling == [None] * len(sizes)
     out = by_id(tmp_path / "out")
@@ -281,7 +285,7 @@ def test_a_refilling_engine_sizes_its_slots_down_after_running_out_of_memory(tin
     job = write_job(tmp_path / "job.yaml", base_job(
         tiny_model, inp, tmp_path / "out", generation={"max_new_tokens": 3},
         input={"image_column": None, "max_new_tokens_column": "limit"},
-        engine={"max_batch_size": 8, "backend": "native"}))
+        engine={"max_batch_size": 8, "backend": "native", "refill": True}))
     assert main(["run", str(job), "--quiet"]) == 0
     # All 24 rows in one call (four batches' worth): 8 slots fail, then 4 for the first half, then 2 from then on.
     assert slots == [8, 4, 2, 2, 2]

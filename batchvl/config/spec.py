@@ -116,9 +116,10 @@ class EngineSpec:
     max_batch_tokens: int = 0  # 0: from free device memory (native backend)
     decode_attention: str = "auto"  # native: auto (the Triton kernel on CUDA when triton imports) | triton | sdpa
     compile: bool = True  # native, CUDA: torch.compile the repeated blocks (~20 s once, then ~20% faster)
-    # native: finished rows' slots take waiting rows while the batch runs on (batchvl.engine.native), so rows
-    # of different lengths keep the batch full; false: static batches, each running until its longest row ends.
-    refill: bool = True
+    # native: finished rows' slots take waiting rows while the batch runs on (batchvl.engine.native). Off by
+    # default: on the H200 it ran slower than static batches (BENCHMARKS.md, session 5), as its admissions
+    # prefill in many small pieces and the loop waits for four batches' worth of media before the first.
+    refill: bool = False
     trust_remote_code: bool = False
     # native: none, or fp8 (W8A8 e4m3: per-output-channel weight scales, per-token activation scales) for the
     # language model's linear layers; needs a GPU of compute capability 8.9 or newer (batchvl.engine.factory).

@@ -79,7 +79,7 @@ class NativeEngine(Engine):
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
-                 refill: bool = True):
+                 refill: bool = False):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -142,7 +142,7 @@ class NativeEngine(Engine):
     # -----------------------------------------------------------------------------------------------------
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Run requests; results keep the request order. With refill (the default), more requests than the
+        """Run requests; results keep the request order. With refill (engine.refill), more requests than the
         batch has slots run in one batch whose finished slots take the waiting rows (`_run_refilling`);
         without, in static sub-batches that fit the token budget."""
         if self.refill and len(requests) > 1:
