@@ -26,8 +26,9 @@ from batchvl.core import Request, Result, Row, jsonish
 from batchvl.errors import RowError, TransientError
 from batchvl.media.fetch import Blob
 from batchvl.media.image import decode_image
+from batchvl.media.normalize import tiles_to_uint8
 from batchvl.media.sources import as_reference_list
-from batchvl.media.tiling import tile_image, tiles_to_uint8
+from batchvl.media.tiling import tile_image
 from batchvl.media.video import decode_frames
 from batchvl.prepare.messages import flatten_messages
 from batchvl.prepare.plan import MediaRef, RowPlan
