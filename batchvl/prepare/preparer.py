@@ -5,19 +5,20 @@
    `Frame{i}: <image>`), its row text shielded (prompt.py), and the list of media to fetch, with per-item tile
    limits. A row that is too long already, from its text and its images at their fewest tiles, stops here,
    before any media is fetched or decoded.
-2. `build` (CPU work, on the preparation threads): decode the fetched media, tile and normalise it, render
-   the conversation with the chat template and tokenize.
+2. `build` (CPU work, on the preparation threads): decode the fetched media and tile it (there, or in worker
+   processes: `media.prepare_processes`), render the conversation with the chat template and tokenize.
 
 Any problem with a row (bad record, bad media, too long a prompt) becomes that row's error result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchvl.config.checks import LIMITS
@@ -25,16 +26,14 @@ from batchvl.config.spec import shown
 from batchvl.core import Request, Result, Row, jsonish
 from batchvl.errors import RowError, TransientError
 from batchvl.media.fetch import Blob
-from batchvl.media.image import decode_image
-from batchvl.media.normalize import tiles_to_uint8
+from batchvl.media.pixels import TileTask, tile_media
 from batchvl.media.sources import as_reference_list
-from batchvl.media.tiling import tile_image
-from batchvl.media.video import decode_frames
 from batchvl.prepare.messages import flatten_messages
 from batchvl.prepare.plan import MediaRef, RowPlan
 from batchvl.prepare.prompt import IMAGE_PLACEHOLDER, PromptBuilder, fill_fields, place_images
 
 VIDEO_PLACEHOLDER = "<video>"
+Tiler = Callable[[TileTask], list[np.ndarray]]  # one media item to its tiles: tile_media, or TilePool.tile
 
 
 @dataclass(frozen=True)
@@ -141,9 +140,11 @@ class RowPreparer:
 
     # ---- stage 2: the build (CPU) -----------------------------------------------------------------------
 
-    def build(self, plan: RowPlan, blobs: Sequence[Blob]) -> Request | Result:
+    def build(self, plan: RowPlan, blobs: Sequence[Blob], tile: Tiler = tile_media) -> Request | Result:
+        """The row's request, or its error result. `tile` decodes and tiles each media item: `tile_media` here,
+        in this thread, or a TilePool's `tile`, in a worker process; both give the same tiles and errors."""
         try:
-            return self._build(plan, blobs)
+            return self._build(plan, blobs, tile)
         except RowError as e:
             return Result.failed(plan.row.id, str(e), plan.keep)
         except TransientError:  # the machine's failure, not the row's: the run stops, a rerun resumes
@@ -151,20 +152,16 @@ class RowPreparer:
         except Exception as e:  # a bug or an unforeseen input must cost one row, not the run
             return Result.failed(plan.row.id, f"internal: {type(e).__name__}: {e}", plan.keep)
 
-    def _build(self, plan: RowPlan, blobs: Sequence[Blob]) -> Request:
+    def _build(self, plan: RowPlan, blobs: Sequence[Blob], tile: Tiler) -> Request:
         s = self.s
         tiles_per_image: list[int] = []
         pixels: list[torch.Tensor] = []
         for item, blob in zip(plan.media, blobs, strict=True):
-            if item.kind == "video":
-                images = decode_frames(blob, item.frames, item.bound)
-            else:
-                images = [decode_image(blob.data, blob.name, s.max_image_pixels)]
-            for image in images:
-                tiles = tile_image(image, min(s.min_tiles, item.max_tiles), item.max_tiles, s.use_thumbnail,
-                                   s.tile_size)
-                tiles_per_image.append(len(tiles))
-                pixels.append(tiles_to_uint8(tiles))
+            task = TileTask(blob, item.kind, min(s.min_tiles, item.max_tiles), item.max_tiles, s.use_thumbnail,
+                            s.tile_size, s.max_image_pixels, item.frames, item.bound)
+            for tiles in tile(task):  # [T, S, S, 3] uint8, one array per image (a video: per frame)
+                tiles_per_image.append(tiles.shape[0])
+                pixels.append(torch.from_numpy(tiles))
         ids = self.prompts.encode_messages(plan.messages, tiles_per_image)
         if len(ids) > s.max_prompt_tokens:
             raise RowError(f"prompt: {len(ids)} tokens, more than the model accepts with room to generate "
