@@ -18,12 +18,12 @@ from batchvl.core import Request, Result, Row
 from batchvl.engine.factory import make_engine
 from batchvl.engine.timing import StageTimes
 from batchvl.errors import JobError, OutputWriteError, WorkerError
+from batchvl.faults import fault_point
 from batchvl.media.fetch import FetchSettings
 from batchvl.prepare.prefetch import Prefetcher
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
 from batchvl.prepare.templates import ConversationTemplate, default_system_message
-from batchvl.run.faults import fault_point
 from batchvl.run.output import SafeWriter
 from batchvl.run.plan import Plan, generation_params
 
