@@ -1,10 +1,13 @@
-"""Decoding and tiling in worker processes: the same tiles and errors as the threads, a worker that dies is
-replaced and costs at most its item, and nothing is left behind: no process, no shared memory."""
+"""Decoding and tiling in worker processes (media.prepare_processes): the same tiles and errors as the threads,
+a worker that dies is replaced and costs at most its item, and nothing is left behind: no process, no shared
+memory, after a run, an exception or Ctrl-C."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from batchvl.cli import main
 from batchvl.core import Request, Result, Row
 from batchvl.errors import RowError, TransientError
 from batchvl.media.fetch import Blob
@@ -22,11 +26,13 @@ from batchvl.media.pixels import TileTask, tile_media
 from batchvl.media.pool import TilePool
 from batchvl.prepare.prefetch import Prefetcher, tile_pool
 
-from .conftest import random_image
+from .conftest import base_job, random_image, write_job, write_jsonl
 from .test_prefetch import preparer
+from .test_robustness import by_id
 from .test_tiling import reference_tiles
 from .test_video_messages import write_video
 
+REPO = Path(__file__).resolve().parents[1]
 TILE = 448 * 448 * 3
 
 
@@ -142,6 +148,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def gone_soon(pids, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_a_worker_killed_mid_item_is_replaced_and_the_item_tried_again(media, monkeypatch):
     task = task_for(media / "wide.jpg")
     # The first worker stalls once it has written the item's tiles into its slot, over the item's bytes.
@@ -225,6 +240,49 @@ def test_closing_after_the_end_or_an_exception_leaves_no_process_and_no_shared_m
         assert not any(alive(p) for p in pids)  # close() waits for them
         assert ring_descriptors() == []
     assert sorted(os.listdir("/dev/shm")) == shm
+
+
+def test_ctrl_c_stops_a_run_and_its_workers_and_the_run_resumes_with_threads(tiny_model, media, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: the workers ignore it, the run finishes its
+    batch, stops (exit 130) and closes them; the same job resumes without processes (not in the fingerprint)."""
+    names = ["wide.jpg", "tall.png", "alpha.png", "rotated.jpg"]
+    rows = [{"id": f"r{i:02d}", "prompt": "Describe.", "image": str(media / names[i % 4])} for i in range(40)]
+    job = base_job(tiny_model, write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "out",
+                   engine={"backend": "transformers", "device": "cpu", "dtype": "float32", "max_batch_size": 2},
+                   output={"rows_per_file": 2}, generation={"max_new_tokens": 4},
+                   media={"prepare_processes": 2, "max_dynamic_patch": 2})
+    job_file = write_job(tmp_path / "job.yaml", job)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("BATCHVL_FAULT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "batchvl", "run", str(job_file), "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    workers = [p for p in children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert gone_soon(workers)
+    done = by_id(tmp_path / "out")
+    assert 0 < len(done) < 40
+    assert main(["run", str(job_file), "--quiet", "--set", "media.prepare_processes=0"]) == 0
+    out = by_id(tmp_path / "out")
+    assert sorted(out) == [r["id"] for r in rows] and all(r["error"] is None for r in out.values())
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def test_a_worker_that_cannot_start_breaks_the_pool_with_one_message():
