@@ -302,3 +302,13 @@ def test_a_worker_that_cannot_start_breaks_the_pool_with_one_message():
                 pool.tile(TileTask(Blob("a.png", data=b"x"), "image", 1, 1, True, 448, None))
     finally:
         spawn.set_executable(python)
+
+
+def test_bench_media_takes_worker_counts_as_lists_or_repeated(capsys):
+    from batchvl.cli import _parser
+
+    args = _parser().parse_args(["bench-media", "--threads", "1,2", "--processes", "1", "--processes", "2,4"])
+    assert (args.threads, args.processes, args.pipes) == ([1, 2], [1, 2, 4], False)
+    with pytest.raises(SystemExit) as bad:
+        _parser().parse_args(["bench-media", "--processes", "2,-1"])
+    assert bad.value.code == 2 and "counts must be >= 0, got '2,-1'" in capsys.readouterr().err
