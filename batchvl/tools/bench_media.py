@@ -131,7 +131,7 @@ def pipeline(paths: list[Path], max_tiles: int, threads: int = 0, processes: int
         tiles_pool = TilePool(processes, 0) if pipes else tile_pool(settings, processes)
         if not tiles_pool.wait_ready(timeout=120):
             tiles_pool.close()
-            raise RuntimeError("bench-media: the worker processes did not start within 120 s")
+            raise RuntimeError("bench-media: the worker processes did not start (see their errors above)")
         start_s = time.perf_counter() - started
     workers = processes or threads
     cpu = time.process_time()
