@@ -195,7 +195,9 @@ class Pipeline:
         origin = Path.cwd() / "pipeline"  # relative media paths are read from the current directory
         rows = ((origin, Row(id=str(i), source=f"pipeline[{i}]", data={MESSAGES: conversations[i]}))
                 for i in indices)
-        prefetcher = make_prefetcher(job, rows, preparer)
+        # No worker processes (media.prepare_processes): a call prepares its rows with one prefetcher, and would
+        # start them for every call, each re-importing the caller's script.
+        prefetcher = make_prefetcher(job, rows, preparer, processes=False)
         try:
             results = [r for batch in batches_of(prefetcher, job.engine.max_batch_size)
                        for r in run_batch(self.engine, batch)]

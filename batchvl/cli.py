@@ -145,7 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench-media", help="measure media preparation against a naive Pillow loop")
     bench.add_argument("--images", type=int, default=200, help="images per workload")
     bench.add_argument("--naive-images", type=int, default=50, help="images the naive loop prepares")
-    bench.add_argument("--threads", type=int, default=0, help="preparation threads (0: one per core)")
+    bench.add_argument("--threads", type=_counts, action="extend", default=[], metavar="T[,T...]",
+                       help="preparation threads, one run per count (0: one per core); repeatable; default: one "
+                            "per core unless --processes is given")
+    bench.add_argument("--processes", type=_counts, action="extend", default=[], metavar="P[,P...]",
+                       help="worker processes (media.prepare_processes), one run per count (0: one per core); "
+                            "repeatable")
+    bench.add_argument("--pipes", action="store_true",
+                       help="each process count again with tiles pickled through pipes, not shared memory")
     bench.add_argument("--workload", action="append", choices=("7tile", "mixed"), default=None)
     _verbosity(bench)
     bench.set_defaults(func=_bench_media)
@@ -170,7 +177,19 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 def _bench_media(args: argparse.Namespace) -> int:
     from batchvl.tools.bench_media import main as bench_main
 
-    return bench_main(args.images, args.threads, args.workload or ["7tile", "mixed"], args.naive_images)
+    return bench_main(args.images, args.threads, args.processes, args.workload or ["7tile", "mixed"],
+                      args.naive_images, args.pipes)
+
+
+def _counts(text: str) -> list[int]:
+    """`4` or `4,8,16`: worker counts, each >= 0."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 4 or 4,8,16, got {text!r}") from None
+    if any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"counts must be >= 0, got {text!r}")
+    return counts
 
 
 def _check_parity(args: argparse.Namespace) -> int:

@@ -142,14 +142,16 @@ def test_an_unreadable_input_stops_the_run_loudly():
     pre.close()
 
 
-def test_bench_media_runs_both_methods_on_both_workloads():
+def test_bench_media_runs_every_method_on_both_workloads():
     from batchvl.tools.bench_media import format_table, run
 
-    results = run(images=3, threads=2, workloads=["7tile", "mixed"], naive_images=2)
-    assert [(r.workload, r.method) for r in results] == [
-        ("7tile", "naive loop"), ("7tile", "batchvl prefetch"), ("mixed", "naive loop"), ("mixed", "batchvl prefetch")]
-    assert results[1].tiles == 21  # 3 images x 7 tiles
-    assert "images/s" in format_table(results)
+    results = run(images=2, workloads=["7tile", "mixed"], naive_images=1, threads=[2], processes=[1], pipes=True)
+    methods = ["naive loop", "threads", "processes", "processes, pipes"]
+    assert [(r.workload, r.method) for r in results] == [(w, m) for w in ("7tile", "mixed") for m in methods]
+    assert [r.tiles for r in results[1:4]] == [14, 14, 14]  # 2 images x 7 tiles, each way
+    assert results[1].start_s is None and results[2].start_s > 0
+    table = format_table(results)
+    assert "| 7tile | processes | 1 | 2 | 14 |" in table and "main CPU ms/image" in table
 
 
 def test_prefetch_shortens_the_gil_switch_interval_while_it_runs(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from batchvl.media.tiling import IMAGENET_MEAN, IMAGENET_STD, choose_grid, normalize_tiles, tile_image
+from batchvl.media.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_tiles
+from batchvl.media.tiling import choose_grid, tile_image
 
 from .conftest import random_image
 

@@ -31,6 +31,7 @@ LIMITS: dict[str, int] = {
     "media.prefetch": 16384,  # rows prepared ahead of the engine
     "media.prefetch_mb": 1 << 20,  # MiB held ahead: 1 TiB
     "media.prepare_threads": 1024,  # threads
+    "media.prepare_processes": 256,  # processes, each a Python interpreter (about 60 MB) and two tile slots
     "media.http_concurrency": 1024,  # sockets open at once
     "media.http_retries": 10,  # with exponential backoff: the tenth waits about 2^9 x 0.5 s
     "media.http_timeout_s": 3600,  # seconds per request
@@ -54,6 +55,7 @@ def check_job(job: Job) -> None:
         raise JobError(f"generation.min_new_tokens: {job.generation.min_new_tokens} is larger than "
                        f"generation.max_new_tokens {job.generation.max_new_tokens}")
     at_least("media.prepare_threads", job.media.prepare_threads, 0)
+    at_least("media.prepare_processes", job.media.prepare_processes, 0)
     if job.generation.temperature < 0:
         raise JobError(f"generation.temperature: must be >= 0 (0 = greedy), got {job.generation.temperature}")
     if not 0 < job.generation.top_p <= 1:

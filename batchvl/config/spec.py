@@ -82,6 +82,7 @@ class MediaSpec:
     min_dynamic_patch: int | None = None
     use_thumbnail: bool | None = None
     prepare_threads: int = 0  # 0: one per core
+    prepare_processes: int = 0  # worker processes that decode and tile; 0: none, the threads do it
     prefetch: int = 64  # rows prepared ahead of the engine, at most
     prefetch_mb: int = 2048  # bytes of fetched and prepared media held ahead, at most
     http_timeout_s: float = 30.0

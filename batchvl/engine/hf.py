@@ -23,7 +23,7 @@ from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.timing import StageTimes
 from batchvl.errors import JobError
-from batchvl.media.tiling import normalize_uint8
+from batchvl.media.normalize import normalize_uint8
 from batchvl.models.checkpoint import LAYOUT_HF, CheckpointInfo
 from batchvl.models.dummy import fill_dummy
 

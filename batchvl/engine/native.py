@@ -30,7 +30,7 @@ from batchvl.engine.model_runner import ModelRunner
 from batchvl.engine.sampler import Sampler
 from batchvl.engine.state import BatchState
 from batchvl.engine.timing import StageTimes
-from batchvl.media.tiling import normalize_uint8
+from batchvl.media.normalize import normalize_uint8
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.decoder import KVCache
 from batchvl.models.fp8 import use_activation_quantizer

@@ -1,4 +1,4 @@
-"""InternVL's dynamic tiling and normalisation.
+"""InternVL's dynamic tiling.
 
 The grid choice follows OpenGVLab's `dynamic_preprocess` exactly, including its tie rule, because the model
 was trained on its tiles: candidate grids (cols, rows) with min <= cols*rows <= max are ordered by tile
@@ -6,6 +6,10 @@ count; the grid whose aspect ratio is closest to the image's wins, and on an exa
 grid replaces the current one when the image area exceeds half of that grid's pixel area. The image is
 resized (bicubic) onto the grid, cut row-major into square tiles, and a thumbnail of the whole image is
 appended when there is more than one tile.
+
+PIL and numpy only, no torch: worker processes (batchvl.media.pool) import this to tile, and a process
+that imports torch takes a second and 200 MB more to start. The normalisation the engine applies is in
+`normalize`.
 """
 
 from __future__ import annotations
@@ -13,12 +17,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-import torch
 from PIL import Image
 
 TILE_SIZE = 448
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 @lru_cache(maxsize=64)
@@ -72,32 +73,7 @@ def tile_image(image: Image.Image, min_tiles: int, max_tiles: int, use_thumbnail
     return tiles
 
 
-# (v / 255 - mean) / std for every uint8 value v, per channel, computed in float32 exactly as
-# ToTensor + Normalize compute it, so a table lookup gives bit-identical results in one pass.
-_NORMALIZE_LUT = ((np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)) - IMAGENET_MEAN[:, None]) \
-    / IMAGENET_STD[:, None]  # [3, 256]
-
-
-def tiles_to_uint8(tiles: list[Image.Image]) -> torch.Tensor:
-    """Tiles as one uint8 tensor [T, S, S, 3]: a quarter of the bytes of normalised float32, to hold and to
-    copy to the GPU, which normalises them (normalize_uint8) with the same table."""
-    return torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]))
-
-
-_LUT_CACHE: dict[torch.device, torch.Tensor] = {}
-
-
-def normalize_uint8(tiles: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 tiles [T, S, S, 3] (on any device) -> [T, 3, S, S] scaled to [0, 1] and ImageNet-normalised, in
-    float32 exactly as ToTensor + Normalize compute it, then cast to `dtype`."""
-    lut = _LUT_CACHE.get(tiles.device)
-    if lut is None:
-        lut = _LUT_CACHE[tiles.device] = torch.from_numpy(_NORMALIZE_LUT.reshape(-1).copy()).to(tiles.device)
-    channel = torch.arange(3, device=tiles.device, dtype=torch.long) * 256  # row of each channel in the table
-    out = lut[tiles.long() + channel]  # [T, S, S, 3] float32
-    return out.permute(0, 3, 1, 2).contiguous().to(dtype)
-
-
-def normalize_tiles(tiles: list[Image.Image]) -> torch.Tensor:
-    """Tiles as a float32 tensor [T, 3, S, S]: scaled to [0, 1], then ImageNet mean/std normalised."""
-    return normalize_uint8(tiles_to_uint8(tiles))
+def tiles_to_array(tiles: list[Image.Image]) -> np.ndarray:
+    """Tiles as one uint8 array [T, S, S, 3]: a quarter of the bytes of normalised float32, to hold and to copy
+    to the GPU, which normalises them (`normalize.normalize_uint8`)."""
+    return np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])

@@ -2,7 +2,9 @@
 
 A background thread runs an event loop. For each input row, in order, it takes a row slot (at most
 `max_rows` rows are in flight or waiting to be consumed), plans the row, fetches its media concurrently
-with every other row's, and hands decoding, tiling, normalising and tokenizing to a thread pool. The consumer
+with every other row's, and hands decoding, tiling and tokenizing to a thread pool; with a `TilePool`
+(`media.prepare_processes`), those threads hand each item's decoding and tiling on to worker processes, and
+only wait for them, tokenize and gather the tiles. The consumer
 iterates results in input order; taking one frees its slot and its bytes. The engine therefore never waits for
 media unless the whole pipeline is slower than it.
 
@@ -28,8 +30,10 @@ from batchvl.errors import RowError, TransientError
 from batchvl.media import image, video
 from batchvl.media.fetch import Blob, Fetcher, FetchSettings
 from batchvl.media.limits import Allowance
+from batchvl.media.pixels import tile_media
+from batchvl.media.pool import DEPTH, TilePool
 from batchvl.prepare.plan import RowPlan
-from batchvl.prepare.preparer import RowPreparer
+from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -109,14 +113,32 @@ def item_bytes(item: Request | Result) -> int:
 
 
 GIL_SWITCH_S = 0.001  # the interpreter's switch interval while a prefetcher runs (see __init__)
+SLOT_MOST_TILES = 25  # a TilePool slot holds at most this many tiles (15 MB); larger items travel pickled
+
+
+def tile_pool(settings: PrepareSettings, processes: int) -> TilePool:
+    """Worker processes for the prefetcher's decoding and tiling, each slot sized for the job's largest usual
+    item: an image at its most tiles with its thumbnail, or a video's frames."""
+    def tiles(most: int) -> int:
+        return most + (1 if settings.use_thumbnail and most > 1 else 0)
+
+    usual = max(tiles(settings.max_tiles), settings.video_frames * tiles(settings.video_max_tiles)
+                if settings.video_column else 0)
+    return TilePool(processes, min(usual, SLOT_MOST_TILES) * settings.tile_size ** 2 * 3)
 
 
 class Prefetcher:
-    """Iterate prepared rows (Request or error Result) in input order, prepared ahead in the background."""
+    """Iterate prepared rows (Request or error Result) in input order, prepared ahead in the background.
+    `tiles`: worker processes that decode and tile instead of the threads; the prefetcher closes them with
+    itself."""
 
     def __init__(self, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer,
                  media_root_for: Callable[[Path], Path], max_rows: int = 64, max_bytes: int = 2 << 30,
-                 threads: int = 4, fetch: FetchSettings | None = None):
+                 threads: int = 4, fetch: FetchSettings | None = None, tiles: TilePool | None = None):
+        self.tiles = tiles
+        self._tile = tiles.tile if tiles is not None else tile_media
+        if tiles is not None:  # each thread waits for one item at a time: enough to keep every worker's hands full
+            threads = max(threads, DEPTH * tiles.processes)
         self.rows = iter(rows)
         self.preparer = preparer
         self.media_root_for = media_root_for
@@ -166,6 +188,8 @@ class Prefetcher:
             self._loop.call_soon_threadsafe(self._cancel_all)
         self._thread.join(timeout=10)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.tiles is not None:  # after the threads' queue is cancelled: the builds still waiting fail fast
+            self.tiles.close()
         sys.setswitchinterval(self._switch_interval)
 
     # ---- producer side (the loop thread) ----------------------------------------------------------------
@@ -243,7 +267,7 @@ class Prefetcher:
             hold.give_back(hold.held)  # what the row's other items fetched is dropped with it
             return Result.failed(plan.row.id, str(e), plan.keep)
         await hold.reserve(decoded)
-        item = await loop.run_in_executor(self.pool, self.preparer.build, plan, blobs)
+        item = await loop.run_in_executor(self.pool, self.preparer.build, plan, blobs, self._tile)
         del blobs  # the fetched bytes and the decoded pixels are gone once built: the row now holds its tiles
         await hold.settle(item_bytes(item))
         return item

@@ -5,19 +5,20 @@
    `Frame{i}: <image>`), its row text shielded (prompt.py), and the list of media to fetch, with per-item tile
    limits. A row that is too long already, from its text and its images at their fewest tiles, stops here,
    before any media is fetched or decoded.
-2. `build` (CPU work, on the preparation threads): decode the fetched media, tile and normalise it, render
-   the conversation with the chat template and tokenize.
+2. `build` (CPU work, on the preparation threads): decode the fetched media and tile it (there, or in worker
+   processes: `media.prepare_processes`), render the conversation with the chat template and tokenize.
 
 Any problem with a row (bad record, bad media, too long a prompt) becomes that row's error result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchvl.config.checks import LIMITS
@@ -25,15 +26,15 @@ from batchvl.config.spec import shown
 from batchvl.core import Request, Result, Row, jsonish
 from batchvl.errors import RowError, TransientError
 from batchvl.media.fetch import Blob
-from batchvl.media.image import decode_image
+from batchvl.media.pixels import Out, TileTask, tile_media
 from batchvl.media.sources import as_reference_list
-from batchvl.media.tiling import tile_image, tiles_to_uint8
-from batchvl.media.video import decode_frames
 from batchvl.prepare.messages import flatten_messages
 from batchvl.prepare.plan import MediaRef, RowPlan
 from batchvl.prepare.prompt import IMAGE_PLACEHOLDER, PromptBuilder, fill_fields, place_images
 
 VIDEO_PLACEHOLDER = "<video>"
+# One media item to its tiles, written where `out` says: tile_media, or TilePool.tile
+Tiler = Callable[[TileTask, Out | None], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,21 @@ class PrepareSettings:
     max_new_tokens_column: str | None = None
     max_new_tokens: int = 0  # the job's generation.max_new_tokens: a row may ask for fewer, not more
     pin_memory: bool = False  # tiles in page-locked memory, so the engine copies them to the GPU asynchronously
+
+
+class RowTiles:
+    """`out` for a Tiler: the row's tiles tensor [T, S, S, 3] uint8, made once their count is known. It is
+    page-locked when the engine is on CUDA, made here in a preparation thread, so that the engine's thread only
+    starts asynchronous copies."""
+
+    def __init__(self, tile_size: int, pin_memory: bool):
+        self.tile_size, self.pin_memory = tile_size, pin_memory
+        self.tensor: torch.Tensor | None = None
+
+    def __call__(self, total: int) -> np.ndarray:
+        self.tensor = torch.empty((total, self.tile_size, self.tile_size, 3), dtype=torch.uint8,
+                                  pin_memory=self.pin_memory)
+        return self.tensor.numpy()
 
 
 class RowPreparer:
@@ -140,9 +156,11 @@ class RowPreparer:
 
     # ---- stage 2: the build (CPU) -----------------------------------------------------------------------
 
-    def build(self, plan: RowPlan, blobs: Sequence[Blob]) -> Request | Result:
+    def build(self, plan: RowPlan, blobs: Sequence[Blob], tile: Tiler = tile_media) -> Request | Result:
+        """The row's request, or its error result. `tile` decodes and tiles each media item: `tile_media` here,
+        in this thread, or a TilePool's `tile`, in a worker process; both give the same tiles and errors."""
         try:
-            return self._build(plan, blobs)
+            return self._build(plan, blobs, tile)
         except RowError as e:
             return Result.failed(plan.row.id, str(e), plan.keep)
         except TransientError:  # the machine's failure, not the row's: the run stops, a rerun resumes
@@ -150,28 +168,25 @@ class RowPreparer:
         except Exception as e:  # a bug or an unforeseen input must cost one row, not the run
             return Result.failed(plan.row.id, f"internal: {type(e).__name__}: {e}", plan.keep)
 
-    def _build(self, plan: RowPlan, blobs: Sequence[Blob]) -> Request:
+    def _build(self, plan: RowPlan, blobs: Sequence[Blob], tile: Tiler) -> Request:
         s = self.s
         tiles_per_image: list[int] = []
         pixels: list[torch.Tensor] = []
+        # A row of one media item (most rows) has its tiles written straight into the row's tensor; a row of
+        # several gathers them below.
+        into = RowTiles(s.tile_size, s.pin_memory) if len(plan.media) == 1 else None
         for item, blob in zip(plan.media, blobs, strict=True):
-            if item.kind == "video":
-                images = decode_frames(blob, item.frames, item.bound)
-            else:
-                images = [decode_image(blob.data, blob.name, s.max_image_pixels)]
-            for image in images:
-                tiles = tile_image(image, min(s.min_tiles, item.max_tiles), item.max_tiles, s.use_thumbnail,
-                                   s.tile_size)
-                tiles_per_image.append(len(tiles))
-                pixels.append(tiles_to_uint8(tiles))
+            task = TileTask(blob, item.kind, min(s.min_tiles, item.max_tiles), item.max_tiles, s.use_thumbnail,
+                            s.tile_size, s.max_image_pixels, item.frames, item.bound)
+            for tiles in tile(task, into):  # [T, S, S, 3] uint8, one array per image (a video: per frame)
+                tiles_per_image.append(tiles.shape[0])
+                pixels.append(torch.from_numpy(tiles))
         ids = self.prompts.encode_messages(plan.messages, tiles_per_image)
         if len(ids) > s.max_prompt_tokens:
             raise RowError(f"prompt: {len(ids)} tokens, more than the model accepts with room to generate "
                            f"({s.max_prompt_tokens}); use fewer tiles (media.max_dynamic_patch) or a shorter prompt")
-        tiles = None
-        if pixels:
-            # The one copy that gathers a row's tiles; made into page-locked memory when the engine is on
-            # CUDA, here in a preparation thread, so the engine's thread only starts asynchronous copies.
+        tiles = into.tensor if into is not None else None
+        if into is None and pixels:  # one copy gathers them, into page-locked memory on CUDA (see RowTiles)
             tiles = torch.empty((sum(p.shape[0] for p in pixels), *pixels[0].shape[1:]), dtype=torch.uint8,
                                 pin_memory=s.pin_memory)
             torch.cat(pixels, out=tiles)

@@ -18,12 +18,12 @@ from batchvl.core import Request, Result, Row
 from batchvl.engine.factory import make_engine
 from batchvl.engine.timing import StageTimes
 from batchvl.errors import JobError, OutputWriteError, WorkerError
+from batchvl.faults import fault_point
 from batchvl.media.fetch import FetchSettings
-from batchvl.prepare.prefetch import Prefetcher
+from batchvl.prepare.prefetch import Prefetcher, tile_pool
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
 from batchvl.prepare.templates import ConversationTemplate, default_system_message
-from batchvl.run.faults import fault_point
 from batchvl.run.output import SafeWriter
 from batchvl.run.plan import Plan, generation_params
 
@@ -129,13 +129,17 @@ def build_engine(job: Job, plan: Plan):
     return make_engine(job.engine, plan.checkpoint, plan.tokenizer, generation_params(job, plan))
 
 
-def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer) -> Prefetcher:
+def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer,
+                    processes: bool = True) -> Prefetcher:
+    """The job's prefetcher; with `processes` (and media.prepare_processes), its worker processes too, which
+    it closes with itself."""
     m = job.media
     threads = m.prepare_threads or os.cpu_count() or 1
     fetch = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
                           http_concurrency=m.http_concurrency, max_media_bytes=m.max_media_mb << 20)
+    tiles = tile_pool(preparer.s, m.prepare_processes) if processes and m.prepare_processes else None
     return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, engine_rows(job)),
-                      max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch)
+                      max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch, tiles=tiles)
 
 
 REFILL_ROWS = 4  # with refill, the engine gets this many batches' worth of rows at once

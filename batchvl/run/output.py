@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 from batchvl.config import Job
 from batchvl.core import Result, Row
 from batchvl.errors import OutputWriteError
+from batchvl.faults import fault_point
 from batchvl.io.durable import Owner, remove_dead_temps
 from batchvl.io.ids import Ids
 from batchvl.io.lease import REWRITE, Claim, Lease, Scope, live_runs
 from batchvl.io.readers import read_rows
 from batchvl.io.shards import Shard
 from batchvl.io.writer import PartWriter, clear_output, drop_rows, output_schema, part_files, read_done
-from batchvl.run.faults import fault_point
 from batchvl.run.fingerprint import check_fingerprint, read_fingerprint, write_fingerprint
 from batchvl.run.plan import Plan, check_ids_stay, plan_job
 

@@ -91,7 +91,7 @@ class Prepare:
     `batchvl run --ray` hands them over, or as a user's dataset holds them: one column per input column, the
     id from `input.id_column` (required then), media paths relative to `input.media_root` (default: the folder
     of the job's first input file). Media is fetched and prepared by batchvl's prefetcher, on
-    `media.prepare_threads` threads per actor.
+    `media.prepare_threads` threads per actor (`media.prepare_processes` does not apply: actors are processes).
     """
 
     def __init__(self, job: Job | str | os.PathLike | dict, overrides: Sequence[str] = ()):
@@ -107,7 +107,9 @@ class Prepare:
             pending = [_job_row(r) for r in rows]
         else:
             pending = [(self.default_file, self._user_row(r, i)) for i, r in enumerate(rows)]
-        prefetcher = make_prefetcher(self.job, pending, self.preparer)
+        # No worker processes: Ray scales preparation by actors, each a process of its own, and a prefetcher
+        # lives for one batch, which would start them for every batch.
+        prefetcher = make_prefetcher(self.job, pending, self.preparer, processes=False)
         try:
             items = list(prefetcher)  # input order
         finally:

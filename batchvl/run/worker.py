@@ -31,9 +31,9 @@ from batchvl.config import Job
 from batchvl.core import Row
 from batchvl.engine.timing import StageTimes
 from batchvl.errors import JobError, OutputWriteError
+from batchvl.faults import set_process_label
 from batchvl.io.lease import Claim
 from batchvl.log import configure_logging
-from batchvl.run.faults import set_process_label
 from batchvl.run.loop import build_engine, make_preparer, process_rows
 from batchvl.run.output import open_writer
 from batchvl.run.plan import plan_model

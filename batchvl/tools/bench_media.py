@@ -1,9 +1,11 @@
 """`batchvl bench-media`: how fast media preparation runs, against a naive single-thread Pillow loop.
 
 It writes real JPEG files of two workloads to a temporary folder, then prepares each workload into
-model-ready tiles twice: with a plain loop (decode, tile, normalise, one image after another, as the
-InternVL reference code does), and with batchvl's prefetch pipeline (asyncio reads, a thread pool of
-`--threads` workers). It prints images/s and tiles/s, and per core.
+model-ready tiles: once with a plain loop (decode, tile, normalise, one image after another, as the
+InternVL reference code does), then with batchvl's prefetch pipeline (asyncio reads) once per worker count
+asked for: `--threads T` decoding and tiling in T threads, `--processes P` in P worker processes
+(`media.prepare_processes`). It prints images/s and tiles/s, per worker, the main process's CPU time per
+image (what the engine's thread shares the GIL with), and how long the worker processes took to start.
 
 - `7tile`: every image 1344x896 (3x2 tiles + thumbnail = 7 tiles), the `caption-7tile` shape.
 - `mixed`: 4:3 and 16:9 photos, portraits, panoramas and scanned pages from 320 to 4000 pixels, up to 12
@@ -25,8 +27,9 @@ import torch
 from PIL import Image
 
 from batchvl.core import Request, Row
+from batchvl.media.pool import TilePool
 from batchvl.media.tiling import tile_image
-from batchvl.prepare.prefetch import Prefetcher
+from batchvl.prepare.prefetch import Prefetcher, tile_pool
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
 
@@ -36,11 +39,13 @@ MIXED_SHAPES = [(4, 3), (3, 4), (16, 9), (9, 16), (3, 1), (1, 3), (1, 1.414), (1
 @dataclass
 class BenchResult:
     workload: str
-    method: str
-    threads: int
+    method: str  # "naive loop", "threads", "processes" (or "processes, pipes": tiles pickled, for comparison)
+    workers: int
     images: int
     tiles: int
     seconds: float
+    main_cpu_s: float = 0.0  # the main process's CPU time, all its threads
+    start_s: float | None = None  # worker processes: from starting them to all ready, before `seconds` starts
 
     @property
     def images_per_s(self) -> float:
@@ -110,48 +115,83 @@ class _NoTokens:
         return {"input_ids": [0] * 8}
 
 
-def pipeline(paths: list[Path], max_tiles: int, threads: int) -> tuple[int, float]:
+def pipeline(paths: list[Path], max_tiles: int, threads: int = 0, processes: int = 0,
+             pipes: bool = False) -> tuple[int, float, float, float | None]:
+    """Prepare `paths` with the prefetcher on `threads` threads, or on `processes` worker processes (their
+    tiles pickled through pipes with `pipes`, for comparison). (tiles, seconds, main CPU seconds, start-up
+    seconds of the processes or None)."""
     settings = PrepareSettings(prompt="Describe.", prompt_column=None, image_column="image",
                                max_dynamic_patch_column=None, keep_columns=(), keep_as_json=True, min_tiles=1,
                                max_tiles=max_tiles, use_thumbnail=True, tile_size=448, max_prompt_tokens=1 << 30)
     preparer = RowPreparer(settings, PromptBuilder(_NoTokens(), None, tokens_per_tile=256))
     rows = [(p, Row(id=p.name, source=p.name, data={"image": str(p)})) for p in paths]
+    tiles_pool, start_s = None, None
+    if processes:
+        started = time.perf_counter()
+        tiles_pool = TilePool(processes, 0) if pipes else tile_pool(settings, processes)
+        if not tiles_pool.wait_ready(timeout=120):
+            tiles_pool.close()
+            raise RuntimeError("bench-media: the worker processes did not start (see their errors above)")
+        start_s = time.perf_counter() - started
+    workers = processes or threads
+    cpu = time.process_time()
     start = time.perf_counter()
-    pre = Prefetcher(rows, preparer, lambda f: f.parent, max_rows=4 * threads, max_bytes=4 << 30, threads=threads)
+    pre = Prefetcher(rows, preparer, lambda f: f.parent, max_rows=4 * workers, max_bytes=4 << 30,
+                     threads=threads or 1, tiles=tiles_pool)
     tiles = 0
-    for item in pre:
-        if not isinstance(item, Request):
-            raise RuntimeError(f"preparation failed: {item.error}")
-        tiles += item.tiles.shape[0]
-    seconds = time.perf_counter() - start
-    pre.close()
-    return tiles, seconds
+    try:
+        for item in pre:
+            if not isinstance(item, Request):
+                raise RuntimeError(f"preparation failed: {item.error}")
+            tiles += item.tiles.shape[0]
+        seconds = time.perf_counter() - start
+        main_cpu = time.process_time() - cpu
+    finally:
+        pre.close()
+    return tiles, seconds, main_cpu, start_s
 
 
-def run(images: int, threads: int, workloads: list[str], naive_images: int) -> list[BenchResult]:
+def run(images: int, workloads: list[str], naive_images: int, threads: list[int] = (), processes: list[int] = (),
+        pipes: bool = False) -> list[BenchResult]:
+    """The naive loop, then the pipeline at each thread count, then at each process count (and with `pipes`,
+    again with the tiles pickled through pipes), per workload."""
     results = []
+    runs = [("threads", t, {"threads": t}) for t in threads]
+    runs += [("processes", p, {"processes": p}) for p in processes]
+    runs += [("processes, pipes", p, {"processes": p, "pipes": True}) for p in processes if pipes]
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:
             paths = write_images(Path(tmp) / workload, workload, images)
             max_tiles = 12
+            cpu = time.process_time()
             tiles, seconds = naive_loop(paths[:naive_images], max_tiles)
-            results.append(BenchResult(workload, "naive loop", 1, min(naive_images, len(paths)), tiles, seconds))
-            tiles, seconds = pipeline(paths, max_tiles, threads)
-            results.append(BenchResult(workload, "batchvl prefetch", threads, len(paths), tiles, seconds))
+            results.append(BenchResult(workload, "naive loop", 1, min(naive_images, len(paths)), tiles, seconds,
+                                       time.process_time() - cpu))
+            for method, workers, how in runs:
+                tiles, seconds, main_cpu, start_s = pipeline(paths, max_tiles, **how)
+                results.append(BenchResult(workload, method, workers, len(paths), tiles, seconds, main_cpu,
+                                           start_s))
     return results
 
 
 def format_table(results: list[BenchResult]) -> str:
-    lines = ["| workload | method | threads | images | tiles | images/s | tiles/s | images/s per thread |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | method | workers | images | tiles | images/s | tiles/s | images/s per worker "
+             "| main CPU ms/image | start s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.workload} | {r.method} | {r.threads} | {r.images} | {r.tiles} | {r.images_per_s:.1f} "
-                     f"| {r.tiles_per_s:.1f} | {r.images_per_s / r.threads:.1f} |")
+        start = "" if r.start_s is None else f"{r.start_s:.2f}"
+        lines.append(f"| {r.workload} | {r.method} | {r.workers} | {r.images} | {r.tiles} | {r.images_per_s:.1f} "
+                     f"| {r.tiles_per_s:.1f} | {r.images_per_s / r.workers:.1f} "
+                     f"| {1000 * r.main_cpu_s / r.images:.1f} | {start} |")
     return "\n".join(lines)
 
 
-def main(images: int, threads: int, workloads: list[str], naive_images: int) -> int:
-    threads = threads or os.cpu_count() or 1
-    print(f"bench-media: {images} images per workload, {threads} threads, {os.cpu_count()} cores", flush=True)
-    print(format_table(run(images, threads, workloads, naive_images)))
+def main(images: int, threads: list[int], processes: list[int], workloads: list[str], naive_images: int,
+         pipes: bool = False) -> int:
+    cores = os.cpu_count() or 1
+    threads = [t or cores for t in threads] or ([] if processes else [cores])
+    processes = [p or cores for p in processes]
+    print(f"bench-media: {images} images per workload, threads {threads or '-'}, processes {processes or '-'}, "
+          f"{cores} cores", flush=True)
+    print(format_table(run(images, workloads, naive_images, threads, processes, pipes)))
     return 0

@@ -29,7 +29,8 @@ from batchvl.config import EngineSpec, build_section, check_engine
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams, pick_device, pick_dtype
 from batchvl.engine.factory import make_engine
-from batchvl.media.tiling import normalize_uint8, tile_image, tiles_to_uint8
+from batchvl.media.normalize import normalize_uint8, tiles_to_uint8
+from batchvl.media.tiling import tile_image
 from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
 from batchvl.prepare.prompt import PromptBuilder, place_images
 from batchvl.tools.shapes import SHAPES as SHAPES_ALL

@@ -1,10 +1,11 @@
-"""Fault injection for the crash and concurrency tests: `BATCHVL_FAULT=kill:<point>:<n>` SIGKILLs this process
-at the n-th time it reaches `<point>` (1-based); `sleep:<point>:<n>:<seconds>` stalls it there that long (a
-slow disk, a slow batch: what a concurrent run sees meanwhile). Points: `read` (after reading n input rows),
-`batch` (before the n-th engine batch), `write` (after the n-th part's temporary file is written and fsynced,
-before its rename). A spec ending in `@<worker>` fires only in that engine worker process (`cpu1`, `gpu3`: see
-batchvl.run.worker); without `@`, in any process that reaches the point. Unset (the normal case),
-`fault_point` costs one dict lookup."""
+"""Fault injection for the crash and concurrency tests, reachable from every layer (it imports nothing of
+batchvl): `BATCHVL_FAULT=kill:<point>:<n>` SIGKILLs this process at the n-th time it reaches `<point>` (1-based);
+`sleep:<point>:<n>:<seconds>` stalls it there that long (a slow disk, a slow batch: what a concurrent run sees
+meanwhile). Points: `read` (after reading n input rows), `batch` (before the n-th engine batch), `write` (after
+the n-th part's temporary file is written and fsynced, before its rename), `tile` (in a media worker process,
+batchvl.media.pool, once it has tiled its n-th item, before it answers; each new worker counts from 1). A spec
+ending in `@<worker>` fires only in that engine worker process (`cpu1`, `gpu3`: see batchvl.run.worker); without
+`@`, in any process that reaches the point. Unset (the normal case), `fault_point` costs one dict lookup."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import threading
 import time
 
 ENV = "BATCHVL_FAULT"
-POINTS = ("read", "batch", "write")
+POINTS = ("read", "batch", "write", "tile")
 
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
