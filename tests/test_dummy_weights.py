@@ -14,7 +14,7 @@ import torch
 from batchvl.cli import main
 from batchvl.engine.base import GenerationParams
 from batchvl.engine.hf import TransformersEngine
-from batchvl.media.tiling import normalize_uint8
+from batchvl.media.normalize import normalize_uint8
 from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
 from batchvl.models.footprint import weight_bytes
 from batchvl.models.fp8 import FP8_DTYPE, FP8_MAX, Fp8Linear, fp8_targets, to_fp8_modules
