@@ -93,8 +93,8 @@ class TransformersEngine(Engine):
 
     def close(self) -> None:
         del self.model
-        gc.collect()  # what reference cycles hold goes too, before the next engine in this process loads
         if self.device.type == "cuda":
+            gc.collect()  # what reference cycles hold goes too, before the next engine in this process loads
             torch.cuda.empty_cache()
 
 

@@ -328,7 +328,8 @@ class NativeEngine(Engine):
         self.runner.close()
         self.runner = self._vision_graph = self._pinned = None  # the runner holds the language model too
         del self.model
-        gc.collect()
+        if self.compiled or self.device.type == "cuda":  # device memory: a full collection (a few tenths of a
+            gc.collect()                                  # second) is worth it there, not for the CPU's RAM
         if self.compiled:
             torch._dynamo.reset()
         if self.device.type == "cuda":
