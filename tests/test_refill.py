@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from batchvl.engine.base import GenerationParams
 from batchvl.engine.native import NativeEngine
@@ -96,3 +97,23 @@ def test_a_batch_takes_waiting_rows_only_once_a_quarter_of_its_slots_are_free(se
     e.check_every = 1  # the host learns of every finished row at once
     e.generate(rows)
     assert admitted[0] == 8 and all(n >= 2 for n in admitted[1:]) and sum(admitted) == 16
+
+
+def test_rows_prefilled_together_into_slots_that_are_not_adjacent_generate_what_they_generate_alone(setup):
+    """One prefill writes each row's keys and values into its own slot (an index of cache rows, not a first
+    row): slots 1 and 3 of four, with 0 and 2 left free."""
+    caption, two, small, text = setup[2]
+    e = engine(setup, refill=False, slots=4)
+    alone = {}
+    for r in (caption, small):
+        e.generate([r])
+        alone[r.id] = e.last_tokens[0]
+    need = max(len(r.prompt_ids) for r in (caption, small)) + MAX_NEW
+    with torch.inference_mode():
+        state = e.start(4, need)
+        state.admit_rows([1, 3], [caption, small], e._vision([caption, small]))
+        while not state.sync():
+            state.decode()
+    got = state.generated()
+    assert got[1] == alone[caption.id] and got[3] == alone[small.id]
+    assert state.done.tolist() == [True] * 4 and state.requests[0] is None and state.requests[2] is None

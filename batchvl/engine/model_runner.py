@@ -85,8 +85,9 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None, cache: KVCache,
-                row0: int, chunk_tokens: int) -> torch.Tensor:
-        """ids [n, P] right-padded prompts (lengths [n]) into cache rows row0 .. row0 + n, with the image
+                rows: int | torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        """ids [n, P] right-padded prompts (lengths [n]) into cache rows rows .. rows + n (or the rows an [n]
+        index tensor names), with the image
         embeddings `features` [T * tokens_per_tile, C] at the image context tokens, in row order. Returns
         the logits of each row's last token [n, V] float32. In row chunks of at most `chunk_tokens` tokens:
         activations stay bounded while the cache holds the whole batch."""
@@ -99,7 +100,10 @@ class ModelRunner:
             x[slots] = features.to(x.dtype)
         n, width = ids.shape
         step = max(1, chunk_tokens // max(width, 1))
-        return torch.cat([lm.logits(lm.prefill(x[r : r + step], lengths[r : r + step], cache, row0 + r))
+        def at(r: int) -> int | torch.Tensor:
+            return rows + r if isinstance(rows, int) else rows[r : r + step]
+
+        return torch.cat([lm.logits(lm.prefill(x[r : r + step], lengths[r : r + step], cache, at(r)))
                           for r in range(0, n, step)])  # [n, V]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:

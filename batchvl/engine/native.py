@@ -15,7 +15,6 @@ loop.
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 from collections import deque
 
@@ -228,26 +227,16 @@ class NativeEngine(Engine):
 
     def _admit(self, state: BatchState, holder: list[int | None], free: list[int], waiting: deque[int],
                requests: list[Request]) -> None:
-        """Prefill waiting rows, in order, into the `free` slots (ascending): one vision pass for all of them,
-        one prefill per run of adjacent slots."""
+        """Prefill waiting rows, in order, into the `free` slots (ascending): one vision pass and one prefill
+        for all of them, their keys and values written into their own slots, adjacent or not."""
         take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         rows = [requests[i] for i in take]
         with self.times.stage("vision"):
             features = self._vision(rows)
-        # Each row's share of the features: one embedding per image context token of its prompt.
-        sizes = [sum(1 for t in r.prompt_ids if t == self.image_token_id) for r in rows]
-        offsets = [0, *itertools.accumulate(sizes)]
         with self.times.stage("prefill"):
-            start = 0
-            while start < len(take):
-                end = start + 1
-                while end < len(take) and free[end] == free[end - 1] + 1:
-                    end += 1
-                piece = None if features is None else features[offsets[start] : offsets[end]]
-                logits = state.admit_rows(free[start], rows[start:end], piece)
-                if self.first_step_logits is not None:
-                    self.first_step_logits.append(logits[:, : self.text_spec.vocab].cpu())
-                start = end
+            logits = state.admit_rows(free[: len(take)], rows, features)
+        if self.first_step_logits is not None:
+            self.first_step_logits.append(logits[:, : self.text_spec.vocab].cpu())
         for slot, index in zip(free, take, strict=False):  # fewer rows than free slots at the end
             holder[slot] = index
 

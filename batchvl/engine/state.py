@@ -70,54 +70,69 @@ class BatchState:
     def fill(self, requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
         """Prefill `requests` into slots 0 .. n-1 and take their first tokens; `features` are their image
         embeddings [T * tokens_per_tile, C] in request order. Returns the first step's logits [n, V]."""
-        return self._prefill(0, requests, features)
+        return self._prefill(list(range(len(requests))), requests, features)
 
     def admit(self, slot: int, request: Request, features: torch.Tensor | None) -> torch.Tensor:
         """Prefill one row into a free `slot` (one never filled, or whose row is done) of a running batch and
         take its first token; every other slot keeps its state. `features`: the row's image embeddings.
         Returns its first step's logits [1, V]."""
-        return self.admit_rows(slot, [request], features)
+        return self.admit_rows([slot], [request], features)
 
-    def admit_rows(self, first: int, requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
-        """`admit` for the free slots first .. first + n - 1 at once, in one prefill: `features` are the rows'
-        image embeddings in request order. Returns the first step's logits [n, V]."""
-        if not 0 <= first < self.slots:
-            raise IndexError(f"slot {first} of a batch of {self.slots}")
-        return self._prefill(first, requests, features)
+    def admit_rows(self, slots: list[int], requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
+        """`admit` for several free slots at once, adjacent or not (ascending), in one prefill: `features`
+        are the rows' image embeddings in request order. Returns the first step's logits [n, V]."""
+        if any(not 0 <= s < self.slots for s in slots):
+            raise IndexError(f"slots {slots} of a batch of {self.slots}")
+        return self._prefill(slots, requests, features)
 
-    def _prefill(self, first: int, requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
+    def _prefill(self, slots: list[int], requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
         n, p, device = len(requests), self.params, self.runner.device
-        if first + n > self.slots:
-            raise ValueError(f"{n} rows from slot {first} in a batch of {self.slots}")
+        if len(slots) != n or len(set(slots)) != n or slots != sorted(slots) or slots[-1] >= self.slots:
+            raise ValueError(f"{n} rows into slots {slots} of a batch of {self.slots}")
         lengths_list = [len(r.prompt_ids) for r in requests]
         limits_list = [r.max_new_tokens or p.max_new_tokens for r in requests]
         for r, length, limit in zip(requests, lengths_list, limits_list, strict=True):
             if length + limit > self.span or limit > self.width:
                 raise ValueError(f"row {r.id}: {length} + {limit} positions do not fit a span of {self.span} "
                                  f"with at most {self.width} new tokens")
-        rows = slice(first, first + n)
         width = max(lengths_list)
         # One host-to-device conversion of all prompts, right-padded on the device.
         lengths = torch.tensor(lengths_list, device=device)  # [n]
         flat = torch.tensor(list(itertools.chain.from_iterable(r.prompt_ids for r in requests)), dtype=torch.long)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=device)
         ids[torch.arange(width, device=device)[None, :] < lengths[:, None]] = flat.to(device)  # [n, P]
-        logits = self.runner.prefill(ids, lengths, features, self.cache, first, self.prefill_tokens)  # [n, V]
+        adjacent = slots[-1] - slots[0] == n - 1
+        rows = slots[0] if adjacent else torch.tensor(slots, device=device)  # the cache rows the K/V go to
+        logits = self.runner.prefill(ids, lengths, features, self.cache, rows, self.prefill_tokens)  # [n, V]
+        # The slots' state, a run of adjacent slots at a time: slices are views, so updates land in place.
+        start = 0
+        while start < n:
+            end = start + 1
+            while end < n and slots[end] == slots[end - 1] + 1:
+                end += 1
+            self._record(slice(slots[start], slots[start] + end - start), slice(start, end), requests, ids,
+                         lengths, limits_list, logits)
+            start = end
+        return logits
 
-        self.requests[rows] = requests
-        self.lengths[rows] = lengths
-        self.positions[rows] = lengths  # each row's first generated token goes right after its prompt
-        self.limits[rows] = torch.tensor(limits_list, device=device)
+    def _record(self, rows: slice, part: slice, requests: list[Request], ids: torch.Tensor, lengths: torch.Tensor,
+                limits: list[int], logits: torch.Tensor) -> None:
+        """Reset the slots `rows` for the prefilled rows `part` of `requests` (and of ids, lengths, limits,
+        logits) and take their first tokens."""
+        p, device = self.params, self.runner.device
+        mine = requests[part]
+        self.requests[rows] = mine
+        self.lengths[rows] = lengths[part]
+        self.positions[rows] = lengths[part]  # each row's first generated token goes right after its prompt
+        self.limits[rows] = torch.tensor(limits[part], device=device)
         self.count[rows] = 0
         self.done[rows] = False
-        self.seeds[rows] = torch.tensor([row_seed(p.seed, r.id) for r in requests], device=device,
-                                        dtype=torch.int64)
+        self.seeds[rows] = torch.tensor([row_seed(p.seed, r.id) for r in mine], device=device, dtype=torch.int64)
         self.out[rows] = self.pad_id
         if self.seen is not None:
-            self._see_prompts(self.seen[rows], ids, requests)
-        self.max_limit = max(self.max_limit, *limits_list)
-        self._take(logits, rows)
-        return logits
+            self._see_prompts(self.seen[rows], ids[part], mine)
+        self.max_limit = max(self.max_limit, *limits[part])
+        self._take(logits[part], rows)
 
     def _see_prompts(self, seen: torch.Tensor, ids: torch.Tensor, requests: list[Request]) -> None:
         """seen [n, V] <- the tokens of each prompt ids [n, P] (without the padding)."""

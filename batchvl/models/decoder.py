@@ -99,11 +99,14 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
-    def prefill(self, x, cos, sin, cache: KVCache, row0: int = 0) -> torch.Tensor:
+    def prefill(self, x, cos, sin, cache: KVCache, rows: int | torch.Tensor = 0) -> torch.Tensor:
+        """`rows`: the cache rows the batch's K/V go to: rows .. rows + B when an int, else a [B] index tensor
+        (slots of a running batch need not be adjacent)."""
         q, k, v = self._qkv(x, cos, sin)
         b, n = x.shape[0], x.shape[1]
-        cache.k[self.index, row0 : row0 + b, :, :n] = k
-        cache.v[self.index, row0 : row0 + b, :, :n] = v
+        at = slice(rows, rows + b) if isinstance(rows, int) else rows
+        cache.k[self.index, at, :, :n] = k
+        cache.v[self.index, at, :, :n] = v
         # Plain causal attention (flash kernels): rows are right-padded, so a real token's keys are all real;
         # padding positions compute garbage that nothing reads, and decode overwrites their cache entries.
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.s.kv_heads != self.s.heads)
@@ -169,14 +172,16 @@ class DecoderLM(nn.Module):
             sin = torch.where(long, tables[3][index], sin)
         return cos, sin
 
-    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: KVCache, row0: int = 0) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
+                rows: int | torch.Tensor = 0) -> torch.Tensor:
         """x [B, P, C] right-padded embeddings, lengths [B] -> final hidden state of each row's last token [B, C].
-        The rows' K/V go to cache rows row0 .. row0 + B (a batch may be prefilled in row chunks)."""
+        The rows' K/V go to cache rows rows .. rows + B, or to the cache rows a [B] index tensor names (a batch
+        may be prefilled in row chunks, and into slots of a running batch that are not adjacent)."""
         b, p, _ = x.shape
         idx = torch.arange(p, device=x.device)
         cos, sin = self._pick(self.rope(p), idx[None].expand(b, -1), lengths[:, None])  # [B, P, rot]
         for layer in self.layers:
-            x = layer.prefill(x, cos, sin, cache, row0)
+            x = layer.prefill(x, cos, sin, cache, rows)
         last = x[torch.arange(b, device=x.device), lengths - 1]  # [B, C]
         return self.norm(last)
 
