@@ -117,3 +117,26 @@ def test_rows_prefilled_together_into_slots_that_are_not_adjacent_generate_what_
     got = state.generated()
     assert got[1] == alone[caption.id] and got[3] == alone[small.id]
     assert state.done.tolist() == [True] * 4 and state.requests[0] is None and state.requests[2] is None
+
+
+def test_the_loop_hands_the_engine_a_batch_and_then_only_the_rows_already_prepared():
+    """With refill the engine starts on a batch's worth of rows and takes more only while the prefetcher has
+    them ready, up to `most`: on the H200 the first call's wait for four batches' worth of media cost 2 s."""
+    from batchvl.core import Request, Result
+    from batchvl.run.loop import batches_of
+
+    prepared = 5  # rows 0..4 are ready; the rest would make the caller wait
+    taken = []
+
+    def items():
+        for i in range(20):
+            taken.append(i)
+            yield Result.failed(f"e{i}", "x") if i == 1 else Request(f"r{i}", [1], None, [])
+
+    ready = lambda: len(taken) < prepared  # noqa: E731
+    first = next(batches_of(items(), 2, 8, ready))
+    assert [x.id for x in first] == ["r0", "e1", "r2", "r3", "r4"]  # 2 requests, then what was ready
+    plain = (Request(f"p{i}", [1], None, []) for i in range(10))
+    assert [len(b) for b in batches_of(plain, 3)] == [3, 3, 3, 1]  # without refill: batches of `size`
+    prepared = 100
+    assert [len(b) for b in batches_of(items(), 2, 8, ready)] == [9, 8, 3]  # never more than `most` requests

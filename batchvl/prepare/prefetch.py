@@ -182,6 +182,15 @@ class Prefetcher:
                     pass
             yield item
 
+    def ready(self) -> bool:
+        """Whether the next item can be taken without waiting: the end of the rows or an error counts as ready
+        (taking it does not wait either). For callers that take more rows only when they are there."""
+        with self._out.mutex:
+            if not self._out.queue:
+                return False
+            head = self._out.queue[0]
+        return not isinstance(head, concurrent.futures.Future) or head.done()
+
     def close(self) -> None:
         self._stop = True
         if self._loop is not None and self._loop.is_running():

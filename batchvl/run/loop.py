@@ -37,7 +37,8 @@ def process_rows(job: Job, engine, preparer: RowPreparer, rows: Iterable[tuple[P
     after an error, the caller closes it with `close_after_error`."""
     prefetcher = make_prefetcher(job, rows, preparer)
     try:
-        for batch in batches_of(_timed(prefetcher, times, "media wait"), engine_rows(job)):
+        for batch in batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size,
+                                engine_rows(job), prefetcher.ready):
             if stopping():
                 break
             fault_point("batch")
@@ -110,14 +111,25 @@ def _generate(engine, requests: list[Request]) -> list[Result]:
     return _generate(engine, requests[:half]) + _generate(engine, requests[half:])
 
 
-def batches_of(items: Iterable[Request | Result], size: int) -> Iterator[list[Request | Result]]:
-    """Consecutive items, cut so that each batch holds `size` requests (error results ride along)."""
+def batches_of(items: Iterable[Request | Result], size: int, most: int = 0,
+               ready: Callable[[], bool] | None = None) -> Iterator[list[Request | Result]]:
+    """Consecutive items, cut so that each batch holds `size` requests (error results ride along). With `most`
+    and `ready` (refill), a batch of `size` requests goes on taking items while `ready()` says the next one
+    can be had without waiting, up to `most` requests: the engine starts on the rows it has, rather than
+    waiting for `most` of them, and gets more once preparation is ahead."""
     batch: list[Request | Result] = []
     requests = 0
-    for item in items:
+    it = iter(items)
+    for item in it:
         batch.append(item)
         requests += isinstance(item, Request)
         if requests == size:
+            while ready is not None and requests < most and ready():
+                more = next(it, None)
+                if more is None:
+                    break
+                batch.append(more)
+                requests += isinstance(more, Request)
             yield batch
             batch, requests = [], 0
     if batch:
@@ -146,10 +158,10 @@ REFILL_ROWS = 4  # with refill, the engine gets this many batches' worth of rows
 
 
 def engine_rows(job: Job) -> int:
-    """How many prepared rows the loop hands the engine at once: a batch, or with refill (native) several
-    batches' worth, which the engine runs through one batch's slots as its rows finish. More rows per call
-    keep the slots full for longer (a call's last rows drain its batch); they also hold more prepared media
-    and are written (and, on SIGINT, waited for) a call at a time."""
+    """The most prepared rows the loop hands the engine at once: a batch, or with refill (native) up to several
+    batches' worth (those already prepared, see batches_of), which the engine runs through one batch's slots
+    as its rows finish. More rows per call keep the slots full for longer (a call's last rows drain its
+    batch); they also hold more prepared media and are written (and, on SIGINT, waited for) a call at a time."""
     refill = job.engine.backend == "native" and job.engine.refill
     return job.engine.max_batch_size * (REFILL_ROWS if refill else 1)
 
