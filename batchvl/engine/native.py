@@ -209,18 +209,16 @@ class NativeEngine(Engine):
             with self.times.stage("decode"):
                 for _ in range(self.check_every):
                     state.decode()
-                state.sync(stop_hit)  # the host learns which rows are done: one synchronisation
-                done = state.done.tolist()
+                done = state.finished(stop_hit)  # the host learns which rows are done: one synchronisation
                 finished = [s for s, i in enumerate(holder) if i is not None and done[s]]
                 if finished:
                     for s, ids in zip(finished, state.out[finished, : state.width].tolist(), strict=True):
                         tokens[holder[s]] = ids
                         holder[s] = None
             free = [s for s, i in enumerate(holder) if i is None]
-            if not waiting:
-                if len(free) == slots:
-                    break
-            elif len(free) == slots or len(free) * REFILL_SHARE >= slots:
+            if not waiting and len(free) == slots:
+                break
+            if waiting and len(free) * REFILL_SHARE >= slots:  # all free counts too
                 self._admit(state, holder, free, waiting, requests)
         self.last_tokens = tokens
         return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]

@@ -81,14 +81,12 @@ class BatchState:
     def admit_rows(self, slots: list[int], requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
         """`admit` for several free slots at once, adjacent or not (ascending), in one prefill: `features`
         are the rows' image embeddings in request order. Returns the first step's logits [n, V]."""
-        if any(not 0 <= s < self.slots for s in slots):
-            raise IndexError(f"slots {slots} of a batch of {self.slots}")
         return self._prefill(slots, requests, features)
 
     def _prefill(self, slots: list[int], requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
         n, p, device = len(requests), self.params, self.runner.device
-        if len(slots) != n or len(set(slots)) != n or slots != sorted(slots) or slots[-1] >= self.slots:
-            raise ValueError(f"{n} rows into slots {slots} of a batch of {self.slots}")
+        if len(slots) != n or slots != sorted(set(slots)) or not 0 <= slots[0] <= slots[-1] < self.slots:
+            raise IndexError(f"{n} rows into slots {slots} of a batch of {self.slots}")
         lengths_list = [len(r.prompt_ids) for r in requests]
         limits_list = [r.max_new_tokens or p.max_new_tokens for r in requests]
         for r, length, limit in zip(requests, lengths_list, limits_list, strict=True):
@@ -170,13 +168,19 @@ class BatchState:
     def sync(self, stop_hit=None) -> bool:
         """The host synchronisation: marks done the slots whose tokens so far make `stop_hit(ids) -> bool`
         true (stop strings; None: no test), and says whether every slot is done."""
+        return all(self.finished(stop_hit))
+
+    def finished(self, stop_hit=None) -> list[bool]:
+        """`sync`, saying which slots are done (host side): refill needs to know which ones."""
+        done = self.done.tolist()
         if stop_hit is not None:
-            counts, done = self.count.tolist(), self.done.tolist()
+            counts = self.count.tolist()
             rows = self.out[:, : max(counts)].tolist()
             hits = [not d and stop_hit(row[:c]) for row, c, d in zip(rows, counts, done, strict=True)]
             if any(hits):
                 self.done |= torch.tensor(hits, device=self.done.device)
-        return bool(self.done.all())
+                done = [d or h for d, h in zip(done, hits, strict=True)]
+        return done
 
     def generated(self) -> list[list[int]]:
         """Each slot's generated ids [B][width], pad after its last token (host side)."""
