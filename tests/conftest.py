@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 # CI has no GPU: Triton kernels run in Triton's interpreter, on CPU tensors. Set before anything imports them
@@ -36,6 +37,18 @@ def tiny_fp8_model(tiny_model, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_rows(tiny_model):
+    """(checkpoint, tokenizer, the sample rows of check-parity as Requests: a 7-tile image, two images, a small
+    image, text only), for the engine-level tests."""
+    from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
+    from batchvl.tools.check_parity import sample_rows
+
+    ck = CheckpointInfo.read(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    return ck, tokenizer, sample_rows(tokenizer, checkpoint_chat_template(tiny_model, tokenizer), ck.tokens_per_tile)
+
+
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """Smooth colour gradients plus noise, so that resize and crop mistakes change pixels."""
     rng = np.random.default_rng(seed)
@@ -58,6 +71,17 @@ def images(tmp_path) -> dict[str, Path]:
         random_image(w, h, seed=i).save(path, quality=95)
         out[name] = path
     return out
+
+
+def drain_slowly(prefetcher, pause_s: float = 0.05) -> int:
+    """Take every item of `prefetcher` as a slow engine would (a pause after each), close it, and return how many
+    items there were: the byte-budget tests' consumer."""
+    count = 0
+    for _ in prefetcher:
+        count += 1
+        time.sleep(pause_s)
+    prefetcher.close()
+    return count
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -18,23 +18,13 @@ from batchvl.engine.graphs import batch_buckets, bucket_for
 from batchvl.engine.model_runner import SPAN_BUCKET, batch_span
 from batchvl.engine.native import NativeEngine
 from batchvl.engine.sampler import Sampler
-from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
-from batchvl.tools.check_parity import sample_rows
 
 MAX_NEW = 12
 SLOTS = 4
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model):
-    """(checkpoint, tokenizer, the sample rows: a 7-tile image, two images, a small image, text only)."""
-    ck = CheckpointInfo.read(tiny_model)
-    tokenizer = load_tokenizer(tiny_model)
-    return ck, tokenizer, sample_rows(tokenizer, checkpoint_chat_template(tiny_model, tokenizer), ck.tokens_per_tile)
-
-
-def make_engine(setup, **params) -> NativeEngine:
-    ck, tokenizer, _ = setup
+def make_engine(tiny_rows, **params) -> NativeEngine:
+    ck, tokenizer, _ = tiny_rows
     params = GenerationParams(**{"max_new_tokens": MAX_NEW, "eos_token_ids": (tokenizer.eos_token_id,), **params})
     return NativeEngine(ck, tokenizer, params, device="cpu", dtype="float32", max_batch_size=SLOTS)
 
@@ -87,10 +77,10 @@ def start(engine: NativeEngine, first: list[Request], everyone: list[Request]):
     return state
 
 
-def early_token(setup, request: Request) -> int:
+def early_token(tiny_rows, request: Request) -> int:
     """A token `request` generates (greedy) early on, not its first: as an EOS id, min_new_tokens decides
     whether the row stops there."""
-    return alone(make_engine(setup), request)[1]
+    return alone(make_engine(tiny_rows), request)[1]
 
 
 PARAMS = {
@@ -102,18 +92,18 @@ PARAMS = {
 
 
 @pytest.mark.parametrize("name", [*PARAMS, "min-new-tokens"])
-def test_a_row_admitted_into_a_running_batch_generates_what_it_generates_alone(setup, name):
-    _, _, rows = setup
+def test_a_row_admitted_into_a_running_batch_generates_what_it_generates_alone(tiny_rows, name):
+    _, _, rows = tiny_rows
     caption, two, small, text = rows
     short = dataclasses.replace(text, id="short", max_new_tokens=2)  # slot 1 finishes after two tokens
     again = dataclasses.replace(caption, id="again")  # another id: another seed
     if name == "min-new-tokens":
         # Each row's EOS is its own second greedy token. `again` joins at batch step 6: with a batch-wide
         # step, min_new_tokens would no longer hold its EOS back and it would stop after two tokens.
-        params = {"eos_token_ids": (early_token(setup, two), early_token(setup, again)), "min_new_tokens": 5}
+        params = {"eos_token_ids": (early_token(tiny_rows, two), early_token(tiny_rows, again)), "min_new_tokens": 5}
     else:
         params = PARAMS[name]
-    engine = make_engine(setup, **params)
+    engine = make_engine(tiny_rows, **params)
     want = {r.id: alone(engine, r) for r in (caption, short, small, two, again)}
 
     state = start(engine, [caption, short, small], rows)  # slot 3 is free
@@ -132,11 +122,11 @@ def test_a_row_admitted_into_a_running_batch_generates_what_it_generates_alone(s
         assert min(state.count.tolist()) >= 5
 
 
-def test_a_finished_slot_stays_in_bounds_and_leaves_the_others_alone(setup):
-    _, _, rows = setup
+def test_a_finished_slot_stays_in_bounds_and_leaves_the_others_alone(tiny_rows):
+    _, _, rows = tiny_rows
     caption, two, small, text = rows
     short = dataclasses.replace(text, id="short", max_new_tokens=2)
-    engine = make_engine(setup)
+    engine = make_engine(tiny_rows)
     batch = [caption, short, two, small]
     state = start(engine, batch, batch)
     until_done(state)
@@ -152,10 +142,10 @@ def test_a_finished_slot_stays_in_bounds_and_leaves_the_others_alone(setup):
     assert state.generated() == got and state.positions.tolist()[1] == lengths[1] + 1
 
 
-def test_admit_refuses_a_row_longer_than_the_span(setup):
-    _, _, rows = setup
+def test_admit_refuses_a_row_longer_than_the_span(tiny_rows):
+    _, _, rows = tiny_rows
     text = rows[3]
-    engine = make_engine(setup)
+    engine = make_engine(tiny_rows)
     state = start(engine, [text], [text])
     with pytest.raises(ValueError, match="do not fit a span"):
         admit(engine, state, 1, dataclasses.replace(text, prompt_ids=text.prompt_ids * 4))
@@ -199,8 +189,8 @@ def test_batch_span_rounds_up_and_stops_at_the_context_unless_rows_need_more():
     assert batch_span(5000, 4000) == 5000
 
 
-def test_cache_keeps_max_batch_size_slots_and_its_span_only_grows(setup):
-    runner = make_engine(setup).runner
+def test_cache_keeps_max_batch_size_slots_and_its_span_only_grows(tiny_rows):
+    runner = make_engine(tiny_rows).runner
     cache, span = runner.reserve(2, 100)
     assert (cache.batch, cache.positions, span) == (SLOTS, SPAN_BUCKET, SPAN_BUCKET)
     grown, span = runner.reserve(3, 300)
@@ -215,11 +205,11 @@ def test_cache_keeps_max_batch_size_slots_and_its_span_only_grows(setup):
     assert (cache.batch, cache.positions) == (SLOTS, SPAN_BUCKET)
 
 
-def test_rows_padded_up_to_a_graph_bucket_leave_the_real_rows_alone(setup):
+def test_rows_padded_up_to_a_graph_bucket_leave_the_real_rows_alone(tiny_rows):
     """What a decode graph does with a batch smaller than its bucket: the padding rows (token 0, position 0,
     in cache rows no slot uses) change neither the real rows' logits nor their cache rows."""
-    _, _, rows = setup
-    engine = make_engine(setup)
+    _, _, rows = tiny_rows
+    engine = make_engine(tiny_rows)
     with torch.inference_mode():
         state = engine.start(3, need(rows))  # 3 slots in a cache of SLOTS rows
         state.fill(rows[:3], engine._vision(rows[:3]))

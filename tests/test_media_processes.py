@@ -26,7 +26,7 @@ from batchvl.media.pixels import TileTask, tile_media
 from batchvl.media.pool import TilePool
 from batchvl.prepare.prefetch import Prefetcher, tile_pool
 
-from .conftest import base_job, random_image, write_job, write_jsonl
+from .conftest import base_job, drain_slowly, random_image, write_job, write_jsonl
 from .test_prefetch import preparer
 from .test_robustness import by_id
 from .test_tiling import reference_tiles
@@ -196,12 +196,7 @@ def test_the_process_path_keeps_the_prefetchers_byte_budget(media):
     one_row = 900 * 500 * 6 + (media / "wide.jpg").stat().st_size + 3 * TILE  # decoding, bytes, tiles
     pre = Prefetcher(rows, prep, lambda f: media, max_rows=8, max_bytes=2 * one_row, threads=1,
                      tiles=tile_pool(prep.s, 2))
-    count = 0
-    for _ in pre:
-        count += 1
-        time.sleep(0.05)
-    pre.close()
-    assert count == 8
+    assert drain_slowly(pre) == 8
     assert one_row <= pre.peak_bytes <= 3 * one_row  # the budget, and the row the consumer waits for
 
 

@@ -14,7 +14,7 @@ from batchvl.prepare.prefetch import Prefetcher
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
 
-from .conftest import random_image
+from .conftest import drain_slowly, random_image
 from .media_server import Route
 
 
@@ -79,12 +79,7 @@ def test_byte_budget_bounds_memory_under_a_slow_consumer(tmp_path):
     rows = rows_for([str(tmp_path / f"{i}.png") for i in range(10)])
     one_row = 3 * 3 * 448 * 448 * 4  # a 900x600 image with max 2 tiles: 2 tiles + thumbnail, float32
     pre = Prefetcher(rows, preparer(), lambda f: tmp_path, max_rows=10, max_bytes=2 * one_row, threads=2)
-    count = 0
-    for _ in pre:
-        count += 1
-        time.sleep(0.05)
-    pre.close()
-    assert count == 10
+    assert drain_slowly(pre) == 10
     assert pre.peak_bytes <= 3 * one_row  # the budget, plus the row the consumer waits for
 
 

@@ -15,29 +15,20 @@ import torch
 
 from batchvl.engine.base import GenerationParams
 from batchvl.engine.native import NativeEngine
-from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
-from batchvl.tools.check_parity import sample_rows
 
 MAX_NEW = 10
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model):
-    ck = CheckpointInfo.read(tiny_model)
-    tokenizer = load_tokenizer(tiny_model)
-    return ck, tokenizer, sample_rows(tokenizer, checkpoint_chat_template(tiny_model, tokenizer), ck.tokens_per_tile)
-
-
-def engine(setup, refill: bool, slots: int, **params) -> NativeEngine:
-    ck, tokenizer, _ = setup
+def engine(tiny_rows, refill: bool, slots: int, **params) -> NativeEngine:
+    ck, tokenizer, _ = tiny_rows
     params = GenerationParams(**{"max_new_tokens": MAX_NEW, "eos_token_ids": (tokenizer.eos_token_id,), **params})
     return NativeEngine(ck, tokenizer, params, device="cpu", dtype="float32", max_batch_size=slots, refill=refill)
 
 
-def requests(setup):
+def requests(tiny_rows):
     """Nine rows of the four kinds (a 7-tile image, two images, a small image, text), with limits from 1 to
     MAX_NEW, so that they finish at different steps."""
-    rows = setup[2]
+    rows = tiny_rows[2]
     limits = [MAX_NEW, 3, 7, 1, 5, 9, 2, MAX_NEW, 4]
     return [dataclasses.replace(rows[i % len(rows)], id=f"row{i}", max_new_tokens=limit)
             for i, limit in enumerate(limits)]
@@ -52,16 +43,16 @@ PARAMS = {
 
 
 @pytest.mark.parametrize("name", list(PARAMS))
-def test_refilled_rows_generate_what_static_batches_and_each_row_alone_generate(setup, name):
-    rows = requests(setup)
-    refilled = engine(setup, refill=True, slots=3, **PARAMS[name])
+def test_refilled_rows_generate_what_static_batches_and_each_row_alone_generate(tiny_rows, name):
+    rows = requests(tiny_rows)
+    refilled = engine(tiny_rows, refill=True, slots=3, **PARAMS[name])
     calls = []
     real = refilled._admit
     refilled._admit = lambda state, holder, free, waiting, reqs: calls.append(len(free)) or \
         real(state, holder, free, waiting, reqs)
     got = refilled.generate(rows)
     assert len(calls) > 2  # rows joined a running batch, more than once
-    static = engine(setup, refill=False, slots=3, **PARAMS[name])
+    static = engine(tiny_rows, refill=False, slots=3, **PARAMS[name])
     want = static.generate(rows)
     # Each row alone too, for greedy decoding (the sampled rows' seeds are per row, so alone is the static
     # batch's case already; the suite's time is better spent elsewhere).
@@ -73,23 +64,23 @@ def test_refilled_rows_generate_what_static_batches_and_each_row_alone_generate(
     assert len({r.output_tokens for r in got}) > 2  # rows ended at different steps
 
 
-def test_stop_strings_end_refilled_rows_where_they_end_static_ones(setup):
-    rows = requests(setup)
-    static = engine(setup, refill=False, slots=9)
+def test_stop_strings_end_refilled_rows_where_they_end_static_ones(tiny_rows):
+    rows = requests(tiny_rows)
+    static = engine(tiny_rows, refill=False, slots=9)
     first = static.generate(rows)
     # A stop string from the middle of one row's text: it ends that row early, freeing its slot.
     longest = max(first, key=lambda r: len(r.text))
     stop = longest.text[len(longest.text) // 2 : len(longest.text) // 2 + 2]
     assert stop.strip()
-    want = engine(setup, refill=False, slots=9, stop=[stop]).generate(rows)
-    got = engine(setup, refill=True, slots=2, stop=[stop]).generate(rows)
+    want = engine(tiny_rows, refill=False, slots=9, stop=[stop]).generate(rows)
+    got = engine(tiny_rows, refill=True, slots=2, stop=[stop]).generate(rows)
     assert [(r.text, r.finish_reason) for r in got] == [(r.text, r.finish_reason) for r in want]
     assert any(r.finish_reason == "stop" for r in got)
 
 
-def test_a_batch_takes_waiting_rows_only_once_a_quarter_of_its_slots_are_free(setup):
-    rows = [dataclasses.replace(setup[2][3], id=f"t{i}", max_new_tokens=2 + (i % 8)) for i in range(16)]
-    e = engine(setup, refill=True, slots=8)
+def test_a_batch_takes_waiting_rows_only_once_a_quarter_of_its_slots_are_free(tiny_rows):
+    rows = [dataclasses.replace(tiny_rows[2][3], id=f"t{i}", max_new_tokens=2 + (i % 8)) for i in range(16)]
+    e = engine(tiny_rows, refill=True, slots=8)
     admitted = []
     real = e._admit
     e._admit = lambda state, holder, free, waiting, reqs: admitted.append(min(len(free), len(waiting))) or \
@@ -99,11 +90,11 @@ def test_a_batch_takes_waiting_rows_only_once_a_quarter_of_its_slots_are_free(se
     assert admitted[0] == 8 and all(n >= 2 for n in admitted[1:]) and sum(admitted) == 16
 
 
-def test_rows_prefilled_together_into_slots_that_are_not_adjacent_generate_what_they_generate_alone(setup):
+def test_rows_prefilled_together_into_slots_that_are_not_adjacent_generate_what_they_generate_alone(tiny_rows):
     """One prefill writes each row's keys and values into its own slot (an index of cache rows, not a first
     row): slots 1 and 3 of four, with 0 and 2 left free."""
-    caption, two, small, text = setup[2]
-    e = engine(setup, refill=False, slots=4)
+    caption, two, small, text = tiny_rows[2]
+    e = engine(tiny_rows, refill=False, slots=4)
     alone = {}
     for r in (caption, small):
         e.generate([r])
