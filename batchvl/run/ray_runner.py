@@ -41,7 +41,7 @@ from batchvl.io.ids import Ids
 from batchvl.io.readers import count_rows, read_file_rows
 from batchvl.io.writer import read_done, table_results
 from batchvl.run.fingerprint import read_fingerprint
-from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, fixed_records, open_output, open_writer, pending_rows
+from batchvl.run.output import DUPLICATE_ERROR, duplicate_key, fixed_records, nothing_to_do, open_output, open_writer
 from batchvl.run.plan import Plan, check_ids_stay, plan_job
 from batchvl.run.progress import Progress
 from batchvl.run.ray_session import check_address, ray_session
@@ -190,8 +190,7 @@ def finished_plan(job: Job, retry_errors: bool) -> Plan | None:
     check_ids_stay(job, plan)
     if fixed_records(plan, done.unreadable):  # a record fixed since: the run replaces its error row
         return None
-    pending = pending_rows(plan.files, plan.ids, plan.done)
-    return plan if next(pending, None) is None else None
+    return plan if nothing_to_do(plan) else None
 
 
 def _layout(ray: Any, job: Job, options: RayOptions) -> tuple[dict[str, Any], dict[str, Any]]:
