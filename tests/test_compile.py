@@ -20,15 +20,21 @@ def test_compiled_blocks_match_eager(tiny_model):
     eager = load_model(ck, cpu, torch.float32).model
     compiled = load_model(ck, cpu, torch.float32).model
     compile_model(compiled)
-    block, layer = compiled.vision.vit.blocks[0], compiled.lm.layers[0]
-    # The compiled regions and their phases: the vision block runs once per image batch; each decoder-layer
-    # half runs in prefill and in decode (whose sequence dim of 1 is specialised, so a graph of its own).
-    regions = {"vision block": (block.forward, 1), "layer._qkv": (layer._qkv, 2), "layer._finish": (layer._finish, 2)}
+    vit, layer = compiled.vision.vit, compiled.lm.layers[0]
+    # The compiled regions and their phases: the vision embedding runs once per image batch; the vision block
+    # too, once with exact GELU and once with the fused one (engine.fused_vision_gelu: a guarded attribute, so a
+    # graph of its own); each decoder-layer half runs in prefill and in decode (whose sequence dim of 1 is
+    # specialised, so a graph of its own).
+    regions = {"vision embed": (vit.embed, 1), "vision block": (vit.blocks[0].forward, 2),
+               "layer._qkv": (layer._qkv, 2), "layer._finish": (layer._finish, 2)}
     assert all(hasattr(fn, "_torchdynamo_orig_callable") for fn, _ in regions.values()), "not wrapped by torch.compile"
     gen = torch.Generator().manual_seed(0)
     spec = eager.lm.spec
     with torch.inference_mode():
-        for tiles in (5, 3):  # a second shape must not need a different answer
+        for tiles, fused in ((5, False), (3, False), (4, True)):  # a second shape needs no other graph
+            for model in (compiled, eager):
+                for b in model.vision.vit.blocks:
+                    b.fused_gelu = fused  # the custom op (linear_gelu_tanh) inside a compiled region
             pixels = torch.randn(tiles, 3, 448, 448, generator=gen)
             torch.testing.assert_close(compiled.vision(pixels), eager.vision(pixels), rtol=1e-4, atol=1e-5)
         for rows, width in ((2, 30), (3, 17)):
@@ -47,5 +53,5 @@ def test_compiled_blocks_match_eager(tiny_model):
     graphs = {name: len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
               for name, (fn, _) in regions.items()}
     assert all(1 <= graphs[name] <= phases for name, (_, phases) in regions.items()), graphs
-    most = sum(phases for _, phases in regions.values())  # 5
+    most = sum(phases for _, phases in regions.values())  # 7
     assert len(regions) <= counters["stats"]["unique_graphs"] <= most, dict(counters["stats"])

@@ -126,6 +126,9 @@ class EngineSpec:
     # language model's linear layers; needs a GPU of compute capability 8.9 or newer (batchvl.engine.factory).
     quantization: str = "none"
     quantize_vision: bool = False  # with fp8: the vision tower's linear layers too
+    # native: each vision MLP's first linear layer and its GELU as one cuBLASLt call, whose epilogue computes GELU's
+    # tanh approximation (InternViT is trained with exact GELU). Faster on the GPU, not exact: README, "Speed".
+    fused_vision_gelu: bool = False
     # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
     # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;
     # the transformers one needs a transformers-layout checkpoint for it (batchvl.engine.hf).

@@ -1,6 +1,6 @@
 """torch.compile for the native engine, in one place: regional compilation of the repeated blocks.
 
-Each vision block and each decoder layer's two pointwise-heavy halves (norm + qkv + rotary; o + residual +
+The vision tower's embedding, each vision block and each decoder layer's two pointwise-heavy halves (norm + qkv + rotary; o + residual +
 norm + MLP + residual) are compiled, not the whole model: every layer runs the same code on tensors of the
 same shapes, so one compiled version serves them all, and compile time stays that of one block. What
 inductor gains is fusion of the elementwise work between the matrix products (norms, rotary, GELU/SiLU,
@@ -21,7 +21,9 @@ from batchvl.models.loader import InternVL
 
 def compile_model(model: InternVL) -> None:
     """Compile `model`'s repeated blocks in place (see the module docstring). Safe to call once per model."""
-    for block in model.vision.vit.blocks:
+    vit = model.vision.vit
+    vit.embed = torch.compile(vit.embed, dynamic=True)  # the patches' copy, the CLS concatenation, the positions
+    for block in vit.blocks:
         block.forward = torch.compile(block.forward, dynamic=True)
     for layer in model.lm.layers:
         layer._qkv = torch.compile(layer._qkv, dynamic=True)

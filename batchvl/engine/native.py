@@ -78,7 +78,7 @@ class NativeEngine(Engine):
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
-                 refill: bool = False):
+                 refill: bool = False, fused_vision_gelu: bool = False):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -94,6 +94,8 @@ class NativeEngine(Engine):
         loaded = load_model(checkpoint, self.device, self.dtype, quantization, quantize_vision, load_format)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
+        for block in self.model.vision.vit.blocks:
+            block.fused_gelu = fused_vision_gelu
         if quantization == "fp8":
             use_activation_quantizer(self.model, _fp8_activation_kernel(self.device))
         self.compiled = compile and self.device.type == "cuda"  # on the CPU, compiling costs more than it saves

@@ -5,6 +5,15 @@ no qkv bias, and q/k RMS normalisation over the full hidden width before the spl
 tile is one sequence of 1 + (S/patch)^2 tokens; the CLS token is dropped after the selected layer, the
 patch grid is pixel-shuffled (downsample 0.5: 4 neighbours into one token of 4x the width) and the
 projector (LayerNorm -> Linear -> GELU -> Linear) maps it to the language model's width.
+
+Two forms are ours rather than the reference's, for speed on the GPU (issue 17; BENCHMARKS.md, session 6):
+- The patch embedding is a matrix product over the flattened patches, not a convolution: a convolution whose
+  stride is its kernel size is exactly that product. cuDNN ran the 14x14 convolution as an implicit GEMM at 4% of
+  the 300M tower's time, the product takes a tenth of that.
+- With `fused_gelu`, an MLP's first linear layer and its GELU are one cuBLASLt call whose epilogue applies
+  GELU's tanh approximation (`linear_gelu_tanh`), instead of a product and a separate pass over its 4x-wide
+  output (10% of the tower's time). InternViT is trained with exact GELU, so this is opt-in
+  (`engine.fused_vision_gelu`), with its measured error stated where it is offered.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchvl.models.layers import make_norm
+from batchvl.models.layers import linear_gelu_tanh, make_norm
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(s.hidden, s.intermediate)
         self.fc2 = nn.Linear(s.intermediate, s.hidden)
         self.ls2 = nn.Parameter(torch.ones(s.hidden))
+        self.fused_gelu = False  # fc1 + GELU (tanh approximation) in one call: see the module docstring
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, N, C]
         t, n, c = x.shape
@@ -75,7 +85,13 @@ class VisionBlock(nn.Module):
         q, k, v = (z.view(t, n, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))  # [T, H, N, D]
         a = F.scaled_dot_product_attention(q, k, v)
         x = x + self.ls1 * self.proj(a.transpose(1, 2).reshape(t, n, c))
-        return x + self.ls2 * self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x + self.ls2 * self.fc2(self._fc1_gelu(self.norm2(x)))
+
+    def _fc1_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        fc1 = self.fc1
+        if self.fused_gelu and isinstance(fc1, nn.Linear) and fc1.bias is not None:  # not an fp8 layer
+            return linear_gelu_tanh(x, fc1.weight, fc1.bias)
+        return F.gelu(fc1(x))
 
 
 class InternViT(nn.Module):
@@ -89,11 +105,28 @@ class InternViT(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [T, 3, S, S] -> features of the selected layer [T, 1 + grid^2, C]."""
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [T, N, C]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.embed(pixels)
         for block in self.blocks:
             x = block(x)
         return x
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [T, 3, S, S] -> the CLS token and the patch embeddings, with positions: [T, 1 + grid^2, C].
+        The patch embedding is the convolution's own weights as one matrix product over the patches."""
+        conv = self.patch_embed
+        weight = conv.weight  # [C, 3, p, p]
+        patches = patchify(pixels.to(weight.dtype), self.spec.patch_size)  # [T, grid^2, 3 * p * p]
+        x = F.linear(patches, weight.reshape(weight.shape[0], -1), conv.bias)  # [T, N, C]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed
+
+
+def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[T, 3, S, S] -> [T, (S/p)^2, 3 * p * p]: each patch flattened channel-major, as a convolution's weight
+    [C, 3, p, p] is, patches in row-major order of the grid, as the convolution's output flattens."""
+    t, c, h, w = pixels.shape
+    x = pixels.reshape(t, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(t, (h // patch) * (w // patch), c * patch * patch)
 
 
 class Projector(nn.Module):

@@ -13,6 +13,8 @@ two different jobs. Only settings that change the text of a row count. The list 
 - engine.quantization and engine.quantize_vision: fp8 and bf16 rows differ. Both are always recorded, and a
   folder whose fingerprint lacks them (written before they existed) counts as `none` / `false`, its only
   possible values then (IMPLIED_WHEN_MISSING), so that an fp8 run cannot resume it;
+- engine.fused_vision_gelu: GELU's tanh approximation in the vision tower moves the features; a folder lacking it
+  ran exact GELU (`false`);
 - engine.load_format: random weights (dummy) give other text than the checkpoint's; a folder lacking it was
   written from the checkpoint's weights (`auto`);
 - the rule that makes an id column's values ids (`input.ids`): a folder written before it was recorded made
@@ -113,6 +115,7 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "engine.backend": job.engine.backend,
         "engine.quantization": job.engine.quantization,
         "engine.quantize_vision": job.engine.quantize_vision,
+        "engine.fused_vision_gelu": job.engine.fused_vision_gelu,
         "engine.load_format": job.engine.load_format,
     }
     for f in dataclasses.fields(job.generation):
@@ -159,11 +162,11 @@ FORMER_DEFAULTS: dict[str, Any] = {
 }
 # Keys recorded as the value of the job setting of the same name: `--set key=recorded value` gives that value back.
 SETTINGS = ("generation.", "media.", "engine.dtype", "engine.backend", "engine.quantization",
-            "engine.quantize_vision", "engine.load_format")
+            "engine.quantize_vision", "engine.fused_vision_gelu", "engine.load_format")
 # Keys added after folders were written without them, whose value in every such folder is known: a batchvl before
 # engine.quantization ran everything unquantized. A folder lacking one is compared as if it held this value.
 IMPLIED_WHEN_MISSING: dict[str, Any] = {"engine.quantization": "none", "engine.quantize_vision": False,
-                                        "engine.load_format": "auto"}
+                                        "engine.fused_vision_gelu": False, "engine.load_format": "auto"}
 
 
 def _recorded(old: dict[str, Any], key: str) -> Any:

@@ -1,0 +1,91 @@
+"""The vision tower's two forms of our own (batchvl.models.internvit): the patch embedding as a matrix product is
+the reference's convolution, and `engine.fused_vision_gelu` is GELU's tanh approximation, as a job setting that
+an output folder records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchvl.config import JobError, job_from_mapping
+from batchvl.engine.base import GenerationParams
+from batchvl.engine.native import NativeEngine
+from batchvl.io.writer import FINGERPRINT_NAME
+from batchvl.models.checkpoint import CheckpointInfo
+from batchvl.models.internvit import VisionBlock, VisionSpec, patchify
+from batchvl.models.layers import linear_gelu_tanh
+from batchvl.models.loader import load_model
+from batchvl.run.fingerprint import check_fingerprint, job_fingerprint
+
+from .conftest import base_job, write_jsonl
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("size,patch", [(448, 14), (448, 56), (28, 7)])
+def test_the_patch_embedding_is_the_convolution(size, patch):
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, size, size, generator=gen, dtype=torch.float64)
+    conv = torch.nn.Conv2d(3, 32, kernel_size=patch, stride=patch, dtype=torch.float64)
+    want = conv(pixels).flatten(2).transpose(1, 2)  # [T, grid^2, C], as InternViT's reference flattens it
+    got = F.linear(patchify(pixels, patch), conv.weight.reshape(32, -1), conv.bias)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_tiny_towers_embedding_equals_the_convolution_it_loads(tiny_model):
+    vit = load_model(CheckpointInfo.read(tiny_model), CPU, torch.float32).model.vision.vit
+    pixels = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        conv = vit.patch_embed(pixels).flatten(2).transpose(1, 2)
+        want = torch.cat([vit.cls_token.expand(2, -1, -1), conv], dim=1) + vit.pos_embed
+        torch.testing.assert_close(vit.embed(pixels), want, rtol=1e-4, atol=1e-4)  # float32 sums of 9,408 terms
+
+
+def test_the_fused_mlp_is_the_tanh_approximation_and_the_default_is_exact():
+    torch.manual_seed(0)
+    block = VisionBlock(VisionSpec(hidden=64, layers=1, heads=4, intermediate=128, image_size=28, patch_size=14))
+    x = torch.randn(2, 5, 64)
+    h = block.norm2(x)
+    exact, tanh = (block.fc2(F.gelu(block.fc1(h), approximate=a)) for a in ("none", "tanh"))
+    with torch.inference_mode():
+        torch.testing.assert_close(block._fc1_gelu(h), F.gelu(block.fc1(h)))
+        block.fused_gelu = True
+        torch.testing.assert_close(block.fc2(block._fc1_gelu(h)), tanh)
+        torch.testing.assert_close(linear_gelu_tanh(h, block.fc1.weight, block.fc1.bias),
+                                   F.gelu(block.fc1(h), approximate="tanh"))
+    assert not torch.allclose(exact, tanh, rtol=0, atol=1e-7)  # the test tells the two apart
+
+
+def test_the_engine_setting_reaches_every_block_and_runs(tiny_rows):
+    ck, tokenizer, rows = tiny_rows
+    params = GenerationParams(max_new_tokens=4, eos_token_ids=(tokenizer.eos_token_id,))
+    engine = NativeEngine(ck, tokenizer, params, device="cpu", dtype="float32", fused_vision_gelu=True)
+    try:
+        assert all(b.fused_gelu for b in engine.model.vision.vit.blocks)
+        results = engine.generate(rows)
+        assert all(r.error is None for r in results)
+    finally:
+        engine.close()
+
+
+def test_the_fingerprint_keeps_fused_and_exact_gelu_rows_apart(tiny_model, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "hi", "image": None}])
+
+    def job(**engine):
+        raw = base_job(tiny_model, rows, tmp_path / "out", chat_template="none")
+        raw["engine"].update(backend="native", **engine)
+        j = job_from_mapping(raw, tmp_path)
+        return j, job_fingerprint(j, CheckpointInfo.read(tiny_model), None)
+
+    exact, exact_fp = job()
+    fused, fused_fp = job(fused_vision_gelu=True)
+    assert exact_fp["engine.fused_vision_gelu"] is False
+    exact.output_dir.mkdir(parents=True)
+    old = {k: v for k, v in exact_fp.items() if k != "engine.fused_vision_gelu"}  # written before the setting
+    (exact.output_dir / FINGERPRINT_NAME).write_text(json.dumps({"version": 1, "job": old}))
+    check_fingerprint(exact, exact_fp)  # resumes as it always did
+    with pytest.raises(JobError, match=r"fused_vision_gelu: false \(not recorded: the only value then\) -> true"):
+        check_fingerprint(fused, fused_fp)
