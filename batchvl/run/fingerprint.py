@@ -5,7 +5,8 @@ two different jobs. Only settings that change the text of a row count. The list 
 - model: its resolved path, a hash of config.json and generation_config.json, and a hash of the weight index
   files and the names and sizes of the weight files;
 - the prompt: `prompt`, the input columns a row's prompt, media and id come from, the chat template (its text);
-- output.keep_columns (the output's columns);
+- output.keep_columns and output.format (the output's columns and the kind of its part files); input.format
+  (which reader names the rows);
 - every key of `generation`;
 - the media settings that change tiles or frames (effective values, checkpoint defaults filled in);
 - the effective engine dtype, and the backend: the two backends draw samples from different random
@@ -101,7 +102,9 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "input.video_bound_column": i.video_bound_column,
         "input.max_dynamic_patch_column": i.max_dynamic_patch_column,
         "input.max_new_tokens_column": i.max_new_tokens_column,
+        "input.format": i.format,
         "output.keep_columns": list(job.output.keep_columns),
+        "output.format": job.output.format,
         "chat_template": None if text is None else _sha(text.encode()),
         "media.max_dynamic_patch": m.max_dynamic_patch or ck.max_dynamic_patch,
         "media.min_dynamic_patch": m.min_dynamic_patch or ck.min_dynamic_patch,
@@ -138,11 +141,22 @@ def written_before_id_rule(out_dir: Path) -> bool:
     return bool(part_files(out_dir)) if recorded is None else ID_KEY not in recorded
 
 
-def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any], owner: Owner) -> bool:
+def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any], owner: Owner, model: str | None = None) -> bool:
     """Record the fingerprint unless the folder has one: True if this call wrote it. Shards starting at once
-    race to write it; exactly one does, and the others check theirs against it."""
+    race to write it; exactly one does, and the others check theirs against it. `model`: the job's `model` as
+    written, which `batchvl export` names in OpenAI batch results (not compared)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return create_json_once(out_dir / FINGERPRINT_NAME, {"version": VERSION, "job": fingerprint}, owner)
+    record = {"version": VERSION, "job": fingerprint, **({"model": model} if model is not None else {})}
+    return create_json_once(out_dir / FINGERPRINT_NAME, record, owner)
+
+
+def recorded_model(out_dir: Path) -> str | None:
+    """The job's `model` as the run that wrote the folder's fingerprint named it (None for an older folder)."""
+    try:
+        model = json.loads((out_dir / FINGERPRINT_NAME).read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
 
 
 def _show(value: Any) -> str:
@@ -163,7 +177,8 @@ SETTINGS = ("generation.", "media.", "engine.dtype", "engine.backend", "engine.q
 # Keys added after folders were written without them, whose value in every such folder is known: a batchvl before
 # engine.quantization ran everything unquantized. A folder lacking one is compared as if it held this value.
 IMPLIED_WHEN_MISSING: dict[str, Any] = {"engine.quantization": "none", "engine.quantize_vision": False,
-                                        "engine.load_format": "auto"}
+                                        "engine.load_format": "auto", "output.format": "parquet",
+                                        "input.format": "auto"}
 
 
 def _recorded(old: dict[str, Any], key: str) -> Any:
