@@ -119,8 +119,8 @@ def count_samples(path: Path) -> int:
                 member_key, ext = split_name(member.name)
                 if ext and member_key != key:
                     count, key = count + 1, member_key
-    except _TAR_ERRORS:
-        count += 1  # the error row of what cannot be read
+    except _TAR_ERRORS:  # the sample being read becomes the error row; with none begun, one error row of its own
+        count = max(count, 1)
     return count
 
 
