@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     _verbosity(repair)
     repair.set_defaults(func=_repair)
 
+    export = sub.add_parser("export", help="an output folder's rows as one file (OpenAI batch results, or JSONL)")
+    export.add_argument("out", type=Path, help="the output folder (output.path)")
+    export.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="the file to write")
+    export.add_argument("--format", default="openai-batch", help="openai-batch (default) or jsonl")
+    export.add_argument("--errors", type=Path, default=None, metavar="FILE",
+                        help="write the failed rows here, as OpenAI's error file (default: into FILE too)")
+    export.add_argument("--model", default=None, help="the model name in OpenAI results (default: the job's model)")
+    _verbosity(export)
+    export.set_defaults(func=_export)
+
     validate = job_command("validate", "check a job and print its plan; changes nothing")
     validate.set_defaults(func=_validate)
 
@@ -293,6 +303,15 @@ def _repair(args: argparse.Namespace) -> int:
         print(f"moved {target.name} to {target.parent}: {why}")
     print(f"{args.out}: {len(moved)} damaged part file(s) moved aside; a rerun of the job runs their rows"
           if moved else f"{args.out}: every part file reads")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from batchvl.run.export import export
+
+    ok, failed = export(args.out, args.output, args.format, args.errors, args.model)
+    where = f"{args.output}" + (f" and {args.errors}" if args.errors else "")
+    print(f"{args.out}: {ok} row(s) ok and {failed} failed written to {where}")
     return 0
 
 

@@ -10,7 +10,9 @@ from batchvl.config.spec import (
     DECODE_ATTENTION,
     DEVICES,
     DTYPES,
+    FILE_LIKE_SUFFIXES,
     LOAD_FORMATS,
+    OUTPUT_FORMATS,
     QUANTIZATIONS,
     EngineSpec,
     Job,
@@ -90,10 +92,24 @@ def check_job(job: Job) -> None:
     if job.input.media_root is not None and not path_is(job.resolve(job.input.media_root), "is_dir"):
         raise JobError(f"input.media_root: no such directory: {shown(job.input.media_root, quote=False)}")
     _ = job.input.files  # raises when the path matches nothing
-    if path_is(job.output_dir, "exists") and not job.output_dir.is_dir():
-        raise JobError(f"output.path: exists and is not a directory: {shown(job.output.path, quote=False)}")
+    _check_output(job)
     _check_output_outside_input(job)
     check_limits(job)
+
+
+def _check_output(job: Job) -> None:
+    """output.path names a folder of part files, output.format their kind. Raises JobError."""
+    one_of("output.format", job.output.format, OUTPUT_FORMATS)
+    name = shown(job.output.path, quote=False)
+    if path_is(job.output_dir, "exists") and not job.output_dir.is_dir():
+        raise JobError(f"output.path: exists and is not a directory: {name}")
+    if job.output_dir.name.lower().endswith(FILE_LIKE_SUFFIXES) and not path_is(job.output_dir, "is_dir"):
+        raise JobError(f"output.path: {name} looks like a file name, but output.path is the folder the part files "
+                       f"go into; name a folder (output.format: {job.output.format} sets the files' kind) and use "
+                       "`batchvl export OUT/ -o FILE` for one file")
+    if job.output.format == "openai-batch" and job.output.keep_columns:
+        raise JobError("output.keep_columns: an OpenAI batch output line has no place for input columns; use "
+                       "output.format jsonl or parquet to keep them")
 
 
 def check_engine(engine: EngineSpec) -> None:

@@ -53,6 +53,7 @@ def job_from_mapping(raw: Any, base_dir: str | os.PathLike, overrides: list[str]
     job = _build(Job, raw, "")
     job.base_dir = str(Path(base_dir).resolve())
     job.input.base_dir = job.base_dir
+    job.input.fill_format_columns()
     check_job(job)
     return job
 

@@ -8,12 +8,32 @@ from __future__ import annotations
 
 import glob
 import os
-import reprlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
+from batchvl.config.inputs import (  # noqa: F401 (names the other modules take from spec)
+    DATA_SUFFIXES,
+    FILE_LIKE_SUFFIXES,
+    FORMAT_COLUMNS,
+    IMAGE_SUFFIXES,
+    INPUT_FORMATS,
+    INPUT_SUFFIXES,
+    OUTPUT_FORMATS,
+    VIDEO_SUFFIXES,
+    expand_input,
+    file_format,
+    is_media_file,
+)
+from batchvl.config.values import (  # noqa: F401
+    SHOWN_CHARS,
+    absolute_path,
+    at_least,
+    at_most,
+    one_of,
+    path_is,
+    shown,
+)
 from batchvl.errors import JobError
 
 DECODE_ATTENTION = ("auto", "triton", "sdpa")
@@ -22,7 +42,6 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("none", "fp8")
 LOAD_FORMATS = ("auto", "dummy")
-INPUT_SUFFIXES = (".jsonl", ".parquet")
 # media.max_image_pixels by default: Pillow's own decompression-bomb error threshold (2 * PIL.Image.MAX_IMAGE_PIXELS:
 # above it Image.open raises DecompressionBombError), not its warning threshold (89,478,485), which 100-megapixel
 # camera photos pass. It was 1 << 28 (268,435,456) until issue 15: a PNG of tens of KB declaring 240 megapixels got
@@ -33,6 +52,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 @dataclass
 class InputSpec:
     path: str
+    format: str = "auto"
     id_column: str | None = None
     prompt_column: str | None = None
     image_column: str | None = None
@@ -48,15 +68,44 @@ class InputSpec:
 
     @cached_property
     def files(self) -> list[Path]:
-        """The input files, in a stable order: a file, every .jsonl/.parquet under a directory, or a glob."""
-        return _expand_input(self.path, self.base_dir)
+        """The input files, in a stable order: a file, every data file under a directory, or a glob's matches
+        (see INPUT_FORMATS). A folder of media files is one entry, the folder, walked as it is read; a Hugging
+        Face dataset folder is its Arrow files."""
+        return expand_input(self.path, self.base_dir, self.format)
+
+    def fill_format_columns(self) -> None:
+        """Take the columns of the input's format (FORMAT_COLUMNS) where the job names none; the job file is
+        read with them, so the fingerprint records them. Raises JobError for a column an OpenAI batch cannot
+        have: its requests carry their own id, messages and limit."""
+        formats = self.formats
+        if len(formats) != 1 or next(iter(formats)) not in FORMAT_COLUMNS:
+            return
+        fmt = next(iter(formats))
+        if fmt == "openai-batch":
+            for key in ("id_column", "messages_column", "max_new_tokens_column", "prompt_column", "image_column",
+                        "video_column"):
+                if getattr(self, key) is not None:
+                    raise JobError(f"input.{key}: not used with input.format openai-batch (each request line "
+                                   "carries its custom_id, messages and max_tokens); remove it")
+        for key, column in FORMAT_COLUMNS[fmt].items():
+            if getattr(self, key) is None:
+                setattr(self, key, column)
+
+    def format_of(self, file: Path) -> str:
+        """The format one of `files` is read in."""
+        return file_format(file, self.format)
+
+    @cached_property
+    def formats(self) -> set[str]:
+        """The formats of the input files (several for a folder mixing JSONL and Parquet, say)."""
+        return {self.format_of(f) for f in self.files}
 
     @cached_property
     def root(self) -> Path:
         """The folder that default row ids name input files relative to, fixed by `path` alone so that adding
         files never renames the others: a file's own folder (the id names the file), the directory itself, or
         a glob's leading folder, before its first wildcard (`data/**/*.jsonl`: `data`)."""
-        p = _absolute(self.path, self.base_dir)
+        p = absolute_path(self.path, self.base_dir)
         if path_is(p, "is_dir"):
             return p
         if path_is(p, "is_file") or not glob.has_magic(str(p)):
@@ -72,6 +121,7 @@ class InputSpec:
 @dataclass
 class OutputSpec:
     path: str
+    format: str = "parquet"
     keep_columns: list[str] = field(default_factory=list)
     rows_per_file: int = 1000
 
@@ -158,7 +208,7 @@ class Job:
 
     def resolve(self, path: str) -> Path:
         """A path from the job file, made absolute against the job file's folder (`~` expanded)."""
-        return _absolute(path, self.base_dir)
+        return absolute_path(path, self.base_dir)
 
     @cached_property
     def output_dir(self) -> Path:
@@ -215,74 +265,3 @@ def max_cpu_workers() -> int:
     """The most CPU worker processes `engine.gpus` may start with engine.device: cpu: one per core (more would
     only share the same cores, each with its own copy of the model), but 4 on a machine with fewer cores."""
     return max(os.cpu_count() or 1, 4)
-
-
-def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise JobError(f"{key}: must be one of {', '.join(choices)}; got {shown(value)}")
-
-
-def at_least(key: str, value: int, low: int) -> None:
-    if value < low:
-        raise JobError(f"{key}: must be >= {low}, got {shown(value, quote=False)}")
-
-
-def at_most(key: str, value: int | float, high: int | float) -> None:
-    if value > high:
-        raise JobError(f"{key}: must be <= {high:,}, got {shown(value, quote=False)}")
-
-
-SHOWN_CHARS = 100  # an error message quotes at most this much of a value
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, SHOWN_CHARS, SHOWN_CHARS, 40
-
-
-def shown(value: Any, quote: bool = True) -> str:
-    """`value` as an error message quotes it: its repr (a string's own text when `quote` is false), on one line
-    and cut to SHOWN_CHARS with `...`, however large the value is (reprlib never builds the whole repr)."""
-    if isinstance(value, str):
-        cut = value[:SHOWN_CHARS]
-        if quote:
-            text = repr(cut)
-        else:  # the plain text, with any control character (a newline) escaped
-            text = cut if cut.isprintable() else repr(cut)[1:-1]
-        more = len(value) > SHOWN_CHARS
-    else:
-        text = _REPR.repr(value)
-        more = len(text) > SHOWN_CHARS
-        text = text[:SHOWN_CHARS]
-    return text + "..." if more else text
-
-
-def path_is(path: Path, kind: str) -> bool:
-    """`path.is_file()` / `is_dir()` / `exists()` (`kind`), False where the name cannot be a path at all (too
-    long, a NUL byte) instead of an OSError or ValueError from the operating system."""
-    try:
-        return getattr(path, kind)()
-    except (OSError, ValueError):
-        return False
-
-
-def _absolute(path: str, base_dir: str) -> Path:
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else Path(base_dir) / p
-
-
-def _expand_input(path: str, base_dir: str) -> list[Path]:
-    p = _absolute(path, base_dir)
-    name = shown(path, quote=False)
-    if path_is(p, "is_dir"):
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES)
-        if not files:
-            raise JobError(f"input.path: no .jsonl or .parquet files under directory {name}")
-        return files
-    if path_is(p, "is_file"):
-        if p.suffix not in INPUT_SUFFIXES:
-            raise JobError(f"input.path: expected a .jsonl or .parquet file, got {name}")
-        return [p]
-    if glob.has_magic(str(p)):
-        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).suffix in INPUT_SUFFIXES)
-        if not files:
-            raise JobError(f"input.path: the pattern {name} matches no .jsonl or .parquet file")
-        return files
-    raise JobError(f"input.path: no such file or directory: {name}")

@@ -183,6 +183,15 @@ def write_table_atomic(table: pa.Table, path: Path, owner: Owner) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes_atomic(data: bytes, path: Path, owner: Owner) -> None:
+    tmp = owner.temp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def fsync_dir(path: Path) -> None:
     """Make the renames in a folder durable (a power loss after a rename without it can lose the rename)."""
     fd = os.open(path, os.O_RDONLY)

@@ -1,12 +1,12 @@
-"""What a row's id is (README "Row ids"). A rerun skips the ids already in the output folder, so an id must
-not change between runs while its row does not.
+"""What a row's id is (README "Row ids"). A rerun skips the ids already in the output folder, so an id must not change
+between runs while its row does not.
 
 With `input.id_column`, the id is the column's value as text (`id_text`): a string as it is, an integer as its
-decimal digits, bytes as their UTF-8 text; any other value (a float, a boolean, a list, a date...) cannot be an
-id, and its row becomes an error row. Without it, or for a record whose id cannot be read, it
-is the record's position, `<file>:<line>` (JSONL, 1-based) or `<file>:<row>` (Parquet, 0-based), with the file
-named by its path below `InputSpec.root`, a folder fixed by `input.path` alone: adding files to the input
-never renames the others.
+decimal digits, bytes as their UTF-8 text; any other value (a float, a boolean, a list, a date...) cannot be an id,
+and its row becomes an error row. Without it, or for a record whose id cannot be read, it is the record's position,
+`<file>:<line>` (JSONL, 1-based), `<file>:<row>` (Parquet and Arrow, 0-based), `<file>:<record>` (CSV, 1-based),
+`<shard>:<key>` (WebDataset) or the media file's own path (a media folder), with the file named by its path below
+`InputSpec.root`, a folder fixed by `input.path` alone: adding files to the input never renames the others.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ class Ids:
     root: Path
     column: str | None = None
     old_values: bool = False
+    format: str = "auto"  # input.format: which reader gives the records (an OpenAI batch's id is its custom_id)
 
     @classmethod
     def of(cls, job: Job, old_values: bool = False) -> Ids:
-        return cls(job.input.root, job.input.id_column, old_values)
+        return cls(job.input.root, job.input.id_column, old_values, job.input.format)
 
     def name(self, file: Path) -> str:
         """The file's part of its rows' default ids: its path below the root, with `/` between folders."""

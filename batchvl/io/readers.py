@@ -1,14 +1,20 @@
-"""Streaming readers for JSONL and Parquet input. Neither loads a file whole: memory stays bounded.
+"""Streaming readers of the input formats (config.spec INPUT_FORMATS): JSONL (also gzip or zstd compressed)
+and OpenAI batch request files, Parquet and Hugging Face Arrow files here; CSV/TSV (io.tabular), WebDataset
+shards (io.tar_shards) and media folders (io.media_files) beside. None loads a file whole: memory stays bounded.
 
 Nothing a record holds stops a read: a JSONL line that cannot be parsed (bad JSON, an integer past Python's
 4,300 digits, nesting too deep, a line over `MAX_JSONL_LINE_BYTES`), a Parquet row group that cannot be
 decoded, or a Parquet value with no Python equivalent each become that record's error row, and the records
-after it are read as usual.
+after it are read as usual. Where a file cannot be read on at all (a truncated compressed stream or tar
+archive), one error row says so, after the rows read before it.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -16,16 +22,19 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchvl.config.spec import file_format
 from batchvl.core import Row
 from batchvl.io.ids import Ids
+from batchvl.io.media_files import MEDIA_COLUMNS, count_media, read_media
+from batchvl.io.openai_batch import chat_request_to_row
+from batchvl.io.tabular import read_table_text, table_header
+from batchvl.io.tar_shards import count_samples, read_shard, shard_columns
+from batchvl.io.text import Record, one_line
 
 PARQUET_BATCH_ROWS = 1024
 MAX_JSONL_LINE_BYTES = 64 * 1024 * 1024  # a longer line is skipped (never held whole) and becomes an error row
 JSONL_COLUMN_SCAN = 1000  # JSONL records looked at when checking that a column exists
 _SKIP_CHUNK = 64 * 1024
-
-# (source, data, error, key): key is the id column's value when it could be read but the record could not
-Record = tuple[str, dict | None, str | None, Any]
 
 
 def read_rows(files: list[Path], ids: Ids) -> Iterator[tuple[Path, Row]]:
@@ -45,8 +54,7 @@ def read_file_rows(path: Path, ids: Ids) -> Iterator[Row]:
     Ids and sources are valid UTF-8 (a lone surrogate, from a JSON escape or an undecodable file name, is
     written as its backslash escape), so they can be written and found again on resume."""
     name, id_column = ids.name(path), ids.column
-    records = _read_jsonl(path, name) if path.suffix == ".jsonl" else _read_parquet(path, name, id_column)
-    for source, data, error, key in records:
+    for source, data, error, key in _records(path, file_format(path, ids.format), name, ids):
         row_id = source
         if data is not None and id_column is not None:
             key = data.get(id_column)
@@ -62,9 +70,25 @@ def read_file_rows(path: Path, ids: Ids) -> Iterator[Row]:
         yield Row(id=row_id, source=source, data=data, error=error)
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one printable line, at most 500 characters."""
-    return " ".join("".join(c if c.isprintable() else " " for c in str(error)[:2000]).split())[:500]
+def _records(path: Path, fmt: str, name: str, ids: Ids) -> Iterator[Record]:
+    if fmt == "jsonl":
+        return _read_jsonl(path, name)
+    if fmt == "openai-batch":
+        return _read_requests(path, name)
+    if fmt == "parquet":
+        return _read_parquet(path, name, ids.column)
+    if fmt == "hf-dataset":
+        return _read_arrow(path, name, ids.column)
+    if fmt in ("csv", "tsv"):
+        return read_table_text(path, name, "\t" if fmt == "tsv" else ",")
+    if fmt == "webdataset":
+        return read_shard(path, name)
+    if fmt == "media":
+        return read_media(path, ids.name)
+    raise ValueError(f"unknown input format {fmt!r}")  # config.spec refuses it first
+
+
+_one_line = one_line
 
 
 # ---- JSONL ------------------------------------------------------------------------------------------------
@@ -103,16 +127,71 @@ def parse_jsonl_line(line: bytes, source: str) -> tuple[dict | None, str | None]
     return data, None
 
 
+try:
+    import zstandard
+except ImportError:  # only .jsonl.zst input needs it (a core dependency; this is for a trimmed install)
+    zstandard = None
+# what a cut-short or corrupt compressed file raises as it is read
+_DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, *((zstandard.ZstdError,) if zstandard else ()))
+
+
+def open_jsonl(path: Path) -> IO[bytes]:
+    """A JSONL file for reading its bytes: `.gz` and `.zst` files decompressed as they are read."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        if zstandard is None:
+            raise OSError("reading .zst needs the zstandard package: pip install zstandard")
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def _lines(path: Path, name: str) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(source, line, None) for each non-blank line; an over-long line as (source, None, why). A compressed file
+    that cannot be decompressed on (truncated, corrupt) ends with one (source, None, why) for what is left."""
+    number = 0
+    try:
+        with open_jsonl(path) as f:
+            for number, line in jsonl_lines(f):
+                source = f"{name}:{number}"
+                if line is None:
+                    yield source, None, (f"input: line {source} is longer than {MAX_JSONL_LINE_BYTES} bytes "
+                                         "(MAX_JSONL_LINE_BYTES); skipped")
+                else:
+                    yield source, line, None
+    except _DECOMPRESS_ERRORS as e:
+        source = f"{name}:{number + 1}"
+        yield source, None, (f"input: line {source} and the rest of {name} cannot be read (the file is cut short "
+                             f"or corrupt after line {number}): {one_line(e)}")
+
+
 def _read_jsonl(path: Path, name: str) -> Iterator[Record]:
-    with open(path, "rb") as f:
-        for number, line in jsonl_lines(f):
-            source = f"{name}:{number}"
-            if line is None:
-                yield source, None, (f"input: line {source} is longer than {MAX_JSONL_LINE_BYTES} bytes "
-                                     "(MAX_JSONL_LINE_BYTES); skipped"), None
-                continue
-            data, error = parse_jsonl_line(line, source)
-            yield source, data, error, None
+    for source, line, error in _lines(path, name):
+        if line is None:
+            yield source, None, error, None
+            continue
+        data, error = parse_jsonl_line(line, source)
+        yield source, data, error, None
+
+
+def _read_requests(path: Path, name: str) -> Iterator[Record]:
+    """OpenAI batch request lines (io.openai_batch): a line that cannot run is an error row, keyed by its
+    custom_id when it has one."""
+    for source, line, error in _lines(path, name):
+        if line is None:
+            yield source, None, error, None
+            continue
+        request, error = parse_jsonl_line(line, source)
+        if request is None:
+            yield source, None, error, None
+            continue
+        row, why = chat_request_to_row(request)
+        if why is not None:
+            yield source, None, f"input: request {source}: {why}", row["custom_id"]
+        else:
+            yield source, row, None, None
 
 
 # ---- Parquet ----------------------------------------------------------------------------------------------
@@ -178,37 +257,92 @@ def _batch_records(batch: pa.RecordBatch, id_column: str | None) -> list[tuple[d
     return records
 
 
+def _read_arrow(path: Path, name: str, id_column: str | None) -> Iterator[Record]:
+    """A Hugging Face `datasets` Arrow file (an Arrow IPC stream, as save_to_disk writes it), batch by batch.
+    An image feature is its {bytes, path} struct, which media references read as they are."""
+    number = 0
+    try:
+        with pa.memory_map(str(path)) as source, pa.ipc.open_stream(source) as reader:
+            for batch in reader:
+                for data, key, error in _batch_records(batch, id_column):
+                    where = f"{name}:{number}"
+                    yield where, data, None if error is None else f"input: record {where} {error}", key
+                    number += 1
+    except _READ_ERRORS as e:
+        where = f"{name}:{number}"
+        yield where, None, (f"input: record {where} and the rest of {name} cannot be read (the file is cut short "
+                            f"or not an Arrow stream): {one_line(e)}"), None
+
+
+def arrow_schema(path: Path, fmt: str) -> pa.Schema | None:
+    """The typed schema of a Parquet or Arrow input file; None for formats whose values are text or JSON."""
+    if fmt == "parquet":
+        return pq.ParquetFile(path).schema_arrow
+    if fmt == "hf-dataset":
+        with pa.memory_map(str(path)) as source, pa.ipc.open_stream(source) as reader:
+            return reader.schema
+    return None
+
+
 # ---- counts and columns -----------------------------------------------------------------------------------
 
 
-def count_rows(files: list[Path]) -> int:
-    """Rows in the input: Parquet from its footer, JSONL by a streaming count of non-blank lines."""
+def count_rows(files: list[Path], fmt: str = "auto") -> int:
+    """Rows in the input: Parquet from its footer, Arrow from its batches' headers, WebDataset from its tar
+    headers, media folders by a walk, the rest by a streaming count of records."""
     total = 0
     for path in files:
-        if path.suffix == ".parquet":
+        kind = file_format(path, fmt)
+        if kind == "parquet":
             total += pq.ParquetFile(path).metadata.num_rows
+        elif kind == "hf-dataset":
+            total += sum(1 for _ in _read_arrow_counts(path))
+        elif kind == "webdataset":
+            total += count_samples(path)
+        elif kind == "media":
+            total += count_media(path)
+        elif kind in ("csv", "tsv"):
+            total += sum(1 for _ in read_table_text(path, "", "\t" if kind == "tsv" else ","))
         else:
-            with open(path, "rb") as f:
-                total += sum(1 for _ in jsonl_lines(f))
+            total += sum(1 for _ in _lines(path, ""))
     return total
 
 
-def columns_of(path: Path) -> set[str] | None:
-    """The columns of an input file: the Parquet schema, or the keys seen in the first JSONL_COLUMN_SCAN
-    records of a JSONL file (records may omit keys; lines that cannot be parsed are passed over).
+def _read_arrow_counts(path: Path) -> Iterator[None]:
+    try:
+        with pa.memory_map(str(path)) as source, pa.ipc.open_stream(source) as reader:
+            for batch in reader:
+                yield from (None for _ in range(batch.num_rows))
+    except _READ_ERRORS:
+        yield None  # the error row of what cannot be read
+
+
+def columns_of(path: Path, fmt: str = "auto") -> set[str] | None:
+    """The columns of an input file: the Parquet or Arrow schema, a CSV header, the columns every row of the
+    format has (OpenAI batch, media), or the keys seen in the first JSONL_COLUMN_SCAN records of a JSONL file
+    or samples of a WebDataset shard (records may omit keys; lines that cannot be parsed are passed over).
 
     None when the file has no records to look at.
     """
-    if path.suffix == ".parquet":
-        return set(pq.ParquetFile(path).schema_arrow.names)
+    kind = file_format(path, fmt)
+    schema = arrow_schema(path, kind)
+    if schema is not None:
+        return set(schema.names)
+    if kind == "openai-batch":
+        return {"custom_id", "messages", "max_tokens", "model", "sampling"}
+    if kind == "media":
+        return set(MEDIA_COLUMNS)
+    if kind in ("csv", "tsv"):
+        return table_header(path, "\t" if kind == "tsv" else ",")
+    if kind == "webdataset":
+        return shard_columns(path, JSONL_COLUMN_SCAN)
     seen: set[str] = set()
     looked = 0
-    with open(path, "rb") as f:
-        for number, line in jsonl_lines(f):
-            looked += 1
-            if line is not None:
-                record, _ = parse_jsonl_line(line, str(number))
-                seen.update(record or ())
-            if looked >= JSONL_COLUMN_SCAN:
-                break
+    for source, line, _ in _lines(path, ""):
+        looked += 1
+        if line is not None:
+            record, _ = parse_jsonl_line(line, source)
+            seen.update(record or ())
+        if looked >= JSONL_COLUMN_SCAN:
+            break
     return seen if looked else None

@@ -2,7 +2,7 @@
 
 A committed part is written whole (temporary file, fsync, rename, fsync of the folder), but a failing disk, a
 copy interrupted by hand or a tool can still truncate or zero one afterwards. Such a part stops every run on
-the folder (io.writer.read_part). `repair` reads every part whole; each one that fails is moved to
+the folder (io.writer.check_part). `repair` reads every part whole; each one that fails is moved to
 `OUT/_damaged/`, where readers do not look, and its rows are then simply not done: the next run of the job runs
 them again, each id once. It holds the folder's lease while it works, so it is refused while a run writes the
 folder (see batchvl.io.lease).
@@ -15,7 +15,7 @@ from pathlib import Path
 from batchvl.errors import DamagedPartError, JobError
 from batchvl.io.durable import Owner
 from batchvl.io.lease import Lease, Scope
-from batchvl.io.writer import fsync_dir, part_files, read_part
+from batchvl.io.writer import check_part, fsync_dir, part_files
 
 DAMAGED_DIR = "_damaged"
 
@@ -25,7 +25,7 @@ def damaged_parts(out_dir: Path) -> list[tuple[Path, str]]:
     found = []
     for part in part_files(out_dir):
         try:
-            read_part(part)
+            check_part(part)
         except DamagedPartError as e:
             found.append((part, e.reason))
     return found

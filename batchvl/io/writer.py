@@ -1,4 +1,5 @@
-"""The Parquet output: a folder of part files that reads as one dataset in pyarrow, pandas and DuckDB.
+"""The output: a folder of part files, Parquet by default (they read as one dataset in pyarrow, pandas and
+DuckDB), or JSONL lines of batchvl's columns or of OpenAI batch results (`output.format`, io.jsonl_parts).
 
 Each part is written under a hidden temporary name, flushed to disk, then renamed into place, so a reader
 never sees a half-written file. Rows already present are found again by reading the `id` column of the
@@ -22,9 +23,11 @@ import pyarrow.parquet as pq
 
 from batchvl.core import Result, jsonish
 from batchvl.errors import DamagedPartError
-from batchvl.io.durable import Owner, fsync_dir, temp_files, write_table_atomic
+from batchvl.io import jsonl_parts
+from batchvl.io.durable import Owner, fsync_dir, temp_files, write_bytes_atomic, write_table_atomic
 
 PART_GLOB = "part-*.parquet"
+PART_SUFFIXES = {"parquet": ".parquet", "jsonl": ".jsonl", "openai-batch": ".jsonl"}
 FINGERPRINT_NAME = "_batchvl.json"
 SUMMARY_NAME = "_summary.json"
 
@@ -50,7 +53,33 @@ def output_schema(keep_types: dict[str, pa.DataType]) -> pa.Schema:
 
 
 def part_files(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.glob(PART_GLOB)) if out_dir.is_dir() else []
+    """The committed part files of an output folder, of any output format."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.glob("part-*") if p.suffix in (".parquet", ".jsonl"))
+
+
+def part_index(part: Path) -> tuple[list[str], list[str | None]]:
+    """The ids and errors of a part, in order. DamagedPartError for a part that cannot be read whole."""
+    if part.suffix == ".jsonl":
+        return jsonl_parts.index(part)
+    table = read_part(part, columns=["id", "error"])
+    return table.column("id").to_pylist(), table.column("error").to_pylist()
+
+
+def part_results(part: Path) -> list[Result]:
+    """The Results a part was written from (keep columns in `keep`; image counts are not written)."""
+    if part.suffix == ".jsonl":
+        return list(jsonl_parts.results(part))
+    return table_results(read_part(part))
+
+
+def check_part(part: Path) -> None:
+    """Read a part whole. DamagedPartError when it cannot be."""
+    if part.suffix == ".jsonl":
+        jsonl_parts.index(part)
+    else:
+        read_part(part)
 
 
 def done_ids(out_dir: Path) -> set[str]:
@@ -78,10 +107,9 @@ def read_done(out_dir: Path) -> Done:
     done = Done(set(), 0, {}, set())
     ok = 0
     for part in part_files(out_dir):
-        table = read_part(part, columns=["id", "error"])
-        ids = table.column("id").to_pylist()
+        ids, errors = part_index(part)
         done.ids.update(ids)
-        for row_id, error in zip(ids, table.column("error").to_pylist(), strict=True):
+        for row_id, error in zip(ids, errors, strict=True):
             if error is None:
                 ok += 1
                 continue
@@ -119,6 +147,17 @@ def drop_rows(out_dir: Path, drop, owner: Owner) -> int:
     fsync, rename over the part: atomic per part; a part left empty is removed). Returns the rows dropped."""
     dropped = 0
     for part in part_files(out_dir):
+        if part.suffix == ".jsonl":
+            check_part(part)
+            lines, gone = jsonl_parts.without(part, drop)
+            if gone:
+                if lines:
+                    write_bytes_atomic(b"".join(lines), part, owner)
+                else:
+                    part.unlink()
+                fsync_dir(out_dir)
+                dropped += gone
+            continue
         table = read_part(part)
         keep = [not drop(i, e) for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist(),
                                                strict=True)]
@@ -140,12 +179,13 @@ class PartWriter:
     before it is renamed into place (the run's check that it still holds the folder, and the crash tests'
     `write` fault point). Part names start with the owner's run id (its start time and a random suffix), so
     writers never clash (shards, engine workers, reruns); `tag` adds a readable name to them (an engine
-    worker's, `gpu1`)."""
+    worker's, `gpu1`). `format`: parquet, jsonl or openai-batch (whose lines name `model`)."""
 
     def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_file: int, owner: Owner,
                  on_commit: Callable[[list[Result]], None] | None = None, tag: str = "",
-                 before_rename: Callable[[], None] | None = None):
+                 before_rename: Callable[[], None] | None = None, format: str = "parquet", model: str = ""):
         self.out_dir = out_dir
+        self.format, self.model = format, model
         self.on_commit = on_commit
         self.before_rename = before_rename
         self.schema = schema
@@ -165,12 +205,15 @@ class PartWriter:
     def flush(self) -> None:
         if not self._rows:
             return
-        table = self._to_table(self._rows)
-        name = f"part-{self._run}-{self._seq:05d}.parquet"
+        name = f"part-{self._run}-{self._seq:05d}{PART_SUFFIXES[self.format]}"
         tmp = self.owner.temp(self.out_dir / name)
         try:
             with open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
+                if self.format == "parquet":
+                    pq.write_table(self._to_table(self._rows), f, compression="zstd")
+                else:
+                    jsonl_parts.write_results(f, self._rows, self.format, self.schema.names[len(BASE_SCHEMA):],
+                                              self.model)
                 f.flush()
                 os.fsync(f.fileno())
             if self.before_rename is not None:

@@ -25,6 +25,7 @@ from batchvl.config.checks import LIMITS
 from batchvl.config.spec import shown
 from batchvl.core import Request, Result, Row, jsonish
 from batchvl.errors import RowError, TransientError
+from batchvl.io.openai_batch import sampling_conflict
 from batchvl.media.fetch import Blob
 from batchvl.media.pixels import Out, TileTask, tile_media
 from batchvl.media.sources import as_reference_list
@@ -60,6 +61,9 @@ class PrepareSettings:
     max_new_tokens_column: str | None = None
     max_new_tokens: int = 0  # the job's generation.max_new_tokens: a row may ask for fewer, not more
     pin_memory: bool = False  # tiles in page-locked memory, so the engine copies them to the GPU asynchronously
+    # OpenAI batch requests (input.format openai-batch): the job's generation settings, which a request's
+    # sampling parameters must repeat (io.openai_batch.sampling_conflict); its max_tokens is capped at the job's
+    requests: dict[str, Any] | None = None
 
 
 class RowTiles:
@@ -96,6 +100,8 @@ class RowPreparer:
             else:
                 messages, media = self._plan_prompt(row.data)
             max_new = self._max_new_tokens(row.data)
+            if self.s.requests is not None:
+                self._check_request(row.data)
             self._check_length(messages, media)
         except RowError as e:
             return Result.failed(row.id, str(e), keep)
@@ -235,10 +241,17 @@ class RowPreparer:
         if column is None or data.get(column) is None:
             return None
         value = self._row_int(data, column, 0)
+        if self.s.requests is not None:  # an OpenAI request's max_tokens is a most, as OpenAI's is
+            return min(value, self.s.max_new_tokens)
         if value > self.s.max_new_tokens:
             raise RowError(f"input: {column!r} is {value}, more than generation.max_new_tokens "
                            f"({self.s.max_new_tokens})")
         return value
+
+    def _check_request(self, data: dict[str, Any]) -> None:
+        why = sampling_conflict(data.get("sampling") or {}, self.s.requests)
+        if why is not None:
+            raise RowError(why)
 
     def _bound(self, data: dict[str, Any]) -> tuple[float, float] | None:
         column = self.s.video_bound_column

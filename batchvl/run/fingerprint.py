@@ -5,7 +5,8 @@ two different jobs. Only settings that change the text of a row count. The list 
 - model: its resolved path, a hash of config.json and generation_config.json, and a hash of the weight index
   files and the names and sizes of the weight files;
 - the prompt: `prompt`, the input columns a row's prompt, media and id come from, the chat template (its text);
-- output.keep_columns (the output's columns);
+- output.keep_columns and output.format (the output's columns and the kind of its part files); input.format
+  (which reader names the rows);
 - every key of `generation`;
 - the media settings that change tiles or frames (effective values, checkpoint defaults filled in);
 - the effective engine dtype, and the backend: the two backends draw samples from different random
@@ -13,16 +14,15 @@ two different jobs. Only settings that change the text of a row count. The list 
 - engine.quantization and engine.quantize_vision: fp8 and bf16 rows differ. Both are always recorded, and a
   folder whose fingerprint lacks them (written before they existed) counts as `none` / `false`, its only
   possible values then (IMPLIED_WHEN_MISSING), so that an fp8 run cannot resume it;
-- engine.fused_vision_gelu: GELU's tanh approximation in the vision tower moves the features; a folder lacking it
-  ran exact GELU (`false`);
 - engine.load_format: random weights (dummy) give other text than the checkpoint's; a folder lacking it was
   written from the checkpoint's weights (`auto`);
 - the rule that makes an id column's values ids (`input.ids`): a folder written before it was recorded made
   ids with str() and keeps doing so (`written_before_id_rule`), so none of its rows runs again under a new id.
 
 Not counted, as they do not change results: engine.max_batch_size, max_batch_tokens, device (for the same
-dtype), decode_attention, compile, gpus, media prefetch sizes, threads, processes (media.prepare_processes: its tiles
-are byte for byte the threads', tests/test_media_processes.py), HTTP settings, output.rows_per_file.
+dtype), decode_attention, compile and fused_vision_gelu (these two move 16-bit rounding only, BENCHMARKS.md
+session 6), gpus, media prefetch sizes, threads, processes (media.prepare_processes: its tiles are byte for byte
+the threads', tests/test_media_processes.py), HTTP settings, output.rows_per_file.
 
 A key that the folder's recorded fingerprint does not hold was not recorded by the batchvl that wrote it, and
 is not compared: a folder written before a key was added keeps resuming. The exception is a key whose value such
@@ -103,7 +103,9 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "input.video_bound_column": i.video_bound_column,
         "input.max_dynamic_patch_column": i.max_dynamic_patch_column,
         "input.max_new_tokens_column": i.max_new_tokens_column,
+        "input.format": i.format,
         "output.keep_columns": list(job.output.keep_columns),
+        "output.format": job.output.format,
         "chat_template": None if text is None else _sha(text.encode()),
         "media.max_dynamic_patch": m.max_dynamic_patch or ck.max_dynamic_patch,
         "media.min_dynamic_patch": m.min_dynamic_patch or ck.min_dynamic_patch,
@@ -115,7 +117,6 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "engine.backend": job.engine.backend,
         "engine.quantization": job.engine.quantization,
         "engine.quantize_vision": job.engine.quantize_vision,
-        "engine.fused_vision_gelu": job.engine.fused_vision_gelu,
         "engine.load_format": job.engine.load_format,
     }
     for f in dataclasses.fields(job.generation):
@@ -141,11 +142,22 @@ def written_before_id_rule(out_dir: Path) -> bool:
     return bool(part_files(out_dir)) if recorded is None else ID_KEY not in recorded
 
 
-def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any], owner: Owner) -> bool:
+def write_fingerprint(out_dir: Path, fingerprint: dict[str, Any], owner: Owner, model: str | None = None) -> bool:
     """Record the fingerprint unless the folder has one: True if this call wrote it. Shards starting at once
-    race to write it; exactly one does, and the others check theirs against it."""
+    race to write it; exactly one does, and the others check theirs against it. `model`: the job's `model` as
+    written, which `batchvl export` names in OpenAI batch results (not compared)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return create_json_once(out_dir / FINGERPRINT_NAME, {"version": VERSION, "job": fingerprint}, owner)
+    record = {"version": VERSION, "job": fingerprint, **({"model": model} if model is not None else {})}
+    return create_json_once(out_dir / FINGERPRINT_NAME, record, owner)
+
+
+def recorded_model(out_dir: Path) -> str | None:
+    """The job's `model` as the run that wrote the folder's fingerprint named it (None for an older folder)."""
+    try:
+        model = json.loads((out_dir / FINGERPRINT_NAME).read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
 
 
 def _show(value: Any) -> str:
@@ -162,11 +174,12 @@ FORMER_DEFAULTS: dict[str, Any] = {
 }
 # Keys recorded as the value of the job setting of the same name: `--set key=recorded value` gives that value back.
 SETTINGS = ("generation.", "media.", "engine.dtype", "engine.backend", "engine.quantization",
-            "engine.quantize_vision", "engine.fused_vision_gelu", "engine.load_format")
+            "engine.quantize_vision", "engine.load_format")
 # Keys added after folders were written without them, whose value in every such folder is known: a batchvl before
 # engine.quantization ran everything unquantized. A folder lacking one is compared as if it held this value.
 IMPLIED_WHEN_MISSING: dict[str, Any] = {"engine.quantization": "none", "engine.quantize_vision": False,
-                                        "engine.fused_vision_gelu": False, "engine.load_format": "auto"}
+                                        "engine.load_format": "auto", "output.format": "parquet",
+                                        "input.format": "auto"}
 
 
 def _recorded(old: dict[str, Any], key: str) -> Any:

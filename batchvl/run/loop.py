@@ -5,6 +5,7 @@ results to the writer. The stages it drives are built here too, from the job and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +25,7 @@ from batchvl.prepare.prefetch import Prefetcher, tile_pool
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
 from batchvl.prepare.templates import ConversationTemplate, default_system_message
-from batchvl.run.output import SafeWriter
+from batchvl.run.output import SafeWriter, typed_input
 from batchvl.run.plan import Plan, generation_params
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def make_preparer(job: Job, plan: Plan) -> RowPreparer:
         prompt=job.prompt, prompt_column=job.input.prompt_column, image_column=job.input.image_column,
         max_dynamic_patch_column=job.input.max_dynamic_patch_column,
         keep_columns=tuple(job.output.keep_columns),
-        keep_as_json=any(f.suffix == ".jsonl" for f in plan.files),
+        keep_as_json=typed_input(job) is None,
         min_tiles=min_tiles, max_tiles=max_tiles, use_thumbnail=use_thumbnail, tile_size=ck.tile_size,
         max_prompt_tokens=ck.max_positions - job.generation.max_new_tokens,
         messages_column=job.input.messages_column, video_column=job.input.video_column,
@@ -183,6 +184,7 @@ def make_preparer(job: Job, plan: Plan) -> RowPreparer:
         video_frames=job.media.video_frames, video_max_tiles=job.media.video_max_dynamic_patch,
         max_image_pixels=job.media.max_image_pixels,
         max_new_tokens_column=job.input.max_new_tokens_column, max_new_tokens=job.generation.max_new_tokens,
+        requests=dataclasses.asdict(job.generation) if job.input.formats == {"openai-batch"} else None,
         pin_memory=job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available(),
     )
     system = default_system_message(plan.template.name, ck.config) \

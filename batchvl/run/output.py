@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchvl.config import Job
 from batchvl.core import Result, Row
@@ -19,7 +18,7 @@ from batchvl.faults import fault_point
 from batchvl.io.durable import Owner, remove_dead_temps
 from batchvl.io.ids import Ids
 from batchvl.io.lease import REWRITE, Claim, Lease, Scope, live_runs
-from batchvl.io.readers import read_rows
+from batchvl.io.readers import arrow_schema, read_rows
 from batchvl.io.shards import Shard
 from batchvl.io.writer import PartWriter, clear_output, drop_rows, output_schema, part_files, read_done
 from batchvl.run.fingerprint import check_fingerprint, read_fingerprint, write_fingerprint
@@ -57,7 +56,7 @@ def _prepare_folder(job: Job, plan: Plan, overwrite: bool, retry_errors: bool, s
     if read_fingerprint(out_dir) is None:
         if part_files(out_dir):
             log.warning("%s has no %s (written by an older batchvl); taking this job's", out_dir, "fingerprint")
-        if not write_fingerprint(out_dir, plan.fingerprint, owner):
+        if not write_fingerprint(out_dir, plan.fingerprint, owner, job.model):
             check_fingerprint(job, plan.fingerprint)  # a sibling shard wrote it first: it must be the same job
     if retry_errors:
         dropped = drop_rows(out_dir, lambda _id, error: error is not None and not error.startswith(DUPLICATE_ERROR),
@@ -108,7 +107,8 @@ def open_writer(job: Job, files: list[Path], on_commit: Callable[[list[Result]],
         claim.check()
 
     return SafeWriter(out, PartWriter(out, schema, job.output.rows_per_file, claim.owner.here(), on_commit=on_commit,
-                                      tag=tag, before_rename=before_rename))
+                                      tag=tag, before_rename=before_rename, format=job.output.format,
+                                      model=job.model))
 
 
 class SafeWriter:
@@ -147,16 +147,24 @@ class SafeWriter:
                                    "kept, rerun the same command to resume") from None
 
 
+def typed_input(job: Job, files: list[Path] | None = None) -> list[pa.Schema] | None:
+    """The schema of each input file when all are typed (Parquet, Hugging Face Arrow); None when any file is of a
+    format whose values are text or JSON (JSONL, CSV, WebDataset, ...)."""
+    schemas = [arrow_schema(f, job.input.format_of(f)) for f in (job.input.files if files is None else files)]
+    return None if any(s is None for s in schemas) else schemas
+
+
 def keep_types(job: Job, files: list[Path]) -> dict[str, pa.DataType]:
-    """The output type of each keep column. JSONL input (any file of it): strings (see core.jsonish). Parquet:
+    """The output type of each keep column. Untyped input (any file of JSONL, CSV...): strings (see core.jsonish).
+    Parquet or Arrow:
     the column's type, unified over every input file's footer as pyarrow's permissive promotion does (null with
     string is string, int32 with int64 is int64, int with float is float64, ...); where the types have no
     common one (int64 and string, say), a string column holding each non-string value as its JSON text."""
     if not job.output.keep_columns:
         return {}
-    if any(f.suffix == ".jsonl" for f in files):
+    schemas = typed_input(job, files)
+    if schemas is None:
         return {c: pa.string() for c in job.output.keep_columns}
-    schemas = [pq.ParquetFile(f).schema_arrow for f in files]
     types = {}
     for column in job.output.keep_columns:
         found = [pa.schema([s.field(column)]) for s in schemas if column in s.names]

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchvl.config import Job, JobError
 from batchvl.config.spec import shown
@@ -21,7 +20,7 @@ from batchvl.engine.factory import check_quantization
 from batchvl.engine.hf import check_load_format
 from batchvl.io.ids import Ids, id_type_problem, moved_folder
 from batchvl.io.lease import Claim
-from batchvl.io.readers import columns_of, count_rows
+from batchvl.io.readers import arrow_schema, columns_of, count_rows
 from batchvl.io.writer import read_done
 from batchvl.models.checkpoint import (
     LAYOUT_OPENGVLAB,
@@ -147,7 +146,7 @@ def plan_job(job: Job, check_output: bool = True, read_output: bool = True, fres
                         "(README \"Row ids\"); --overwrite starts it over under the current rule", job.output_dir)
     if check_output:
         check_fingerprint(job, plan.fingerprint)
-    plan.rows = count_rows(plan.files)
+    plan.rows = count_rows(plan.files, job.input.format)
     if read_output:
         plan.done, plan.done_ok, plan.done_failed, _ = read_done(job.output_dir)
         if check_output:
@@ -244,7 +243,7 @@ def _check_columns(job: Job, file: Path, ids: Ids) -> None:
         **{f"output.keep_columns[{i}]": c for i, c in enumerate(job.output.keep_columns)},
     }
     try:
-        present = columns_of(file)  # JSONL: the keys of its first JSONL_COLUMN_SCAN records
+        present = columns_of(file, job.input.format)  # JSONL: the keys of its first JSONL_COLUMN_SCAN records
     except (OSError, ValueError, pa.ArrowException) as e:
         raise JobError(f"input.path: cannot read {file}: {e}") from None
     if present is None:  # an empty file has no columns to check
@@ -252,8 +251,9 @@ def _check_columns(job: Job, file: Path, ids: Ids) -> None:
     for key, column in wanted.items():
         if column is not None and column not in present:
             raise JobError(f"{key}: column {column!r} is not in {file.name} (columns: {', '.join(sorted(present))})")
-    if file.suffix == ".parquet" and ids.column is not None and not ids.old_values:
-        problem = id_type_problem(pq.ParquetFile(file).schema_arrow.field(ids.column).type)
+    schema = arrow_schema(file, job.input.format_of(file))
+    if schema is not None and ids.column is not None and not ids.old_values:
+        problem = id_type_problem(schema.field(ids.column).type)
         if problem is not None:  # every row would be an error row
             raise JobError(f"input.id_column: column {ids.column!r} of {file.name} cannot hold ids: {problem}; "
                            "cast it to integers or strings")

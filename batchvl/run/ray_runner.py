@@ -183,7 +183,7 @@ def finished_plan(job: Job, retry_errors: bool) -> Plan | None:
     if recorded is None:
         return None
     done = read_done(job.output_dir)
-    if len(done.ids) < count_rows(job.input.files) or (retry_errors and done.failed):
+    if len(done.ids) < count_rows(job.input.files, job.input.format) or (retry_errors and done.failed):
         return None
     plan = plan_job(_resolved(job, recorded.get("engine.dtype") == "bfloat16"), read_output=False)
     plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
@@ -219,6 +219,9 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
                 progress: bool = True, wait: bool = False) -> Summary:
     """Run a job as a Ray Data pipeline (see the module docstring) and return its summary. The output folder
     is the same as a local run's: a rerun (local or Ray) skips the rows already written."""
+    if "media" in job.input.formats:  # Ray reads the input file by file; a media folder is one entry
+        raise JobError("input.path: a folder or glob of media files runs locally, not with --ray (yet); list the "
+                       "files in a JSONL file with an image column to run them on Ray")
     ray = require_ray()
     start = time.perf_counter()
     finished = None if overwrite else finished_plan(job, retry_errors)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from batchvl.io.jsonl_parts import count_lines
 from batchvl.io.lease import STALE_S, Holder, holders, liveness
 from batchvl.io.shards import shard_status
 from batchvl.io.writer import part_files
@@ -23,7 +24,7 @@ def folder_status(out: Path) -> list[str]:
     parts = part_files(out)
     for p in parts:
         try:
-            rows += pq.ParquetFile(p).metadata.num_rows
+            rows += count_lines(p) if p.suffix == ".jsonl" else pq.ParquetFile(p).metadata.num_rows
         except (OSError, ValueError) as e:  # pyarrow's errors are both; the footer is unreadable
             damaged.append(f"{p.name} ({' '.join(str(e).split())[:120]})")
     lines = [f"{out}: {rows} rows in {len(parts) - len(damaged)} part file(s)"]
