@@ -246,7 +246,7 @@ def refused_address(address: str) -> str | None:
     ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 zone index is not part of the address
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for kind in ("loopback", "private", "link_local", "unspecified", "multicast", "reserved"):
+    for kind in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
     return None
