@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -52,8 +53,7 @@ def web(media):
 @pytest.fixture(scope="module")
 def served(tiny_model, media, tmp_path_factory, web):
     running = start(tiny_model, tmp_path_factory.mktemp("serve-state"), media,
-                    ["engine.refill=true", "generation.max_new_tokens=16"], max_waiting=32, limits=SMALL_LIMITS,
-                    batches=False)
+                    ["engine.refill=true", "generation.max_new_tokens=16"], max_waiting=32, limits=SMALL_LIMITS)
     yield running
     running.stop()
 
@@ -354,3 +354,98 @@ def test_bodies_are_json_errors_for_unknown_routes(served):
     r = httpx.get(served.base + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 405 and "error" in r.json()
 
+
+
+# ---- the Batch API -------------------------------------------------------------------------------------------
+
+
+def batch_line(custom_id: str, messages, **body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": MODEL, "messages": messages, "max_tokens": TOKENS, "temperature": 0,
+                                **body}}) + "\n"
+
+
+def wait_for(client, batch_id: str, states=("completed", "failed", "cancelled")):
+    deadline = time.monotonic() + 60
+    while (batch := client.batches.retrieve(batch_id)).status not in states:
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.05)
+    return batch
+
+
+def test_batch_api_round_trip_answers_each_custom_id_once(client, media, web, run_rows, tmp_path):
+    chats = conversations(media, web[1])
+    lines = [batch_line(k, chats[k]) for k in ("http", "text", "two")]
+    lines.append(batch_line("other-model", chats["text"], model="gpt-4o"))
+    lines.append(batch_line("bad-type", chats["text"], temperature="hot"))
+    lines.append(batch_line("bad-media", [{"role": "user", "content": [image("file:///etc/hosts")]}]))
+    upload = tmp_path / "requests.jsonl"
+    upload.write_text("".join(lines))
+    file = client.files.create(file=upload.open("rb"), purpose="batch")
+    assert file.purpose == "batch" and file.bytes == upload.stat().st_size
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"run": "test"})
+    assert batch.status in ("validating", "in_progress")
+    batch = wait_for(client, batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (6, 3, 3)
+    assert batch.id in [b.id for b in client.batches.list().data]
+    out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    errors = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
+    ids = [x["custom_id"] for x in out + errors]
+    assert sorted(ids) == sorted(["http", "text", "two", "other-model", "bad-type", "bad-media"])
+    for line in out:
+        row = run_rows[line["custom_id"]]
+        body = line["response"]["body"]
+        assert line["response"]["status_code"] == 200 and line["error"] is None
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == row["text"]
+        assert body["usage"]["prompt_tokens"] == row["prompt_tokens"]
+    assert all(e["response"] is None and e["error"]["message"] for e in errors)
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+
+
+def test_batch_api_refusals(client, served, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"custom_id": "a"}\nnot json\n' + batch_line("a", "hi"))
+    batch = client.batches.create(input_file_id=client.files.create(file=bad.open("rb"), purpose="batch").id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    batch = wait_for(client, batch.id)
+    assert batch.status == "failed" and {e.code for e in batch.errors.data} >= {"invalid_json_line",
+                                                                                  "duplicate_custom_id"}
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nothing", endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id="file-x", endpoint="/v1/embeddings", completion_window="24h")
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=bad.open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nothing")
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(batch.id)
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"x" * (5 << 20))
+    with pytest.raises(openai.APIStatusError) as e:
+        client.files.create(file=big.open("rb"), purpose="batch")
+    assert e.value.status_code == 413
+
+
+def test_cancelled_batch_keeps_what_it_did_and_stops(client, web, tmp_path):
+    """A batch whose rows wait for held-back media is cancelled; once the media comes it runs no more engine
+    batches and ends cancelled, each custom_id answered at most once."""
+    gate = web[0].routes["/slow.png"].gate
+    gate.clear()
+    slow = [{"role": "user", "content": [image(f"{web[1]}/slow.png")]}]
+    upload = tmp_path / "slow.jsonl"
+    upload.write_text("".join(batch_line(f"r{i}", slow, max_tokens=2) for i in range(12)))
+    batch = client.batches.create(input_file_id=client.files.create(file=upload.open("rb"), purpose="batch").id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(client, batch.id, states=("in_progress",))
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    gate.set()
+    batch = wait_for(client, batch.id)
+    assert batch.status == "cancelled"
+    done = batch.request_counts.completed + batch.request_counts.failed
+    assert done < 12
+    if batch.output_file_id:
+        ids = [json.loads(x)["custom_id"] for x in client.files.content(batch.output_file_id).text.splitlines()]
+        assert len(ids) == len(set(ids)) == batch.request_counts.completed

@@ -92,6 +92,9 @@ class MediaSpec:
     max_media_mb: int = 512  # one media item's bytes in memory (a file, a decompressed body), at most
     video_frames: int = 8
     video_max_dynamic_patch: int = 1
+    # false: http(s) media on loopback, private, link-local (cloud metadata) and other non-public addresses is
+    # refused (batchvl.media.fetch); `batchvl serve` sets it so for its Batch API's jobs unless told otherwise
+    allow_private_addresses: bool = True
 
 
 @dataclass

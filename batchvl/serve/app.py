@@ -57,7 +57,8 @@ class Server:
         self.metrics.inc("completion_tokens_total", completion)
 
 
-def create_app(server: Server, lifespan=None) -> Starlette:
+def create_app(server: Server, lifespan=None, more_routes: list[Route] = ()) -> Starlette:
+    """The application: the chat routes, and `more_routes` (the Batch API's, serve.batch_routes)."""
     async def health(_: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -94,10 +95,7 @@ def create_app(server: Server, lifespan=None) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
     ]
-    if server.batches is not None:
-        from batchvl.serve.batch_routes import batch_routes
-
-        routes += batch_routes(server)
+    routes += list(more_routes)
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         ApiError: _api_error, HTTPException: _http_error, BodyTooLarge: _too_large, Exception: _internal})
     return Guard(app, server)

@@ -45,6 +45,7 @@ from batchvl.serve.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 23333  # LMDeploy's api_server's
+BATCH_ROWS_PER_PART = 100  # a Batch API job commits its results this many rows at a time (output.rows_per_file)
 JOB_KEYS = ("model", "chat_template", "engine", "generation", "media", "input", "output", "prompt")
 
 
@@ -92,7 +93,9 @@ def serving_job(source: str, overrides: list[str], state_dir: Path) -> Job:
     if "model" not in raw:
         raise JobError("model: missing (required)")
     job = Job(model=raw["model"], input=_ServeInput(path="<http>", messages_column=MESSAGES, base_dir=str(base)),
-              output=OutputSpec(path=str(state_dir)), chat_template=raw.get("chat_template", "auto"),
+              output=build_section(OutputSpec, {"rows_per_file": BATCH_ROWS_PER_PART, **(raw.get("output") or {}),
+                                                "path": str(state_dir)}, "output"),
+              chat_template=raw.get("chat_template", "auto"),
               media=build_section(MediaSpec, raw.get("media") or {}, "media"),
               generation=build_section(GenerationSpec, raw.get("generation") or {}, "generation"),
               engine=build_section(EngineSpec, raw.get("engine") or {}, "engine"), base_dir=str(base))
@@ -124,7 +127,12 @@ class Service:
             self.batches = BatchStore(options.state_dir, job, self.scheduler, self.model, self.name)
         self.server = Server(self.model, self.scheduler, self.metrics, (self.name,), options.api_key,
                              options.limits, self.batches)
-        self.app = create_app(self.server, self._lifespan)
+        routes = []
+        if self.batches is not None:
+            from batchvl.serve.batch_routes import batch_routes
+
+            routes = batch_routes(self.server)
+        self.app = create_app(self.server, self._lifespan, routes)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Any):

@@ -65,7 +65,7 @@ class ServedModel:
         if isinstance(plan, Result):
             raise _row_error(plan.error)
         for item in plan.media:
-            self._check_reference(item.ref)
+            self.check_reference(item.ref)
         if self._fetcher is None:
             self._fetcher = Fetcher(self.fetch_settings)  # on the server's event loop, where it is used
         fetches = [asyncio.ensure_future(self._fetcher.fetch(m.ref, root)) for m in plan.media]
@@ -81,7 +81,8 @@ class ServedModel:
             raise _row_error(built.error)
         return built
 
-    def _check_reference(self, ref: object) -> None:
+    def check_reference(self, ref: object) -> None:
+        """ApiError 400 unless `ref` is an http(s) or data: URL, or a file:// URL under the allowed path."""
         if not isinstance(ref, str):
             raise bad("messages: an image_url's url must be a string", "messages")
         scheme = scheme_of(ref)

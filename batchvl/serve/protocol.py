@@ -73,7 +73,7 @@ def parse_chat(body: Any, models: tuple[str, ...]) -> ChatCall:
     model included (code `model_not_found`; OpenAI itself answers that one with 404, issue 18 asks for 400)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    model = _typed(body, "model", str, required=True)
+    model = typed(body, "model", str, required=True)
     if model not in models:
         raise ApiError(400, f"The model {shown(model)} does not exist; this server serves {', '.join(models)}",
                        "model", "model_not_found")
@@ -92,11 +92,11 @@ def parse_chat(body: Any, models: tuple[str, ...]) -> ChatCall:
         if value not in (None, 0):
             raise bad(f"{key}: not supported by this server (use repetition_penalty)", key)
     n = _integer(body, "n", 1, MAX_N)
-    stream = _typed(body, "stream", bool)
-    options = _typed(body, "stream_options", dict)
+    stream = typed(body, "stream", bool)
+    options = typed(body, "stream_options", dict)
     if options is not None and not stream:
         raise bad("stream_options: only with stream: true", "stream_options")
-    include_usage = bool(options and _typed(options, "include_usage", bool, key="stream_options.include_usage"))
+    include_usage = bool(options and typed(options, "include_usage", bool, key="stream_options.include_usage"))
     return ChatCall(model, messages, parse_sampling(body), n or 1, bool(stream), include_usage)
 
 
@@ -123,7 +123,7 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
         raise bad(f"stop: at most {MAX_STOPS} stop strings", "stop")
     return Sampling(max_tokens, temperature, top_p, None if top_k in (None, -1) else top_k, repetition_penalty,
                     seed, None if stop is None else tuple(stop), _integer(body, "min_tokens", 0),
-                    _typed(body, "ignore_eos", bool))
+                    typed(body, "ignore_eos", bool))
 
 
 def _check_message(message: Any, i: int) -> None:
@@ -142,7 +142,8 @@ def _check_message(message: Any, i: int) -> None:
                 raise bad(f"{where}.content[{j}]: must be a text or image_url part", f"{where}.content[{j}]")
 
 
-def _typed(body: dict, name: str, kind: type, required: bool = False, key: str | None = None) -> Any:
+def typed(body: dict, name: str, kind: type, required: bool = False, key: str | None = None) -> Any:
+    """body[name] when it is a `kind` (None when absent, unless `required`); ApiError 400 naming it otherwise."""
     value = body.get(name)
     if value is None:
         if required:
@@ -157,7 +158,7 @@ _KIND_NAMES = {str: "a string", bool: "a boolean", dict: "an object", int: "an i
 
 
 def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
-    value = _typed(body, name, int)
+    value = typed(body, name, int)
     if value is not None and (value < low or (high is not None and value > high)):
         limits = f">= {low}" if high is None else f"between {low} and {high}"
         raise bad(f"{name}: must be an integer {limits}, got {shown(value)}", name)
