@@ -154,13 +154,29 @@ class Service:
 
 
 def serve(job: Job, options: ServeOptions) -> int:
-    """Run the server until SIGINT or SIGTERM; returns the exit code."""
+    """Run the server until SIGINT or SIGTERM (it stops taking connections, answers those in flight, then
+    exits 0); returns the exit code."""
+    import signal
+
     import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, except that the signal it stopped on is not raised again once it has drained (its
+        default), so that a requested stop exits 0, saying what stopped it."""
+
+        stopped_by: list[int] = []
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self.stopped_by = list(self._captured_signals)
+                self._captured_signals.clear()
 
     service = Service(job, options)
     config = uvicorn.Config(service.app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=None, lifespan="on")
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
@@ -174,6 +190,9 @@ def serve(job: Job, options: ServeOptions) -> int:
         await task
 
     asyncio.run(main())
+    if server.stopped_by:
+        print(f"batchvl serve: {signal.Signals(server.stopped_by[0]).name}: stopped after answering the requests in "
+              "flight", file=sys.stderr)
     if not server.started:
         print(f"batchvl: error: could not listen on {options.host}:{options.port}", file=sys.stderr)
         return 1
