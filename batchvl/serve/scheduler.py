@@ -47,6 +47,7 @@ class Ticket:
     on_tokens: Callable[[list[int]], None] | None = None
     online: bool = True
     queued: float = field(default_factory=time.monotonic)
+    reservation: Reservation | None = None  # an online request's room in the queue, given back when taken
 
 
 class Reservation:
@@ -98,7 +99,7 @@ class Scheduler:
         """Queue tickets (online ones under `reservation`, which they keep until the engine takes them)."""
         with self._cond:
             for t in tickets:
-                t.reservation = reservation  # type: ignore[attr-defined]
+                t.reservation = reservation
             self._queue.extend(tickets)
             self._cond.notify_all()
 
@@ -126,9 +127,8 @@ class Scheduler:
             self._reserved -= n
 
     def _taken(self, ticket: Ticket) -> None:
-        reservation = getattr(ticket, "reservation", None)
-        if reservation is not None:
-            reservation.release(1)
+        if ticket.reservation is not None:
+            ticket.reservation.release(1)
 
     # ---- the engine's thread ----------------------------------------------------------------------------
 
