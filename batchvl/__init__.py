@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("BackendConfig", "GenerationConfig", "Pipeline", "Response", "pipeline")
+_API = ("BackendConfig", "GenerationConfig", "Pipeline", "Response", "Session", "pipeline")
 __all__ = [*_API, "__version__"]
 
 

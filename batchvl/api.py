@@ -18,26 +18,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from batchvl.config import DTYPES, EngineSpec, GenerationSpec, InputSpec, Job, MediaSpec, OutputSpec, check_job
 from batchvl.core import Result, Row
 from batchvl.engine import Engine, GenerationParams
+from batchvl.engine.stream import TextStream
 from batchvl.run.loop import batches_of, build_engine, make_prefetcher, make_preparer, run_batch
 from batchvl.run.plan import generation_params, plan_model
-from batchvl.vl.utils import png_bytes
+from batchvl.vl.inputs import Prompt, is_single, to_messages
 
 log = logging.getLogger(__name__)
 
 MESSAGES = "messages"  # the in-memory rows' messages column
-ImageInput = Image.Image | str | os.PathLike | bytes | dict  # what a pair's image (or list of images) may hold
-Prompt = str | tuple | list  # a string, a (prompt, image(s)) pair, or a messages list
 
 
 @dataclass
@@ -103,6 +102,15 @@ class Response:
     finish_reason: str | None = None
     index: int = 0
     error: str | None = None
+
+
+@dataclass
+class Session:
+    """A conversation `Pipeline.chat` carries on: its turns so far, the (prompt, reply) pairs, the last answer."""
+
+    messages: list[dict] = field(default_factory=list)
+    history: list[tuple[Any, str]] = field(default_factory=list)
+    response: Response | None = None
 
 
 @dataclass
@@ -181,17 +189,80 @@ class Pipeline:
         conversations = [to_messages(p) for p in items]
         responses: list[Response | None] = [None] * len(items)
         for config, indices in _groups(configs):
-            for i, response in zip(indices, self._run(conversations, indices, config), strict=True):
-                responses[i] = response
+            for response in self._run(conversations, indices, config):
+                responses[response.index] = response
         return responses[0] if single else responses
 
     batch_infer = __call__
 
-    def _run(self, conversations: list[list[dict]], indices: list[int], config: GenerationConfig) -> list[Response]:
+    def stream_infer(self, prompts: Prompt | Sequence[Prompt],
+                     gen_config: GenerationConfig | Sequence[GenerationConfig] | None = None) -> Iterator[Response]:
+        """Answer inputs as `__call__` does, yielding Responses as the text is generated, as LMDeploy's does: each
+        holds one input's new text (`index` says which input), its generated token count so far, and on its
+        last one its `finish_reason`. An input's pieces joined are the text `__call__` gives it. The native
+        engine tells its tokens every `check_every` (8) decode steps; the transformers engine at the end of each
+        batch. Generation runs in a thread; leaving the loop early stops it after the batch in flight."""
+        items = [prompts] if is_single(prompts) else list(prompts)
+        configs = _configs(gen_config, len(items))
+        conversations = [to_messages(p) for p in items]
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for config, indices in _groups(configs):
+                    for response in self._run(conversations, indices, config, events, stop):
+                        events.put(response)
+            except BaseException as e:  # handed to the caller's thread
+                events.put(e)
+            finally:
+                events.put(None)
+
+        thread = threading.Thread(target=work, name="batchvl-stream", daemon=True)
+        thread.start()
+        streams: dict[int, TextStream] = {}
+        try:
+            while (event := events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, Response):  # an input is done: what is left of its text, and why it ended
+                    text = streams[event.index].finish(event.text) if event.index in streams else event.text
+                    yield dataclasses.replace(event, text=text)
+                    continue
+                index, prompt_tokens, ids, params = event
+                stream = streams.setdefault(index, TextStream(self.plan.tokenizer, params))
+                text = stream.update(ids)
+                if text:
+                    yield Response(text, len(ids), prompt_tokens, None, index)
+        finally:
+            stop.set()
+            thread.join()
+
+    def chat(self, prompt: str | tuple, session: Session | None = None,
+             gen_config: GenerationConfig | None = None) -> Session:
+        """One turn of a conversation, as LMDeploy's `chat`: pass the Session it returns back in for the next turn;
+        `session.response` is this turn's answer, `session.history` the (prompt, reply) pairs so far. A turn's
+        images stay in the conversation, as LMDeploy's do."""
+        session = session or Session()
+        messages = session.messages + to_messages(prompt)
+        response = self(messages, gen_config)
+        if response.error is None:
+            session.messages = messages + [{"role": "assistant", "content": response.text}]
+            session.history.append((prompt, response.text))
+        session.response = response
+        return session
+
+    def _run(self, conversations: list[list[dict]], indices: list[int], config: GenerationConfig,
+             events: queue.Queue | None = None, stop: threading.Event | None = None) -> Iterator[Response]:
+        """The inputs `indices` with one config: their Responses, a batch at a time. With `events`, each row's
+        tokens so far go there as the engine tells them: (index, prompt tokens, ids, params)."""
         job = dataclasses.replace(self.job, generation=config.to_spec())
         check_job(job)  # the same limits a job file's generation section has
         preparer = make_preparer(job, self.plan)
-        use_params(self.engine, generation_params(job, self.plan))
+        params = generation_params(job, self.plan)
+        use_params(self.engine, params)
+        if events is not None:
+            self.engine.on_tokens = lambda r, ids: events.put((int(r.id), len(r.prompt_ids), ids, params))
         origin = Path.cwd() / "pipeline"  # relative media paths are read from the current directory
         rows = ((origin, Row(id=str(i), source=f"pipeline[{i}]", data={MESSAGES: conversations[i]}))
                 for i in indices)
@@ -199,11 +270,14 @@ class Pipeline:
         # start them for every call, each re-importing the caller's script.
         prefetcher = make_prefetcher(job, rows, preparer, processes=False)
         try:
-            results = [r for batch in batches_of(prefetcher, job.engine.max_batch_size)
-                       for r in run_batch(self.engine, batch)]
+            for batch in batches_of(prefetcher, job.engine.max_batch_size):
+                if stop is not None and stop.is_set():
+                    return
+                for result in run_batch(self.engine, batch):
+                    yield _response(result, int(result.id))
         finally:
+            self.engine.on_tokens = None
             prefetcher.close()
-        return [_response(r, i) for r, i in zip(results, indices, strict=True)]
 
     def close(self) -> None:
         """Release the model (and its device memory)."""
@@ -232,58 +306,6 @@ def pipeline(model: str | os.PathLike, backend_config: Any = None, log_level: st
         raise TypeError(f"pipeline() got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
                         f"chat_template and the media settings {', '.join(sorted(media_keys))}")
     return Pipeline(model, backend_config, chat_template, MediaSpec(**kwargs))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Inputs to message rows
-
-
-def is_single(prompts: Any) -> bool:
-    """One input (a string, a pair, a conversation) rather than a list of inputs."""
-    return isinstance(prompts, (str, tuple)) or _is_conversation(prompts)
-
-
-def _is_conversation(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
-
-
-def to_messages(prompt: Prompt) -> list[dict]:
-    """One input as the messages a `messages_column` cell holds. Pillow images become PNG bytes (lossless)."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, tuple):
-        if len(prompt) != 2 or not isinstance(prompt[0], str):
-            raise TypeError("a pair input must be (prompt text, image or list of images)")
-        text, images = prompt
-        images = list(images) if isinstance(images, (list, tuple)) else [] if images is None else [images]
-        parts = [{"type": "text", "text": text}] + [{"type": "image", "image": _reference(im)} for im in images]
-        return [{"role": "user", "content": parts}]
-    if _is_conversation(prompt):
-        return [_message(m) for m in prompt]
-    raise TypeError(f"unsupported input {type(prompt).__name__}: expected a string, a (prompt, images) pair, "
-                    "a list of messages, or a list of these")
-
-
-def _message(message: Any) -> Any:
-    """A copy of a message (the caller's list is never changed), with Pillow images as PNG bytes."""
-    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
-        return dict(message) if isinstance(message, dict) else message  # flatten_messages reports bad ones
-    parts = []
-    for part in message["content"]:
-        if isinstance(part, dict) and part.get("type") == "image":
-            part = {**part, "image": _reference(part.get("image"))}
-        elif isinstance(part, dict) and part.get("type") == "image_url" and isinstance(part.get("image_url"), dict):
-            part = {**part, "image_url": {**part["image_url"], "url": _reference(part["image_url"].get("url"))}}
-        parts.append(part)
-    return {**message, "content": parts}
-
-
-def _reference(image: ImageInput) -> Any:
-    if isinstance(image, Image.Image):
-        return png_bytes(image)
-    if isinstance(image, os.PathLike):
-        return os.fspath(image)
-    return image
 
 
 def _configs(gen_config: Any, n: int) -> list[GenerationConfig]:
@@ -325,4 +347,4 @@ def use_params(engine: Engine, params: GenerationParams) -> None:
         engine.set_params(params)
 
 
-__all__ = ["BackendConfig", "GenerationConfig", "Pipeline", "Response", "pipeline"]
+__all__ = ["BackendConfig", "GenerationConfig", "Pipeline", "Response", "Session", "pipeline"]

@@ -1,4 +1,4 @@
-"""`batchvl run | validate | make-tiny-model`.
+"""`batchvl run | serve | validate | make-tiny-model`.
 
 Job-file problems print one line naming the key and exit with code 2, without a traceback.
 """
@@ -64,6 +64,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-engines", type=int, default=None, metavar="N",
                      help="with --ray: N engine actors (default: one per GPU of the cluster, or 1 without GPUs)")
     run.set_defaults(func=_run)
+
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and its Batch API)")
+    serve.add_argument("model", help="a checkpoint (directory or cached hub name), or a job file (*.yaml) whose "
+                                     "model, engine, generation and media settings to take")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a job key, e.g. --set engine.max_batch_size=32 (repeatable)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=23333)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
+    serve.add_argument("--model-name", default=None, help="the name clients ask for (default: the folder's name)")
+    serve.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
+                       help="take file:// image URLs under DIR (refused otherwise)")
+    serve.add_argument("--allow-private-media", action="store_true",
+                       help="fetch image URLs on loopback, private and link-local addresses too")
+    serve.add_argument("--state-dir", type=Path, default=None,
+                       help="where Batch API files and batches live (default ~/.cache/batchvl/serve)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 429")
+    _verbosity(serve)
+    serve.set_defaults(func=_serve)
 
     status = sub.add_parser("status", help="how far an output folder is, per shard")
     status.add_argument("out", type=Path, help="the output folder (output.path)")
@@ -284,6 +303,19 @@ def _run_ray(job, args: argparse.Namespace, shard):
     options = RayOptions(address=args.ray or None, prepare_actors=args.ray_prepare, engines=args.ray_engines)
     return run_ray_job(job, options, overwrite=args.overwrite, retry_errors=args.retry_errors,
                        progress=not args.quiet, wait=args.wait)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from batchvl.serve.launch import ServeOptions, serve, serving_job
+
+    options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+                           allowed_local_media_path=args.allowed_local_media_path,
+                           allow_private_media=args.allow_private_media, max_waiting=args.max_queue)
+    if args.state_dir is not None:
+        options.state_dir = args.state_dir
+    if args.max_queue < 1:
+        raise JobError(f"--max-queue: must be >= 1, got {args.max_queue}")
+    return serve(serving_job(args.model, args.overrides, options.state_dir), options)
 
 
 def _status(args: argparse.Namespace) -> int:

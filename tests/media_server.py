@@ -17,6 +17,7 @@ class Route:
     retry_after: str | None = None  # the Retry-After header of those 503s
     hits: int = 0
     hit_times: list[float] = field(default_factory=list)  # time.monotonic() of each request
+    gate: threading.Event | None = None  # when set: each request waits for it (up to 60 s) before answering
 
 
 @dataclass
@@ -54,6 +55,8 @@ class MediaServer:
                     route.hits += 1
                     route.hit_times.append(time.monotonic())
                     time.sleep(route.delay_s)
+                    if route.gate is not None:
+                        route.gate.wait(60)
                     answering()
                     if route.hits <= route.fail_first:
                         self.send_response(503)

@@ -48,9 +48,6 @@ CASES = {
     "vision without fp8": ((*NATIVE, "engine.quantize_vision=true"),
                            "engine.quantize_vision: quantizes the vision tower with engine.quantization: fp8; "
                            "engine.quantization is none"),
-    "fused GELU on the transformers backend": (("engine.fused_vision_gelu=true",),
-                                               "engine.fused_vision_gelu: is a setting of the native backend; "
-                                               "engine.backend is transformers"),
 }
 
 

@@ -2,7 +2,7 @@
 and no data (`checks`). Everything a run does is decided here, once, before anything heavy happens."""
 
 from batchvl.config.checks import check_engine, check_job
-from batchvl.config.load import build_section, job_from_mapping, load_job
+from batchvl.config.load import apply_overrides, build_section, job_from_mapping, load_job, read_mapping
 from batchvl.config.spec import (
     BACKENDS,
     DECODE_ATTENTION,
@@ -19,5 +19,5 @@ from batchvl.config.spec import (
 from batchvl.errors import JobError
 
 __all__ = ["BACKENDS", "DECODE_ATTENTION", "DEVICES", "DTYPES", "EngineSpec", "GenerationSpec", "InputSpec", "Job",
-           "JobError", "MediaSpec", "OutputSpec", "build_section", "check_engine", "check_job", "job_from_mapping",
-           "load_job", "resolve_gpus"]
+           "JobError", "MediaSpec", "OutputSpec", "apply_overrides", "build_section", "check_engine", "check_job",
+           "job_from_mapping", "load_job", "read_mapping", "resolve_gpus"]

@@ -133,9 +133,6 @@ def _check_quantization(engine: EngineSpec) -> None:
         raise JobError(f"engine.quantization: fp8 runs on the native backend only; engine.backend is "
                        f"{shown(engine.backend, quote=False)}")
     one_of("engine.load_format", engine.load_format, LOAD_FORMATS)  # dummy runs on either backend
-    if engine.fused_vision_gelu and engine.backend != "native":
-        raise JobError(f"engine.fused_vision_gelu: is a setting of the native backend; engine.backend is "
-                       f"{shown(engine.backend, quote=False)}")
     if engine.quantize_vision and engine.quantization != "fp8":
         raise JobError(f"engine.quantize_vision: quantizes the vision tower with engine.quantization: fp8; "
                        f"engine.quantization is {shown(engine.quantization, quote=False)}")

@@ -24,6 +24,13 @@ from batchvl.errors import JobError
 
 def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> Job:
     """Read, override and validate a job file. Raises JobError naming the key on any problem."""
+    raw = read_mapping(path)
+    return job_from_mapping({} if raw is None else raw, Path(path).resolve().parent, overrides)
+
+
+def read_mapping(path: str | os.PathLike) -> Any:
+    """The YAML a job file holds (None for an empty file), read as load_job reads it: no anchors or aliases,
+    bounded nesting. Raises JobError."""
     path = Path(path)
     if not path_is(path, "is_file"):
         raise JobError(f"job: no such file: {shown(str(path), quote=False)}")
@@ -39,7 +46,15 @@ def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> Job:
         raise JobError(f"job: not valid YAML{where}: {shown(str(getattr(e, 'problem', e)), quote=False)}") from None
     except ValueError as e:  # a value YAML reads but Python refuses: an integer of 5,000 digits, a 13th month
         raise JobError(f"job: not valid YAML: {shown(str(e), quote=False)}") from None
-    return job_from_mapping({} if raw is None else raw, path.resolve().parent, overrides)
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A copy of a job mapping with `--set KEY=VALUE` overrides applied (values read as YAML)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        _apply_override(raw, item)
+    return raw
 
 
 def job_from_mapping(raw: Any, base_dir: str | os.PathLike, overrides: list[str] = ()) -> Job:
@@ -47,9 +62,7 @@ def job_from_mapping(raw: Any, base_dir: str | os.PathLike, overrides: list[str]
     as `load_job` does. Raises JobError naming the key."""
     if not isinstance(raw, dict):
         raise JobError(f"job: expected a mapping of keys at the top level, got {_type_name(raw)}")
-    raw = copy.deepcopy(raw)  # overrides must not change the caller's mapping
-    for item in overrides:
-        _apply_override(raw, item)
+    raw = apply_overrides(raw, overrides)  # a copy: overrides must not change the caller's mapping
     job = _build(Job, raw, "")
     job.base_dir = str(Path(base_dir).resolve())
     job.input.base_dir = job.base_dir

@@ -142,6 +142,9 @@ class MediaSpec:
     max_media_mb: int = 512  # one media item's bytes in memory (a file, a decompressed body), at most
     video_frames: int = 8
     video_max_dynamic_patch: int = 1
+    # false: http(s) media on loopback, private, link-local (cloud metadata) and other non-public addresses is
+    # refused (batchvl.media.fetch); `batchvl serve` sets it so for its Batch API's jobs unless told otherwise
+    allow_private_addresses: bool = True
 
 
 @dataclass
@@ -176,9 +179,11 @@ class EngineSpec:
     # language model's linear layers; needs a GPU of compute capability 8.9 or newer (batchvl.engine.factory).
     quantization: str = "none"
     quantize_vision: bool = False  # with fp8: the vision tower's linear layers too
-    # native: each vision MLP's first linear layer and its GELU as one cuBLASLt call, whose epilogue computes GELU's
-    # tanh approximation (InternViT is trained with exact GELU). Faster on the GPU, not exact: README, "Speed".
-    fused_vision_gelu: bool = False
+    # native, bf16/fp16 only: each vision MLP's first linear layer and its GELU as one cuBLASLt call, whose epilogue
+    # computes GELU's tanh approximation (InternViT is trained with exact GELU). 7% faster vision on the H200, and
+    # the tower's error against float32 exact GELU is the same as exact GELU's in bf16 (BENCHMARKS.md, session 6).
+    # float32 always runs exact GELU: there the approximation would be larger than the dtype's rounding.
+    fused_vision_gelu: bool = True
     # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
     # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;
     # the transformers one needs a transformers-layout checkpoint for it (batchvl.engine.hf).

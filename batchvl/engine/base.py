@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,15 +37,29 @@ class GenerationParams:
         return tuple(dict.fromkeys(ids))
 
 
+# on_tokens(request, ids): the ids `request` has generated so far (before any stop cut), as the engine learns them
+TokenListener = Callable[[Request, list[int]], None]
+# arrivals(n, fits): at most n more requests to run in the current call, each one that fits(request) accepts
+Arrivals = Callable[[int, Callable[[Request], bool]], list[Request]]
+
+
 class Engine(ABC):
     """Runs batches of requests.
 
     Contract: `generate` returns one Result per Request, in the same order. Text excludes special tokens
     and stops at the first stop token; `output_tokens` counts the generated tokens including that stop
     token. A request the engine cannot run becomes a Result with its `error` set, not an exception.
+
+    Two optional hooks, for a server (batchvl.serve) and the streaming Python API, set on the engine between
+    calls and called from the thread that runs `generate`:
+    - `on_tokens`: told each row's tokens as the engine learns them (see each engine for how often);
+    - `arrivals`: an engine that refills finished slots (native, engine.refill) asks it for more requests when
+      slots are free; their results follow the given requests' in the returned list, in the order taken.
     """
 
     max_batch_size: int
+    on_tokens: TokenListener | None = None
+    arrivals: Arrivals | None = None
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Result]:

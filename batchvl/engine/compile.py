@@ -1,7 +1,7 @@
 """torch.compile for the native engine, in one place: regional compilation of the repeated blocks.
 
-The vision tower's embedding, each vision block and each decoder layer's two pointwise-heavy halves (norm + qkv + rotary; o + residual +
-norm + MLP + residual) are compiled, not the whole model: every layer runs the same code on tensors of the
+The vision tower's embedding, each vision block and each decoder layer's two pointwise-heavy halves (norm +
+qkv + rotary; o + residual + norm + MLP + residual) are compiled, not the whole model: every layer runs the same code on tensors of the
 same shapes, so one compiled version serves them all, and compile time stays that of one block. What
 inductor gains is fusion of the elementwise work between the matrix products (norms, rotary, GELU/SiLU,
 layer scale, residual adds), about a third of the GPU time of an eager prefill. The KV-cache writes and

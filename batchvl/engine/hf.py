@@ -89,7 +89,11 @@ class TransformersEngine(Engine):
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       pixel_values=pixel_values, **kwargs)
         new = out if self.remote else out[:, width:]  # [B, N]
-        return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, new.tolist(), strict=True)]
+        rows = new.tolist()
+        if self.on_tokens is not None:  # transformers' streamers take one row: the tokens come at the end
+            for r, row in zip(requests, rows, strict=True):
+                self.on_tokens(r, row)
+        return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, rows, strict=True)]
 
     def close(self) -> None:
         del self.model

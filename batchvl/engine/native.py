@@ -78,7 +78,7 @@ class NativeEngine(Engine):
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
-                 refill: bool = False, fused_vision_gelu: bool = False):
+                 refill: bool = False, fused_vision_gelu: bool = True):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -94,8 +94,8 @@ class NativeEngine(Engine):
         loaded = load_model(checkpoint, self.device, self.dtype, quantization, quantize_vision, load_format)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
-        for block in self.model.vision.vit.blocks:
-            block.fused_gelu = fused_vision_gelu
+        for block in self.model.vision.vit.blocks:  # see EngineSpec.fused_vision_gelu: 16-bit dtypes only
+            block.fused_gelu = fused_vision_gelu and self.dtype in (torch.bfloat16, torch.float16)
         if quantization == "fp8":
             use_activation_quantizer(self.model, _fp8_activation_kernel(self.device))
         self.compiled = compile and self.device.type == "cuda"  # on the CPU, compiling costs more than it saves
@@ -146,7 +146,7 @@ class NativeEngine(Engine):
         """Run requests; results keep the request order. With refill (engine.refill), more requests than the
         batch has slots run in one batch whose finished slots take the waiting rows (`_run_refilling`);
         without, in static sub-batches that fit the token budget."""
-        if self.refill and len(requests) > 1:
+        if self.refill and (len(requests) > 1 or self.arrivals is not None):
             return self._run_refilling(requests)
         results: list[Result] = []
         for chunk in self._split(requests):
@@ -179,8 +179,11 @@ class NativeEngine(Engine):
             self.first_step_logits.append(logits[:, : self.text_spec.vocab].cpu())
         with self.times.stage("decode"):
             for step in range(1, state.max_limit):
-                if step % self.check_every == 0 and state.sync(self._stop_hit()):  # the loop's only host sync
-                    break
+                if step % self.check_every == 0:
+                    done = state.sync(self._stop_hit())  # the loop's only host sync
+                    self._tell(state)
+                    if done:
+                        break
                 state.decode()
         self.last_tokens = state.generated()
         return [decode_result(r, row, self.params, self.tokenizer)
@@ -198,8 +201,10 @@ class NativeEngine(Engine):
         the longest row of all the requests. Results come back together, in request order: a failure (out of
         memory) loses none of them, as the caller reruns them all."""
         p = self.params
+        requests = list(requests)  # arrivals join it
         need = max(len(r.prompt_ids) + (r.max_new_tokens or p.max_new_tokens) for r in requests)
-        slots = max(1, min(self.max_batch_size, len(requests), self.max_batch_tokens // need))
+        rows = len(requests) if self.arrivals is None else self.max_batch_size  # arrivals may fill the rest
+        slots = max(1, min(self.max_batch_size, rows, self.max_batch_tokens // need))
         with self.times.stage("decode"):
             state = self.start(slots, need)
         waiting = deque(range(len(requests)))
@@ -212,6 +217,7 @@ class NativeEngine(Engine):
                 for _ in range(self.check_every):
                     state.decode()
                 done = state.finished(stop_hit)  # the host learns which rows are done: one synchronisation
+                self._tell(state)
                 finished = [s for s, i in enumerate(holder) if i is not None and done[s]]
                 if finished:
                     for s, ids in zip(finished, state.out[finished, : state.width].tolist(), strict=True):
@@ -220,10 +226,31 @@ class NativeEngine(Engine):
             free = [s for s, i in enumerate(holder) if i is None]
             if not waiting and len(free) == slots:
                 break
+            if self.arrivals is not None and len(free) * REFILL_SHARE >= slots and len(waiting) < len(free):
+                for request in self.arrivals(len(free) - len(waiting), lambda r: self._fits(state, r)):
+                    waiting.append(len(requests))
+                    requests.append(request)
+                    tokens.append(None)
             if waiting and len(free) * REFILL_SHARE >= slots:  # all free counts too
                 self._admit(state, holder, free, waiting, requests)
         self.last_tokens = tokens
         return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
+
+    def _fits(self, state: BatchState, request: Request) -> bool:
+        """Whether an arriving request fits a running batch: its prompt and its limit within the cache's span,
+        its limit within the output buffer."""
+        limit = request.max_new_tokens or self.params.max_new_tokens
+        return len(request.prompt_ids) + limit <= state.span and limit <= state.width
+
+    def _tell(self, state: BatchState) -> None:
+        """Hand each filled slot's tokens so far to `on_tokens`: one more device read, only when it is set."""
+        if self.on_tokens is None:
+            return
+        counts = state.count.tolist()
+        rows = state.out[:, : max(counts, default=0)].tolist()
+        for request, row, n in zip(state.requests, rows, counts, strict=True):
+            if request is not None and n:
+                self.on_tokens(request, row[:n])
 
     def _admit(self, state: BatchState, holder: list[int | None], free: list[int], waiting: deque[int],
                requests: list[Request]) -> None:

@@ -26,9 +26,10 @@ CHAT_URL = "/v1/chat/completions"
 # Request body keys and what becomes of them. `model`: the job's model answers every request (an OpenAI batch
 # file names one model throughout); it is only echoed back. Keys not listed make the request an error row.
 LIMIT_KEYS = ("max_completion_tokens", "max_tokens")  # the first one set is the row's max_new_tokens
-SAMPLING_KEYS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty", "n")
-IGNORED_KEYS = ("model", "messages", "user", "metadata", "store", "stream", "logprobs", "service_tier",
-                "parallel_tool_calls")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "min_tokens", "ignore_eos",
+                 "frequency_penalty", "presence_penalty", "n")
+IGNORED_KEYS = ("model", "messages", "user", "metadata", "store", "stream", "stream_options", "logprobs",
+                "service_tier", "parallel_tool_calls")
 # What a body key must be, where it is not left to `sampling`'s comparison: stream and logprobs must be off.
 MUST_BE = {"stream": (False, None), "logprobs": (False, None)}
 
@@ -39,6 +40,8 @@ def chat_request_to_row(request: dict[str, Any]) -> tuple[dict[str, Any], str | 
     The row data holds `custom_id` (None when missing: the reader then makes it an error row of its own),
     `messages` (the request's, as they are: batchvl.prepare.messages reads them), `max_tokens` (None: the
     job's), `model`, and `sampling`: the sampling parameters the request sets ({} for none)."""
+    if not isinstance(request, dict):
+        return {"custom_id": None}, "a request line must be a JSON object"
     row: dict[str, Any] = {"custom_id": request.get("custom_id")}
     method, url = request.get("method", "POST"), request.get("url", CHAT_URL)
     if method != "POST" or url != CHAT_URL:
@@ -69,6 +72,9 @@ def row_error(row: dict[str, Any], why: str) -> tuple[dict[str, Any], str]:
     return row, why
 
 
+JOB_NAMES = {"min_tokens": "min_new_tokens"}  # a request key whose job setting has another name
+
+
 def sampling_conflict(sampling: dict[str, Any], job: dict[str, Any]) -> str | None:
     """Why a request's sampling parameters cannot run in a job whose generation settings are `job` (the
     generation section's values by name), or None when each equals the job's (or is OpenAI's default that
@@ -78,6 +84,10 @@ def sampling_conflict(sampling: dict[str, Any], job: dict[str, Any]) -> str | No
         "top_p": job.get("top_p"),
         "seed": job.get("seed"),
         "stop": list(job.get("stop") or []),
+        "top_k": job.get("top_k"),
+        "repetition_penalty": job.get("repetition_penalty"),
+        "min_tokens": job.get("min_new_tokens"),
+        "ignore_eos": job.get("ignore_eos"),
         "frequency_penalty": 0,
         "presence_penalty": 0,
         "n": 1,
@@ -86,8 +96,9 @@ def sampling_conflict(sampling: dict[str, Any], job: dict[str, Any]) -> str | No
         if key == "seed" and not job.get("temperature"):
             continue  # greedy decoding draws no random numbers: any seed gives the same text
         asked = [value] if key == "stop" and isinstance(value, str) else value
-        if isinstance(asked, bool) or asked != ours[key]:
-            where = f"generation.{key}" if key in ("temperature", "top_p", "seed", "stop") else None
+        if isinstance(asked, bool) != (key == "ignore_eos") or asked != ours[key]:
+            where = f"generation.{JOB_NAMES.get(key, key)}" if key not in ("frequency_penalty", "presence_penalty",
+                                                                            "n") else None
             job_says = f"this job runs with {where} {shown(ours[key])}" if where else \
                 f"batchvl supports only {key} {ours[key]}"
             return (f"input: the request sets {key} {shown(value)}, but {job_says}; every row of a batch runs with "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import io
+import ipaddress
 import random
 import time
 import urllib.parse
@@ -45,6 +46,9 @@ class FetchSettings:
     max_media_bytes: int = limits.DEFAULT_MAX_MEDIA_MB << 20  # media.max_media_mb: one item, in memory, at most
     machine_retries: int = limits.MACHINE_RETRIES  # EMFILE, ENOMEM ...: tries after the first before the run stops
     machine_backoff_s: float = limits.MACHINE_BACKOFF_S
+    # False: http(s) media on loopback, private, link-local, unspecified, multicast or reserved addresses is
+    # refused (a server fetching what its clients name must not reach its own network); jobs allow it.
+    allow_private: bool = True
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ class Fetcher:
             import aiohttp
 
             timeout = aiohttp.ClientTimeout(total=self.s.http_timeout_s)
-            connector = aiohttp.TCPConnector(limit=self.s.http_concurrency)
+            kind = aiohttp.TCPConnector if self.s.allow_private else _public_connector()
+            connector = kind(limit=self.s.http_concurrency)
             self._http = aiohttp.ClientSession(timeout=timeout, connector=connector,
                                                headers={"User-Agent": "batchvl"})
         return self._http
@@ -234,6 +239,36 @@ class Fetcher:
                 raise _WaitForBytes(cap if expected is None else max(expected, total))
             body.write(chunk)
         return body.getvalue()
+
+
+def refused_address(address: str) -> str | None:
+    """Why an IP address is not a public one (`loopback`, `private`, ...), or None when it is."""
+    ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 zone index is not part of the address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind in ("loopback", "link_local", "unspecified", "multicast", "private", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None
+
+
+def _public_connector():
+    """aiohttp's TCPConnector that refuses hosts resolving to a non-public address. The check sits where every
+    connection's host is resolved (IP literals included, redirects too), on the addresses it then connects to,
+    so a name that resolves differently a second time (DNS rebinding) gains nothing."""
+    import aiohttp
+
+    class PublicConnector(aiohttp.TCPConnector):
+        async def _resolve_host(self, host, port, traces=None):
+            hosts = await super()._resolve_host(host, port, traces=traces)
+            for h in hosts:
+                why = refused_address(h["host"])
+                if why is not None:
+                    raise RowError(f"media: refused to fetch from {host} ({h['host']} is a {why} address; "
+                                   "the server fetches only from public addresses)")
+            return hosts
+
+    return PublicConnector
 
 
 def _connection_reason(e: BaseException) -> str:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
 from batchvl.config import Job
 from batchvl.core import Result
+from batchvl.engine import Engine
 from batchvl.engine.timing import StageTimes
 from batchvl.io.shards import Shard
 from batchvl.run.gpus import run_on_workers
@@ -25,20 +27,26 @@ log = logging.getLogger(__name__)
 
 
 def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False,
-            retry_errors: bool = False, shard: Shard | None = None, wait: bool = False) -> Summary:
+            retry_errors: bool = False, shard: Shard | None = None, wait: bool = False, engine: Engine | None = None,
+            stopping: Callable[[], bool] | None = None) -> Summary:
     """Run a job to the end (or to SIGINT/SIGTERM: `Summary.interrupted`) and return its summary.
     `sync_times` synchronises the device at each stage boundary, so the time split is exact (benchmarks); it
     costs a little throughput. `retry_errors` runs the rows whose `error` is set again. `shard` runs only the
     rows whose id the shard owns. With more than one device in `engine.gpus`, rows go to one engine worker
     process per device (batchvl.run.gpus); with one, the engine runs here, in this process. The run holds the
-    output folder's lease (of its shard) throughout: another run of it is refused, or waits with `wait`."""
+    output folder's lease (of its shard) throughout: another run of it is refused, or waits with `wait`.
+    `engine`: run on this engine (one device; the caller owns it and closes it) instead of loading one: the
+    server's Batch API runs its batches on the engine that answers its online requests. `stopping()`: asked
+    before each batch besides the signals; true stops the run as SIGINT does (`Summary.stopped`)."""
     start = time.perf_counter()
     with open_output(job, overwrite, retry_errors, shard, wait) as plan, Stop() as stop:
         log.info("plan:\n%s", plan.describe())
         devices = job.engine.devices
         if nothing_to_do(plan, shard):
             return _nothing_to_do(job, plan, start, shard)
-        if len(devices) > 1:
+        if engine is not None:
+            summary = _run(job, plan, stop, start, progress, sync_times, shard, engine, stopping)
+        elif len(devices) > 1:
             summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
         else:
             if job.engine.device != "cpu" and devices[0] != 0 and torch.cuda.is_available():
@@ -59,9 +67,10 @@ def _nothing_to_do(job: Job, plan: Plan, start: float, shard: Shard | None) -> S
 
 
 def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_times: bool,
-         shard: Shard | None) -> Summary:
+         shard: Shard | None, engine: Engine | None = None, stopping: Callable[[], bool] | None = None) -> Summary:
     load_start = time.perf_counter()
-    engine = build_engine(job, plan)
+    own = engine is None
+    engine = build_engine(job, plan) if own else engine
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
     counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
     todo = counts.count_todo(plan)
@@ -75,16 +84,21 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
             summary.add(result)
             bar.update(result)
 
+    def halt() -> bool:
+        summary.stopped = summary.stopped or bool(stop.signum) or (stopping is not None and stopping())
+        return summary.stopped
+
     completed = False  # _summary.json says "failed", not "finished", when an exception ends the run
     try:
         rows = pending_rows(plan.files, plan.ids, plan.done, shard)
-        process_rows(job, engine, make_preparer(job, plan), rows, writer, lambda: bool(stop.signum), times, ran)
+        process_rows(job, engine, make_preparer(job, plan), rows, writer, halt, times, ran)
         completed = True
     finally:
         writer.close_after_error()
         bar.close()
-        engine.close()
-        counts.write("interrupted" if stop.signum else "finished" if completed else "failed")
+        if own:
+            engine.close()
+        counts.write("interrupted" if summary.stopped else "finished" if completed else "failed")
     summary.committed = counts.this_run
     summary.elapsed_s = time.perf_counter() - start
     summary.stage_s = dict(times.seconds)

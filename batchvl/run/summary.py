@@ -30,6 +30,7 @@ class Summary:
     stage_s: dict[str, float] = field(default_factory=dict)  # media wait, vision, prefill, decode, writing
     load_s: float = 0.0  # building the engine (loading the model), part of elapsed_s
     interrupted: int = 0  # the signal that stopped the run early (SIGINT, SIGTERM), 0 if it ran to the end
+    stopped: bool = False  # the run stopped before its last row (a signal, or run_job's `stopping`)
     committed: int = 0  # rows of this run committed to part files
     counts_images: bool = True  # False where results come back without their image count (the Ray path)
 
