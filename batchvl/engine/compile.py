@@ -1,11 +1,11 @@
 """torch.compile for the native engine, in one place: regional compilation of the repeated blocks.
 
 The vision tower's embedding, each vision block and each decoder layer's two pointwise-heavy halves (norm +
-qkv + rotary; o + residual + norm + MLP + residual) are compiled, not the whole model: every layer runs the same code on tensors of the
-same shapes, so one compiled version serves them all, and compile time stays that of one block. What
-inductor gains is fusion of the elementwise work between the matrix products (norms, rotary, GELU/SiLU,
-layer scale, residual adds), about a third of the GPU time of an eager prefill. The KV-cache writes and
-decode attention stay outside the compiled regions (they index per layer and per row).
+qkv + rotary; o + residual + norm + MLP + residual) are compiled, not the whole model: every layer runs the
+same code on tensors of the same shapes, so one compiled version serves them all, and compile time stays that
+of one block. What inductor gains is fusion of the elementwise work between the matrix products (norms,
+rotary, GELU/SiLU, layer scale, residual adds), about a third of the GPU time of an eager prefill. The KV-
+cache writes and decode attention stay outside the compiled regions (they index per layer and per row).
 
 Shapes are marked dynamic from the start (rows and prompt lengths change from batch to batch), so a region
 compiles once for prefill and once for decode (whose sequence dim of 1 is specialised). Decode graphs are
