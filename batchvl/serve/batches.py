@@ -20,7 +20,6 @@ in the order they were created; cancelling one stops it feeding rows, and its ou
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from batchvl.io.durable import Owner, write_json_atomic
 from batchvl.io.openai_batch import chat_request_to_row
 from batchvl.io.writer import part_files, read_done, read_part
 from batchvl.run.local import run_job
+from batchvl.serve.batch_lines import error_line, line_id, result_line
 from batchvl.serve.model import MESSAGES, ServedModel
 from batchvl.serve.protocol import ApiError, completion_body, parse_sampling
 from batchvl.serve.proxy import SAMPLING, SchedulerEngine
@@ -383,22 +383,3 @@ def _read_lines(path: Path) -> list[str]:
     except OSError:
         return []
 
-
-def line_id(batch_id: str, custom_id: str) -> str:
-    """A batch file line's id: the same for the same batch and request, every time the file is written."""
-    return hashlib.sha256(f"{batch_id}\0{custom_id}".encode()).hexdigest()[:32]
-
-
-def result_line(batch_id: str, custom_id: str, body: dict[str, Any]) -> str:
-    """The output file's line for a request answered with the chat.completion `body`."""
-    rid = line_id(batch_id, custom_id)
-    return json.dumps({"id": f"batch_req_{rid}", "custom_id": custom_id,
-                       "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None},
-                      ensure_ascii=False) + "\n"
-
-
-def error_line(batch_id: str, custom_id: str | None, code: str, message: str) -> str:
-    """The error file's line for a request that failed."""
-    rid = line_id(batch_id, custom_id or "")
-    return json.dumps({"id": f"batch_req_{rid}", "custom_id": custom_id, "response": None,
-                       "error": {"code": code, "message": message}}, ensure_ascii=False) + "\n"
