@@ -104,19 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     _verbosity(export)
     export.set_defaults(func=_export)
 
-    report = sub.add_parser("report", help="one self-contained HTML page of an output folder: summary, errors, "
-                                           "throughput, a sample of rows with thumbnails")
-    report.add_argument("out", type=Path, help="the output folder (output.path)")
-    report.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
-                        help="the page to write (default: OUT/report.html)")
-    report.add_argument("--job", default=None, metavar="JOB.yaml",
-                        help="the job that wrote the folder, to find each sampled row's images (else text only)")
-    report.add_argument("--rows", type=int, default=200, help="rows in the grid, sampled uniformly (default 200)")
-    report.add_argument("--errors", type=int, default=200, help="failed rows listed at most (default 200)")
-    report.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
-    _verbosity(report)
-    report.set_defaults(func=_report)
+    from batchvl.tools.views import add_view_commands  # report, preview
 
+    add_view_commands(sub, _verbosity)
     validate = job_command("validate", "check a job and print its plan; changes nothing")
     validate.set_defaults(func=_validate)
 
@@ -357,21 +347,6 @@ def _export(args: argparse.Namespace) -> int:
     ok, failed = export(args.out, args.output, args.format, args.errors, args.model)
     where = f"{args.output}" + (f" and {args.errors}" if args.errors else "")
     print(f"{args.out}: {ok} row(s) ok and {failed} failed written to {where}")
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from batchvl.run.report import attach_media, gather
-    from batchvl.run.report_page import write_report
-
-    if args.rows < 0 or args.errors < 0:
-        raise JobError("report: --rows and --errors must be >= 0")
-    job = load_job(args.job) if args.job else None
-    gathered = gather(args.out, args.rows, args.errors, args.seed)
-    attach_media(gathered, job)
-    dest = args.output or args.out / "report.html"
-    size = write_report(gathered, dest)
-    print(f"{dest}: {gathered.rows:,} rows, {len(gathered.sample)} in the grid, {size / 1024:,.0f} KiB")
     return 0
 
 
