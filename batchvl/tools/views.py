@@ -26,6 +26,15 @@ def add_view_commands(sub, verbosity: Callable[[argparse.ArgumentParser], None])
     verbosity(report)
     report.set_defaults(func=_report)
 
+    preview = sub.add_parser("preview", help="the first rows as the engine would get them: prompt, tile grids, "
+                                             "frames; loads no weights")
+    preview.add_argument("job", help="the job file (YAML)")
+    preview.add_argument("--rows", type=int, default=3, help="input rows to show (default 3)")
+    preview.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a job key, as for run (repeatable)")
+    verbosity(preview)
+    preview.set_defaults(func=_preview)
+
 
 def _report(args: argparse.Namespace) -> int:
     from batchvl.run.report import attach_media, gather
@@ -39,4 +48,14 @@ def _report(args: argparse.Namespace) -> int:
     dest = args.output or args.out / "report.html"
     size = write_report(gathered, dest)
     print(f"{dest}: {gathered.rows:,} rows, {len(gathered.sample)} in the grid, {size / 1024:,.0f} KiB")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from batchvl.run.preview import preview
+
+    if args.rows < 0:
+        raise JobError(f"preview: --rows must be >= 0, got {args.rows}")
+    for line in preview(load_job(args.job, args.overrides), args.rows):
+        print(line)
     return 0
