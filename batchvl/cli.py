@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     _verbosity(export)
     export.set_defaults(func=_export)
 
+    from batchvl.tools.views import add_view_commands  # report, preview
+
+    add_view_commands(sub, _verbosity)
     validate = job_command("validate", "check a job and print its plan; changes nothing")
     validate.set_defaults(func=_validate)
 

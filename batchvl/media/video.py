@@ -62,6 +62,30 @@ def decode_frames(blob: Blob, num_segments: int, bound: Sequence[float] | None =
     return _pyav_frames(blob, num_segments, bound)
 
 
+def chosen_frames(blob: Blob, num_segments: int, bound: Sequence[float] | None = None) -> tuple[list[int], int, float]:
+    """(the indices of the frames `decode_frames` takes, the video's frame count, its frame rate), from the
+    container alone: nothing is decoded (batchvl preview)."""
+    check_frames(num_segments, blob.name)
+    source = str(blob.path) if blob.path is not None else io.BytesIO(blob.data)
+    try:
+        try:
+            import decord
+        except ImportError:
+            import av
+
+            with av.open(source) as container:
+                stream = container.streams.video[0]
+                count, fps = stream.frames, float(stream.average_rate or stream.guessed_rate or 1)
+        else:
+            reader = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
+            count, fps = len(reader), float(reader.get_avg_fps())
+    except ImportError:
+        raise RowError("media: video needs decord (pip install decord), or PyAV (pip install av)") from None
+    except Exception as e:  # each library's own errors for a file that is not a video
+        raise RowError(f"media: cannot read video {blob.name}: {str(e).splitlines()[0][:200]}") from None
+    return frame_indices(count - 1, fps, num_segments, bound), count, fps
+
+
 def _decord_frames(blob: Blob, num_segments: int, bound) -> list[Image.Image]:
     import decord
 

@@ -178,6 +178,17 @@ class PromptBuilder:
             out.append(tail)
         return "".join(out)
 
+    def readable(self, messages: list[dict[str, str]], tiles_per_image: list[int]) -> str:
+        """The prompt `encode_messages` tokenizes, for people to read (batchvl preview): each image's context
+        tokens written as their count (`<img><IMG_CONTEXT>×256</img>`), shielded row text as it was written."""
+        parts = self.render_messages(messages).split(IMAGE_PLACEHOLDER)
+        if len(parts) - 1 != len(tiles_per_image):
+            raise RowError(f"prompt: {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) for {len(tiles_per_image)} "
+                           "image(s)")
+        runs = [f"{IMG_START}{IMG_CONTEXT}×{self.tokens_per_tile * tiles}{IMG_END}" for tiles in tiles_per_image]
+        full = parts[0] + "".join(run + tail for run, tail in zip(runs, parts[1:], strict=True))
+        return _MARKER.sub(lambda m: self._by_code.get(m.group(1), m.group(0)), full)
+
     def encode(self, text: str, tiles_per_image: list[int]) -> list[int]:
         """Token ids for a user prompt whose placeholders are already in place."""
         return self.encode_messages([{"role": "user", "content": text}], tiles_per_image)

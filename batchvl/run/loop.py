@@ -148,12 +148,17 @@ def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPre
     it closes with itself."""
     m = job.media
     threads = m.prepare_threads or os.cpu_count() or 1
-    fetch = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
-                          http_concurrency=m.http_concurrency, max_media_bytes=m.max_media_mb << 20,
-                          allow_private=m.allow_private_addresses)
     tiles = tile_pool(preparer.s, m.prepare_processes) if processes and m.prepare_processes else None
     return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, engine_rows(job)),
-                      max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch, tiles=tiles)
+                      max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch_settings(job), tiles=tiles)
+
+
+def fetch_settings(job: Job) -> FetchSettings:
+    """How the job's media is fetched (HTTP timeouts and retries, the size limit, private addresses)."""
+    m = job.media
+    return FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
+                         http_concurrency=m.http_concurrency, max_media_bytes=m.max_media_mb << 20,
+                         allow_private=m.allow_private_addresses)
 
 
 REFILL_ROWS = 4  # with refill, the engine gets this many batches' worth of rows at once

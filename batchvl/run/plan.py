@@ -96,9 +96,10 @@ def _template_note(template: str | ConversationTemplate | None) -> str:
     return " (jinja)"
 
 
-def plan_model(job: Job) -> Plan:
+def plan_model(job: Job, check_weight_files: bool = True) -> Plan:
     """The model half of the plan: checkpoint, tokenizer and chat template, checked; no input or output.
-    (The pipeline API hands rows over in memory and needs only this.)"""
+    (The pipeline API hands rows over in memory and needs only this.) `check_weight_files=False` opens no
+    weight file at all, not even its header (`batchvl preview`: configs and tokenizer only)."""
     path = resolve_model_dir(job.model, job.base_dir)
     checkpoint = CheckpointInfo.read(path)
     limit = checkpoint.max_positions - 1  # the prompt takes at least one position
@@ -115,7 +116,7 @@ def plan_model(job: Job) -> Plan:
     check_quantization(job.engine, checkpoint)  # fp8 on this device, and a checkpoint already in fp8
     if job.engine.backend == "transformers":
         check_load_format(checkpoint, job.engine.load_format)  # dummy there needs a transformers-layout checkpoint
-    if job.engine.load_format != "dummy":  # dummy reads no weight file, on either backend
+    if check_weight_files and job.engine.load_format != "dummy":  # dummy reads no weight file, on either backend
         check_weights(path, required=job.engine.backend == "native")  # headers only: a broken shard fails here
     tokenizer = load_tokenizer(path, job.engine.trust_remote_code)
     stop_token_ids(path, tokenizer)  # a broken generation_config.json fails here
