@@ -100,37 +100,35 @@ class BatchState:
         ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=device)
         ids[torch.arange(width, device=device)[None, :] < lengths[:, None]] = flat.to(device)  # [n, P]
         adjacent = slots[-1] - slots[0] == n - 1
-        rows = slots[0] if adjacent else torch.tensor(slots, device=device)  # the cache rows the K/V go to
-        logits = self.runner.prefill(ids, lengths, features, self.cache, rows, self.prefill_tokens)  # [n, V]
-        # The slots' state, a run of adjacent slots at a time: slices are views, so updates land in place.
-        start = 0
-        while start < n:
-            end = start + 1
-            while end < n and slots[end] == slots[end - 1] + 1:
-                end += 1
-            self._record(slice(slots[start], slots[start] + end - start), slice(start, end), requests, ids,
-                         lengths, limits_list, logits)
-            start = end
+        # The cache rows the K/V go to, and the slots whose state is reset: a slice (views, updated in place)
+        # when adjacent, else one index tensor for all of them. One set of operations per admission either way,
+        # not one per run of adjacent slots: scattered slots made many small runs, each a dozen host-side calls.
+        rows = slice(slots[0], slots[0] + n) if adjacent else torch.tensor(slots, device=device)
+        logits = self.runner.prefill(ids, lengths, features, self.cache, slots[0] if adjacent else rows,
+                                     self.prefill_tokens)  # [n, V]
+        self._record(slots, rows, requests, ids, lengths, limits_list, logits)
         return logits
 
-    def _record(self, rows: slice, part: slice, requests: list[Request], ids: torch.Tensor, lengths: torch.Tensor,
-                limits: list[int], logits: torch.Tensor) -> None:
-        """Reset the slots `rows` for the prefilled rows `part` of `requests` (and of ids, lengths, limits,
-        logits) and take their first tokens."""
+    def _record(self, slots: list[int], rows: slice | torch.Tensor, requests: list[Request], ids: torch.Tensor,
+                lengths: torch.Tensor, limits: list[int], logits: torch.Tensor) -> None:
+        """Reset the slots `rows` (`slots` as a slice or an index tensor) for the prefilled `requests` (and ids,
+        lengths, limits, logits, in the same order) and take their first tokens."""
         p, device = self.params, self.runner.device
-        mine = requests[part]
-        self.requests[rows] = mine
-        self.lengths[rows] = lengths[part]
-        self.positions[rows] = lengths[part]  # each row's first generated token goes right after its prompt
-        self.limits[rows] = torch.tensor(limits[part], device=device)
+        for slot, request in zip(slots, requests, strict=True):
+            self.requests[slot] = request
+        self.lengths[rows] = lengths
+        self.positions[rows] = lengths  # each row's first generated token goes right after its prompt
+        self.limits[rows] = torch.tensor(limits, device=device)
         self.count[rows] = 0
         self.done[rows] = False
-        self.seeds[rows] = torch.tensor([row_seed(p.seed, r.id) for r in mine], device=device, dtype=torch.int64)
+        self.seeds[rows] = torch.tensor([row_seed(p.seed, r.id) for r in requests], device=device, dtype=torch.int64)
         self.out[rows] = self.pad_id
         if self.seen is not None:
-            self._see_prompts(self.seen[rows], ids[part], mine)
-        self.max_limit = max(self.max_limit, *limits[part])
-        self._take(logits[part], rows)
+            seen = self.seen[rows]  # a view for a slice, a copy for an index tensor
+            self._see_prompts(seen, ids, requests)
+            self.seen[rows] = seen
+        self.max_limit = max(self.max_limit, *limits)
+        self._take(logits, rows)
 
     def _see_prompts(self, seen: torch.Tensor, ids: torch.Tensor, requests: list[Request]) -> None:
         """seen [n, V] <- the tokens of each prompt ids [n, P] (without the padding)."""
@@ -149,21 +147,27 @@ class BatchState:
         self.positions += ~self.done  # a done slot keeps its position: it never moves past its limit
         self._take(logits, slice(None))
 
-    def _take(self, logits: torch.Tensor, rows: slice) -> None:
-        """Sample the next token of the slots `rows` (a slice: views, so the updates land in place) from
-        their logits [n, V], and record it: output buffer, seen, count, done. No host synchronisation."""
-        done, count = self.done[rows], self.count[rows]  # [n] views
+    def _take(self, logits: torch.Tensor, rows: slice | torch.Tensor) -> None:
+        """Sample the next token of the slots `rows` from their logits [n, V], and record it: output buffer,
+        seen, count, done. No host synchronisation. A slice gives views, so the updates land in place (every
+        decode step); an index tensor (an admission into scattered slots) gives copies, written back at the end."""
+        done, count = self.done[rows], self.count[rows]  # [n]
         seen = None if self.seen is None else self.seen[rows]
+        out = self.out[rows]
         token = self.sampler(logits, seen, self.seeds[rows], count, self.eos_block)  # [n]
         token = torch.where(done, self.pad_id, token)
         self.tokens[rows] = token
         column = torch.where(done, self.width, count)  # a done slot writes to the spare column
-        self.out[rows].scatter_(1, column[:, None], token[:, None])
+        out.scatter_(1, column[:, None], token[:, None])
         if seen is not None:  # a done slot's pad token is not a token of its row
             at = token[:, None]
             seen.scatter_(1, at, seen.gather(1, at) | ~done[:, None])
         count += ~done
         done |= torch.isin(token, self.stops) | (self.limits[rows] <= count)
+        if isinstance(rows, torch.Tensor):
+            self.done[rows], self.count[rows], self.out[rows] = done, count, out
+            if seen is not None:
+                self.seen[rows] = seen
 
     def sync(self, stop_hit=None) -> bool:
         """The host synchronisation: marks done the slots whose tokens so far make `stop_hit(ids) -> bool`
