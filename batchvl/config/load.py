@@ -78,17 +78,12 @@ def build_section(cls: type, raw: Any, key: str) -> Any:
 
 
 def _apply_override(raw: dict, item: str) -> None:
-    """`--set a.b=value`: the value is read as YAML, so numbers, booleans, null and lists keep their types."""
+    """`--set a.b=value`: see `override_value` for how the value is read."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise JobError(f"--set: expected KEY=VALUE, got {shown(item)}")
-    try:
-        value = _load_yaml(text) if text.strip() else ""
-    except _Refused as e:
-        raise JobError(f"--set {shown(key, quote=False)}: {e.problem}") from None
-    except (yaml.YAMLError, ValueError):
-        value = text
+    value = override_value(key, text)
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
@@ -100,6 +95,54 @@ def _apply_override(raw: dict, item: str) -> None:
                            f"{shown(key, quote=False)}")
         node = child
     node[parts[-1]] = value
+
+
+NULL_WORDS = ("null", "Null", "NULL", "~")  # YAML's spellings of null: they unset an optional string setting
+
+
+def override_value(key: str, text: str) -> Any:
+    """The value `--set KEY=TEXT` gives the dotted `key`. A string setting (a field typed `str` or `str | None`
+    in batchvl.config.spec) takes TEXT verbatim, so a prompt may hold `#`, `: `, quotes and braces; only YAML's
+    null words unset an optional one. Any other setting (numbers, booleans, lists, `engine.gpus`, a key that
+    does not exist) reads TEXT as YAML, so `output.keep_columns=[a, b]` is a list; text that is not YAML stays
+    text, and the type check names the key."""
+    hint = setting_type(key)
+    if hint is not None and _is_string_hint(hint):
+        optional = type(None) in typing.get_args(hint)
+        return None if optional and text.strip() in NULL_WORDS else text
+    if not text.strip():
+        return ""
+    try:
+        return _load_yaml(text)
+    except _Refused as e:
+        raise JobError(f"--set {shown(key, quote=False)}: {e.problem}") from None
+    except (yaml.YAMLError, ValueError):
+        return text
+
+
+def setting_type(key: str) -> Any:
+    """The type hint of a dotted job key (`generation.seed`: int), from the section dataclasses; None for a key
+    that names no setting."""
+    cls: Any = Job
+    hint = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        fields = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        if part not in fields:
+            return None
+        hint = typing.get_type_hints(cls)[part]
+        cls = hint
+    return hint
+
+
+def _is_string_hint(hint: Any) -> bool:
+    """`str`, or `str | None`: a setting whose every value is text."""
+    if hint is str:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(hint) if a is not type(None)] == [str]
+    return False
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
