@@ -1,6 +1,6 @@
 """`batchvl run | serve | validate | make-tiny-model`.
 
-Job-file problems print one line naming the key and exit with code 2, without a traceback.
+Job-file problems print one line each, naming the key, and exit with code 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except JobError as e:
-        print(f"batchvl: error: {e}", file=sys.stderr)
+        for message in getattr(e, "messages", None) or [str(e)]:  # JobErrors: every problem, one line each
+            print(f"batchvl: error: {message}", file=sys.stderr)
         return EXIT_JOB_ERROR
     except KeyboardInterrupt:
         print("batchvl: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -19,6 +19,7 @@ import yaml
 
 from batchvl.config.checks import check_job
 from batchvl.config.spec import Job, path_is, shown
+from batchvl.config.values import Problems
 from batchvl.errors import JobError
 
 
@@ -152,19 +153,22 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise JobError(f"{where}: expected a mapping, got {_type_name(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    problems = Problems()  # every key's problem is reported, not only the first
     for key in raw:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise JobError(f"{prefix}{shown(key, quote=False)}: unknown key (known keys here: {known})")
+            problems.add(f"{prefix}{shown(key, quote=False)}: unknown key (known keys here: {known})")
     kwargs = {}
     for name, f in fields.items():
         key = prefix + name
         if name not in raw:
             no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if no_default:
-                raise JobError(f"{key}: missing (required)")
+                problems.add(f"{key}: missing (required)")
             continue
-        kwargs[name] = _convert(hints[name], raw[name], key)
+        with problems.check():
+            kwargs[name] = _convert(hints[name], raw[name], key)
+    problems.raise_any()
     return cls(**kwargs)
 
 

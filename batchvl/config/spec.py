@@ -27,6 +27,7 @@ from batchvl.config.inputs import (  # noqa: F401 (names the other modules take 
 )
 from batchvl.config.values import (  # noqa: F401
     SHOWN_CHARS,
+    Problems,
     absolute_path,
     at_least,
     at_most,
