@@ -11,12 +11,15 @@ import shlex
 import sys
 from pathlib import Path
 
+from batchvl import __version__
 from batchvl.config import EngineSpec, build_section, load_job
 from batchvl.errors import JobError, OutputWriteError, TransientError, WorkerError
 from batchvl.log import configure_logging
 
-EXIT_JOB_ERROR = 2
 EXIT_RUN_ERROR = 1  # the output could not be written, a worker failed, the machine ran out of something: rerun
+EXIT_JOB_ERROR = 2  # the job file (or a command-line argument) is wrong; nothing ran
+EXIT_ROWS_FAILED = 3  # the run ended, but every row failed or more than run.max_error_fraction of them
+# 128 + the signal's number when a signal stopped the run (130: SIGINT, 143: SIGTERM); rerun to resume
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchvl", description="Offline InternVL batch inference.")
+    parser.add_argument("--version", action="version", version=f"batchvl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def job_command(name: str, help: str) -> argparse.ArgumentParser:
@@ -283,7 +287,21 @@ def _run(args: argparse.Namespace) -> int:
               f"{shlex.join(['batchvl', *again])}", file=sys.stderr)
         return 128 + summary.interrupted
     print(summary.line(job.output_dir))
-    return 0
+    return _rows_verdict(summary, job.run.max_error_fraction)
+
+
+def _rows_verdict(summary, max_fraction: float) -> int:
+    """Print the output folder's failed rows by error kind; EXIT_ROWS_FAILED when too many failed."""
+    folder = summary.folder
+    if folder is None or not folder.failed:
+        return 0
+    print("failed rows by error kind (the whole output folder; `batchvl status OUT/` lists them too):")
+    print("\n".join(folder.error_lines()))
+    why = folder.too_many_failed(max_fraction)
+    if why is None:
+        return 0
+    print(f"batchvl: error: {why}; `--retry-errors` runs the failed rows again", file=sys.stderr)
+    return EXIT_ROWS_FAILED
 
 
 def _run_ray(job, args: argparse.Namespace, shard):

@@ -138,7 +138,7 @@ def test_ray_run_resumes_a_partial_output_and_reads_parquet_with_default_ids(tin
     assert local[4]["error"].startswith("media: no such file")
     assert parts_schema(tmp_path / "ray") == parts_schema(tmp_path / "local")
     assert parts_schema(tmp_path / "ray").field("score").type == pa.int16()
-    ids, ok, failed, _ = read_done(tmp_path / "ray")
+    ids, ok, failed, *_ = read_done(tmp_path / "ray")
     assert len(ids) == 6 and ok == 5 and failed == {"media": 1}
 
 

@@ -21,7 +21,7 @@ from batchvl.engine.hf import check_load_format
 from batchvl.io.ids import Ids, id_type_problem, moved_folder
 from batchvl.io.lease import Claim
 from batchvl.io.readers import arrow_schema, columns_of, count_rows
-from batchvl.io.writer import read_done
+from batchvl.io.writer import Done, read_done
 from batchvl.models.checkpoint import (
     LAYOUT_OPENGVLAB,
     CheckpointInfo,
@@ -52,8 +52,13 @@ class Plan:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     done_ok: int = 0  # rows of the output folder without error, and failed ones by error kind
     done_failed: dict[str, int] = field(default_factory=dict)
+    done_examples: dict[str, str] = field(default_factory=dict)  # the id of one failed row of each error kind
     claim: Claim | None = None  # the output folder's lease, once a run holds it (batchvl.run.output.open_output)
     ids: Ids | None = None  # how rows are named (None: no input, as for the pipeline API)
+
+    def take_done(self, done: Done) -> None:
+        """What the output folder holds already (batchvl.io.writer.read_done)."""
+        self.done, self.done_ok, self.done_failed, self.done_examples = done.ids, done.ok, done.failed, done.examples
 
     def describe(self) -> str:
         job = self.job
@@ -151,7 +156,7 @@ def plan_job(job: Job, check_output: bool = True, read_output: bool = True, fres
         check_fingerprint(job, plan.fingerprint)
     plan.rows = count_rows(plan.files, job.input.format)
     if read_output:
-        plan.done, plan.done_ok, plan.done_failed, _ = read_done(job.output_dir)
+        plan.take_done(read_done(job.output_dir))
         if check_output:
             check_ids_stay(job, plan)
     return plan
