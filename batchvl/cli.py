@@ -286,22 +286,12 @@ def _run(args: argparse.Namespace) -> int:
               f"in this run ({summary.ok} ok, {summary.failed} failed); to resume, run the same command: "
               f"{shlex.join(['batchvl', *again])}", file=sys.stderr)
         return 128 + summary.interrupted
-    print(summary.line(job.output_dir))
-    return _rows_verdict(summary, job.run.max_error_fraction)
-
-
-def _rows_verdict(summary, max_fraction: float) -> int:
-    """Print the output folder's failed rows by error kind; EXIT_ROWS_FAILED when too many failed."""
-    folder = summary.folder
-    if folder is None or not folder.failed:
-        return 0
-    print("failed rows by error kind (the whole output folder; `batchvl status OUT/` lists them too):")
-    print("\n".join(folder.error_lines()))
-    why = folder.too_many_failed(max_fraction)
-    if why is None:
-        return 0
-    print(f"batchvl: error: {why}; `--retry-errors` runs the failed rows again", file=sys.stderr)
-    return EXIT_ROWS_FAILED
+    print("\n".join([summary.line(job.output_dir), *summary.failed_lines()]))
+    why = summary.folder and summary.folder.too_many_failed(job.run.max_error_fraction)
+    if why:
+        print(f"batchvl: error: {why}; `--retry-errors` runs the failed rows again", file=sys.stderr)
+        return EXIT_ROWS_FAILED
+    return 0
 
 
 def _run_ray(job, args: argparse.Namespace, shard):

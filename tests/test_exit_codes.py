@@ -80,7 +80,8 @@ def test_a_run_whose_rows_fail_too_often_exits_3_and_lists_the_errors(tiny_model
             {"id": "c", "prompt": "hi", "image": None}]
     inp = write_jsonl(tmp_path / "rows.jsonl", rows)
     out = tmp_path / "out"
-    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, out, generation={"max_new_tokens": 2}))
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, inp, out, generation={"max_new_tokens": 2},
+                                                    run={"max_error_fraction": 0.1}))
     assert main(["run", str(job), "-q"]) == EXIT_ROWS_FAILED  # 1 of 3 is more than the default 0.1
     captured = capsys.readouterr()
     assert "  media: 1 row(s) (e.g. id 'b')" in captured.out

@@ -33,7 +33,7 @@ def test_every_problem_of_a_job_file_gets_its_own_line(capsys, job_file):
                       "media.prefetch=0")
     # the file is built first: its keys' and types' problems; then (once it builds) the values' ranges
     assert lines == ["batchvl: error: bogus: unknown key (known keys here: chat_template, engine, generation, input, "
-                     "media, model, output, prompt)",
+                     "media, model, output, prompt, run)",
                      "batchvl: error: generation.max_new_tokens: expected an integer, got a string 'lots'"]
     lines = errors_of(capsys, job_file, "engine.dtype=int8", "media.prefetch=0", "generation.top_p=2",
                       "media.http_retries=11")

@@ -20,6 +20,7 @@ import ray
 import batchvl
 from batchvl.cli import main
 from batchvl.io.writer import output_schema, part_files, read_done
+from batchvl.run import progress
 
 from .conftest import base_job, write_job, write_jsonl
 
@@ -83,6 +84,7 @@ def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_mo
 
     assert main(["run", str(tmp_path / "local.yaml"), "--quiet"]) == 0
     capfd.readouterr()
+    monkeypatch.setattr(progress, "_is_terminal", lambda stream: True)  # the bar, not the log lines of a log file
     assert main(["run", str(tmp_path / "ray.yaml"), "--ray"]) == 0  # not --quiet: Ray's output is kept below batchvl's
     err = capfd.readouterr().err
     assert "10/10" in err  # batchvl's bar

@@ -262,9 +262,9 @@ def _check_columns(job: Job, file: Path, ids: Ids, problems: Problems) -> None:
     for key, column in wanted.items():
         if column is not None and column not in present:
             problems.add(f"{key}: column {shown(column)} is not in {file.name} (columns: {columns})")
-    if job.prompt is not None and job.input.messages_column is None:
-        for name in prompt_fields(job.prompt):
-            if name not in present:  # every row that takes the job's prompt would fail
+    if job.prompt is not None and job.input.prompt_column is None and job.input.messages_column is None:
+        for name in prompt_fields(job.prompt):  # the prompt of every row: each would fail
+            if name not in present:
                 problems.add(f"prompt: the field {{{name}}} names no column of {file.name} (columns: {columns})")
     schema = arrow_schema(file, job.input.format_of(file))
     if schema is not None and ids.column is not None and not ids.old_values and ids.column in schema.names:

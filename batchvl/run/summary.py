@@ -55,6 +55,13 @@ class Summary:
                 f"{self.elapsed_s:.1f} s{load}; {done / t:.2f} rows/s, {images}"
                 f"{self.output_tokens / t:.1f} output tokens/s -> {out_dir}")
 
+    def failed_lines(self) -> list[str]:
+        """The output folder's failed rows by error kind, an example id each (none when no row failed)."""
+        if self.folder is None or not self.folder.failed:
+            return []
+        return ["failed rows by error kind (the whole output folder; `batchvl status OUT/` lists them too):",
+                *self.folder.error_lines()]
+
 
 @dataclass
 class FolderRows:
