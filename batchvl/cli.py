@@ -1,6 +1,6 @@
 """`batchvl run | serve | validate | make-tiny-model`.
 
-Job-file problems print one line naming the key and exit with code 2, without a traceback.
+Job-file problems print one line each, naming the key, and exit with code 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ import shlex
 import sys
 from pathlib import Path
 
+from batchvl import __version__
 from batchvl.config import EngineSpec, build_section, load_job
 from batchvl.errors import JobError, OutputWriteError, TransientError, WorkerError
 from batchvl.log import configure_logging
 
-EXIT_JOB_ERROR = 2
 EXIT_RUN_ERROR = 1  # the output could not be written, a worker failed, the machine ran out of something: rerun
+EXIT_JOB_ERROR = 2  # the job file (or a command-line argument) is wrong; nothing ran
+EXIT_ROWS_FAILED = 3  # the run ended, but every row failed or more than run.max_error_fraction of them
+# 128 + the signal's number when a signal stopped the run (130: SIGINT, 143: SIGTERM); rerun to resume
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except JobError as e:
-        print(f"batchvl: error: {e}", file=sys.stderr)
+        for message in getattr(e, "messages", None) or [str(e)]:  # JobErrors: every problem, one line each
+            print(f"batchvl: error: {message}", file=sys.stderr)
         return EXIT_JOB_ERROR
     except KeyboardInterrupt:
         print("batchvl: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -37,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchvl", description="Offline InternVL batch inference.")
+    parser.add_argument("--version", action="version", version=f"batchvl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def job_command(name: str, help: str) -> argparse.ArgumentParser:
@@ -284,7 +289,11 @@ def _run(args: argparse.Namespace) -> int:
               f"in this run ({summary.ok} ok, {summary.failed} failed); to resume, run the same command: "
               f"{shlex.join(['batchvl', *again])}", file=sys.stderr)
         return 128 + summary.interrupted
-    print(summary.line(job.output_dir))
+    print("\n".join([summary.line(job.output_dir), *summary.failed_lines()]))
+    why = summary.folder and summary.folder.too_many_failed(job.run.max_error_fraction)
+    if why:
+        print(f"batchvl: error: {why}; `--retry-errors` runs the failed rows again", file=sys.stderr)
+        return EXIT_ROWS_FAILED
     return 0
 
 

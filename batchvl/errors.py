@@ -12,6 +12,15 @@ class JobError(ValueError):
     prints it on one line and exits with code 2."""
 
 
+class JobErrors(JobError):
+    """Several problems with the job file at once, each a JobError message naming its key (`messages`). The CLI
+    prints one line each and exits with code 2. Raised only for two or more; one problem is a plain JobError."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = list(messages)
+        super().__init__("\n".join(self.messages))
+
+
 class CheckpointError(JobError):
     """The checkpoint cannot be loaded natively: an unsupported family, or weights that do not fit. Like every
     JobError it reaches the user as one line naming the key (`model: ...`)."""

@@ -19,6 +19,7 @@ import torch
 from batchvl.cli import main
 from batchvl.config import JobError, load_job
 from batchvl.io.shards import Shard
+from batchvl.run import progress
 from batchvl.run.progress import Progress
 
 from .conftest import base_job, write_job, write_jsonl
@@ -204,7 +205,8 @@ def test_gpus_resolves_against_the_visible_devices(tiny_model, tmp_path, monkeyp
     assert load() == [0] and load(gpus=1) == [0]  # no GPU: the one in-process engine, as before
 
 
-def test_the_bar_shows_each_workers_rate():
+def test_the_bar_shows_each_workers_rate(monkeypatch):
+    monkeypatch.setattr(progress, "_is_terminal", lambda stream: True)  # a bar (a log file gets log lines)
     bar = Progress(total=4, enabled=True, workers=["gpu0", "gpu1"])
     bar.worker_ready("gpu0")
     bar.worker_ready("gpu1")

@@ -48,7 +48,7 @@ def test_an_openai_batch_file_runs_to_openai_results_and_exports_as_one_output_a
     job = write_job(tmp_path / "job.yaml", {
         "model": str(tiny_model), "input": {"path": str(inp), "format": "openai-batch"},
         "output": {"path": str(tmp_path / "out"), "format": "openai-batch"},
-        "generation": {"max_new_tokens": 6}, "engine": ENGINE})
+        "generation": {"max_new_tokens": 6}, "engine": ENGINE, "run": {"max_error_fraction": 1.0}})
     assert main(["run", str(job), "--quiet"]) == 0
     got = {x["custom_id"]: x for x in lines(tmp_path / "out")}
     assert sorted(got) == ["batch.jsonl:5", "hot", "img", "txt", "txt#dup@batch.jsonl:3"]
@@ -138,7 +138,7 @@ def test_each_new_input_format_runs_through_a_job(tiny_model, tmp_path, inputs, 
     job = write_job(tmp_path / "job.yaml", {
         "model": str(tiny_model), "prompt": "Describe {txt}." if fmt == "webdataset" else "Describe.",
         "input": {"path": str(path), **keys}, "output": {"path": str(tmp_path / "out")},
-        "generation": {"max_new_tokens": 3}, "engine": ENGINE})
+        "generation": {"max_new_tokens": 3}, "engine": ENGINE, "run": {"max_error_fraction": 1.0}})
     assert main(["run", str(job), "--quiet"]) == 0
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert sorted(rows) == ids

@@ -20,6 +20,7 @@ import ray
 import batchvl
 from batchvl.cli import main
 from batchvl.io.writer import output_schema, part_files, read_done
+from batchvl.run import progress
 
 from .conftest import base_job, write_job, write_jsonl
 
@@ -83,6 +84,7 @@ def test_ray_run_equals_a_local_run_row_for_row_and_a_rerun_adds_nothing(tiny_mo
 
     assert main(["run", str(tmp_path / "local.yaml"), "--quiet"]) == 0
     capfd.readouterr()
+    monkeypatch.setattr(progress, "_is_terminal", lambda stream: True)  # the bar, not the log lines of a log file
     assert main(["run", str(tmp_path / "ray.yaml"), "--ray"]) == 0  # not --quiet: Ray's output is kept below batchvl's
     err = capfd.readouterr().err
     assert "10/10" in err  # batchvl's bar
@@ -138,7 +140,7 @@ def test_ray_run_resumes_a_partial_output_and_reads_parquet_with_default_ids(tin
     assert local[4]["error"].startswith("media: no such file")
     assert parts_schema(tmp_path / "ray") == parts_schema(tmp_path / "local")
     assert parts_schema(tmp_path / "ray").field("score").type == pa.int16()
-    ids, ok, failed, _ = read_done(tmp_path / "ray")
+    ids, ok, failed, *_ = read_done(tmp_path / "ray")
     assert len(ids) == 6 and ok == 5 and failed == {"media": 1}
 
 

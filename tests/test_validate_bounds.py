@@ -70,8 +70,9 @@ def test_an_alias_bomb_is_refused_at_once_in_little_memory(capsys, job_file):
 
 
 def test_an_alias_in_a_set_value_is_refused(capsys, job_file):
-    line = one_line_error(capsys, job_file, "prompt=[&a [lol, lol], *a, *a]")
-    assert line == "--set prompt: YAML anchors and aliases are not allowed in a job file (found &a)"
+    # a non-string setting: a string one (prompt) takes the text verbatim, where an alias is plain text
+    line = one_line_error(capsys, job_file, "output.keep_columns=[&a [lol, lol], *a, *a]")
+    assert line == "--set output.keep_columns: YAML anchors and aliases are not allowed in a job file (found &a)"
 
 
 def test_deep_nesting_is_refused_not_a_recursion_error(capsys, job_file):
@@ -93,9 +94,11 @@ def test_a_value_yaml_reads_but_python_refuses_is_a_yaml_error(capsys, job_file,
 # --- long values in messages ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override,start", [
-    ("prompt=[" + ", ".join(["x" * 300] * 300) + "]", "prompt: expected a string, got a list ['xxx"),
-    ("input.id_column={" + ", ".join(f"k{i}: v" for i in range(500)) + "}",
-     "input.id_column: expected a string, got a mapping {'k0': 'v', "),
+    ("generation.seed=[" + ", ".join(["x" * 300] * 300) + "]", "generation.seed: expected an integer, got a list "
+                                                                "['xxx"),
+    ("generation.seed={" + ", ".join(f"k{i}: v" for i in range(500)) + "}",
+     "generation.seed: expected an integer, got a mapping {'k0': 'v', "),
+    ("input.id_column=" + "i" * 5000, "input.id_column: column 'iii"),  # a string setting: the text verbatim
     ("model=" + "a" * 5000, "model: no such checkpoint directory: aaa"),  # too long a name for the OS
     ("chat_template=" + "b" * 5000 + ".jinja", "chat_template: expected auto, none or a .jinja file; no such "),
     ("input.path=" + "c" * 5000 + ".jsonl", "input.path: no such file or directory: ccc"),
@@ -109,7 +112,7 @@ def test_a_long_value_is_cut_in_the_message(capsys, job_file, override, start):
 
 
 def test_a_newline_in_a_value_keeps_the_message_on_one_line(capsys, job_file):
-    line = one_line_error(capsys, job_file, 'model="a\\nb"')  # YAML's escape: a real newline
+    line = one_line_error(capsys, job_file, "model=a\nb")  # a real newline, taken verbatim (a string setting)
     assert line == r"model: no such checkpoint directory: a\nb"
 
 

@@ -14,10 +14,11 @@ from batchvl.config.spec import (
     Job,
     MediaSpec,
     OutputSpec,
+    RunSpec,
     resolve_gpus,
 )
 from batchvl.errors import JobError
 
 __all__ = ["BACKENDS", "DECODE_ATTENTION", "DEVICES", "DTYPES", "EngineSpec", "GenerationSpec", "InputSpec", "Job",
-           "JobError", "MediaSpec", "OutputSpec", "apply_overrides", "build_section", "check_engine", "check_job",
-           "job_from_mapping", "load_job", "read_mapping", "resolve_gpus"]
+           "JobError", "MediaSpec", "OutputSpec", "RunSpec", "apply_overrides", "build_section", "check_engine",
+           "check_job", "job_from_mapping", "load_job", "read_mapping", "resolve_gpus"]

@@ -16,6 +16,7 @@ from batchvl.config.spec import (
     QUANTIZATIONS,
     EngineSpec,
     Job,
+    Problems,
     at_least,
     at_most,
     one_of,
@@ -47,54 +48,70 @@ LIMITS: dict[str, int] = {
 
 
 def check_job(job: Job) -> None:
-    """Every check that needs no model and no data (values, ranges, files). Raises JobError."""
-    check_engine(job.engine)
-    at_least("output.rows_per_file", job.output.rows_per_file, 1)
-    at_least("generation.max_new_tokens", job.generation.max_new_tokens, 1)
-    at_least("generation.top_k", job.generation.top_k, 0)
-    at_least("generation.min_new_tokens", job.generation.min_new_tokens, 0)
-    if job.generation.min_new_tokens > job.generation.max_new_tokens:
-        raise JobError(f"generation.min_new_tokens: {job.generation.min_new_tokens} is larger than "
-                       f"generation.max_new_tokens {job.generation.max_new_tokens}")
-    at_least("media.prepare_threads", job.media.prepare_threads, 0)
-    at_least("media.prepare_processes", job.media.prepare_processes, 0)
-    if job.generation.temperature < 0:
-        raise JobError(f"generation.temperature: must be >= 0 (0 = greedy), got {job.generation.temperature}")
-    if not 0 < job.generation.top_p <= 1:
-        raise JobError(f"generation.top_p: must be in (0, 1], got {job.generation.top_p}")
-    if job.generation.repetition_penalty <= 0:
-        raise JobError(f"generation.repetition_penalty: must be > 0, got {job.generation.repetition_penalty}")
-    for key in ("max_dynamic_patch", "min_dynamic_patch"):
-        value = getattr(job.media, key)
-        if value is not None:
-            at_least(f"media.{key}", value, 1)
-    lo, hi = job.media.min_dynamic_patch, job.media.max_dynamic_patch
-    if lo is not None and hi is not None and lo > hi:
-        raise JobError(f"media.min_dynamic_patch: {lo} is larger than media.max_dynamic_patch {hi}")
+    """Every check that needs no model and no data (values, ranges, files). Raises JobError, or JobErrors naming
+    every problem found."""
+    p = Problems()
+    p.run(check_engine, job.engine)
+    p.run(at_least, "output.rows_per_file", job.output.rows_per_file, 1)
+    _check_generation(job, p)
+    _check_media(job, p)
     if job.prompt is None and job.input.prompt_column is None and job.input.messages_column is None:
-        raise JobError("prompt: missing: set `prompt`, `input.prompt_column` or `input.messages_column`")
+        p.add("prompt: missing: set `prompt`, `input.prompt_column` or `input.messages_column`")
     if job.input.messages_column is not None:
         for key in ("prompt_column", "image_column", "video_column"):
             if getattr(job.input, key) is not None:
-                raise JobError(f"input.{key}: not used with input.messages_column (messages carry their own "
-                               "text and images); remove one of them")
+                p.add(f"input.{key}: not used with input.messages_column (messages carry their own text and "
+                      "images); remove one of them")
+    if not job.model.strip():
+        p.add("model: is empty")
+    if job.chat_template not in ("auto", "none") and not path_is(job.resolve(job.chat_template), "is_file"):
+        p.add("chat_template: expected auto, none or a .jinja file; no such file: "
+              f"{shown(job.chat_template, quote=False)}")
+    if job.input.media_root is not None and not path_is(job.resolve(job.input.media_root), "is_dir"):
+        p.add(f"input.media_root: no such directory: {shown(job.input.media_root, quote=False)}")
+    inputs = p.run(lambda: job.input.files) is not None  # raises when the path matches nothing
+    p.run(_check_output, job)
+    if inputs:
+        p.run(_check_output_outside_input, job)
+    check_limits(job, p)
+    if not 0 <= job.run.max_error_fraction <= 1:
+        p.add(f"run.max_error_fraction: must be in [0, 1], got {job.run.max_error_fraction}")
+    p.raise_any()
+
+
+def _check_generation(job: Job, p: Problems) -> None:
+    g = job.generation
+    p.run(at_least, "generation.max_new_tokens", g.max_new_tokens, 1)
+    p.run(at_least, "generation.top_k", g.top_k, 0)
+    p.run(at_least, "generation.min_new_tokens", g.min_new_tokens, 0)
+    if g.min_new_tokens > g.max_new_tokens:
+        p.add(f"generation.min_new_tokens: {g.min_new_tokens} is larger than generation.max_new_tokens "
+              f"{g.max_new_tokens}")
+    if g.temperature < 0:
+        p.add(f"generation.temperature: must be >= 0 (0 = greedy), got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        p.add(f"generation.top_p: must be in (0, 1], got {g.top_p}")
+    if g.repetition_penalty <= 0:
+        p.add(f"generation.repetition_penalty: must be > 0, got {g.repetition_penalty}")
+
+
+def _check_media(job: Job, p: Problems) -> None:
+    m = job.media
+    p.run(at_least, "media.prepare_threads", m.prepare_threads, 0)
+    p.run(at_least, "media.prepare_processes", m.prepare_processes, 0)
+    for key in ("max_dynamic_patch", "min_dynamic_patch"):
+        value = getattr(m, key)
+        if value is not None:
+            p.run(at_least, f"media.{key}", value, 1)
+    lo, hi = m.min_dynamic_patch, m.max_dynamic_patch
+    if lo is not None and hi is not None and lo > hi:
+        p.add(f"media.min_dynamic_patch: {lo} is larger than media.max_dynamic_patch {hi}")
     for key in ("prefetch", "prefetch_mb", "http_concurrency", "max_image_pixels", "max_media_mb", "video_frames",
                 "video_max_dynamic_patch"):
-        at_least(f"media.{key}", getattr(job.media, key), 1)
-    at_least("media.http_retries", job.media.http_retries, 0)
-    if job.media.http_timeout_s <= 0:
-        raise JobError(f"media.http_timeout_s: must be > 0, got {job.media.http_timeout_s}")
-    if not job.model.strip():
-        raise JobError("model: is empty")
-    if job.chat_template not in ("auto", "none") and not path_is(job.resolve(job.chat_template), "is_file"):
-        raise JobError("chat_template: expected auto, none or a .jinja file; no such file: "
-                       f"{shown(job.chat_template, quote=False)}")
-    if job.input.media_root is not None and not path_is(job.resolve(job.input.media_root), "is_dir"):
-        raise JobError(f"input.media_root: no such directory: {shown(job.input.media_root, quote=False)}")
-    _ = job.input.files  # raises when the path matches nothing
-    _check_output(job)
-    _check_output_outside_input(job)
-    check_limits(job)
+        p.run(at_least, f"media.{key}", getattr(m, key), 1)
+    p.run(at_least, "media.http_retries", m.http_retries, 0)
+    if m.http_timeout_s <= 0:
+        p.add(f"media.http_timeout_s: must be > 0, got {m.http_timeout_s}")
 
 
 def _check_output(job: Job) -> None:
@@ -115,14 +132,16 @@ def _check_output(job: Job) -> None:
 def check_engine(engine: EngineSpec) -> None:
     """The engine section's values, as far as they tell alone (also for tools that take engine settings without
     a job: check-parity). Raises JobError naming the key."""
-    one_of("engine.backend", engine.backend, BACKENDS)
-    one_of("engine.device", engine.device, DEVICES)
-    one_of("engine.dtype", engine.dtype, DTYPES)
-    at_least("engine.max_batch_size", engine.max_batch_size, 1)
-    at_least("engine.max_batch_tokens", engine.max_batch_tokens, 0)
-    one_of("engine.decode_attention", engine.decode_attention, DECODE_ATTENTION)
-    _check_quantization(engine)
-    _ = engine.devices  # raises on a bad engine.gpus
+    p = Problems()
+    p.run(one_of, "engine.backend", engine.backend, BACKENDS)
+    p.run(one_of, "engine.device", engine.device, DEVICES)
+    p.run(one_of, "engine.dtype", engine.dtype, DTYPES)
+    p.run(at_least, "engine.max_batch_size", engine.max_batch_size, 1)
+    p.run(at_least, "engine.max_batch_tokens", engine.max_batch_tokens, 0)
+    p.run(one_of, "engine.decode_attention", engine.decode_attention, DECODE_ATTENTION)
+    p.run(_check_quantization, engine)
+    p.run(lambda: engine.devices)  # raises on a bad engine.gpus
+    p.raise_any()
 
 
 def _check_quantization(engine: EngineSpec) -> None:
@@ -152,10 +171,13 @@ def _check_output_outside_input(job: Job) -> None:
                        "input; choose an output folder outside it")
 
 
-def check_limits(job: Job) -> None:
-    """Every setting of LIMITS at most its limit. Raises JobError naming the key."""
+def check_limits(job: Job, problems: Problems | None = None) -> None:
+    """Every setting of LIMITS at most its limit. Raises JobError naming the key, or adds each to `problems`."""
+    p = problems or Problems()
     for key, limit in LIMITS.items():
         section, name = key.split(".")
         value = getattr(getattr(job, section), name)
         if value is not None:
-            at_most(key, value, limit)
+            p.run(at_most, key, value, limit)
+    if problems is None:
+        p.raise_any()

@@ -19,6 +19,7 @@ import yaml
 
 from batchvl.config.checks import check_job
 from batchvl.config.spec import Job, path_is, shown
+from batchvl.config.values import Problems
 from batchvl.errors import JobError
 
 
@@ -78,17 +79,12 @@ def build_section(cls: type, raw: Any, key: str) -> Any:
 
 
 def _apply_override(raw: dict, item: str) -> None:
-    """`--set a.b=value`: the value is read as YAML, so numbers, booleans, null and lists keep their types."""
+    """`--set a.b=value`: see `override_value` for how the value is read."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise JobError(f"--set: expected KEY=VALUE, got {shown(item)}")
-    try:
-        value = _load_yaml(text) if text.strip() else ""
-    except _Refused as e:
-        raise JobError(f"--set {shown(key, quote=False)}: {e.problem}") from None
-    except (yaml.YAMLError, ValueError):
-        value = text
+    value = override_value(key, text)
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
@@ -102,6 +98,54 @@ def _apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
+NULL_WORDS = ("null", "Null", "NULL", "~")  # YAML's spellings of null: they unset an optional string setting
+
+
+def override_value(key: str, text: str) -> Any:
+    """The value `--set KEY=TEXT` gives the dotted `key`. A string setting (a field typed `str` or `str | None`
+    in batchvl.config.spec) takes TEXT verbatim, so a prompt may hold `#`, `: `, quotes and braces; only YAML's
+    null words unset an optional one. Any other setting (numbers, booleans, lists, `engine.gpus`, a key that
+    does not exist) reads TEXT as YAML, so `output.keep_columns=[a, b]` is a list; text that is not YAML stays
+    text, and the type check names the key."""
+    hint = setting_type(key)
+    if hint is not None and _is_string_hint(hint):
+        optional = type(None) in typing.get_args(hint)
+        return None if optional and text.strip() in NULL_WORDS else text
+    if not text.strip():
+        return ""
+    try:
+        return _load_yaml(text)
+    except _Refused as e:
+        raise JobError(f"--set {shown(key, quote=False)}: {e.problem}") from None
+    except (yaml.YAMLError, ValueError):
+        return text
+
+
+def setting_type(key: str) -> Any:
+    """The type hint of a dotted job key (`generation.seed`: int), from the section dataclasses; None for a key
+    that names no setting."""
+    cls: Any = Job
+    hint = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        fields = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        if part not in fields:
+            return None
+        hint = typing.get_type_hints(cls)[part]
+        cls = hint
+    return hint
+
+
+def _is_string_hint(hint: Any) -> bool:
+    """`str`, or `str | None`: a setting whose every value is text."""
+    if hint is str:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(hint) if a is not type(None)] == [str]
+    return False
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping, checking unknown keys, missing keys and types."""
     where = prefix.rstrip(".") or "job"
@@ -109,19 +153,22 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise JobError(f"{where}: expected a mapping, got {_type_name(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    problems = Problems()  # every key's problem is reported, not only the first
     for key in raw:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise JobError(f"{prefix}{shown(key, quote=False)}: unknown key (known keys here: {known})")
+            problems.add(f"{prefix}{shown(key, quote=False)}: unknown key (known keys here: {known})")
     kwargs = {}
     for name, f in fields.items():
         key = prefix + name
         if name not in raw:
             no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if no_default:
-                raise JobError(f"{key}: missing (required)")
+                problems.add(f"{key}: missing (required)")
             continue
-        kwargs[name] = _convert(hints[name], raw[name], key)
+        with problems.check():
+            kwargs[name] = _convert(hints[name], raw[name], key)
+    problems.raise_any()
     return cls(**kwargs)
 
 

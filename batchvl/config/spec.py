@@ -27,6 +27,7 @@ from batchvl.config.inputs import (  # noqa: F401 (names the other modules take 
 )
 from batchvl.config.values import (  # noqa: F401
     SHOWN_CHARS,
+    Problems,
     absolute_path,
     at_least,
     at_most,
@@ -200,6 +201,14 @@ class EngineSpec:
 
 
 @dataclass
+class RunSpec:
+    # `batchvl run` exits with code 3 when more than this share of the output folder's rows failed, and always when
+    # every row did (README "Exit codes"). 0.1: a captioning set tolerates a few broken images or URLs; beyond a
+    # tenth, the cause is most likely the job's (a wrong media_root, a prompt field) and a script should stop.
+    max_error_fraction: float = 0.1
+
+
+@dataclass
 class Job:
     model: str
     input: InputSpec
@@ -209,6 +218,7 @@ class Job:
     media: MediaSpec = field(default_factory=MediaSpec)
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     engine: EngineSpec = field(default_factory=EngineSpec)
+    run: RunSpec = field(default_factory=RunSpec)
     base_dir: str = field(default=".", metadata={"internal": True})
 
     def resolve(self, path: str) -> Path:

@@ -4,10 +4,50 @@ from __future__ import annotations
 
 import os
 import reprlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from batchvl.errors import JobError
+from batchvl.errors import JobError, JobErrors
+
+T = TypeVar("T")
+
+
+class Problems:
+    """The problems of a job file, collected so that all of them are reported at once, not only the first:
+    each check runs under `check()` (or through `run`), and `raise_any()` raises what they found."""
+
+    def __init__(self) -> None:
+        self.errors: list[JobError] = []
+
+    def add(self, message: str) -> None:
+        self.errors.append(JobError(message))
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        """Run the block; a JobError it raises is kept, not raised."""
+        try:
+            yield
+        except JobErrors as e:
+            self.errors.extend(JobError(m) for m in e.messages)
+        except JobError as e:
+            self.errors.append(e)
+
+    def run(self, check: Callable[..., T], *args: Any) -> T | None:
+        """`check(*args)`, its JobError kept; None when it raised one."""
+        with self.check():
+            return check(*args)
+        return None
+
+    def raise_any(self) -> None:
+        """Raise what was found: the one JobError as it was raised, or JobErrors for several, in the order found
+        (a message found twice, say for each input file, once)."""
+        messages = list(dict.fromkeys(str(e) for e in self.errors))
+        if len(messages) == 1:
+            raise self.errors[0]
+        if messages:
+            raise JobErrors(messages)
 
 
 def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -94,17 +94,18 @@ def error_kind(error: str) -> str:
 
 class Done(NamedTuple):
     """What an output folder holds: the ids committed, how many rows have no error, the failed ones by error
-    kind, and the ids of the rows whose input record could not be read (their id is the record's position,
-    `file:line`), which a rerun replaces once the record reads."""
+    kind, the ids of the rows whose input record could not be read (their id is the record's position,
+    `file:line`), which a rerun replaces once the record reads, and the id of one failed row of each kind."""
 
     ids: set[str]
     ok: int
     failed: dict[str, int]
     unreadable: set[str]
+    examples: dict[str, str]
 
 
 def read_done(out_dir: Path) -> Done:
-    done = Done(set(), 0, {}, set())
+    done = Done(set(), 0, {}, set(), {})
     ok = 0
     for part in part_files(out_dir):
         ids, errors = part_index(part)
@@ -115,6 +116,7 @@ def read_done(out_dir: Path) -> Done:
                 continue
             kind = error_kind(error)
             done.failed[kind] = done.failed.get(kind, 0) + 1
+            done.examples.setdefault(kind, row_id)
             if error.startswith((f"input: line {row_id} ", f"input: record {row_id} ", f"input: record {row_id}:")):
                 done.unreadable.add(row_id)
     return done._replace(ok=ok)

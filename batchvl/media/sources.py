@@ -24,6 +24,21 @@ def as_reference_list(cell: Any) -> list[Any]:
     return [cell]
 
 
+def check_struct(ref: dict, where: str) -> None:
+    """A Hugging Face image struct {bytes, path} as a cell holds it: `bytes` raw bytes or null, `path` a string or
+    null, one of them set. `where` names the cell (`image`, `images[2]`); a RowError names the field in it."""
+    data, path = ref.get("bytes"), ref.get("path")
+    if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RowError(f"media: {where}.bytes: expected raw bytes or null in the image struct, got "
+                       f"{type(data).__name__}")
+    if path is not None and not isinstance(path, str):
+        raise RowError(f"media: {where}.path: expected a string or null in the image struct, got "
+                       f"{type(path).__name__}")
+    if not data and not path:
+        raise RowError(f"media: {where}: the image struct has neither bytes nor path (keys: "
+                       f"{', '.join(map(str, ref)) or 'none'})")
+
+
 def describe(ref: Any) -> str:
     """A short, printable name for a reference, for error messages."""
     if isinstance(ref, (bytes, bytearray, memoryview)):

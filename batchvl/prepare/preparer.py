@@ -28,7 +28,7 @@ from batchvl.errors import RowError, TransientError
 from batchvl.io.openai_batch import sampling_conflict
 from batchvl.media.fetch import Blob
 from batchvl.media.pixels import Out, TileTask, tile_media
-from batchvl.media.sources import as_reference_list
+from batchvl.media.sources import as_reference_list, check_struct
 from batchvl.prepare.messages import flatten_messages
 from batchvl.prepare.plan import MediaRef, RowPlan
 from batchvl.prepare.prompt import IMAGE_PLACEHOLDER, PromptBuilder, fill_fields, place_images
@@ -220,7 +220,11 @@ class RowPreparer:
         cell = data.get(column)
         if isinstance(cell, (int, float, bool)):
             raise RowError(f"input: {column!r} holds a {type(cell).__name__}, not a media reference")
-        return as_reference_list(cell)
+        refs = as_reference_list(cell)
+        for i, ref in enumerate(refs):
+            if isinstance(ref, dict):
+                check_struct(ref, f"{column}[{i}]" if isinstance(cell, (list, tuple)) else column)
+        return refs
 
     @staticmethod
     def _row_int(data: dict[str, Any], column: str | None, default: int,

@@ -44,6 +44,11 @@ COUNT_CHUNK = 1 << 14  # characters tokenized at once when bounding a long text'
 COUNT_SLACK = 4  # tokens a piece counted alone may have beyond its share of the whole prompt's
 
 
+def prompt_fields(template: str) -> list[str]:
+    """The columns a job-level prompt's `{column}` fields name, in order, each once (`validate` checks them)."""
+    return list(dict.fromkeys(_FIELD.findall(template)))
+
+
 def fill_fields(template: str, row: dict[str, Any], shield: Callable[[str], str] = str) -> str:
     """Fill `{column}` fields of a job-level prompt from the row, each value through `shield` (row text).
     Other braces are left alone."""

@@ -79,7 +79,7 @@ def run_on_workers(job: Job, plan: Plan, devices: list[int], stop: Stop, start: 
     generation_params(job, plan)  # its JobError (no EOS token) once, here, rather than from every worker
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     cpu = job.engine.device == "cpu"
-    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
+    counts = OutputCounts.of(plan, start, shard)
     todo = counts.count_todo(plan)
     chunks = _chunks(pending_rows(plan.files, plan.ids, plan.done, shard), engine_rows(job))
     first = next(chunks, None)
@@ -102,7 +102,7 @@ def run_on_workers(job: Job, plan: Plan, devices: list[int], stop: Stop, start: 
         bar.close()
         failed = any(w.failure for w in workers)
         counts.write("interrupted" if stop.signum else "failed" if failed else "finished")
-    summary.committed = counts.this_run
+    summary.committed, summary.folder = counts.this_run, counts.rows()
     summary.elapsed_s = time.perf_counter() - start
     if any(w.ready_at for w in workers):
         # Rows flow once every worker is ready: until then the run was starting processes and loading
@@ -183,9 +183,9 @@ def _receive(w: _Worker, summary: Summary, counts: OutputCounts, bar: Progress) 
                 summary.output_tokens += tokens
                 bar.add(rows, images, tokens, errors, w.label)
             elif kind == "commit":
-                rows, failed = values
+                rows, failed, examples = values
                 w.committed += rows
-                counts.add_committed(rows, failed)
+                counts.add_committed(rows, failed, examples)
             elif kind == "times":
                 w.stage_s = values[0]
             elif kind == "done":

@@ -60,10 +60,10 @@ def _nothing_to_do(job: Job, plan: Plan, start: float, shard: Shard | None) -> S
     """A rerun whose rows are all written: it says so, marks the folder finished, and loads no model."""
     log.info("nothing to do: every input row%s is already in %s; the model was not loaded",
              f" of shard {shard.label}" if shard else "", job.output_dir)
-    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
+    counts = OutputCounts.of(plan, start, shard)
     counts.count_todo(plan)
     counts.write("finished")
-    return Summary(skipped=len(plan.done), elapsed_s=time.perf_counter() - start)
+    return Summary(skipped=len(plan.done), elapsed_s=time.perf_counter() - start, folder=counts.rows())
 
 
 def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_times: bool,
@@ -72,7 +72,7 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
     own = engine is None
     engine = build_engine(job, plan) if own else engine
     summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
-    counts = OutputCounts(job.output_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner, shard)
+    counts = OutputCounts.of(plan, start, shard)
     todo = counts.count_todo(plan)
     writer = open_writer(job, plan.files, counts.commit, plan.claim)
     bar = Progress(total=max(todo, 0), enabled=progress)
@@ -99,7 +99,7 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
         if own:
             engine.close()
         counts.write("interrupted" if summary.stopped else "finished" if completed else "failed")
-    summary.committed = counts.this_run
+    summary.committed, summary.folder = counts.this_run, counts.rows()
     summary.elapsed_s = time.perf_counter() - start
     summary.stage_s = dict(times.seconds)
     return summary

@@ -63,11 +63,10 @@ def _prepare_folder(job: Job, plan: Plan, overwrite: bool, retry_errors: bool, s
                             owner)
         log.info("--retry-errors: %d error row(s) removed from the output, to run again", dropped)
     done = read_done(out_dir)
-    plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
+    plan.take_done(done)
     check_ids_stay(job, plan)  # before anything below acts on ids
     if done.unreadable and _replace_fixed_records(job, plan, done.unreadable, shard):
-        done = read_done(out_dir)
-        plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
+        plan.take_done(read_done(out_dir))
 
 
 def _replace_fixed_records(job: Job, plan: Plan, unreadable: set[str], shard: Shard | None) -> int:

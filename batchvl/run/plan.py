@@ -14,14 +14,14 @@ from typing import Any
 import pyarrow as pa
 
 from batchvl.config import Job, JobError
-from batchvl.config.spec import shown
+from batchvl.config.spec import Problems, shown
 from batchvl.engine import GenerationParams
 from batchvl.engine.factory import check_quantization
 from batchvl.engine.hf import check_load_format
 from batchvl.io.ids import Ids, id_type_problem, moved_folder
 from batchvl.io.lease import Claim
 from batchvl.io.readers import arrow_schema, columns_of, count_rows
-from batchvl.io.writer import read_done
+from batchvl.io.writer import Done, read_done
 from batchvl.models.checkpoint import (
     LAYOUT_OPENGVLAB,
     CheckpointInfo,
@@ -31,6 +31,7 @@ from batchvl.models.checkpoint import (
     stop_token_ids,
 )
 from batchvl.models.loader import build_specs, check_weights
+from batchvl.prepare.prompt import prompt_fields
 from batchvl.prepare.templates import ConversationTemplate, get_template
 from batchvl.run.fingerprint import ID_KEY, check_fingerprint, job_fingerprint, written_before_id_rule
 
@@ -51,8 +52,13 @@ class Plan:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     done_ok: int = 0  # rows of the output folder without error, and failed ones by error kind
     done_failed: dict[str, int] = field(default_factory=dict)
+    done_examples: dict[str, str] = field(default_factory=dict)  # the id of one failed row of each error kind
     claim: Claim | None = None  # the output folder's lease, once a run holds it (batchvl.run.output.open_output)
     ids: Ids | None = None  # how rows are named (None: no input, as for the pipeline API)
+
+    def take_done(self, done: Done) -> None:
+        """What the output folder holds already (batchvl.io.writer.read_done)."""
+        self.done, self.done_ok, self.done_failed, self.done_examples = done.ids, done.ok, done.failed, done.examples
 
     def describe(self) -> str:
         job = self.job
@@ -132,12 +138,14 @@ def plan_job(job: Job, check_output: bool = True, read_output: bool = True, fres
     name the input files differently. `read_output`: fill in the rows already done (a run does that itself,
     once it holds the folder's lease). `fresh`: the run starts the folder over (--overwrite), so the rule its
     ids were written by does not matter."""
-    plan = plan_model(job)
-    plan.files = job.input.files
-    plan.ids = Ids.of(job, old_values=not fresh and written_before_id_rule(job.output_dir))
-    for file in plan.files:
-        _check_columns(job, file, plan.ids)
-    _check_writable(job.output_dir)
+    problems = Problems()  # the model's, the columns' and the folder's problems are reported together
+    plan = problems.run(plan_model, job)
+    ids = Ids.of(job, old_values=not fresh and written_before_id_rule(job.output_dir))
+    for file in job.input.files:
+        _check_columns(job, file, ids, problems)
+    problems.run(_check_writable, job.output_dir)
+    problems.raise_any()
+    plan.files, plan.ids = job.input.files, ids
     plan.fingerprint = job_fingerprint(job, plan.checkpoint, plan.template)
     if plan.ids.old_values:
         # Not recorded, so that a folder given a fingerprint now (it had parts but none) keeps its ids' old form.
@@ -149,7 +157,7 @@ def plan_job(job: Job, check_output: bool = True, read_output: bool = True, fres
         check_fingerprint(job, plan.fingerprint)
     plan.rows = count_rows(plan.files, job.input.format)
     if read_output:
-        plan.done, plan.done_ok, plan.done_failed, _ = read_done(job.output_dir)
+        plan.take_done(read_done(job.output_dir))
         if check_output:
             check_ids_stay(job, plan)
     return plan
@@ -232,7 +240,8 @@ def _compile_jinja(source: str) -> None:
     _compile_jinja_template(source)
 
 
-def _check_columns(job: Job, file: Path, ids: Ids) -> None:
+def _check_columns(job: Job, file: Path, ids: Ids, problems: Problems) -> None:
+    """The columns the job names (and its prompt's `{column}` fields) are in the input file."""
     wanted = {
         "input.id_column": job.input.id_column,
         "input.prompt_column": job.input.prompt_column,
@@ -246,18 +255,24 @@ def _check_columns(job: Job, file: Path, ids: Ids) -> None:
     try:
         present = columns_of(file, job.input.format)  # JSONL: the keys of its first JSONL_COLUMN_SCAN records
     except (OSError, ValueError, pa.ArrowException) as e:
-        raise JobError(f"input.path: cannot read {file}: {e}") from None
+        problems.add(f"input.path: cannot read {file}: {e}")
+        return
     if present is None:  # an empty file has no columns to check
         return
+    columns = ", ".join(sorted(present))
     for key, column in wanted.items():
         if column is not None and column not in present:
-            raise JobError(f"{key}: column {column!r} is not in {file.name} (columns: {', '.join(sorted(present))})")
+            problems.add(f"{key}: column {shown(column)} is not in {file.name} (columns: {columns})")
+    if job.prompt is not None and job.input.prompt_column is None and job.input.messages_column is None:
+        for name in prompt_fields(job.prompt):  # the prompt of every row: each would fail
+            if name not in present:
+                problems.add(f"prompt: the field {{{name}}} names no column of {file.name} (columns: {columns})")
     schema = arrow_schema(file, job.input.format_of(file))
-    if schema is not None and ids.column is not None and not ids.old_values:
+    if schema is not None and ids.column is not None and not ids.old_values and ids.column in schema.names:
         problem = id_type_problem(schema.field(ids.column).type)
         if problem is not None:  # every row would be an error row
-            raise JobError(f"input.id_column: column {ids.column!r} of {file.name} cannot hold ids: {problem}; "
-                           "cast it to integers or strings")
+            problems.add(f"input.id_column: column {ids.column!r} of {file.name} cannot hold ids: {problem}; "
+                         "cast it to integers or strings")
 
 
 def _check_writable(out_dir: Path) -> None:

@@ -56,7 +56,7 @@ from batchvl.run.ray_stages import (
     require_ray,
 )
 from batchvl.run.signals import Stop
-from batchvl.run.summary import OutputCounts, Summary
+from batchvl.run.summary import FolderRows, OutputCounts, Summary
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def finished_plan(job: Job, retry_errors: bool) -> Plan | None:
     if len(done.ids) < count_rows(job.input.files, job.input.format) or (retry_errors and done.failed):
         return None
     plan = plan_job(_resolved(job, recorded.get("engine.dtype") == "bfloat16"), read_output=False)
-    plan.done, plan.done_ok, plan.done_failed = done.ids, done.ok, done.failed
+    plan.take_done(done)
     check_ids_stay(job, plan)
     if fixed_records(plan, done.unreadable):  # a record fixed since: the run replaces its error row
         return None
@@ -228,7 +228,8 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
     if finished is not None:
         log.info("nothing to do: all %d input row(s) are in %s; Ray was not started", finished.rows,
                  job.output_dir)
-        return Summary(skipped=len(finished.done), counts_images=False, elapsed_s=time.perf_counter() - start)
+        return Summary(skipped=len(finished.done), counts_images=False, elapsed_s=time.perf_counter() - start,
+                       folder=FolderRows(finished.done_ok, finished.done_failed, finished.done_examples))
     with ray_session(ray, options.address, verbose=log.isEnabledFor(logging.DEBUG)):  # DEBUG: -v
         job = for_cluster(ray, job)
         with open_output(job, overwrite, retry_errors, wait=wait) as plan, Stop() as stop:
@@ -240,7 +241,7 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
 
 def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float,
          progress: bool) -> Summary:
-    files, out_dir = plan.files, job.output_dir
+    files = plan.files
     firsts = _duplicates(ray, files, plan.ids)
     done_ref, firsts_ref = ray.put(plan.done), ray.put(firsts)
     prepare_args, engine_args = _layout(ray, job, options)
@@ -252,7 +253,7 @@ def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float
                         batch_size=job.engine.max_batch_size, **engine_args)
 
     summary = Summary(skipped=len(plan.done), counts_images=False)
-    counts = OutputCounts(out_dir, plan.done_ok, dict(plan.done_failed), start, plan.claim.owner)
+    counts = OutputCounts.of(plan, start)
     writer = open_writer(job, files, counts.commit, plan.claim)
     bar = Progress(total=max(plan.rows - len(plan.done), 0), enabled=progress)
     completed = False  # _summary.json says "failed", not "finished", when an exception ends the run
@@ -270,6 +271,6 @@ def _run(ray: Any, job: Job, plan, options: RayOptions, stop: Stop, start: float
         writer.close_after_error()  # after an error elsewhere: commit the finished rows still buffered
         bar.close()
         counts.write("interrupted" if stop.signum else "finished" if completed else "failed")
-    summary.committed = counts.this_run
+    summary.committed, summary.folder = counts.this_run, counts.rows()
     summary.elapsed_s = time.perf_counter() - start
     return summary

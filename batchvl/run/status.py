@@ -10,24 +10,33 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from batchvl.io.jsonl_parts import count_lines
+from batchvl.errors import DamagedPartError
 from batchvl.io.lease import STALE_S, Holder, holders, liveness
 from batchvl.io.shards import shard_status
-from batchvl.io.writer import part_files
+from batchvl.io.writer import error_kind, part_files, part_index
+from batchvl.run.summary import FolderRows
 
 
 def folder_status(out: Path) -> list[str]:
     """The lines `batchvl status` prints."""
-    rows, damaged = 0, []
+    rows, damaged, errors = 0, [], FolderRows()
     parts = part_files(out)
     for p in parts:
         try:
-            rows += count_lines(p) if p.suffix == ".jsonl" else pq.ParquetFile(p).metadata.num_rows
-        except (OSError, ValueError) as e:  # pyarrow's errors are both; the footer is unreadable
-            damaged.append(f"{p.name} ({' '.join(str(e).split())[:120]})")
-    lines = [f"{out}: {rows} rows in {len(parts) - len(damaged)} part file(s)"]
+            ids, row_errors = part_index(p)
+        except (DamagedPartError, OSError, ValueError) as e:
+            damaged.append(f"{p.name} ({' '.join(str(getattr(e, 'reason', e)).split())[:120]})")
+            continue
+        rows += len(ids)
+        for row_id, error in zip(ids, row_errors, strict=True):
+            if error is not None:
+                kind = error_kind(error)
+                errors.failed[kind] = errors.failed.get(kind, 0) + 1
+                errors.examples.setdefault(kind, row_id)
+    failed = sum(errors.failed.values())
+    lines = [f"{out}: {rows} rows in {len(parts) - len(damaged)} part file(s)" + (f", {failed} failed:" if failed
+                                                                                   else ", none failed")]
+    lines += errors.error_lines()
     if damaged:
         lines.append(f"damaged part files, not counted (`batchvl repair {out}` moves them aside): {'; '.join(damaged)}")
     leases = {h.run: h for h in holders(out).values() if h is not None}

@@ -38,7 +38,7 @@ from batchvl.run.loop import build_engine, make_preparer, process_rows
 from batchvl.run.output import open_writer
 from batchvl.run.plan import plan_model
 from batchvl.run.signals import Stop
-from batchvl.run.summary import failed_by_kind
+from batchvl.run.summary import failed_by_kind, failed_examples
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def _work(args: WorkerArgs, tasks: multiprocessing.Queue, send: _Events, stoppin
     engine = build_engine(job, plan)
     try:
         send("ready", time.perf_counter() - load_start)
-        writer = open_writer(job, args.files, lambda rs: send("commit", len(rs), failed_by_kind(rs)), args.claim,
+        writer = open_writer(job, args.files,
+                             lambda rs: send("commit", len(rs), failed_by_kind(rs), failed_examples(rs)), args.claim,
                              args.label)
         times = getattr(engine, "times", None) or StageTimes()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from batchvl.config import load_job
+from batchvl.config.load import override_value
 from batchvl.media.tiling import choose_grid
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.footprint import describe
@@ -237,17 +238,17 @@ def texts_of(out_dir: Path) -> dict[str, str]:
 
 
 def parse_settings(items: Iterable[str]) -> dict[str, dict]:
-    """`key=value` items (values as YAML) -> {section: {key: value}}. A plain key is an engine key;
-    `media.prepare_threads=8` sets another section's."""
-    import yaml
-
+    """`key=value` items -> {section: {key: value}}, each value read as `batchvl run --set` reads it
+    (batchvl.config.load.override_value). A plain key is an engine key; `media.prepare_threads=8` sets another
+    section's."""
     sections: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"expected key=value, got {item!r}")
         section, _, field = key.strip().rpartition(".")
-        sections.setdefault(section or "engine", {})[field] = yaml.safe_load(value)
+        section = section or "engine"
+        sections.setdefault(section, {})[field] = override_value(f"{section}.{field}", value)
     return sections
 
 
