@@ -5,7 +5,9 @@ stderr that is no terminal, `--version`, and image structs whose errors name the
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from batchvl.cli import EXIT_ROWS_FAILED, main
@@ -93,3 +95,13 @@ def test_a_run_whose_rows_fail_too_often_exits_3_and_lists_the_errors(tiny_model
     assert main(["status", str(out)]) == 0
     status = capsys.readouterr().out.splitlines()
     assert status[:2] == [f"{out}: 3 rows in 1 part file(s), 1 failed:", "  media: 1 row(s) (e.g. id 'b')"]
+
+
+def test_the_quickstart_demo_job_runs_and_exits_0(tiny_model, tmp_path):
+    """The README's first Quickstart command ends with `batchvl run jobs/demo.yaml`; its one bad row (a missing
+    file, on purpose) must not make the run exit non-zero."""
+    demo = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+    assert main(["run", str(demo), "--quiet", "--set", f"model={tiny_model}",
+                 "--set", f"output.path={tmp_path / 'out'}"]) == 0
+    done = pq.read_table(tmp_path / "out").to_pylist()
+    assert len(done) == 6 and [r["id"] for r in done if r["error"]] == ["missing-file"]
