@@ -181,16 +181,35 @@ def read_json(file: Path) -> dict[str, Any]:
     return value
 
 
+def _tokenizer_class(path: Path) -> Any:
+    """AutoTokenizer, or the class it would pick when tokenizer_config.json names one of transformers' generic
+    tokenizers-backed classes (GENERIC_TOKENIZERS) and no remote code: AutoTokenizer would take that very class
+    by name, and importing AutoTokenizer imports most of transformers (1.6 s of CPU in every process that loads a
+    tokenizer, engine workers included). Model-specific class names (Qwen2Tokenizer, LlamaTokenizer, ...) go
+    through AutoTokenizer, whose choice among a family's classes is its own."""
+    import transformers
+
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return transformers.AutoTokenizer
+    if not isinstance(config, dict) or "auto_map" in config or config.get("tokenizer_class") not in GENERIC_TOKENIZERS:
+        return transformers.AutoTokenizer
+    return getattr(transformers, config["tokenizer_class"])
+
+
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def _first(value: Any) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     """The checkpoint's tokenizer, from its own files only."""
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        return _tokenizer_class(path).from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                      local_files_only=True)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise JobError("engine.trust_remote_code: the checkpoint's tokenizer needs its own code; "

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from batchvl.config.spec import shown
 from batchvl.errors import CheckpointError
@@ -114,7 +115,7 @@ def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype, qua
     fp8_checkpoint = ck.quantization is not None
     if fp8_checkpoint and quantization != "fp8":
         raise dense_refused(ck.path)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = InternVL(vision, text)
     model = model.to(dtype)  # dtype first: on meta it costs nothing; fp8 layers are swapped in after it
     if quantization == "fp8":
@@ -133,6 +134,18 @@ def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype, qua
     model.lm.tie_weights()
     model.eval().requires_grad_(False)
     return LoadedModel(model, vision, text, family)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Modules built on the meta device without their initialisers (torch.nn.init's functions return their tensor
+    untouched): a meta tensor has no values to fill, and nn.Embedding's normal_ on the meta device goes through
+    torch._refs, which imports torch._dynamo: 1.2 s of CPU in every process that loads a model. A mode, so only
+    this thread's module building is affected."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
 
 
 def shard_files(path: Path) -> list[Path]:
