@@ -129,7 +129,12 @@ def test_the_heartbeat_renews_and_a_run_that_lost_its_lease_stops_before_committ
     time.sleep(0.3)
     assert read_holder(lease.path).beat >= 2
     lease.claim.check()  # still ours
-    _plant(lease.path, pid=os.getpid(), pid_start=None)  # another run took it over
+    # Another run takes it over, between two beats: a beat that read the file before the takeover would write it
+    # back over the new holder (a takeover only happens after stale_s without beats, so a live run's heartbeat
+    # is never that close to one; under a loaded test machine, 0.05 s beats were).
+    lease.heartbeat_s = 3600
+    time.sleep(0.2)  # the beat in flight, if any, is done; the next is an hour away
+    _plant(lease.path, pid=os.getpid(), pid_start=None)
     with pytest.raises(OutputWriteError, match="this run no longer holds"):
         lease.claim.check()
     lease.release()
