@@ -126,7 +126,7 @@ def load_model(ck: CheckpointInfo, device: torch.device, dtype: torch.dtype, qua
                                keep_misfits=False)
             except (TypeError, AttributeError) as e:
                 raise CheckpointError(f"{ck.path} stores in fp8 a layer batchvl keeps dense: {e}") from None
-    model = model.to_empty(device=device)
+    _to_empty(model, device)
     if load_format == "dummy":
         fill_dummy(model, dtype)
     else:
@@ -146,6 +146,25 @@ class _SkipInit(TorchFunctionMode):
         if getattr(func, "__module__", None) == "torch.nn.init":
             return args[0] if args else (kwargs or {}).get("tensor")
         return func(*args, **(kwargs or {}))
+
+
+def _to_empty(model: nn.Module, device: torch.device) -> None:
+    """Module.to_empty without torch.empty_like: on meta tensors that imports sympy (0.7 s of CPU in every process
+    that loads a model). Each parameter and buffer becomes an uninitialised tensor of its shape and dtype on
+    `device`; a tensor shared by several modules stays shared."""
+    made: dict[int, torch.Tensor] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            new = torch.empty(t.shape, dtype=t.dtype, device=device)
+            made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        return made[id(t)]
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = empty(t)
 
 
 def shard_files(path: Path) -> list[Path]:
