@@ -227,7 +227,7 @@ class NativeEngine(Engine):
             if not waiting and len(free) == slots:
                 break
             if self.arrivals is not None and len(free) * REFILL_SHARE >= slots and len(waiting) < len(free):
-                for request in self.arrivals(len(free) - len(waiting), lambda r: self._fits(state, r)):
+                for request in self.arrivals(len(free) - len(waiting), state.fits):
                     waiting.append(len(requests))
                     requests.append(request)
                     tokens.append(None)
@@ -235,12 +235,6 @@ class NativeEngine(Engine):
                 self._admit(state, holder, free, waiting, requests)
         self.last_tokens = tokens
         return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]
-
-    def _fits(self, state: BatchState, request: Request) -> bool:
-        """Whether an arriving request fits a running batch: its prompt and its limit within the cache's span,
-        its limit within the output buffer."""
-        limit = request.max_new_tokens or self.params.max_new_tokens
-        return len(request.prompt_ids) + limit <= state.span and limit <= state.width
 
     def _tell(self, state: BatchState) -> None:
         """Hand each filled slot's tokens so far to `on_tokens`: one more device read, only when it is set."""

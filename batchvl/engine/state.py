@@ -83,6 +83,12 @@ class BatchState:
         are the rows' image embeddings in request order. Returns the first step's logits [n, V]."""
         return self._prefill(slots, requests, features)
 
+    def fits(self, request: Request) -> bool:
+        """Whether `request` can run in this batch: its prompt and its limit within the cache's span, its limit
+        within the output buffer."""
+        limit = request.max_new_tokens or self.params.max_new_tokens
+        return len(request.prompt_ids) + limit <= self.span and limit <= self.width
+
     def _prefill(self, slots: list[int], requests: list[Request], features: torch.Tensor | None) -> torch.Tensor:
         n, p, device = len(requests), self.params, self.runner.device
         if len(slots) != n or slots != sorted(set(slots)) or not 0 <= slots[0] <= slots[-1] < self.slots:
@@ -90,7 +96,7 @@ class BatchState:
         lengths_list = [len(r.prompt_ids) for r in requests]
         limits_list = [r.max_new_tokens or p.max_new_tokens for r in requests]
         for r, length, limit in zip(requests, lengths_list, limits_list, strict=True):
-            if length + limit > self.span or limit > self.width:
+            if not self.fits(r):
                 raise ValueError(f"row {r.id}: {length} + {limit} positions do not fit a span of {self.span} "
                                  f"with at most {self.width} new tokens")
         width = max(lengths_list)
