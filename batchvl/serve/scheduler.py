@@ -187,6 +187,8 @@ class Scheduler:
                 more = self._take(n, key, fits)
             tickets.extend(more)
             by_request.update((id(t.request), t) for t in more)
+            if any(t.on_tokens is not None for t in more):
+                engine.on_tokens = on_tokens  # read at the engine's next synchronisation
             self.running += len(more)
             return [t.request for t in more]
 
@@ -202,7 +204,8 @@ class Scheduler:
         try:
             if engine.params != params:
                 engine.set_params(params)
-            engine.on_tokens = on_tokens
+            # Only while a ticket streams: telling tokens costs the native engine a device read at every sync.
+            engine.on_tokens = on_tokens if any(t.on_tokens is not None for t in batch) else None
             engine.arrivals = arrivals if self.refill else None
             try:
                 results = engine.generate([t.request for t in batch])
