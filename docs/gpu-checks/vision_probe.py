@@ -35,16 +35,17 @@ def build():
     return enc.to(dev, torch.bfloat16).eval().requires_grad_(False)
 
 
-def time_graph(fn, tiles, reps=20):
-    """Median seconds of one graph replay of fn(tiles), after a warm-up on a side stream."""
+def time_graph(fn, tiles, reps=20, mode=torch.no_grad):
+    """Median seconds of one graph replay of fn(tiles) and the graph's output, after a warm-up on a side stream;
+    `mode`: the autograd context of the warm-up and the capture (vision_probe2 ran under inference_mode)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
+    with torch.cuda.stream(s), mode():
         for _ in range(2):
             fn(tiles)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.no_grad():
+    with torch.cuda.graph(g), mode():
         out = fn(tiles)
     times = []
     for _ in range(reps):

@@ -2,11 +2,11 @@
 matrix product, the embedding and blocks compiled, one CUDA graph a pass), with exact GELU and with
 `engine.fused_vision_gelu`; tiles/s, and each one's error against the same weights in float32 with exact GELU.
 Also: which GELU torch._addmm_activation's epilogue computes on this GPU, and the same for the 6B tower."""
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+from vision_probe import time_graph  # beside this script
 
 from batchvl.engine.compile import compile_model
 from batchvl.media.normalize import normalize_uint8
@@ -43,25 +43,9 @@ def build(spec, dtype, seed=0):
     return enc.to(dtype).eval().requires_grad_(False)
 
 
-def graphed(fn, tiles, reps=15):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.inference_mode():
-        for _ in range(2):
-            fn(tiles)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.inference_mode():
-        out = fn(tiles)
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts), out.float().clone()
+def graphed(fn, tiles):
+    t, out = time_graph(fn, tiles, reps=15, mode=torch.inference_mode)
+    return t, out.float().clone()
 
 
 def tower(spec, chunk, label):
