@@ -66,14 +66,14 @@ def decode(state, steps: int) -> None:
 
 def admit(engine: NativeEngine, state, slot: int, request: Request) -> None:
     with torch.inference_mode():
-        state.admit(slot, request, engine._vision([request]))
+        state.admit(slot, request, engine.vision.compute([request]))
 
 
 def start(engine: NativeEngine, first: list[Request], everyone: list[Request]):
     """A state of SLOTS slots, spanning every row of `everyone`, with `first` in its first slots."""
     with torch.inference_mode():
         state = engine.start(SLOTS, need(everyone))
-        state.fill(first, engine._vision(first))
+        state.fill(first, engine.vision.compute(first))
     return state
 
 
@@ -212,7 +212,7 @@ def test_rows_padded_up_to_a_graph_bucket_leave_the_real_rows_alone(tiny_rows):
     engine = make_engine(tiny_rows)
     with torch.inference_mode():
         state = engine.start(3, need(rows))  # 3 slots in a cache of SLOTS rows
-        state.fill(rows[:3], engine._vision(rows[:3]))
+        state.fill(rows[:3], engine.vision.compute(rows[:3]))
         cache, lm = state.cache, engine.model.lm
         k, v = cache.k.clone(), cache.v.clone()
         plain = lm.logits(lm.decode(lm.embed(state.tokens)[:, None], state.positions, cache, state.span))  # [3, V]

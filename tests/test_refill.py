@@ -102,7 +102,7 @@ def test_rows_prefilled_together_into_slots_that_are_not_adjacent_generate_what_
     need = max(len(r.prompt_ids) for r in (caption, small)) + MAX_NEW
     with torch.inference_mode():
         state = e.start(4, need)
-        state.admit_rows([1, 3], [caption, small], e._vision([caption, small]))
+        state.admit_rows([1, 3], [caption, small], e.vision.compute([caption, small]))
         while not state.sync():
             state.decode()
     got = state.generated()

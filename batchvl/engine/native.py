@@ -8,8 +8,9 @@ A batch runs as:
    has stopped or reached max_new_tokens. The loop looks at the host only every `check_every` steps.
 
 The batch's state is a BatchState (state.py) and prefill and decode are its steps; the KV cache, its span
-policy and the decode graphs are the ModelRunner's (model_runner.py). This module runs the vision pass and the
-loop.
+policy and the decode graphs are the ModelRunner's (model_runner.py); the vision pass, and with
+engine.vision_ahead the next batch's pass on a second CUDA stream while this one decodes, the VisionRunner's
+(vision.py). This module runs the loop.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import torch
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
 from batchvl.engine.compile import compile_model
-from batchvl.engine.graphs import VisionGraph
 from batchvl.engine.memory import plan_memory
 from batchvl.engine.model_runner import ModelRunner
 from batchvl.engine.sampler import Sampler
 from batchvl.engine.state import BatchState
 from batchvl.engine.timing import StageTimes
+from batchvl.engine.vision import VisionRunner
 from batchvl.media.normalize import normalize_uint8
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.decoder import KVCache
@@ -39,6 +40,7 @@ from batchvl.prepare.prompt import IMG_CONTEXT
 log = logging.getLogger(__name__)
 
 REFILL_SHARE = 4  # waiting rows join a running batch once a quarter of its slots have finished
+
 
 
 def _decode_kernel(choice: str, device: torch.device):
@@ -78,7 +80,7 @@ class NativeEngine(Engine):
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
-                 refill: bool = False, fused_vision_gelu: bool = True):
+                 refill: bool = False, fused_vision_gelu: bool = True, vision_ahead: str | bool = "auto"):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -106,9 +108,13 @@ class NativeEngine(Engine):
         self.set_params(params)
         self.max_batch_tokens = max_batch_tokens or self._plan_memory()
         self.times = StageTimes()
-        self._pinned: torch.Tensor | None = None  # the host staging buffer for tiles
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._vision_graph: VisionGraph | None = None
+        # engine.vision_ahead: auto is on with CUDA, where it overlaps; on the CPU (true) it runs in place, which
+        # tests use to check that the features found ahead are the ones a batch would have computed.
+        self.vision_ahead_on = vision_ahead is True or (vision_ahead == "auto" and self.device.type == "cuda")
+        tokens = self.vision_spec.tokens_per_tile if self.vision_spec is not None else 0
+        self.vision = VisionRunner(self._vision_pass, self.device, tokens, vision_chunk, self.cuda_graphs,
+                                   self.vision_ahead_on)
         self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
                                   self.image_token_id, self.cuda_graphs)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
@@ -146,12 +152,21 @@ class NativeEngine(Engine):
         """Run requests; results keep the request order. With refill (engine.refill), more requests than the
         batch has slots run in one batch whose finished slots take the waiting rows (`_run_refilling`);
         without, in static sub-batches that fit the token budget."""
-        if self.refill and (len(requests) > 1 or self.arrivals is not None):
-            return self._run_refilling(requests)
-        results: list[Result] = []
-        for chunk in self._split(requests):
-            results.extend(self._run(chunk))
-        return results
+        try:
+            with self.vision.engine_stream():
+                if self.refill and (len(requests) > 1 or self.arrivals is not None):
+                    return self._run_refilling(requests)
+                results: list[Result] = []
+                for chunk in self._split(requests):
+                    results.extend(self._run(chunk))
+                return results
+        finally:  # this call's features computed ahead are spent (or, after a failure, computed again)
+            self.vision.spent(requests)
+
+    def vision_ahead(self, requests: list[Request]) -> None:
+        """Start the vision pass of the batch a later `generate` call runs (see batchvl.engine.vision), when
+        engine.vision_ahead is on."""
+        self.vision.ahead(requests)
 
     def _split(self, requests: list[Request]) -> list[list[Request]]:
         out, cur, width = [], [], 0
@@ -172,7 +187,7 @@ class NativeEngine(Engine):
         with self.times.stage("decode"):  # decode's set-up: the cache, and its graphs when it is new
             state = self.start(len(requests), max(len(r.prompt_ids) for r in requests) + self.params.max_new_tokens)
         with self.times.stage("vision"):
-            features = self._vision(requests)
+            features = self.vision.features(requests)
         with self.times.stage("prefill"):
             logits = state.fill(requests, features)  # [B, V]: every row's first token is taken
         if self.first_step_logits is not None:
@@ -253,7 +268,7 @@ class NativeEngine(Engine):
         take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         rows = [requests[i] for i in take]
         with self.times.stage("vision"):
-            features = self._vision(rows)
+            features = self.vision.features(rows)
         with self.times.stage("prefill"):
             logits = state.admit_rows(free[: len(take)], rows, features)
         if self.first_step_logits is not None:
@@ -266,6 +281,7 @@ class NativeEngine(Engine):
         (`generate` cuts larger batches), and free the KV cache and its graphs, which were sized for the larger
         batch and would otherwise keep the memory the smaller batches need."""
         self.max_batch_size = max(1, min(self.max_batch_size, rows) // 2)
+        self.vision.drop()  # the retries compute their features again, in the memory these held
         self.runner.release(self.max_batch_size)
         log.warning("the native engine now runs at most %d rows at once (engine.max_batch_size), after running "
                     "out of device memory on %d", self.max_batch_size, rows)
@@ -284,50 +300,9 @@ class NativeEngine(Engine):
         stops, decode = self.params.stop, self.tokenizer.decode
         return lambda ids: any(s in decode(ids, skip_special_tokens=True) for s in stops)
 
-    def _vision(self, requests: list[Request]) -> torch.Tensor | None:
-        """Image embeddings of all tiles of `requests`, in request order: [T * tokens_per_tile, C]. The uint8
-        tiles go to the device through a pinned buffer (a quarter of float32's bytes) and are normalised
-        there, one chunk of `vision_chunk` tiles at a time."""
-        tiles = [r.tiles for r in requests if r.tiles is not None]
-        if not tiles:
-            return None
-        total = sum(t.shape[0] for t in tiles)
-        if self.device.type == "cuda" and tiles[0].is_pinned():  # the preparer pins all rows' tiles or none
-            # Prepared in page-locked memory (prepare.py): copy each row's tiles straight in, asynchronously.
-            pixels = torch.empty((total, *tiles[0].shape[1:]), dtype=torch.uint8, device=self.device)
-            offset = 0
-            for t in tiles:
-                pixels[offset : offset + t.shape[0]].copy_(t, non_blocking=True)
-                offset += t.shape[0]
-        else:
-            host = self._staging(total, tiles[0].shape[1:])
-            torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
-            pixels = host.to(self.device, non_blocking=True)
-        out = []
-        for start in range(0, total, self.vision_chunk):
-            chunk = pixels[start : start + self.vision_chunk]  # [t, S, S, 3] uint8
-            if self.cuda_graphs and chunk.shape[0] == self.vision_chunk:
-                if self._vision_graph is None:
-                    self._vision_graph = VisionGraph(self._vision_pass, chunk)
-                out.append(self._vision_graph(chunk).flatten(0, 1).clone())
-            else:
-                out.append(self._vision_pass(chunk).flatten(0, 1))
-        return torch.cat(out)
-
     def _vision_pass(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 tiles [t, S, S, 3] on the device -> LM embeddings [t, tokens_per_tile, C]."""
         return self.model.vision(normalize_uint8(tiles, self.dtype))
-
-    def _staging(self, tiles: int, shape: torch.Size) -> torch.Tensor:
-        """A host buffer for `tiles` uint8 tiles: pinned on CUDA (so the copy runs asynchronously), reused;
-        the earlier copy from it must be done before it is reused."""
-        if self.device.type != "cuda":
-            return torch.empty((tiles, *shape), dtype=torch.uint8)
-        torch.cuda.current_stream(self.device).synchronize()
-        buf = self._pinned
-        if buf is None or buf.shape[0] < tiles or buf.shape[1:] != shape:
-            buf = self._pinned = torch.empty((max(tiles, 1024), *shape), dtype=torch.uint8, pin_memory=True)
-        return buf[:tiles]
 
     def close(self) -> None:
         """Give the device memory back, all of it: a second engine in this process (bench's timed run after its
@@ -336,7 +311,8 @@ class NativeEngine(Engine):
         holds its own forward (a reference cycle, freed only by the cycle collector), and torch.compile keeps
         what it compiled on the code objects of the blocks' methods, which outlive the model."""
         self.runner.close()
-        self.runner = self._vision_graph = self._pinned = None  # the runner holds the language model too
+        self.vision.close()
+        self.runner = None  # the runner holds the language model too
         del self.model
         if self.compiled or self.device.type == "cuda":  # device memory: a full collection (a few tenths of a
             gc.collect()                                  # second) is worth it there, not for the CPU's RAM
