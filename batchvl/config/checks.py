@@ -139,8 +139,6 @@ def check_engine(engine: EngineSpec) -> None:
     p.run(at_least, "engine.max_batch_size", engine.max_batch_size, 1)
     p.run(at_least, "engine.max_batch_tokens", engine.max_batch_tokens, 0)
     p.run(one_of, "engine.decode_attention", engine.decode_attention, DECODE_ATTENTION)
-    if isinstance(engine.vision_ahead, str) and engine.vision_ahead != "auto":
-        p.add(f"engine.vision_ahead: must be true, false or auto; got {shown(engine.vision_ahead)}")
     p.run(_check_quantization, engine)
     p.run(lambda: engine.devices)  # raises on a bad engine.gpus
     p.raise_any()

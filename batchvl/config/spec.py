@@ -185,10 +185,6 @@ class EngineSpec:
     # the tower's error against float32 exact GELU is the same as exact GELU's in bf16 (BENCHMARKS.md, session 6).
     # float32 always runs exact GELU: there the approximation would be larger than the dtype's rounding.
     fused_vision_gelu: bool = True
-    # native: the run loop hands the engine its next batch before the current one runs, and that batch's vision
-    # pass runs on a second CUDA stream meanwhile, overlapping the current batch's decode (which leaves most of the
-    # GPU idle for small models). auto: on with CUDA. Holds one more batch of prepared media and image features.
-    vision_ahead: str | bool = "auto"
     # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
     # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;
     # the transformers one needs a transformers-layout checkpoint for it (batchvl.engine.hf).

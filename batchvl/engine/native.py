@@ -8,8 +8,7 @@ A batch runs as:
    has stopped or reached max_new_tokens. The loop looks at the host only every `check_every` steps.
 
 The batch's state is a BatchState (state.py) and prefill and decode are its steps; the KV cache, its span
-policy and the decode graphs are the ModelRunner's (model_runner.py); the vision pass, and with
-engine.vision_ahead the next batch's pass on a second CUDA stream while this one decodes, the VisionRunner's
+policy and the decode graphs are the ModelRunner's (model_runner.py); the vision pass is the VisionRunner's
 (vision.py). This module runs the loop.
 """
 
@@ -40,7 +39,6 @@ from batchvl.prepare.prompt import IMG_CONTEXT
 log = logging.getLogger(__name__)
 
 REFILL_SHARE = 4  # waiting rows join a running batch once a quarter of its slots have finished
-
 
 
 def _decode_kernel(choice: str, device: torch.device):
@@ -80,7 +78,7 @@ class NativeEngine(Engine):
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
-                 refill: bool = False, fused_vision_gelu: bool = True, vision_ahead: str | bool = "auto"):
+                 refill: bool = False, fused_vision_gelu: bool = True):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -109,12 +107,7 @@ class NativeEngine(Engine):
         self.max_batch_tokens = max_batch_tokens or self._plan_memory()
         self.times = StageTimes()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        # engine.vision_ahead: auto is on with CUDA, where it overlaps; on the CPU (true) it runs in place, which
-        # tests use to check that the features found ahead are the ones a batch would have computed.
-        self.vision_ahead_on = vision_ahead is True or (vision_ahead == "auto" and self.device.type == "cuda")
-        tokens = self.vision_spec.tokens_per_tile if self.vision_spec is not None else 0
-        self.vision = VisionRunner(self._vision_pass, self.device, tokens, vision_chunk, self.cuda_graphs,
-                                   self.vision_ahead_on)
+        self.vision = VisionRunner(self._vision_pass, self.device, vision_chunk, self.cuda_graphs)
         self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
                                   self.image_token_id, self.cuda_graphs)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
@@ -152,21 +145,12 @@ class NativeEngine(Engine):
         """Run requests; results keep the request order. With refill (engine.refill), more requests than the
         batch has slots run in one batch whose finished slots take the waiting rows (`_run_refilling`);
         without, in static sub-batches that fit the token budget."""
-        try:
-            with self.vision.engine_stream():
-                if self.refill and (len(requests) > 1 or self.arrivals is not None):
-                    return self._run_refilling(requests)
-                results: list[Result] = []
-                for chunk in self._split(requests):
-                    results.extend(self._run(chunk))
-                return results
-        finally:  # this call's features computed ahead are spent (or, after a failure, computed again)
-            self.vision.spent(requests)
-
-    def vision_ahead(self, requests: list[Request]) -> None:
-        """Start the vision pass of the batch a later `generate` call runs (see batchvl.engine.vision), when
-        engine.vision_ahead is on."""
-        self.vision.ahead(requests)
+        if self.refill and (len(requests) > 1 or self.arrivals is not None):
+            return self._run_refilling(requests)
+        results: list[Result] = []
+        for chunk in self._split(requests):
+            results.extend(self._run(chunk))
+        return results
 
     def _split(self, requests: list[Request]) -> list[list[Request]]:
         out, cur, width = [], [], 0
@@ -187,7 +171,7 @@ class NativeEngine(Engine):
         with self.times.stage("decode"):  # decode's set-up: the cache, and its graphs when it is new
             state = self.start(len(requests), max(len(r.prompt_ids) for r in requests) + self.params.max_new_tokens)
         with self.times.stage("vision"):
-            features = self.vision.features(requests)
+            features = self.vision.compute(requests)
         with self.times.stage("prefill"):
             logits = state.fill(requests, features)  # [B, V]: every row's first token is taken
         if self.first_step_logits is not None:
@@ -268,7 +252,7 @@ class NativeEngine(Engine):
         take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         rows = [requests[i] for i in take]
         with self.times.stage("vision"):
-            features = self.vision.features(rows)
+            features = self.vision.compute(rows)
         with self.times.stage("prefill"):
             logits = state.admit_rows(free[: len(take)], rows, features)
         if self.first_step_logits is not None:
@@ -281,7 +265,6 @@ class NativeEngine(Engine):
         (`generate` cuts larger batches), and free the KV cache and its graphs, which were sized for the larger
         batch and would otherwise keep the memory the smaller batches need."""
         self.max_batch_size = max(1, min(self.max_batch_size, rows) // 2)
-        self.vision.drop()  # the retries compute their features again, in the memory these held
         self.runner.release(self.max_batch_size)
         log.warning("the native engine now runs at most %d rows at once (engine.max_batch_size), after running "
                     "out of device memory on %d", self.max_batch_size, rows)

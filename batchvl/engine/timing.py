@@ -1,9 +1,7 @@
 """Where the time goes: seconds per named stage, summed over a run.
 
-With `sync` the current CUDA stream is synchronised at each stage boundary, so GPU time lands in the stage
-that queued it (benchmarks turn this on; normal runs leave it off and measure host time only). Work on
-other streams (the native engine's vision pass found ahead) is not waited for: it overlaps the stages, and
-shows only where a stage waits for it.
+With `sync` the device is synchronised at each stage boundary, so GPU time lands in the stage that
+queued it (benchmarks turn this on; normal runs leave it off and measure host time only).
 """
 
 from __future__ import annotations
@@ -33,4 +31,4 @@ class StageTimes:
 
     def _barrier(self) -> None:
         if self.sync and torch.cuda.is_available():
-            torch.cuda.current_stream().synchronize()
+            torch.cuda.synchronize()

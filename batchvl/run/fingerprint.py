@@ -21,9 +21,8 @@ two different jobs. Only settings that change the text of a row count. The list 
 
 Not counted, as they do not change results: engine.max_batch_size, max_batch_tokens, device (for the same
 dtype), decode_attention, compile and fused_vision_gelu (these two move 16-bit rounding only, BENCHMARKS.md
-session 6), vision_ahead (the same kernels, on another stream), gpus, media prefetch sizes, threads, processes
-(media.prepare_processes: its tiles are byte for byte the threads', tests/test_media_processes.py), HTTP
-settings, output.rows_per_file.
+session 6), gpus, media prefetch sizes, threads, processes (media.prepare_processes: its tiles are byte for byte
+the threads', tests/test_media_processes.py), HTTP settings, output.rows_per_file.
 
 A key that the folder's recorded fingerprint does not hold was not recorded by the batchvl that wrote it, and
 is not compared: a folder written before a key was added keeps resuming. The exception is a key whose value such

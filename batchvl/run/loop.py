@@ -34,19 +34,14 @@ log = logging.getLogger(__name__)
 def process_rows(job: Job, engine, preparer: RowPreparer, rows: Iterable[tuple[Path, Row]], writer: SafeWriter,
                  stopping: Callable[[], bool], times: StageTimes, ran: Callable[[list[Result]], None]) -> None:
     """The loop itself: rows are prepared ahead, run in engine batches and written; `ran(results)` after each
-    batch. `stopping()` is asked before each batch. With the native engine's vision_ahead, each batch is taken
-    before the one before it runs, which then overlaps its vision pass. The writer is closed (its last part
-    committed) at the end; after an error, the caller closes it with `close_after_error`."""
+    batch. `stopping()` is asked before each batch. The writer is closed (its last part committed) at the end;
+    after an error, the caller closes it with `close_after_error`."""
     prefetcher = make_prefetcher(job, rows, preparer)
-    ahead = getattr(engine, "vision_ahead_on", False)  # the native engine's engine.vision_ahead
     try:
-        batches = batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size,
-                             engine_rows(job), prefetcher.ready)
-        for batch, following in with_next(batches) if ahead else ((b, None) for b in batches):
+        for batch in batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size,
+                                engine_rows(job), prefetcher.ready):
             if stopping():
                 break
-            if following is not None:  # its vision pass runs on the device while this batch decodes
-                engine.vision_ahead([x for x in following if isinstance(x, Request)])
             fault_point("batch")
             results = run_batch(engine, batch)
             with times.stage("writing"):
@@ -70,16 +65,6 @@ def _timed(items: Iterable[Any], times: StageTimes, stage: str) -> Iterator[Any]
 
 
 _DONE = object()
-
-
-def with_next(items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-    """Each item with the one after it (None after the last), the next taken before the current is yielded."""
-    it = iter(items)
-    item = next(it, _DONE)
-    while item is not _DONE:
-        following = next(it, _DONE)
-        yield item, None if following is _DONE else following
-        item = following
 
 
 def run_batch(engine, batch: list[Request | Result]) -> list[Result]:

@@ -12,3 +12,5 @@ B="python3 -m batchvl bench -q --workdir /tmp --shape internvl2-1b --rows 1024 -
 timeout 260 $B --workload caption-7tile --variant noahead:vision_ahead=false \
   --baseline transformers --baseline-rows 64 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log"
 timeout 190 $B --workload mixed --variant noahead:vision_ahead=false 2>&1 | grep -v Warning | tee "$OUT/mixed.log"
+# Outcome (BENCHMARKS.md, session 7): no overlap at all, and the pipeline slower with it (29.9 against 35.1 images/s
+# on caption-7tile); engine.vision_ahead was taken out again (its code is in commit 8001a67).
