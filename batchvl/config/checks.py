@@ -95,7 +95,7 @@ def _check_generation(job: Job, p: Problems) -> None:
     if g.repetition_penalty <= 0:
         p.add(f"generation.repetition_penalty: must be > 0, got {g.repetition_penalty}")
     p.run(at_least, "generation.n", g.n, 1)
-    if g.n > 1 and g.temperature == 0:
+    if 1 < g.n <= LIMITS["generation.n"] and g.temperature == 0:  # past its limit: that is n's one problem
         p.add(f"generation.n: {g.n} samples per row with greedy decoding (generation.temperature 0) would be {g.n} "
               "identical texts; set generation.temperature above 0, or generation.n: 1")
 
