@@ -285,12 +285,26 @@ class NativeEngine(Engine):
         return lambda ids: any(s in decode(ids, skip_special_tokens=True) for s in stops)
 
     def _vision(self, requests: list[Request]) -> torch.Tensor | None:
-        """Image embeddings of all tiles of `requests`, in request order: [T * tokens_per_tile, C]. The uint8
-        tiles go to the device through a pinned buffer (a quarter of float32's bytes) and are normalised
-        there, one chunk of `vision_chunk` tiles at a time."""
+        """Image embeddings of all tiles of `requests`, in request order: [T * tokens_per_tile, C]. Requests that
+        share one tiles tensor (the samples of a row, generation.n) have it through the tower once."""
         tiles = [r.tiles for r in requests if r.tiles is not None]
         if not tiles:
             return None
+        unique = list({id(t): t for t in tiles}.values())
+        features = self._vision_of(unique)  # [U * tokens_per_tile, C]
+        if len(unique) == len(tiles):
+            return features
+        per_tile = features.shape[0] // sum(t.shape[0] for t in unique)
+        spans, start = {}, 0
+        for t in unique:
+            spans[id(t)] = features[start : start + t.shape[0] * per_tile]
+            start += t.shape[0] * per_tile
+        return torch.cat([spans[id(t)] for t in tiles])
+
+    def _vision_of(self, tiles: list[torch.Tensor]) -> torch.Tensor:
+        """Image embeddings of `tiles`, in order: [T * tokens_per_tile, C]. The uint8 tiles go to the device
+        through a pinned buffer (a quarter of float32's bytes) and are normalised there, one chunk of
+        `vision_chunk` tiles at a time."""
         total = sum(t.shape[0] for t in tiles)
         if self.device.type == "cuda" and tiles[0].is_pinned():  # the preparer pins all rows' tiles or none
             # Prepared in page-locked memory (prepare.py): copy each row's tiles straight in, asynchronously.
