@@ -32,7 +32,9 @@ def test_the_prompt_and_tile_grids_of_an_image_a_text_and_a_video_row(tiny_model
         output={"include_prompt": True}, generation={"max_new_tokens": 2},
         media={"max_dynamic_patch": 6, "use_thumbnail": True, "video_frames": 2, "video_max_dynamic_patch": 1}))
     assert main(["run", str(job), "--quiet"]) == 0
-    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    table = pq.read_table(tmp_path / "out")
+    assert table.column_names[6:] == ["prompt", "tile_grids"]  # after the base columns; no `sample` with n: 1
+    rows = {r["id"]: r for r in table.to_pylist()}
     per_tile = CheckpointInfo.read(tiny_model).tokens_per_tile
 
     cols, rows_ = choose_grid(300, 200, 1, 6)  # the tiling's own choice for this size
