@@ -22,8 +22,9 @@ from batchvl.core import Request, Result, Row
 from batchvl.errors import RowError, TransientError
 from batchvl.media.fetch import Blob
 from batchvl.media.image import decode_image
-from batchvl.media.pixels import TileTask, tile_media
+from batchvl.media.pixels import Tiled, TileTask, tile_media
 from batchvl.media.pool import TilePool
+from batchvl.media.tiling import choose_grid
 from batchvl.prepare.prefetch import Prefetcher, tile_pool
 
 from .conftest import base_job, drain_slowly, random_image, write_job, write_jsonl
@@ -97,7 +98,7 @@ def test_tiles_and_errors_from_processes_are_byte_for_byte_the_threads(media):
     counts, or the same error, from two worker processes as from threads; the good rows' tiles also equal the
     reference tiling of the decoded image. Row 21 asks for 6 tiles, more than a slot of this job holds (its
     tiles come back pickled), and noise.png's bytes do not fit a slot either (they go pickled)."""
-    prep = preparer(max_image_pixels=1_000_000, max_dynamic_patch_column="n")
+    prep = preparer(max_image_pixels=1_000_000, max_dynamic_patch_column="n", include_prompt=True)
     rows = rows_of(ROWS, media, {21: {"n": 6}})
     threads = prepare(rows, prep, media, 0)
     processes = prepare(rows, prep, media, 2)
@@ -116,11 +117,15 @@ def test_tiles_and_errors_from_processes_are_byte_for_byte_the_threads(media):
             continue
         assert p.tiles_per_image == t.tiles_per_image and p.prompt_ids == t.prompt_ids
         assert p.tiles.dtype == torch.uint8 and torch.equal(p.tiles, t.tiles), t.id
+        assert p.tile_grids == t.tile_grids and p.prompt == t.prompt, t.id  # output.include_prompt's columns
+        assert [g.cols * g.rows + g.thumbnail for g in p.tile_grids] == p.tiles_per_image
     for (_, row), got in zip(rows, processes, strict=True):
         if isinstance(got, Request) and len(row.data["image"]) == 1:
             image = decode_image((media / row.data["image"][0]).read_bytes())
             want = np.stack([np.asarray(t) for t in reference_tiles(image, 1, row.data.get("n", 2))])
             assert np.array_equal(got.tiles.numpy(), want), row.id
+            (grid,) = got.tile_grids  # the grid the tiling chose, as the reference picks it for this size
+            assert (grid.cols, grid.rows) == choose_grid(image.width, image.height, 1, row.data.get("n", 2)), row.id
 
 
 def test_video_frames_are_tiled_in_processes_as_in_threads(media):
@@ -136,8 +141,9 @@ def task_for(path: Path) -> TileTask:
     return TileTask(Blob(str(path), data=path.read_bytes()), "image", 1, 6, True, 448, None)
 
 
-def same(got: list[np.ndarray], want: list[np.ndarray]) -> bool:
-    return len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+def same(got: Tiled, want: Tiled) -> bool:
+    return got.grids == want.grids and len(got.arrays) == len(want.arrays) and all(
+        np.array_equal(a, b) for a, b in zip(got.arrays, want.arrays, strict=True))
 
 
 def alive(pid: int) -> bool:

@@ -44,6 +44,7 @@ LIMITS: dict[str, int] = {
     "media.min_dynamic_patch": 256,
     "media.video_frames": 1024,  # frames per video, each at least one tile; a row's frames column alike
     "media.video_max_dynamic_patch": 256,
+    "generation.n": 1024,  # samples per row: output rows, and engine requests sharing the row's prepared media
 }
 
 
@@ -93,6 +94,10 @@ def _check_generation(job: Job, p: Problems) -> None:
         p.add(f"generation.top_p: must be in (0, 1], got {g.top_p}")
     if g.repetition_penalty <= 0:
         p.add(f"generation.repetition_penalty: must be > 0, got {g.repetition_penalty}")
+    p.run(at_least, "generation.n", g.n, 1)
+    if 1 < g.n <= LIMITS["generation.n"] and g.temperature == 0:  # past its limit: that is n's one problem
+        p.add(f"generation.n: {g.n} samples per row with greedy decoding (generation.temperature 0) would be {g.n} "
+              "identical texts; set generation.temperature above 0, or generation.n: 1")
 
 
 def _check_media(job: Job, p: Problems) -> None:
@@ -127,6 +132,13 @@ def _check_output(job: Job) -> None:
     if job.output.format == "openai-batch" and job.output.keep_columns:
         raise JobError("output.keep_columns: an OpenAI batch output line has no place for input columns; use "
                        "output.format jsonl or parquet to keep them")
+    own = {"sample": "generation.n > 1"} if job.generation.n > 1 else {}
+    if job.output.include_prompt:
+        own.update(prompt="output.include_prompt", tile_grids="output.include_prompt")
+    for i, column in enumerate(job.output.keep_columns):
+        if column in own:
+            raise JobError(f"output.keep_columns[{i}]: {column!r} is an output column of its own with {own[column]}; "
+                           "rename it in the input, or leave it out")
 
 
 def check_engine(engine: EngineSpec) -> None:

@@ -125,6 +125,7 @@ class OutputSpec:
     format: str = "parquet"
     keep_columns: list[str] = field(default_factory=list)
     rows_per_file: int = 1000
+    include_prompt: bool = False  # the `prompt` and `tile_grids` columns: what the engine got, as preview shows it
 
 
 @dataclass
@@ -160,6 +161,7 @@ class GenerationSpec:
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1  # samples per input row, each an output row with its `sample` index; > 1 needs temperature > 0
 
 
 @dataclass

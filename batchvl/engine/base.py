@@ -123,4 +123,5 @@ def decode_result(request: Request, tokens: list[int], params: GenerationParams,
         (kept, text), reason = cut, FINISH_STOP
     return Result(id=request.id, text=text, error=None, finish_reason=reason,
                   prompt_tokens=len(request.prompt_ids), output_tokens=len(kept), keep=request.keep,
-                  images=len(request.tiles_per_image))
+                  images=len(request.tiles_per_image), sample=request.sample, prompt=request.prompt,
+                  tile_grids=request.tile_grids)

@@ -127,7 +127,8 @@ class BatchState:
         self.limits[rows] = torch.tensor(limits, device=device)
         self.count[rows] = 0
         self.done[rows] = False
-        self.seeds[rows] = torch.tensor([row_seed(p.seed, r.id) for r in requests], device=device, dtype=torch.int64)
+        self.seeds[rows] = torch.tensor([row_seed(p.seed, r.seed_key) for r in requests], device=device,
+                                        dtype=torch.int64)
         self.out[rows] = self.pad_id
         if self.seen is not None:
             seen = self.seen[rows]  # a view for a slice, a copy for an index tensor

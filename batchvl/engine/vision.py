@@ -27,10 +27,24 @@ class VisionRunner:
 
     def compute(self, requests: list[Request]) -> torch.Tensor | None:
         """The embeddings of all tiles of `requests`, in request order: [T * tokens_per_tile, C], or None when
-        they have no tiles."""
+        they have no tiles. Requests that share one tiles tensor (the samples of a row, generation.n) have it
+        through the tower once."""
         tiles = [r.tiles for r in requests if r.tiles is not None]
         if not tiles:
             return None
+        unique = list({id(t): t for t in tiles}.values())
+        features = self._pass(unique)  # [U * tokens_per_tile, C]
+        if len(unique) == len(tiles):
+            return features
+        per_tile = features.shape[0] // sum(t.shape[0] for t in unique)
+        spans, start = {}, 0
+        for t in unique:
+            spans[id(t)] = features[start : start + t.shape[0] * per_tile]
+            start += t.shape[0] * per_tile
+        return torch.cat([spans[id(t)] for t in tiles])
+
+    def _pass(self, tiles: list[torch.Tensor]) -> torch.Tensor:
+        """The embeddings of `tiles` (uint8 [t, S, S, 3] each), in order: [T * tokens_per_tile, C]."""
         total = sum(t.shape[0] for t in tiles)
         if self.device.type == "cuda" and tiles[0].is_pinned():  # the preparer pins all rows' tiles or none
             # Prepared in page-locked memory (prepare.py): copy each row's tiles straight in, asynchronously.

@@ -1,10 +1,11 @@
 """JSONL part files (`output.format: jsonl` or `openai-batch`): one JSON object a line, each part written whole
 under a temporary name and renamed into place, as the Parquet parts are (io.writer).
 
-A `jsonl` line is the Parquet output's row: `id, text, error, finish_reason, prompt_tokens, output_tokens` and
-the keep columns. An `openai-batch` line is an OpenAI batch result (io.openai_batch), whose `custom_id` is the
-row's id and whose `error.message` its error. A part is damaged when a line does not parse as JSON or the last
-line lacks its newline (a part cut short): the run stops on it, and `batchvl repair` moves it aside.
+A `jsonl` line is the Parquet output's row: `id, text, error, finish_reason, prompt_tokens, output_tokens`, the
+job's own columns (`sample`, `prompt`, `tile_grids`: io.columns) and the keep columns. An `openai-batch` line is
+an OpenAI batch result (io.openai_batch), whose `custom_id` is the row's id and whose `error.message` its error;
+the own columns are top-level keys of it. A part is damaged when a line does not parse as JSON or the last line
+lacks its newline (a part cut short): the run stops on it, and `batchvl repair` moves it aside.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import IO, Any
 
 from batchvl.core import Result
 from batchvl.errors import DamagedPartError
+from batchvl.io.columns import own_value
 from batchvl.io.openai_batch import is_result_line, line_id_error, line_result, result_line
 
 BASE_FIELDS = ("id", "text", "error", "finish_reason", "prompt_tokens", "output_tokens")
@@ -28,14 +30,17 @@ def encode_line(value: dict[str, Any]) -> bytes:
     return text.encode("utf-8", "backslashreplace") + b"\n"
 
 
-def write_results(f: IO[bytes], results: list[Result], fmt: str, keep_columns: list[str], model: str) -> None:
-    """Results as lines of `fmt` (jsonl or openai-batch) into an open binary file."""
+def write_results(f: IO[bytes], results: list[Result], fmt: str, keep_columns: list[str], model: str,
+                  own: list[str] = ()) -> None:
+    """Results as lines of `fmt` (jsonl or openai-batch) into an open binary file, with the own columns `own`
+    (io.writer.own_columns) and the keep columns."""
     for r in results:
+        own_values = {c: own_value(r, c) for c in own}
         if fmt == "openai-batch":
-            line = result_line(r, model)
+            line = {**result_line(r, model), **own_values}
         else:
             line = {"id": r.id, "text": r.text, "error": r.error, "finish_reason": r.finish_reason,
-                    "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
+                    "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens, **own_values,
                     **{c: r.keep.get(c) for c in keep_columns}}
         f.write(encode_line(line))
 
@@ -64,16 +69,18 @@ def line_id_and_error(line: dict[str, Any]) -> tuple[Any, str | None]:
     return line_id_error(line) if is_result_line(line) else (line.get("id"), line.get("error"))
 
 
-def index(part: Path) -> tuple[list[str], list[str | None]]:
-    """The ids and errors of a JSONL part, in order. DamagedPartError as part_lines."""
-    ids, errors = [], []
+def index(part: Path) -> tuple[list[str], list[str | None], list[int] | None]:
+    """The ids, errors and sample indices (None when its lines have no `sample`: generation.n 1) of a JSONL
+    part, in order. DamagedPartError as part_lines."""
+    ids, errors, samples = [], [], []
     for line in part_lines(part):
         row_id, error = line_id_and_error(line)
         if not isinstance(row_id, str):
             raise DamagedPartError(part, f"a line has no id: {json.dumps(line)[:80]}")
         ids.append(row_id)
         errors.append(error)
-    return ids, errors
+        samples.append(line.get("sample"))
+    return ids, errors, samples if any(isinstance(k, int) for k in samples) else None
 
 
 def results(part: Path) -> Iterator[Result]:
@@ -82,9 +89,11 @@ def results(part: Path) -> Iterator[Result]:
         if is_result_line(line):
             yield line_result(line)
             continue
-        keep = {k: v for k, v in line.items() if k not in BASE_FIELDS}
+        keep = {k: v for k, v in line.items() if k not in BASE_FIELDS}  # own columns too, as table_results
+        sample = line.get("sample")
         yield Result(line["id"], line.get("text"), line.get("error"), line.get("finish_reason", "stop"),
-                     line.get("prompt_tokens", 0), line.get("output_tokens", 0), keep)
+                     line.get("prompt_tokens", 0), line.get("output_tokens", 0), keep,
+                     sample=sample if isinstance(sample, int) else None)
 
 
 def without(part: Path, drop: Callable[[str, str | None], bool]) -> tuple[list[bytes], int]:

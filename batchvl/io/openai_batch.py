@@ -90,15 +90,15 @@ def sampling_conflict(sampling: dict[str, Any], job: dict[str, Any]) -> str | No
         "ignore_eos": job.get("ignore_eos"),
         "frequency_penalty": 0,
         "presence_penalty": 0,
-        "n": 1,
+        "n": job.get("n") or 1,
     }
     for key, value in sampling.items():
         if key == "seed" and not job.get("temperature"):
             continue  # greedy decoding draws no random numbers: any seed gives the same text
         asked = [value] if key == "stop" and isinstance(value, str) else value
         if isinstance(asked, bool) != (key == "ignore_eos") or asked != ours[key]:
-            where = f"generation.{JOB_NAMES.get(key, key)}" if key not in ("frequency_penalty", "presence_penalty",
-                                                                            "n") else None
+            where = f"generation.{JOB_NAMES.get(key, key)}" if key not in ("frequency_penalty",
+                                                                            "presence_penalty") else None
             job_says = f"this job runs with {where} {shown(ours[key])}" if where else \
                 f"batchvl supports only {key} {ours[key]}"
             return (f"input: the request sets {key} {shown(value)}, but {job_says}; every row of a batch runs with "
@@ -117,23 +117,26 @@ def _stable(prefix: str, text: str) -> str:
 
 def result_line(result: Result, model: str, created: int | None = None) -> dict[str, Any]:
     """A Result as an OpenAI batch output line: a chat.completion response, or `error` for a failed row (its
-    code is the error kind, `media` or `input`, and its message batchvl's whole error text)."""
-    line: dict[str, Any] = {"id": _stable("batch_req_", result.id), "custom_id": result.id}
+    code is the error kind, `media` or `input`, and its message batchvl's whole error text). With generation.n > 1
+each sample is a line of its own, whose one choice has the sample's index (a line of OpenAI's own holds its
+n choices; batchvl writes each sample once, whenever it is done)."""
+    key = result.id if not result.sample else f"{result.id}#{result.sample}"  # sample k >= 1: ids of its own
+    line: dict[str, Any] = {"id": _stable("batch_req_", key), "custom_id": result.id}
     if result.error is not None or result.finish_reason == FINISH_ERROR:
         message = result.error or "error"
         line.update(response=None, error={"code": message.split(":", 1)[0].strip() or "error", "message": message})
         return line
     body = {
-        "id": _stable("chatcmpl-", result.id),
+        "id": _stable("chatcmpl-", key),
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                     "finish_reason": result.finish_reason}],
+        "choices": [{"index": result.sample or 0, "message": {"role": "assistant", "content": result.text},
+                     "logprobs": None, "finish_reason": result.finish_reason}],
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
                   "total_tokens": result.prompt_tokens + result.output_tokens},
     }
-    line.update(response={"status_code": 200, "request_id": _stable("req_", result.id), "body": body}, error=None)
+    line.update(response={"status_code": 200, "request_id": _stable("req_", key), "body": body}, error=None)
     return line
 
 
@@ -148,13 +151,19 @@ def line_id_error(line: dict[str, Any]) -> tuple[Any, str | None]:
     return line.get("custom_id"), (error.get("message") or "error") if isinstance(error, dict) else None
 
 
+OWN_KEYS = ("sample", "prompt", "tile_grids")  # batchvl's own columns, top-level keys of a result line (io.columns)
+
+
 def line_result(line: dict[str, Any]) -> Result:
-    """The Result an OpenAI batch result line was written from (for export to another format)."""
+    """The Result an OpenAI batch result line was written from (for export to another format); batchvl's own
+    columns in `keep`, as io.writer.table_results gives them, and the sample index also as `sample`."""
     row_id, error = line_id_error(line)
+    own = {k: line[k] for k in OWN_KEYS if k in line}
+    sample = own.get("sample") if isinstance(own.get("sample"), int) else None
     if error is not None:
-        return Result.failed(row_id, error)
+        return Result.failed(row_id, error, own, sample)
     body = (line.get("response") or {}).get("body") or {}
     choice = (body.get("choices") or [{}])[0]
     usage = body.get("usage") or {}
     return Result(row_id, (choice.get("message") or {}).get("content"), None, choice.get("finish_reason") or "stop",
-                  usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                  usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), own, sample=sample)

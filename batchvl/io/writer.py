@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from batchvl.core import Result, jsonish
 from batchvl.errors import DamagedPartError
 from batchvl.io import jsonl_parts
+from batchvl.io.columns import OWN, OWN_COLUMNS, is_own, own_value
 from batchvl.io.durable import Owner, fsync_dir, temp_files, write_bytes_atomic, write_table_atomic
 
 PART_GLOB = "part-*.parquet"
@@ -43,8 +44,11 @@ BASE_SCHEMA = pa.schema([
 ])
 
 
-def output_schema(keep_types: dict[str, pa.DataType]) -> pa.Schema:
+def output_schema(keep_types: dict[str, pa.DataType], own: tuple[str, ...] = ()) -> pa.Schema:
+    """BASE_SCHEMA, then the job's own columns (`own_columns`), then its keep columns."""
     schema = BASE_SCHEMA
+    for name in own:
+        schema = schema.append(pa.field(name, OWN_COLUMNS[name], metadata={OWN: b"1"}))
     for name, type_ in keep_types.items():
         if name in schema.names:
             raise ValueError(f"output.keep_columns: {name!r} clashes with an output column")
@@ -59,12 +63,19 @@ def part_files(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob("part-*") if p.suffix in (".parquet", ".jsonl"))
 
 
-def part_index(part: Path) -> tuple[list[str], list[str | None]]:
-    """The ids and errors of a part, in order. DamagedPartError for a part that cannot be read whole."""
+def part_index(part: Path) -> tuple[list[str], list[str | None], list[int] | None]:
+    """The ids, errors and sample indices (None: a part without samples, generation.n 1) of a part, in order.
+    DamagedPartError for a part that cannot be read whole."""
     if part.suffix == ".jsonl":
         return jsonl_parts.index(part)
-    table = read_part(part, columns=["id", "error"])
-    return table.column("id").to_pylist(), table.column("error").to_pylist()
+    try:
+        schema = pq.read_schema(part)
+    except (OSError, pa.ArrowException) as e:
+        raise DamagedPartError(part, " ".join(str(e).split())[:160]) from None
+    samples = "sample" in schema.names and is_own(schema.field("sample"))
+    table = read_part(part, columns=["id", "error", "sample"] if samples else ["id", "error"])
+    return (table.column("id").to_pylist(), table.column("error").to_pylist(),
+            table.column("sample").to_pylist() if samples else None)
 
 
 def part_results(part: Path) -> list[Result]:
@@ -95,21 +106,25 @@ def error_kind(error: str) -> str:
 class Done(NamedTuple):
     """What an output folder holds: the ids committed, how many rows have no error, the failed ones by error
     kind, the ids of the rows whose input record could not be read (their id is the record's position,
-    `file:line`), which a rerun replaces once the record reads, and the id of one failed row of each kind."""
+    `file:line`), which a rerun replaces once the record reads, the id of one failed row of each kind, and
+    with generation.n > 1 the (id, sample) of every row: what exactly-once is kept on then."""
 
     ids: set[str]
     ok: int
     failed: dict[str, int]
     unreadable: set[str]
     examples: dict[str, str]
+    samples: set[tuple[str, int]]
 
 
 def read_done(out_dir: Path) -> Done:
-    done = Done(set(), 0, {}, set(), {})
+    done = Done(set(), 0, {}, set(), {}, set())
     ok = 0
     for part in part_files(out_dir):
-        ids, errors = part_index(part)
+        ids, errors, samples = part_index(part)
         done.ids.update(ids)
+        if samples is not None:
+            done.samples.update(zip(ids, samples, strict=True))
         for row_id, error in zip(ids, errors, strict=True):
             if error is None:
                 ok += 1
@@ -160,7 +175,7 @@ def drop_rows(out_dir: Path, drop, owner: Owner) -> int:
                 fsync_dir(out_dir)
                 dropped += gone
             continue
-        table = read_part(part)
+        table = read_part(part)  # its schema, own columns' metadata included, is written back as it was
         keep = [not drop(i, e) for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist(),
                                                strict=True)]
         gone = keep.count(False)
@@ -214,8 +229,9 @@ class PartWriter:
                 if self.format == "parquet":
                     pq.write_table(self._to_table(self._rows), f, compression="zstd")
                 else:
-                    jsonl_parts.write_results(f, self._rows, self.format, self.schema.names[len(BASE_SCHEMA):],
-                                              self.model)
+                    own = [x.name for x in self.schema if is_own(x)]
+                    keep = [x.name for x in self.schema][len(BASE_SCHEMA) + len(own):]
+                    jsonl_parts.write_results(f, self._rows, self.format, keep, self.model, own)
                 f.flush()
                 os.fsync(f.fileno())
             if self.before_rename is not None:
@@ -239,7 +255,8 @@ class PartWriter:
 
 
 def results_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
-    """Results as an output table of `schema` (BASE_SCHEMA, then the keep columns, taken from `Result.keep`)."""
+    """Results as an output table of `schema` (BASE_SCHEMA, the own columns, then the keep columns, taken from
+    `Result.keep`)."""
     columns: dict[str, list[Any]] = {
         "id": [r.id for r in rows],
         "text": [r.text for r in rows],
@@ -248,8 +265,8 @@ def results_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
         "prompt_tokens": [r.prompt_tokens for r in rows],
         "output_tokens": [r.output_tokens for r in rows],
     }
-    for name in schema.names[len(BASE_SCHEMA):]:
-        columns[name] = [r.keep.get(name) for r in rows]
+    for f in list(schema)[len(BASE_SCHEMA):]:
+        columns[f.name] = [own_value(r, f.name) for r in rows] if is_own(f) else [r.keep.get(f.name) for r in rows]
     try:
         return pa.Table.from_pydict(columns, schema=schema)
     except _VALUE_ERRORS:  # one value that does not fit must not cost the rows beside it
@@ -298,7 +315,11 @@ def _text(value: Any) -> str | None:
 
 
 def table_results(table: pa.Table) -> list[Result]:
-    """The reverse of `results_table`: output rows as Results (their image counts are not in the table)."""
+    """The reverse of `results_table`: output rows as Results (their image counts are not in the table). Every
+    column after BASE_SCHEMA's is in `keep`, the own ones too (an export writes them as they are); the sample
+    index is also the Result's `sample`."""
     keep_names = table.schema.names[len(BASE_SCHEMA):]
+    samples = "sample" in keep_names and is_own(table.schema.field("sample"))
     return [Result(r["id"], r["text"], r["error"], r["finish_reason"], r["prompt_tokens"], r["output_tokens"],
-                   {c: r[c] for c in keep_names}) for r in table.to_pylist()]
+                   {c: r[c] for c in keep_names}, sample=r["sample"] if samples else None)
+            for r in table.to_pylist()]

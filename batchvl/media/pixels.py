@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from batchvl.media.fetch import Blob
 from batchvl.media.image import decode_image
-from batchvl.media.tiling import tile_image
+from batchvl.media.tiling import Grid, cut_image, image_grid
 from batchvl.media.video import decode_frames
 
 Out = Callable[[int], np.ndarray]  # a tile count T -> memory for T tiles: uint8 [T, S, S, 3], C-contiguous
@@ -39,9 +40,18 @@ class TileTask:
         return self.blob.name
 
 
-def tile_media(task: TileTask, out: Out | None = None) -> list[np.ndarray]:
+class Tiled(NamedTuple):
+    """One media item's tiles: a uint8 array [T, S, S, 3] per image (a video: per sampled frame), and the grid
+    each image was cut by (output.include_prompt shows them)."""
+
+    arrays: list[np.ndarray]
+    grids: list[Grid]
+
+
+def tile_media(task: TileTask, out: Out | None = None) -> Tiled:
     """The item's tiles, one uint8 array [T, S, S, 3] per image (an image gives one, a video one per sampled
-    frame). Raises RowError for a bad item, TransientError when the machine ran out of something.
+    frame), with their grids. Raises RowError for a bad item, TransientError when the machine ran out of
+    something.
 
     `out(total)`, when given, returns the memory the item's `total` tiles are written to, a C-contiguous uint8
     array [total, S, S, 3], and the arrays returned are views of it: the tiles land where they are used (a
@@ -50,15 +60,16 @@ def tile_media(task: TileTask, out: Out | None = None) -> list[np.ndarray]:
         images = decode_frames(task.blob, task.frames, task.bound)
     else:
         images = [decode_image(task.blob.data, task.blob.name, task.max_pixels)]
-    tiled = [tile_image(image, task.min_tiles, task.max_tiles, task.use_thumbnail, task.tile_size)
-             for image in images]
+    grids = [image_grid(image.width, image.height, task.min_tiles, task.max_tiles, task.use_thumbnail,
+                        task.tile_size) for image in images]
+    tiled = [cut_image(image, grid, task.tile_size) for image, grid in zip(images, grids, strict=True)]
     del images  # a video's frames, at full size, before its tiles are copied
     total = sum(len(tiles) for tiles in tiled)
     size = task.tile_size
     into = out(total) if out is not None else np.empty((total, size, size, 3), np.uint8)  # [T, S, S, 3]
     for i, tile in enumerate(tile for tiles in tiled for tile in tiles):
         into[i] = np.asarray(tile, dtype=np.uint8)
-    return split_tiles(into, [len(tiles) for tiles in tiled])
+    return Tiled(split_tiles(into, [len(tiles) for tiles in tiled]), grids)
 
 
 def split_tiles(tiles: np.ndarray, counts: list[int]) -> list[np.ndarray]:

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from batchvl.errors import RowError, TransientError
-from batchvl.media.pixels import Out, TileTask, place_tiles, split_tiles
+from batchvl.media.pixels import Out, Tiled, TileTask, place_tiles, split_tiles
 from batchvl.media.pool_worker import ended, work
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ class TilePool:
 
     # ---- callers (preparation threads) --------------------------------------------------------------------
 
-    def tile(self, task: TileTask, out: Out | None = None) -> list[np.ndarray]:
-        """`tile_media(task, out)`, run by a worker process: one uint8 array [T, S, S, 3] per image."""
+    def tile(self, task: TileTask, out: Out | None = None) -> Tiled:
+        """`tile_media(task, out)`, run by a worker process: one uint8 array [T, S, S, 3] per image, and its grid."""
         slot = self._take_slot()
         try:
             item = _Item(task, Future(), slot)
@@ -149,10 +149,11 @@ class TilePool:
                 self._wake()
             outcome, payload = item.future.result()
             if outcome == "slot":
-                return self._copy_out(payload, slot, task.tile_size, out)
+                counts, grids = payload
+                return Tiled(self._copy_out(counts, slot, task.tile_size, out), grids)
             if out is None:
                 return payload
-            return place_tiles(payload, out)
+            return Tiled(place_tiles(payload.arrays, out), payload.grids)
         finally:
             if slot is not None:
                 with self._cond:

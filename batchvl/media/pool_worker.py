@@ -1,9 +1,9 @@
 """The worker process of a TilePool (pool.py): tile the items its pipe brings, until the pipe closes.
 
 Messages: it answers ("ready",) once it has mapped the pool's ring (whose descriptor comes first, over the pipe),
-then reads (id, slot, bytes in the slot, TileTask) and answers (id, outcome, payload) in order: ("slot", tiles
-per image) with the tiles written into its slot, ("arrays", the arrays) when they do not fit, or ("row" |
-"transient", the error's text), which the pool raises as RowError or TransientError.
+then reads (id, slot, bytes in the slot, TileTask) and answers (id, outcome, payload) in order: ("slot", (tiles
+per image, grids)) with the tiles written into its slot, ("arrays", the Tiled arrays and grids) when they do
+not fit, or ("row" | "transient", the error's text), which the pool raises as RowError or TransientError.
 
 Workers ignore SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and the main process decides
 (finish the batch in flight, then close). They exit when their pipe closes or brings None: at the pool's
@@ -82,8 +82,8 @@ def _keep_freed_memory() -> None:
 
 
 def _tile(task: TileTask, ring: mmap.mmap | None, start: int | None, slot_bytes: int) -> tuple[str, Any]:
-    """(outcome, payload): ("slot", tiles per image) with the tiles written into the slot at `start`, ("arrays",
-    the arrays) when they do not fit, or ("row" | "transient", the error's text)."""
+    """(outcome, payload): ("slot", (tiles per image, grids)) with the tiles written into the slot at `start`,
+    ("arrays", the Tiled) when they do not fit, or ("row" | "transient", the error's text)."""
     in_slot = False
 
     def out(total: int) -> np.ndarray:
@@ -95,7 +95,7 @@ def _tile(task: TileTask, ring: mmap.mmap | None, start: int | None, slot_bytes:
         return np.empty((total, size, size, 3), np.uint8)
 
     try:
-        arrays = tile_media(task, out)
+        tiled = tile_media(task, out)
     except RowError as e:
         return "row", str(e)
     except TransientError as e:
@@ -103,8 +103,8 @@ def _tile(task: TileTask, ring: mmap.mmap | None, start: int | None, slot_bytes:
     except Exception as e:  # in RowPreparer.build's own words, so a row's error reads the same from a thread
         return "row", f"internal: {type(e).__name__}: {e}"
     if in_slot:
-        return "slot", [a.shape[0] for a in arrays]
-    return "arrays", arrays
+        return "slot", ([a.shape[0] for a in tiled.arrays], tiled.grids)
+    return "arrays", tiled
 
 
 def ended(exitcode: int | None) -> str:

@@ -15,6 +15,7 @@ that imports torch takes a second and 200 MB more to start. The normalisation th
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -58,19 +59,44 @@ def choose_grid(width: int, height: int, min_tiles: int, max_tiles: int,
     return best
 
 
+class Grid(NamedTuple):
+    """The tiling of one image: cols x rows tiles, then its thumbnail when there is one."""
+
+    cols: int
+    rows: int
+    thumbnail: bool
+
+    @property
+    def tiles(self) -> int:
+        return self.cols * self.rows + self.thumbnail
+
+
+def image_grid(width: int, height: int, min_tiles: int, max_tiles: int, use_thumbnail: bool = True,
+               tile_size: int = TILE_SIZE) -> Grid:
+    """The tiling InternVL gives an image of this size: `choose_grid`'s grid, and a thumbnail when asked for
+    and there is more than one tile."""
+    cols, rows = choose_grid(width, height, min_tiles, max_tiles, tile_size)
+    return Grid(cols, rows, use_thumbnail and cols * rows > 1)
+
+
+def cut_image(image: Image.Image, grid: Grid, tile_size: int = TILE_SIZE) -> list[Image.Image]:
+    """An RGB image as the tiles of `grid`: resized onto it, cut row-major, then the thumbnail if any."""
+    resized = image.resize((grid.cols * tile_size, grid.rows * tile_size), Image.Resampling.BICUBIC)
+    tiles = []
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            box = (c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size)
+            tiles.append(resized.crop(box))
+    if grid.thumbnail:
+        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
 def tile_image(image: Image.Image, min_tiles: int, max_tiles: int, use_thumbnail: bool = True,
                tile_size: int = TILE_SIZE) -> list[Image.Image]:
     """Cut an RGB image into InternVL tiles: the grid's tiles row-major, then the thumbnail if any."""
-    cols, rows = choose_grid(image.width, image.height, min_tiles, max_tiles, tile_size)
-    resized = image.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
-    tiles = []
-    for r in range(rows):
-        for c in range(cols):
-            box = (c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size)
-            tiles.append(resized.crop(box))
-    if use_thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
-    return tiles
+    grid = image_grid(image.width, image.height, min_tiles, max_tiles, use_thumbnail, tile_size)
+    return cut_image(image, grid, tile_size)
 
 
 def tiles_to_array(tiles: list[Image.Image]) -> np.ndarray:

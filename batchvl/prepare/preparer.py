@@ -23,19 +23,19 @@ import torch
 
 from batchvl.config.checks import LIMITS
 from batchvl.config.spec import shown
-from batchvl.core import Request, Result, Row, jsonish
+from batchvl.core import Request, Result, Row, TileGrid, jsonish
 from batchvl.errors import RowError, TransientError
 from batchvl.io.openai_batch import sampling_conflict
 from batchvl.media.fetch import Blob
-from batchvl.media.pixels import Out, TileTask, tile_media
+from batchvl.media.pixels import Out, Tiled, TileTask, tile_media
 from batchvl.media.sources import as_reference_list, check_struct
 from batchvl.prepare.messages import flatten_messages
 from batchvl.prepare.plan import MediaRef, RowPlan
 from batchvl.prepare.prompt import IMAGE_PLACEHOLDER, PromptBuilder, fill_fields, place_images
 
 VIDEO_PLACEHOLDER = "<video>"
-# One media item to its tiles, written where `out` says: tile_media, or TilePool.tile
-Tiler = Callable[[TileTask, Out | None], list[np.ndarray]]
+# One media item to its tiles and grids, the tiles written where `out` says: tile_media, or TilePool.tile
+Tiler = Callable[[TileTask, Out | None], Tiled]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class PrepareSettings:
     max_new_tokens_column: str | None = None
     max_new_tokens: int = 0  # the job's generation.max_new_tokens: a row may ask for fewer, not more
     pin_memory: bool = False  # tiles in page-locked memory, so the engine copies them to the GPU asynchronously
+    include_prompt: bool = False  # output.include_prompt: a request carries its readable prompt and tile grids
     # OpenAI batch requests (input.format openai-batch): the job's generation settings, which a request's
     # sampling parameters must repeat (io.openai_batch.sampling_conflict); its max_tokens is capped at the job's
     requests: dict[str, Any] | None = None
@@ -178,13 +179,16 @@ class RowPreparer:
         s = self.s
         tiles_per_image: list[int] = []
         pixels: list[torch.Tensor] = []
+        grids = []  # how each image (a video: each frame) was tiled, in tiles_per_image's order
         # A row of one media item (most rows) has its tiles written straight into the row's tensor; a row of
         # several gathers them below.
         into = RowTiles(s.tile_size, s.pin_memory) if len(plan.media) == 1 else None
         for item, blob in zip(plan.media, blobs, strict=True):
             task = TileTask(blob, item.kind, min(s.min_tiles, item.max_tiles), item.max_tiles, s.use_thumbnail,
                             s.tile_size, s.max_image_pixels, item.frames, item.bound)
-            for tiles in tile(task, into):  # [T, S, S, 3] uint8, one array per image (a video: per frame)
+            tiled = tile(task, into)
+            grids += tiled.grids
+            for tiles in tiled.arrays:  # [T, S, S, 3] uint8, one array per image (a video: per frame)
                 tiles_per_image.append(tiles.shape[0])
                 pixels.append(torch.from_numpy(tiles))
         ids = self.prompts.encode_messages(plan.messages, tiles_per_image)
@@ -196,8 +200,14 @@ class RowPreparer:
             tiles = torch.empty((sum(p.shape[0] for p in pixels), *pixels[0].shape[1:]), dtype=torch.uint8,
                                 pin_memory=s.pin_memory)
             torch.cat(pixels, out=tiles)
-        return Request(id=plan.row.id, prompt_ids=ids, tiles=tiles,
-                       tiles_per_image=tiles_per_image, keep=plan.keep, max_new_tokens=plan.max_new_tokens)
+        request = Request(id=plan.row.id, prompt_ids=ids, tiles=tiles,
+                          tiles_per_image=tiles_per_image, keep=plan.keep, max_new_tokens=plan.max_new_tokens)
+        if s.include_prompt:  # what `batchvl preview` shows, from the same helper
+            request.prompt = self.prompts.readable(plan.messages, tiles_per_image)
+            per_tile = self.prompts.tokens_per_tile
+            request.tile_grids = [TileGrid(g.cols, g.rows, g.thumbnail, n * per_tile)
+                                  for g, n in zip(grids, tiles_per_image, strict=True)]
+        return request
 
     # ---- helpers ----------------------------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 results: the rows that ran in one output file, the failed ones in an error file (`--errors`; without it they go
 into the same file, in part order like the others).
 
-It reads the folder's committed part files whatever their output.format (Parquet, JSONL, OpenAI batch lines)
-one at a time, so memory holds one part, and writes FILE under a temporary name renamed into place when it is
-whole. A run still writing the folder is not waited for: its rows not yet committed are not in the file.
+Each output row is a line, a sample of generation.n > 1 too (its `sample` with it), with batchvl's own columns
+(io.columns) as the folder has them. It reads the folder's committed part files whatever their output.format
+(Parquet, JSONL, OpenAI batch lines) one at a time, so memory holds one part, and writes FILE under a temporary
+name renamed into place when it is whole. A run still writing the folder is not waited for: its rows not yet
+committed are not in the file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from pathlib import Path
 
 from batchvl.errors import JobError
+from batchvl.io.columns import own_columns
 from batchvl.io.jsonl_parts import encode_line
 from batchvl.io.openai_batch import result_line
 from batchvl.io.writer import BASE_SCHEMA, part_files, part_results
@@ -33,6 +36,8 @@ def export(out_dir: Path, dest: Path, fmt: str = "openai-batch", errors: Path | 
         raise JobError("export: -o and --errors name files, not folders")
     if model is None:
         model = recorded_model(out_dir) or Path(str((read_fingerprint(out_dir) or {}).get("model.path", ""))).name
+    recorded = read_fingerprint(out_dir) or {}
+    own = own_columns(recorded.get("generation.n", 1), recorded.get("output.include_prompt", False))
     temps = [dest.with_name(f".{dest.name}.tmp")] + ([errors.with_name(f".{errors.name}.tmp")] if errors else [])
     ok = failed = 0
     files = [open(t, "wb") for t in temps]
@@ -41,7 +46,8 @@ def export(out_dir: Path, dest: Path, fmt: str = "openai-batch", errors: Path | 
         for part in part_files(out_dir):
             for r in part_results(part):
                 if fmt == "openai-batch":
-                    line = result_line(r, model, created=int(part.stat().st_mtime))
+                    line = {**result_line(r, model, created=int(part.stat().st_mtime)),
+                            **{c: r.keep.get(c) for c in own}}
                 else:
                     line = {**{f: getattr(r, f) for f in BASE_SCHEMA.names}, **r.keep}
                 ok, failed = (ok + 1, failed) if r.error is None else (ok, failed + 1)

@@ -5,9 +5,9 @@ two different jobs. Only settings that change the text of a row count. The list 
 - model: its resolved path, a hash of config.json and generation_config.json, and a hash of the weight index
   files and the names and sizes of the weight files;
 - the prompt: `prompt`, the input columns a row's prompt, media and id come from, the chat template (its text);
-- output.keep_columns and output.format (the output's columns and the kind of its part files); input.format
-  (which reader names the rows);
-- every key of `generation`;
+- output.keep_columns, output.format and output.include_prompt (the output's columns and the kind of its part
+  files: one folder never mixes schemas); input.format (which reader names the rows);
+- every key of `generation`, generation.n included (a folder lacking it was written with one sample per row);
 - the media settings that change tiles or frames (effective values, checkpoint defaults filled in);
 - the effective engine dtype, and the backend: the two backends draw samples from different random
   generators, so with sampling on they give different text for a row;
@@ -106,6 +106,7 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "input.format": i.format,
         "output.keep_columns": list(job.output.keep_columns),
         "output.format": job.output.format,
+        "output.include_prompt": job.output.include_prompt,
         "chat_template": None if text is None else _sha(text.encode()),
         "media.max_dynamic_patch": m.max_dynamic_patch or ck.max_dynamic_patch,
         "media.min_dynamic_patch": m.min_dynamic_patch or ck.min_dynamic_patch,
@@ -174,12 +175,12 @@ FORMER_DEFAULTS: dict[str, Any] = {
 }
 # Keys recorded as the value of the job setting of the same name: `--set key=recorded value` gives that value back.
 SETTINGS = ("generation.", "media.", "engine.dtype", "engine.backend", "engine.quantization",
-            "engine.quantize_vision", "engine.load_format")
+            "engine.quantize_vision", "engine.load_format", "output.include_prompt")
 # Keys added after folders were written without them, whose value in every such folder is known: a batchvl before
 # engine.quantization ran everything unquantized. A folder lacking one is compared as if it held this value.
 IMPLIED_WHEN_MISSING: dict[str, Any] = {"engine.quantization": "none", "engine.quantize_vision": False,
                                         "engine.load_format": "auto", "output.format": "parquet",
-                                        "input.format": "auto"}
+                                        "input.format": "auto", "generation.n": 1, "output.include_prompt": False}
 
 
 def _recorded(old: dict[str, Any], key: str) -> Any:

@@ -29,7 +29,7 @@ from batchvl.core import Row
 from batchvl.errors import JobError, OutputWriteError, WorkerError
 from batchvl.io.shards import Shard
 from batchvl.run.loop import engine_rows
-from batchvl.run.output import pending_rows
+from batchvl.run.output import plan_rows
 from batchvl.run.plan import Plan, generation_params, worker_label
 from batchvl.run.progress import Progress
 from batchvl.run.signals import Stop
@@ -81,11 +81,11 @@ def run_on_workers(job: Job, plan: Plan, devices: list[int], stop: Stop, start: 
     cpu = job.engine.device == "cpu"
     counts = OutputCounts.of(plan, start, shard)
     todo = counts.count_todo(plan)
-    chunks = _chunks(pending_rows(plan.files, plan.ids, plan.done, shard), engine_rows(job))
+    chunks = _chunks(plan_rows(plan, shard), engine_rows(job))
     first = next(chunks, None)
     labels = [worker_label(d, cpu) for d in devices]
     bar = Progress(total=max(todo, 0), enabled=progress, workers=labels)
-    summary = Summary(skipped=len(plan.done))
+    summary = Summary(skipped=plan.done_rows)
     stop_flag = ctx.Event()
     workers: list[_Worker] = []
     try:

@@ -17,7 +17,7 @@ from batchvl.engine.timing import StageTimes
 from batchvl.io.shards import Shard
 from batchvl.run.gpus import run_on_workers
 from batchvl.run.loop import build_engine, make_preparer, process_rows
-from batchvl.run.output import nothing_to_do, open_output, open_writer, pending_rows
+from batchvl.run.output import nothing_to_do, open_output, open_writer, plan_rows
 from batchvl.run.plan import Plan
 from batchvl.run.progress import Progress
 from batchvl.run.signals import Stop
@@ -63,7 +63,7 @@ def _nothing_to_do(job: Job, plan: Plan, start: float, shard: Shard | None) -> S
     counts = OutputCounts.of(plan, start, shard)
     counts.count_todo(plan)
     counts.write("finished")
-    return Summary(skipped=len(plan.done), elapsed_s=time.perf_counter() - start, folder=counts.rows())
+    return Summary(skipped=plan.done_rows, elapsed_s=time.perf_counter() - start, folder=counts.rows())
 
 
 def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_times: bool,
@@ -71,7 +71,7 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
     load_start = time.perf_counter()
     own = engine is None
     engine = build_engine(job, plan) if own else engine
-    summary = Summary(skipped=len(plan.done), load_s=time.perf_counter() - load_start)
+    summary = Summary(skipped=plan.done_rows, load_s=time.perf_counter() - load_start)
     counts = OutputCounts.of(plan, start, shard)
     todo = counts.count_todo(plan)
     writer = open_writer(job, plan.files, counts.commit, plan.claim)
@@ -90,7 +90,7 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
 
     completed = False  # _summary.json says "failed", not "finished", when an exception ends the run
     try:
-        rows = pending_rows(plan.files, plan.ids, plan.done, shard)
+        rows = plan_rows(plan, shard)
         process_rows(job, engine, make_preparer(job, plan), rows, writer, halt, times, ran)
         completed = True
     finally:

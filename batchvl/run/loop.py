@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,17 @@ log = logging.getLogger(__name__)
 def process_rows(job: Job, engine, preparer: RowPreparer, rows: Iterable[tuple[Path, Row]], writer: SafeWriter,
                  stopping: Callable[[], bool], times: StageTimes, ran: Callable[[list[Result]], None]) -> None:
     """The loop itself: rows are prepared ahead, run in engine batches and written; `ran(results)` after each
-    batch. `stopping()` is asked before each batch. The writer is closed (its last part committed) at the end;
-    after an error, the caller closes it with `close_after_error`."""
-    prefetcher = make_prefetcher(job, rows, preparer)
+    batch. With generation.n > 1 each prepared row runs as the samples it owes (`fan_out`). `stopping()` is asked
+    before each batch. The writer is closed (its last part committed) at the end; after an error, the caller
+    closes it with `close_after_error`."""
+    owed: deque[tuple[int, ...] | None] = deque()  # generation.n > 1: the samples of each row taken, in order
+    sampled = job.generation.n > 1
+    prefetcher = make_prefetcher(job, _noting_samples(rows, owed) if sampled else rows, preparer)
     try:
-        for batch in batches_of(_timed(prefetcher, times, "media wait"), job.engine.max_batch_size,
-                                engine_rows(job), prefetcher.ready):
+        items = _timed(prefetcher, times, "media wait")
+        if sampled:
+            items = fan_out(items, owed, job.generation.n)
+        for batch in batches_of(items, job.engine.max_batch_size, engine_rows(job), prefetcher.ready):
             if stopping():
                 break
             fault_point("batch")
@@ -51,6 +57,25 @@ def process_rows(job: Job, engine, preparer: RowPreparer, rows: Iterable[tuple[P
         writer.close()
     finally:
         prefetcher.close()
+
+
+def _noting_samples(rows: Iterable[tuple[Path, Row]], owed: deque) -> Iterator[tuple[Path, Row]]:
+    """`rows`, noting in `owed` the samples each one owes (None: all) as the prefetcher takes it."""
+    for file, row in rows:
+        owed.append(row.samples)
+        yield file, row
+
+
+def fan_out(items: Iterable[Request | Result], owed: deque, n: int) -> Iterator[Request | Result]:
+    """generation.n > 1: each prepared row as the samples it owes. The prefetcher gives one item per row, in the
+    order it took them, so the row's samples are the first ones `owed` holds (`_noting_samples` noted them
+    before the item could exist). A Request becomes one Request per sample, sharing the row's prepared tiles
+    and prompt ids (its media is fetched, decoded and tiled once); an error Result, one error row per sample,
+    so that every (id, sample) is written exactly once whatever happened to the row."""
+    for item in items:
+        samples = owed.popleft()
+        for k in range(n) if samples is None else samples:
+            yield dataclasses.replace(item, sample=k)
 
 
 def _timed(items: Iterable[Any], times: StageTimes, stage: str) -> Iterator[Any]:
@@ -104,7 +129,7 @@ def _generate(engine, requests: list[Request]) -> list[Result]:
         r = requests[0]
         why = why or (f"oom: device out of memory for this row alone ({len(r.prompt_ids)} prompt tokens, "
                       f"{sum(r.tiles_per_image)} tiles)")
-        return [Result.failed(r.id, why, r.keep)]
+        return [Result.failed(r.id, why, r.keep, r.sample)]
     half = len(requests) // 2
     if why is None:
         log.warning("device out of memory on a batch of %d rows; retrying as %d + %d", len(requests), half,
@@ -191,6 +216,7 @@ def make_preparer(job: Job, plan: Plan) -> RowPreparer:
         max_image_pixels=job.media.max_image_pixels,
         max_new_tokens_column=job.input.max_new_tokens_column, max_new_tokens=job.generation.max_new_tokens,
         requests=dataclasses.asdict(job.generation) if job.input.formats == {"openai-batch"} else None,
+        include_prompt=job.output.include_prompt,
         pin_memory=job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available(),
     )
     system = default_system_message(plan.template.name, ck.config) \

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +16,7 @@ from batchvl.config import Job
 from batchvl.core import Result, Row
 from batchvl.errors import OutputWriteError
 from batchvl.faults import fault_point
+from batchvl.io.columns import own_columns
 from batchvl.io.durable import Owner, remove_dead_temps
 from batchvl.io.ids import Ids
 from batchvl.io.lease import REWRITE, Claim, Lease, Scope, live_runs
@@ -99,7 +101,7 @@ def open_writer(job: Job, files: list[Path], on_commit: Callable[[list[Result]],
     Before each part is renamed into place it checks that the run still holds the folder's lease (`claim`), and
     passes the `write` fault point of the crash tests. `tag` names an engine worker's parts."""
     out = job.output_dir
-    schema = output_schema(keep_types(job, files))
+    schema = output_schema(keep_types(job, files), own_columns(job.generation.n, job.output.include_prompt))
 
     def before_rename() -> None:
         fault_point("write")
@@ -186,19 +188,29 @@ def duplicate_key(row_id: str, source: str) -> str:
 
 def nothing_to_do(plan: Plan, shard: Shard | None = None) -> bool:
     """Whether every input row (of the shard) is already in the output folder, so that a run need not load the
-    model. Cheap when there is work without a shard: fewer ids in the folder than rows in the input means work
-    (every input row has its own output id). Otherwise the input is read through until a pending row shows."""
-    if shard is None and len(plan.done) < plan.rows:
+    model. Cheap when there is work without a shard: fewer output rows in the folder than the input rows give
+    means work (every input row has its own output id, and generation.n rows). Otherwise the input is read
+    through until a pending row shows."""
+    if shard is None and plan.done_rows < plan.rows * plan.job.generation.n:
         return False
-    return next(pending_rows(plan.files, plan.ids, plan.done, shard, faults=False), None) is None
+    return next(plan_rows(plan, shard, faults=False), None) is None
 
 
-def pending_rows(files: list[Path], ids: Ids, done: set[str], shard: Shard | None = None,
-                 faults: bool = True) -> Iterator[tuple[Path, Row]]:
+def plan_rows(plan: Plan, shard: Shard | None = None, faults: bool = True) -> Iterator[tuple[Path, Row]]:
+    """The plan's pending rows (`pending_rows`); with generation.n > 1, each with the samples it still owes."""
+    owed = plan.owed if plan.job.generation.n > 1 else None
+    return pending_rows(plan.files, plan.ids, plan.done, shard, faults, owed)
+
+
+def pending_rows(files: list[Path], ids: Ids, done: set[str], shard: Shard | None = None, faults: bool = True,
+                 owed: Callable[[str], tuple[int, ...]] | None = None) -> Iterator[tuple[Path, Row]]:
     """The input rows still to run. The first occurrence of an id is the row; a later one becomes an error row
     with id `duplicate_key(id, source)`, so that output ids stay unique. Ids (and duplicate keys) already in
-    the output are skipped: that is how a rerun resumes. With a shard, only the ids it owns. `faults`: pass
-    the fault-injection point of each row read (tests); a look ahead that is not the run's own read does not."""
+    the output are skipped: that is how a rerun resumes. With `owed` (generation.n > 1: the samples an output id
+    still owes, Plan.owed) a row is skipped when it owes none, and otherwise carries those (`Row.samples`), so
+    that a row cut off by a crash runs only its missing samples. With a shard, only the ids it owns. `faults`:
+    pass the fault-injection point of each row read (tests); a look ahead that is not the run's own read does
+    not."""
     first: dict[str, str] = {}
     for file, row in read_rows(files, ids):
         if faults:
@@ -206,12 +218,15 @@ def pending_rows(files: list[Path], ids: Ids, done: set[str], shard: Shard | Non
         if shard is not None and not shard.owns(row.id):
             continue
         seen = first.get(row.id)
+        key = row.id if seen is None else duplicate_key(row.id, row.source)
         if seen is None:
             first[row.id] = row.source
-            if row.id not in done:
+        else:
+            row = Row(id=key, source=row.source, data=None, error=f"{DUPLICATE_ERROR} {row.id!r} (first at {seen})")
+        if owed is None:
+            if key not in done:
                 yield file, row
             continue
-        key = duplicate_key(row.id, row.source)
-        if key not in done:
-            yield file, Row(id=key, source=row.source, data=None,
-                            error=f"{DUPLICATE_ERROR} {row.id!r} (first at {seen})")
+        todo = owed(key)
+        if todo:
+            yield file, replace(row, samples=todo)

@@ -55,10 +55,22 @@ class Plan:
     done_examples: dict[str, str] = field(default_factory=dict)  # the id of one failed row of each error kind
     claim: Claim | None = None  # the output folder's lease, once a run holds it (batchvl.run.output.open_output)
     ids: Ids | None = None  # how rows are named (None: no input, as for the pipeline API)
+    done_samples: set[tuple[str, int]] = field(default_factory=set)  # generation.n > 1: (id, sample) written
 
     def take_done(self, done: Done) -> None:
         """What the output folder holds already (batchvl.io.writer.read_done)."""
         self.done, self.done_ok, self.done_failed, self.done_examples = done.ids, done.ok, done.failed, done.examples
+        self.done_samples = done.samples
+
+    @property
+    def done_rows(self) -> int:
+        """Output rows already in the folder: one per id, or with generation.n > 1 one per (id, sample)."""
+        return len(self.done) if self.job.generation.n == 1 else len(self.done_samples)
+
+    def owed(self, key: str) -> tuple[int, ...]:
+        """With generation.n > 1: the samples of the row with output id `key` not yet in the folder (() when
+        it is done)."""
+        return tuple(k for k in range(self.job.generation.n) if (key, k) not in self.done_samples)
 
     def describe(self) -> str:
         job = self.job
@@ -69,7 +81,8 @@ class Plan:
             f"batch {job.engine.max_batch_size}{_quantization_note(job)})" + _workers_note(job),
             f"template: {job.chat_template}" + _template_note(self.template),
             f"input:    {len(self.files)} file(s), {self.rows} row(s)",
-            f"output:   {job.output_dir} ({len(self.done)} row(s) already done)",
+            f"output:   {job.output_dir} ({self.done_rows} row(s) already done)"
+            + (f"; {job.generation.n} samples per input row" if job.generation.n > 1 else ""),
         ]
         return "\n".join(lines)
 

@@ -15,7 +15,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from batchvl.config import Job
@@ -24,9 +23,8 @@ from batchvl.errors import RowError
 from batchvl.io.ids import Ids
 from batchvl.io.readers import read_rows
 from batchvl.media.fetch import load_blob
-from batchvl.media.pixels import Out, TileTask, tile_media
+from batchvl.media.pixels import Out, Tiled, TileTask, tile_media
 from batchvl.media.sources import describe
-from batchvl.media.tiling import choose_grid
 from batchvl.media.video import chosen_frames
 from batchvl.run.fingerprint import written_before_id_rule
 from batchvl.run.loop import fetch_settings, make_preparer
@@ -67,21 +65,22 @@ def preview(job: Job, rows: int = 3) -> Iterator[str]:
         yield from ("    " + line for line in prompt.splitlines())
 
 
-def _tiles_shown(task: TileTask, out: Out | None, seen: list[str], ck: Any) -> list[np.ndarray]:
+def _tiles_shown(task: TileTask, out: Out | None, seen: list[str], ck: Any) -> Tiled:
     """The run's tiling of one item (tile_media), noting what it did in `seen`."""
-    tiles = tile_media(task, out)
-    per = [t.shape[0] for t in tiles]  # tiles per image (a video: per frame)
+    tiled = tile_media(task, out)
+    per = [t.shape[0] for t in tiled.arrays]  # tiles per image (a video: per frame)
     if task.kind == "video":
         frames, count, fps = chosen_frames(task.blob, task.frames, task.bound)
         seen.append(f"{len(frames)} frames of {count} at {fps:g} fps, frames {frames}; {per[0]} tile(s) each, "
                     f"{sum(per)} tiles, {sum(per) * ck.tokens_per_tile} tokens")
-        return tiles
+        return tiled
     with Image.open(io.BytesIO(task.blob.data) if task.blob.data is not None else Path(task.blob.path)) as img:
         width, height = _upright(img)
-    cols, rows = choose_grid(width, height, task.min_tiles, task.max_tiles, task.tile_size)
-    thumb = " + thumbnail" if per[0] > cols * rows else ""
-    seen.append(f"{width}x{height}, grid {cols}x{rows}{thumb} = {per[0]} tiles, {per[0] * ck.tokens_per_tile} tokens")
-    return tiles
+    (grid,) = tiled.grids
+    thumb = " + thumbnail" if grid.thumbnail else ""
+    seen.append(f"{width}x{height}, grid {grid.cols}x{grid.rows}{thumb} = {per[0]} tiles, "
+                f"{per[0] * ck.tokens_per_tile} tokens")
+    return tiled
 
 
 def _upright(img: Image.Image) -> tuple[int, int]:

@@ -53,6 +53,7 @@ from batchvl.run.ray_stages import (
     ROW_SOURCE,
     Engine,
     Prepare,
+    check_ray_settings,
     require_ray,
 )
 from batchvl.run.signals import Stop
@@ -219,6 +220,7 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
                 progress: bool = True, wait: bool = False) -> Summary:
     """Run a job as a Ray Data pipeline (see the module docstring) and return its summary. The output folder
     is the same as a local run's: a rerun (local or Ray) skips the rows already written."""
+    check_ray_settings(job)
     if "media" in job.input.formats:  # Ray reads the input file by file; a media folder is one entry
         raise JobError("input.path: a folder or glob of media files runs locally, not with --ray (yet); list the "
                        "files in a JSONL file with an image column to run them on Ray")

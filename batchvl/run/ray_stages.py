@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from batchvl.config import Job, job_from_mapping, load_job
+from batchvl.config import Job, JobError, job_from_mapping, load_job
 from batchvl.core import Request, Result, Row
 from batchvl.io.ids import id_text
 from batchvl.io.writer import output_schema, results_table
@@ -67,10 +67,22 @@ def load_job_like(job: Job | str | os.PathLike | dict, overrides: Sequence[str] 
     if isinstance(job, Job):
         if overrides:
             raise TypeError("overrides apply to a job file or mapping; change a Job with dataclasses.replace")
-        return job
-    if isinstance(job, dict):
-        return job_from_mapping(job, Path.cwd(), list(overrides))
-    return load_job(job, list(overrides))
+    elif isinstance(job, dict):
+        job = job_from_mapping(job, Path.cwd(), list(overrides))
+    else:
+        job = load_job(job, list(overrides))
+    check_ray_settings(job)
+    return job
+
+
+def check_ray_settings(job: Job) -> None:
+    """Refuse, naming the key, the settings that only a local run honours: PREPARED_SCHEMA carries one request
+    per row, without its rendered prompt or tile grids. Raises JobError."""
+    if job.generation.n > 1:
+        raise JobError(f"generation.n: {job.generation.n} samples per row run locally, not on Ray (yet); run the "
+                       "job without --ray")
+    if job.output.include_prompt:
+        raise JobError("output.include_prompt: runs locally, not on Ray (yet); run the job without --ray")
 
 
 def _rows_of(batch: Any) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ def folder_status(out: Path) -> list[str]:
     parts = part_files(out)
     for p in parts:
         try:
-            ids, row_errors = part_index(p)
+            ids, row_errors, _ = part_index(p)
         except (DamagedPartError, OSError, ValueError) as e:
             damaged.append(f"{p.name} ({' '.join(str(getattr(e, 'reason', e)).split())[:120]})")
             continue

@@ -139,11 +139,14 @@ class OutputCounts:
         return FolderRows(self.ok, dict(self.failed), dict(self.examples))
 
     def count_todo(self, plan: Plan) -> int:
-        """Rows this run has to do (of the shard, with one), for the progress bar."""
+        """Output rows this run has to do (of the shard, with one), for the progress bar: generation.n per input
+        row."""
+        n = plan.job.generation.n
         if self.shard is None:
-            return plan.rows - len(plan.done)
-        self.shard_rows = sum(1 for _, r in read_rows(plan.files, plan.ids) if self.shard.owns(r.id))
-        self.shard_done = sum(1 for i in plan.done if self.shard.owns(i.split("#dup@")[0]))
+            return plan.rows * n - plan.done_rows
+        self.shard_rows = n * sum(1 for _, r in read_rows(plan.files, plan.ids) if self.shard.owns(r.id))
+        done = plan.done if n == 1 else (i for i, _ in plan.done_samples)
+        self.shard_done = sum(1 for i in done if self.shard.owns(i.split("#dup@")[0]))
         return self.shard_rows - self.shard_done
 
     def commit(self, results: list[Result]) -> None:
