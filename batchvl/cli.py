@@ -121,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--force", action="store_true", help="rewrite it even if an identical one is there")
     tiny.add_argument("--layout", choices=("hf", "opengvlab"), default="hf",
                       help="transformers-native (model_type internvl) or OpenGVLab's InternVLChatModel layout")
-    tiny.add_argument("--llm", choices=("qwen2", "internlm2", "llama", "phi3"), default="qwen2",
-                      help="language model family (internlm2 needs --layout opengvlab)")
+    tiny.add_argument("--llm", choices=("qwen2", "qwen3", "internlm2", "llama", "phi3"), default="qwen2",
+                      help="language model family (qwen3: InternVL3.5's; internlm2 needs --layout opengvlab)")
     tiny.add_argument("--vision", choices=("300m", "6b"), default="300m",
                       help="InternViT-300M's structure (LayerNorm, qkv bias) or InternViT-6B's (RMSNorm, qk norm)")
     tiny.add_argument("--fp8", action="store_true",

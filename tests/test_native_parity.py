@@ -23,7 +23,9 @@ CASES = [
     ("hf", "qwen2", "300m"),
     ("hf", "llama", "6b"),
     ("hf", "phi3", "300m"),
+    ("hf", "qwen3", "300m"),  # InternVL3.5: per-head q/k norm, head_dim != hidden / heads, tied embeddings
     ("opengvlab", "qwen2", "6b"),
+    ("opengvlab", "qwen3", "300m"),
     ("opengvlab", "internlm2", "300m"),
     ("opengvlab", "llama", "300m"),
     ("opengvlab", "phi3", "6b"),
