@@ -121,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--force", action="store_true", help="rewrite it even if an identical one is there")
     tiny.add_argument("--layout", choices=("hf", "opengvlab"), default="hf",
                       help="transformers-native (model_type internvl) or OpenGVLab's InternVLChatModel layout")
-    tiny.add_argument("--llm", choices=("qwen2", "internlm2", "llama", "phi3"), default="qwen2",
-                      help="language model family (internlm2 needs --layout opengvlab)")
+    tiny.add_argument("--llm", choices=("qwen2", "qwen3", "internlm2", "llama", "phi3"), default="qwen2",
+                      help="language model family (qwen3: InternVL3.5's; internlm2 needs --layout opengvlab)")
     tiny.add_argument("--vision", choices=("300m", "6b"), default="300m",
                       help="InternViT-300M's structure (LayerNorm, qkv bias) or InternViT-6B's (RMSNorm, qk norm)")
     tiny.add_argument("--fp8", action="store_true",
@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_make_tiny)
     check = sub.add_parser("check-parity", help="compare the native engine with transformers on random weights")
     check.add_argument("--shape", action="append", default=None,
-                       help="tiny, internvl2-1b, internvl2-4b, internvit-6b or internvl3-8b (repeatable; default tiny)")
+                       help="tiny, internvl2-1b, internvl2-4b, internvit-6b, internvl3-8b or internvl3_5-8b "
+                            "(repeatable; default tiny)")
     check.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
     check.add_argument("--device", default="auto")
     check.add_argument("--dtype", default="auto")
@@ -143,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
 
     full = sub.add_parser("bench", help="the whole pipeline on the GPU, native engine vs transformers")
     full.add_argument("--shape", default="internvl2-1b",
-                      choices=("internvl2-1b", "internvl2-2b", "internvl2-8b", "internvl3-8b", "internvl2-26b",
-                               "internvl2-40b", "internvl2-76b", "internvl2-4b"))
+                      choices=("internvl2-1b", "internvl2-2b", "internvl2-8b", "internvl3-8b", "internvl3_5-8b",
+                               "internvl2-26b", "internvl2-40b", "internvl2-76b", "internvl2-4b"))
     full.add_argument("--workload", default="caption-7tile",
                       choices=("caption-7tile", "caption-natural", "mixed", "video"))  # bench.WORKLOADS
     full.add_argument("--rows", type=int, default=512)

@@ -50,7 +50,9 @@ def opengvlab_to_hf(src: Path, dst: Path) -> Path:
         "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
         "downsample_ratio": cfg["downsample_ratio"], "vision_feature_layer": cfg["select_layer"],
         "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
-        "image_token_id": None, "image_seq_length": 16, "tie_word_embeddings": False,
+        "image_token_id": None, "image_seq_length": 16,
+        # transformers 5 ties the LM head by this top-level key; a tied checkpoint has no lm_head weight
+        "tie_word_embeddings": bool(llm.get("tie_word_embeddings", False)),
         "text_config": text,
         "vision_config": {
             "model_type": "internvl_vision", "hidden_size": vis["hidden_size"],

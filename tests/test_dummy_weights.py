@@ -199,7 +199,15 @@ def test_the_big_shapes_have_their_published_dimensions_and_load_as_llama(shape,
     assert ts.rope.theta == text["rope_theta"] and vs.layers_to_run == 45 and vs.qk_norm and vs.norm == "rms"
 
 
-@pytest.mark.parametrize("shape", ["tiny", "internvl2-4b", "internvl2-40b", "internvl2-76b"])
+def test_the_internvl3_5_8b_shape_is_qwen3_8b_and_loads_as_qwen3(tmp_path):
+    vs, ts, family = build_specs(CheckpointInfo.read(write_skeleton("internvl3_5-8b", tmp_path / "m", shapes=SHAPES)))
+    assert family == "qwen3" and ts.qk_norm and not ts.qkv_bias and not ts.tie_embeddings
+    assert (ts.hidden, ts.layers, ts.heads, ts.kv_heads, ts.head_dim, ts.intermediate, ts.vocab, ts.rope.theta) == \
+        (4096, 36, 32, 8, 128, 12288, 151936, 1e6)
+    assert (vs.hidden, vs.layers_to_run, vs.qk_norm, vs.norm) == (1024, 24, False, "layer")  # InternViT-300M
+
+
+@pytest.mark.parametrize("shape", ["tiny", "internvl2-4b", "internvl2-40b", "internvl2-76b", "internvl3_5-8b"])
 @pytest.mark.parametrize("fp8", [(False, False), (True, False), (True, True)], ids=["bf16", "fp8 lm", "fp8 both"])
 def test_the_weight_bytes_are_those_of_the_built_model(shape, fp8, tmp_path):
     vs, ts, _ = build_specs(CheckpointInfo.read(write_skeleton(shape, tmp_path / shape, shapes=SHAPES)))

@@ -199,16 +199,34 @@ def internlm2_model(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("which", ["tiny_model", "internlm2_model"])
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory):
+    """Qwen3 (InternVL3.5): q/k norms beside the fused qkv, whose width (q 4 x 24) is not the hidden size (64)."""
+    path = tmp_path_factory.mktemp("fp8") / "qwen3"
+    make_tiny_model(path, llm="qwen3")
+    return path
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "internlm2_model", "qwen3_model"])
 def test_streamed_quantization_equals_quantizing_the_loaded_model(request, which):
     ck = CheckpointInfo.read(request.getfixturevalue(which))
     after = load_model(ck, CPU, torch.bfloat16).model
     quantize_model(after, vision=True)
     streamed = load_model(ck, CPU, torch.bfloat16, "fp8", quantize_vision=True).model
     blocks = len(streamed.vision.vit.blocks)  # the 6B-style tower runs 2 of its 3 layers (select_layer -2)
-    assert blocks == (3 if which == "tiny_model" else 2)
+    assert blocks == (2 if which == "internlm2_model" else 3)
     assert fp8_modules(streamed) == LM | {n for n in VIT if int(n.split(".")[3]) < blocks}
     same_weights(streamed, after)
+
+
+def test_a_qwen3_fp8_dynamic_checkpoint_loads_as_streaming_its_dense_one_does(qwen3_model, tmp_path):
+    """The q/k norms stay dense beside the fp8 q, k and v slices of the fused qkv."""
+    path = shutil.copytree(qwen3_model, tmp_path / "fp8")
+    write_fp8_dynamic(path)
+    dense = load_model(CheckpointInfo.read(qwen3_model), CPU, torch.float32, "fp8").model
+    loaded = load_model(CheckpointInfo.read(path), CPU, torch.float32, "fp8").model
+    assert fp8_modules(loaded) == LM and loaded.lm.layers[1].k_norm.weight.dtype == torch.float32
+    same_weights(loaded, dense)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from batchvl.cli import main
 from batchvl.errors import CheckpointError
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.internvit import pixel_shuffle
-from batchvl.models.loader import load_model
+from batchvl.models.loader import build_specs, load_model
 from batchvl.tools.tiny import make_tiny_model
 
 from .conftest import base_job, write_job, write_jsonl
@@ -69,16 +70,44 @@ def test_weights_are_converted_to_the_dtype(opengvlab_model):
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
 
 
-def test_unsupported_language_model_is_a_job_error(opengvlab_model, tmp_path, capsys):
-    config = json.loads((opengvlab_model / "config.json").read_text())
-    config["llm_config"]["architectures"] = ["MistralForCausalLM"]
-    config["llm_config"]["model_type"] = "mistral"
-    (opengvlab_model / "config.json").write_text(json.dumps(config))
+@pytest.mark.parametrize("archs, model_type, named", [
+    (["MistralForCausalLM"], "mistral", "language model MistralForCausalLM / mistral is not supported natively; "),
+    # InternVL3.5-30B-A3B / -241B-A28B and InternVL3.5-GPT-OSS-20B-A4B: out of scope, and said to be MoE
+    (["Qwen3MoeForCausalLM"], "qwen3_moe", "language model Qwen3MoeForCausalLM / qwen3_moe is not supported "
+                                           "natively (a mixture-of-experts model"),
+    (["GptOssForCausalLM"], "gpt_oss", "language model GptOssForCausalLM / gpt_oss is not supported natively (a "
+                                       "mixture-of-experts model"),
+    (None, "qwen3_moe", "language model qwen3_moe is not supported natively (a mixture-of-experts model"),  # -HF
+], ids=["mistral", "qwen3-moe", "gpt-oss", "hf-qwen3-moe"])
+def test_unsupported_language_model_is_one_line_naming_it(archs, model_type, named, opengvlab_model, tiny_model,
+                                                          tmp_path, capsys):
+    if archs is None:  # a transformers-native checkpoint: its text_config has a model_type only
+        model = shutil.copytree(tiny_model, tmp_path / "hf")
+        config = json.loads((model / "config.json").read_text())
+        config["text_config"]["model_type"] = model_type
+    else:
+        model = opengvlab_model
+        config = json.loads((model / "config.json").read_text())
+        config["llm_config"].update(architectures=archs, model_type=model_type)
+    (model / "config.json").write_text(json.dumps(config))
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": 1, "prompt": "x"}])
-    job = write_job(tmp_path / "job.yaml", base_job(opengvlab_model, rows, tmp_path / "out",
+    job = write_job(tmp_path / "job.yaml", base_job(model, rows, tmp_path / "out",
                                                     input={"image_column": None}, engine={"backend": "native"}))
     assert main(["validate", str(job)]) == 2
-    assert "model: language model mistral is not supported natively" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"model: {named}" in err and err.count("\n") == 1
+    assert "Qwen3ForCausalLM" in err  # the supported architectures are listed
+
+
+def test_qwen3_sliding_window_is_refused_naming_it(tmp_path):
+    config = {"architectures": ["InternVLChatModel"], "llm_config": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 64, "hidden_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 128, "use_sliding_window": True},
+        "vision_config": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                          "intermediate_size": 128, "image_size": 448, "patch_size": 56}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="^model: qwen3 language model: Qwen3 sliding-window attention"):
+        build_specs(CheckpointInfo.read(tmp_path))
 
 
 def test_opengvlab_layout_on_the_transformers_backend_needs_remote_code(opengvlab_model, tmp_path, capsys):

@@ -1,8 +1,9 @@
 """The native engine gives transformers' greedy text, token for token, for every family and both layouts.
 
 Each case builds a tiny checkpoint (`make-tiny-model --layout --llm --vision`), runs `batchvl run` with
-the native backend over single-image, multi-image, text-only and mixed-size rows in one batch, and
-compares every row with transformers' `InternVLForConditionalGeneration.generate` run on that row alone.
+the native backend over single-image, multi-image, text-only, video and mixed-size rows in one batch, and
+compares every row with transformers' `InternVLForConditionalGeneration.generate` run on that row alone (a
+video row as its sampled frames, one tile each, announced `Frame{i}: <image>`, as InternVL's recipe does).
 OpenGVLab-layout checkpoints are converted back to the transformers layout for the reference.
 """
 
@@ -12,18 +13,23 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchvl.cli import main
+from batchvl.media.fetch import Blob
+from batchvl.media.video import decode_frames
 from batchvl.prepare.templates import get_template
 from batchvl.tools.tiny import OPENGVLAB_TEMPLATES, make_tiny_model
 
 from .conftest import base_job, write_job, write_jsonl
 from .convert import opengvlab_to_hf
 from .reference import reference_generate
+from .test_video_messages import png_bytes, write_video
 
 CASES = [
     ("hf", "qwen2", "300m"),
     ("hf", "llama", "6b"),
     ("hf", "phi3", "300m"),
+    ("hf", "qwen3", "300m"),  # InternVL3.5: per-head q/k norm, head_dim != hidden / heads, tied embeddings
     ("opengvlab", "qwen2", "6b"),
+    ("opengvlab", "qwen3", "300m"),
     ("opengvlab", "internlm2", "300m"),
     ("opengvlab", "llama", "300m"),
     ("opengvlab", "phi3", "6b"),
@@ -40,6 +46,7 @@ def rows_for_parity() -> list[dict]:
         {"id": "two", "prompt": "Image-1: <image>\nImage-2: <image>\nCompare.", "image": ["tiny.png", "tall.png"]},
         {"id": "square", "prompt": "<image>\nWhat is it?", "image": "square.jpg"},
         {"id": "short", "prompt": "Hi", "image": None},
+        {"id": "frames", "prompt": "What happens?", "image": None, "video": "clip.mp4", "nframes": 3},
     ]
 
 
@@ -54,20 +61,29 @@ def test_native_matches_transformers(layout, llm, vision, attention, images, tmp
         reference_dir = opengvlab_to_hf(model, tmp_path / "as-hf")
         template = OPENGVLAB_TEMPLATES[llm]
         stops = get_template(template).stop_strings
-    rows = rows_for_parity()
-    inp = write_jsonl(images["wide.jpg"].parent / "rows.jsonl", rows)
+    # The interpreted kernel's cost is per decode step and row: its case leaves the video row (a sixth row, whose
+    # frames reach the decoder as any image's tokens do) to the SDPA cases.
+    rows = [r for r in rows_for_parity() if attention == "sdpa" or not r.get("video")]
+    media = images["wide.jpg"].parent
+    write_video(media / "clip.mp4", 12)
+    inp = write_jsonl(media / "rows.jsonl", rows)
     # The interpreted kernel's case takes 8 new tokens: its cost is per decode step (about 2 s a step on 2
     # cores), and the rope length MAX_NEW is there to cross concerns phi3 and llama, not qwen2.
     max_new = 8 if attention == "triton" else MAX_NEW
     job = base_job(model, inp, tmp_path / "out", generation={"max_new_tokens": max_new},
-                   engine={"backend": "native", "max_batch_size": 4, "decode_attention": attention})
+                   engine={"backend": "native", "max_batch_size": 4, "decode_attention": attention},
+                   input={"video_column": "video", "video_frames_column": "nframes"} if attention == "sdpa" else {})
     write_job(tmp_path / "job.yaml", job)
     assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 0
     out = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     for row in rows:
         refs = row["image"] if isinstance(row["image"], list) else [row["image"]] if row["image"] else []
-        data = [images[r].read_bytes() for r in refs]
-        text, prompt_tokens, output_tokens = reference_generate(reference_dir, row["prompt"], data, max_new,
+        data, prompt, max_num = [images[r].read_bytes() for r in refs], row["prompt"], 12
+        if row.get("video"):
+            frames = decode_frames(Blob(row["video"], path=media / row["video"]), row["nframes"])
+            data, max_num = [png_bytes(f) for f in frames], 1
+            prompt = "".join(f"Frame{i + 1}: <image>\n" for i in range(len(frames))) + prompt
+        text, prompt_tokens, output_tokens = reference_generate(reference_dir, prompt, data, max_new, max_num=max_num,
                                                                 template=template, stop_tokens=stops)
         got = out[row["id"]]
         assert got["error"] is None, got["error"]

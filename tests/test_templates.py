@@ -271,3 +271,37 @@ def test_default_system_message_from_config():
     assert default_system_message("internvl2_5", {"system_message": None}) == V25_SYSTEM
     with pytest.raises(KeyError):
         default_system_message("no-such-template", {})
+
+
+# --- InternVL3.5 (Qwen3) ----------------------------------------------------------------------------------------
+# Sources, all in OpenGVLab/InternVL (read for the facts, at the commits the code index holds):
+# - internvl_chat_gpt_oss/shell/internvl3_5_qwen3/internvl3_5_{1b,2b,4b,8b,14b,38b}_sft.sh fine-tune the Qwen3-based
+#   InternVL3.5 with `--conv_style "internvl2_5"`: the dense InternVL3.5 models keep InternVL 2.5/3's template, so
+#   an OpenGVLab-layout checkpoint names `template: internvl2_5`. (No released InternVL3_5-*/config.json could be
+#   read here to confirm the key itself.)
+# - internvl_chat_gpt_oss/internvl/model/internvl_chat/modeling_internvl_chat.py, InternVL3.5's InternVLChatModel:
+#   `self.system_message = get_conv_template(self.template).system_message`, the template's own (V25_SYSTEM), and
+#   chat() stops at `template.sep.strip()`: <|im_end|>.
+# - internvl_chat_gpt_oss/internvl/model/internvl_chat/conversation.py: internvl2_5 as in internvl_chat's; the one
+#   new template, internvl3_5_gpt_oss (Harmony: <|start|>system<|message|>, sep <|end|>, sep2 <|return|>), is the
+#   GPT-OSS variant's, which is a mixture-of-experts model and refused (tests/test_models.py).
+# - The thinking mode's R1 system prompt (InternVL3.5 quick start, ErfeiCui/InternVL-doc
+#   docs/en/internvl3.5/quick_start.md: `model.system_message = R1_SYSTEM_PROMPT`) is opt-in, not a default.
+
+def test_internvl3_5_opengvlab_checkpoint_renders_internvl2_5_with_its_system_message(tmp_path):
+    import json
+
+    from batchvl.models.checkpoint import CheckpointInfo
+    from batchvl.tools.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path / "m", layout="opengvlab", llm="qwen3")
+    ck = CheckpointInfo.read(tmp_path / "m")
+    assert ck.text_config["architectures"] == ["Qwen3ForCausalLM"] and ck.template_name == "internvl2_5"
+    assert json.loads((tmp_path / "m" / "tokenizer_config.json").read_text()).get("chat_template") is None
+    template = get_template(ck.template_name)
+    system_message = default_system_message(ck.template_name, ck.config)
+    assert system_message == V25_SYSTEM
+    prompt = template.render([user("Frame1: <image>\nFrame2: <image>\nWhat happens?")], system_message=system_message)
+    assert prompt == (f"<|im_start|>system\n{V25_SYSTEM}<|im_end|>\n<|im_start|>user\nFrame1: <image>\n"
+                      "Frame2: <image>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n")
+    assert template.stop_strings == ("<|im_end|>",)

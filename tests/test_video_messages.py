@@ -106,19 +106,20 @@ def test_video_row_announces_frames_and_counts_them(tiny_model, tmp_path):
     assert out["clip"]["error"] is None and out["four"]["error"] is None
     # The reference: the frames as images (one tile each) announced as Frame{i}: <image>.
     frames = decode_frames(Blob("clip.mp4", path=tmp_path / "clip.mp4"), 8)
-    data = [_png(f) for f in frames]
+    data = [png_bytes(f) for f in frames]
     text = "".join(f"Frame{i + 1}: <image>\n" for i in range(8)) + "What happens?"
     ref_text, ref_tokens, _ = reference_generate(tiny_model, text, data, 12, max_num=1)
     assert (out["clip"]["text"], out["clip"]["prompt_tokens"]) == (ref_text, ref_tokens)
     four = decode_frames(Blob("clip.mp4", path=tmp_path / "clip.mp4"), 4, (1.0, 4.0))
     text = "".join(f"Frame{i + 1}: <image>\n" for i in range(4)) + "Summarise."
-    ref_text, ref_tokens, _ = reference_generate(tiny_model, text, [_png(f) for f in four], 12, max_num=1)
+    ref_text, ref_tokens, _ = reference_generate(tiny_model, text, [png_bytes(f) for f in four], 12, max_num=1)
     assert (out["four"]["text"], out["four"]["prompt_tokens"]) == (ref_text, ref_tokens)
     assert "cannot decode video" in out["broken"]["error"] or "no frames" in out["broken"]["error"]
     assert "no such file" in out["missing"]["error"]
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
+    """A decoded frame as PNG bytes: the reference side takes each frame as an image file."""
     import io
 
     buf = io.BytesIO()

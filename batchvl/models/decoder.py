@@ -1,8 +1,8 @@
 """The decoder-only language model every InternVL family shares, over a preallocated KV cache.
 
-Qwen2, InternLM2, Llama and Phi-3 differ only in how their configs and weights are spelled, in biases, and
-in rotary scaling; each family's file maps its config to a `DecoderSpec` and its weight names onto this
-module. q/k/v and gate/up are fused into one matmul each.
+Qwen2, Qwen3, InternLM2, Llama and Phi-3 differ only in how their configs and weights are spelled, in biases,
+in rotary scaling and in Qwen3's per-head q/k RMSNorm; each family's file maps its config to a `DecoderSpec` and
+its weight names onto this module. q/k/v and gate/up are fused into one matmul each.
 
 Two entry points, both with static shapes per call:
 - `prefill(x, lengths, cache)`: right-padded prompts [B, P]; writes K/V at positions 0..P-1.
@@ -39,6 +39,7 @@ class DecoderSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's head_dim on q and k, before the rotary embedding (Qwen3)
 
     @property
     def q_width(self) -> int:
@@ -78,6 +79,9 @@ class DecoderLayer(nn.Module):
         self.s, self.index = s, index
         self.input_norm = RMSNorm(s.hidden, s.eps)
         self.qkv = nn.Linear(s.hidden, s.q_width + 2 * s.kv_width, bias=s.qkv_bias)
+        if s.qk_norm:  # one weight [D] shared by all heads
+            self.q_norm = RMSNorm(s.head_dim, s.eps)
+            self.k_norm = RMSNorm(s.head_dim, s.eps)
         self.o = nn.Linear(s.q_width, s.hidden, bias=s.o_bias)
         self.post_norm = RMSNorm(s.hidden, s.eps)
         self.gate_up = nn.Linear(s.hidden, 2 * s.intermediate, bias=s.mlp_bias)
@@ -87,8 +91,11 @@ class DecoderLayer(nn.Module):
         s = self.s
         b, n, _ = x.shape
         q, k, v = self.qkv(self.input_norm(x)).split([s.q_width, s.kv_width, s.kv_width], dim=-1)
-        q = q.view(b, n, s.heads, s.head_dim).transpose(1, 2)  # [B, H, N, D]
-        k = k.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)  # [B, Hkv, N, D]
+        q = q.view(b, n, s.heads, s.head_dim)  # [B, N, H, D]
+        k = k.view(b, n, s.kv_heads, s.head_dim)  # [B, N, Hkv, D]
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, N, D], [B, Hkv, N, D]
         v = v.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
         return q, k, v

@@ -59,7 +59,7 @@ def weight_bytes(v: VisionSpec, t: DecoderSpec, itemsize: int = 2, fp8_lm: bool 
     parts = {
         "lm linears": t.layers * sum(layer.bytes(itemsize, fp8_lm) for layer in lm_linears(t)),
         "lm embeddings + head": t.vocab * t.hidden * itemsize * (1 if t.tie_embeddings else 2),
-        "lm norms": (2 * t.layers + 1) * t.hidden * itemsize,
+        "lm norms": ((2 * t.layers + 1) * t.hidden + (2 * t.layers * t.head_dim if t.qk_norm else 0)) * itemsize,
         "vision linears": blocks * sum(layer.bytes(itemsize, fp8_vision) for layer in vision_linears(v)),
         "vision other": (vit_other + projector) * itemsize,
     }

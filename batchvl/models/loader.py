@@ -21,35 +21,15 @@ from torch.overrides import TorchFunctionMode
 
 from batchvl.config.spec import shown
 from batchvl.errors import CheckpointError
-from batchvl.models import internlm2, llama, phi3, qwen2
 from batchvl.models.checkpoint import LAYOUT_HF, LAYOUT_OPENGVLAB, CheckpointInfo, read_json
 from batchvl.models.compressed import SCALE_SUFFIX, ZERO_POINT_SUFFIX, dense_refused
 from batchvl.models.decoder import DecoderLM, DecoderSpec
 from batchvl.models.dummy import fill_dummy
+from batchvl.models.families import FAMILIES, text_family
 from batchvl.models.fp8 import FP8_DTYPE, fp8_targets, quantize_weight, to_fp8_modules
 from batchvl.models.internvit import VisionEncoder, VisionSpec
 
 log = logging.getLogger(__name__)
-
-FAMILIES: dict[str, ModuleType] = {"qwen2": qwen2, "internlm2": internlm2, "llama": llama, "phi3": phi3}
-_ARCH_TO_FAMILY = {
-    "Qwen2ForCausalLM": "qwen2",
-    "InternLM2ForCausalLM": "internlm2",
-    "LlamaForCausalLM": "llama",
-    "Phi3ForCausalLM": "phi3",
-}
-
-
-def text_family(ck: CheckpointInfo) -> str:
-    cfg = ck.text_config
-    for arch in cfg.get("architectures") or []:
-        if arch in _ARCH_TO_FAMILY:
-            return _ARCH_TO_FAMILY[arch]
-    model_type = cfg.get("model_type", "qwen2" if ck.layout == LAYOUT_HF else None)
-    if model_type in FAMILIES:
-        return model_type
-    raise CheckpointError(f"language model {model_type or cfg.get('architectures')} is not supported natively "
-                          f"(supported: {', '.join(FAMILIES)})")
 
 
 def vision_spec(ck: CheckpointInfo, llm_hidden: int) -> VisionSpec:
@@ -97,8 +77,15 @@ class LoadedModel:
 
 
 def build_specs(ck: CheckpointInfo) -> tuple[VisionSpec, DecoderSpec, str]:
+    """The vision and language specs of a checkpoint and its family name. Raises CheckpointError (`model: ...`)
+    for a family, or a feature of one (sliding-window attention, a rope type), that batchvl does not run."""
     family = text_family(ck)
-    text = FAMILIES[family].spec_from_config(ck.text_config)
+    try:
+        text = FAMILIES[family].spec_from_config(ck.text_config)
+    except CheckpointError:
+        raise
+    except (ValueError, NotImplementedError) as e:  # a family's refusal of a config feature
+        raise CheckpointError(f"{family} language model: {e}") from None
     return vision_spec(ck, text.hidden), text, family
 
 

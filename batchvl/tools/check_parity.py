@@ -36,7 +36,8 @@ from batchvl.prepare.prompt import PromptBuilder, place_images
 from batchvl.tools.shapes import SHAPES as SHAPES_ALL
 from batchvl.tools.tiny import build_tokenizer
 
-SHAPES = {name: SHAPES_ALL[name] for name in ("tiny", "internvl2-1b", "internvl2-4b", "internvit-6b", "internvl3-8b")}
+SHAPES = {name: SHAPES_ALL[name] for name in ("tiny", "internvl2-1b", "internvl2-4b", "internvit-6b", "internvl3-8b",
+                                              "internvl3_5-8b")}
 
 
 @dataclass

@@ -38,6 +38,12 @@ INTERNLM2_5_7B = dict(INTERNLM2_1_8B, hidden_size=4096, num_hidden_layers=32, nu
                       num_key_value_heads=8, intermediate_size=14336)
 INTERNLM2_20B = dict(INTERNLM2_1_8B, hidden_size=6144, num_hidden_layers=48, num_attention_heads=48,
                      num_key_value_heads=8, intermediate_size=16384)
+# InternVL3.5-8B's language model, Qwen3-8B: hidden 4096, 36 layers, 32 heads of head_dim 128, 8 kv heads, intermediate
+# 12288, vocab 151936, rope_theta 1e6, 40960 positions, untied embeddings; per-head q/k RMSNorm (model_type qwen3).
+# Not verified here: InternVL3_5-8B's own llm_config (its vocab_size may differ by the added tokens' rows).
+QWEN3_8B = dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936, rope_theta=1000000.0,
+                max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False)
 QWEN2_5_7B = dict(QWEN2_05B, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                   intermediate_size=18944, vocab_size=151674)
 
@@ -67,6 +73,7 @@ SHAPES = {
     "internvl2-2b": (VIT_300M, INTERNLM2_1_8B),  # InternViT-300M + InternLM2-1.8B
     "internvl2-8b": (VIT_300M, INTERNLM2_5_7B),  # InternViT-300M + InternLM2.5-7B
     "internvl3-8b": (VIT_300M, QWEN2_5_7B),  # InternViT-300M + Qwen2.5-7B
+    "internvl3_5-8b": (VIT_300M, QWEN3_8B),  # InternViT-300M + Qwen3-8B (the vision side of InternVL3-8B)
     "internvl2-26b": (VIT_6B, INTERNLM2_20B),  # InternViT-6B + InternLM2-20B
     "internvl2-40b": (VIT_6B, YI_34B),  # InternViT-6B-448px-V1-5 + Nous-Hermes-2-Yi-34B
     "internvl2-76b": (VIT_6B, LLAMA3_70B),  # InternViT-6B-448px-V1-5 + Hermes-2-Theta-Llama-3-70B

@@ -51,10 +51,12 @@ The first frame shows a kitchen; the second frame shows a person cooking dinner 
 
 
 LAYOUTS = ("hf", "opengvlab")
-LLMS = ("qwen2", "internlm2", "llama", "phi3")
+LLMS = ("qwen2", "qwen3", "internlm2", "llama", "phi3")
 VISIONS = ("300m", "6b")
 # The conversation template OpenGVLab's configs name for each language model family.
-OPENGVLAB_TEMPLATES = {"qwen2": "internvl2_5", "internlm2": "internlm2-chat", "llama": "Hermes-2", "phi3": "phi3-chat"}
+# InternVL3.5's Qwen3 checkpoints keep InternVL 2.5/3's template (see tests/test_templates.py for the sources).
+OPENGVLAB_TEMPLATES = {"qwen2": "internvl2_5", "qwen3": "internvl2_5", "internlm2": "internlm2-chat",
+                       "llama": "Hermes-2", "phi3": "phi3-chat"}
 
 
 def tiny_config(seed: int, layout: str = "hf", llm: str = "qwen2", vision: str = "300m", fp8: bool = False) -> dict:
@@ -203,6 +205,8 @@ def build_model(tokenizer, seed: int, llm: str = "qwen2", vision: str = "300m"):
     )
     if llm == "qwen2":
         text.update(model_type="qwen2", rope_theta=1000000.0)
+    elif llm == "qwen3":  # head_dim 24, not 64 / 4 (Qwen3-0.6B's is not hidden / heads either); tied, as small Qwen3s
+        text.update(model_type="qwen3", head_dim=24, rope_theta=1000000.0, tie_word_embeddings=True)
     elif llm in ("llama", "internlm2"):
         text.update(model_type="llama", rope_theta=500000.0 if llm == "llama" else 1000000.0, attention_bias=False)
         if llm == "llama":  # Llama-3's rotary scaling, as in InternVL2-76B's language model
@@ -231,7 +235,7 @@ def build_model(tokenizer, seed: int, llm: str = "qwen2", vision: str = "300m"):
         projector_hidden_act="gelu",
         vision_feature_layer=-1 if vision == "300m" else -2,
         vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
+        tie_word_embeddings=text["tie_word_embeddings"],  # transformers 5 ties by this one, not text_config's
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
@@ -271,7 +275,7 @@ def write_opengvlab(out: Path, model, llm: str) -> None:
             "eos_token_id": t.eos_token_id,
         }
     else:
-        text["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+        text["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
                                   "phi3": "Phi3ForCausalLM"}[llm]]
     config = {
         "architectures": ["InternVLChatModel"],
@@ -336,6 +340,8 @@ def to_opengvlab_weights(state: dict, cfg, llm: str) -> dict:
             out["mlp1." + rest] = w
         elif llm != "internlm2":
             rest = name.removeprefix("language_model.").removeprefix("model.")
+            if rest == "lm_head.weight" and t.tie_word_embeddings:
+                continue  # the embeddings' own tensor: save_pretrained does not write it twice either
             out["language_model." + (rest if rest == "lm_head.weight" else "model." + rest)] = w
         else:
             out.update(_internlm2_weight(name, w, state, t))
