@@ -6,6 +6,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=.:/tmp/site || exit 1
 export PYTHONUNBUFFERED=1
 B="python3 -m batchvl bench -q --workdir /tmp --shape internvl2-1b --rows 512 --batch 128 --warmup-rows 128"
-timeout 125 $B --workload caption-7tile --variant inproc:separate_process=false 2>&1 | grep -v Warning \
+timeout 120 $B --workload caption-7tile --variant inproc:separate_process=false 2>&1 | grep -v Warning \
   | tee "$OUT/7tile.log"
-timeout 120 $B --workload mixed --variant inproc:separate_process=false 2>&1 | grep -v Warning | tee "$OUT/mixed.log"
+timeout 95 $B --workload mixed --variant inproc:separate_process=false 2>&1 | grep -v Warning | tee "$OUT/mixed.log"
