@@ -3,10 +3,9 @@ batchvl): `BATCHVL_FAULT=kill:<point>:<n>` SIGKILLs this process at the n-th tim
 `sleep:<point>:<n>:<seconds>` stalls it there that long (a slow disk, a slow batch: what a concurrent run sees
 meanwhile). Points: `read` (after reading n input rows), `batch` (before the n-th engine batch), `write` (after
 the n-th part's temporary file is written and fsynced, before its rename), `tile` (in a media worker process,
-batchvl.media.pool, once it has tiled its n-th item, before it answers; each new worker counts from 1), `engine`
-(in an engine process of its own, batchvl.run.engine_process, before its n-th batch). A spec ending in
-`@<worker>` fires only in that process (`cpu1`, `gpu3`: see batchvl.run.worker; `engine`: the engine process);
-without `@`, in any process that reaches the point. Unset (the normal case), `fault_point` costs one dict lookup."""
+batchvl.media.pool, once it has tiled its n-th item, before it answers; each new worker counts from 1). A spec
+ending in `@<worker>` fires only in that engine worker process (`cpu1`, `gpu3`: see batchvl.run.worker); without
+`@`, in any process that reaches the point. Unset (the normal case), `fault_point` costs one dict lookup."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import threading
 import time
 
 ENV = "BATCHVL_FAULT"
-POINTS = ("read", "batch", "write", "tile", "engine")
+POINTS = ("read", "batch", "write", "tile")
 
 _counts: dict[str, int] = {}
 _lock = threading.Lock()

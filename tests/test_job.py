@@ -46,7 +46,6 @@ def error_of(capsys, job_file, *sets) -> str:
     ("engine.trust_remote_code=maybe", "engine.trust_remote_code", "true or false"),
     ("engine.backend=vllm", "engine.backend", "must be one of"),
     ("engine.dtype=int8", "engine.dtype", "must be one of"),
-    ("engine.separate_process=sometimes", "engine.separate_process", "must be true, false or auto"),
     ("input.path=missing.jsonl", "input.path", "no such file"),
     ("input.path=rows.csv", "input.path", "no such file"),
     ("input.path=*.nothing", "input.path", "matches no"),

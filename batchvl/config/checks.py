@@ -151,8 +151,6 @@ def check_engine(engine: EngineSpec) -> None:
     p.run(at_least, "engine.max_batch_size", engine.max_batch_size, 1)
     p.run(at_least, "engine.max_batch_tokens", engine.max_batch_tokens, 0)
     p.run(one_of, "engine.decode_attention", engine.decode_attention, DECODE_ATTENTION)
-    if isinstance(engine.separate_process, str) and engine.separate_process != "auto":
-        p.add(f"engine.separate_process: must be true, false or auto; got {shown(engine.separate_process)}")
     p.run(_check_quantization, engine)
     p.run(lambda: engine.devices)  # raises on a bad engine.gpus
     p.raise_any()

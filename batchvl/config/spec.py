@@ -187,9 +187,6 @@ class EngineSpec:
     # the tower's error against float32 exact GELU is the same as exact GELU's in bf16 (BENCHMARKS.md, session 6).
     # float32 always runs exact GELU: there the approximation would be larger than the dtype's rounding.
     fused_vision_gelu: bool = True
-    # A single-process run's engine in a process of its own (batchvl.run.engine_process), so that its thread does
-    # not share a GIL with media preparation's threads. auto: with the native backend on a CUDA device.
-    separate_process: str | bool = "auto"
     # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
     # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;
     # the transformers one needs a transformers-layout checkpoint for it (batchvl.engine.hf).

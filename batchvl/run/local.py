@@ -15,7 +15,6 @@ from batchvl.core import Result
 from batchvl.engine import Engine
 from batchvl.engine.timing import StageTimes
 from batchvl.io.shards import Shard
-from batchvl.run.engine_process import EngineProcess, wants_engine_process
 from batchvl.run.gpus import run_on_workers
 from batchvl.run.loop import build_engine, make_preparer, process_rows
 from batchvl.run.output import nothing_to_do, open_output, open_writer, plan_rows
@@ -71,10 +70,7 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
          shard: Shard | None, engine: Engine | None = None, stopping: Callable[[], bool] | None = None) -> Summary:
     load_start = time.perf_counter()
     own = engine is None
-    if own and wants_engine_process(job):
-        engine = EngineProcess(job, logging.getLogger("batchvl").getEffectiveLevel())
-    elif own:
-        engine = build_engine(job, plan)
+    engine = build_engine(job, plan) if own else engine
     summary = Summary(skipped=plan.done_rows, load_s=time.perf_counter() - load_start)
     counts = OutputCounts.of(plan, start, shard)
     todo = counts.count_todo(plan)
@@ -106,5 +102,4 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
     summary.committed, summary.folder = counts.this_run, counts.rows()
     summary.elapsed_s = time.perf_counter() - start
     summary.stage_s = dict(times.seconds)
-    summary.device_peak_bytes = getattr(engine, "device_peak_bytes", None)
     return summary

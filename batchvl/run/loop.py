@@ -26,7 +26,6 @@ from batchvl.prepare.prefetch import Prefetcher, tile_pool
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
 from batchvl.prepare.templates import ConversationTemplate, default_system_message
-from batchvl.run.engine_process import wants_engine_process
 from batchvl.run.output import SafeWriter, typed_input
 from batchvl.run.plan import Plan, generation_params
 
@@ -218,9 +217,7 @@ def make_preparer(job: Job, plan: Plan) -> RowPreparer:
         max_new_tokens_column=job.input.max_new_tokens_column, max_new_tokens=job.generation.max_new_tokens,
         requests=dataclasses.asdict(job.generation) if job.input.formats == {"openai-batch"} else None,
         include_prompt=job.output.include_prompt,
-        # Page-locked tiles are for an engine in this process; one of its own gets them through shared memory.
-        pin_memory=job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available()
-        and not wants_engine_process(job),
+        pin_memory=job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available(),
     )
     system = default_system_message(plan.template.name, ck.config) \
         if isinstance(plan.template, ConversationTemplate) else None

@@ -34,7 +34,6 @@ class Summary:
     committed: int = 0  # rows of this run committed to part files
     counts_images: bool = True  # False where results come back without their image count (the Ray path)
     folder: FolderRows | None = None  # the output folder's rows when the run ended, earlier runs' too
-    device_peak_bytes: int | None = None  # the engine process's device memory peak, when it had one of its own
 
     def add(self, result: Result) -> None:
         """Count one row this run produced."""

@@ -66,7 +66,7 @@ def worker_main(args: WorkerArgs, tasks: multiprocessing.Queue, events, stop_fla
     if args.device is not None:
         _pin_gpu(args.device)
     set_process_label(args.label)
-    exit_with_parent()
+    _exit_with_parent()
     send = _Events(events)
     with Stop(quiet=True) as stop:
         try:
@@ -155,7 +155,7 @@ def _pin_gpu(device: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[device] if ids else str(device)
 
 
-def exit_with_parent() -> None:
+def _exit_with_parent() -> None:
     """Exit at once when the coordinator dies: nothing more is committed, so a rerun never races with us."""
     parent = multiprocessing.parent_process()
     if parent is None:

@@ -190,8 +190,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     summary: Summary = run_job(job, overwrite=True, progress=False, sync_times=cuda)
-    peak = torch.cuda.max_memory_allocated() if cuda else 0
-    peak = max(peak, summary.device_peak_bytes or 0) / 2**30  # an engine process's own peak, when it had one
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     import pyarrow.parquet as pq
 
     table = pq.read_table(job.output_dir, columns=["id", "prompt_tokens", "output_tokens", "error"]).to_pylist()
