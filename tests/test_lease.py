@@ -17,7 +17,7 @@ import pytest
 import batchvl.io.lease as lease_mod
 from batchvl.errors import JobError, OutputWriteError
 from batchvl.io.durable import Owner, create_json_once, remove_dead_temps, temp_owner
-from batchvl.io.lease import Holder, Lease, Scope, holders, live_runs, machine_id, read_holder
+from batchvl.io.lease import Holder, Lease, Scope, holders, live_runs, machine_id, read_holder, remove_orphan_beats
 
 
 @pytest.fixture(autouse=True)
@@ -167,3 +167,44 @@ def test_create_json_once_has_one_winner(tmp_path):
     assert results.count(True) == 1
     assert json.loads((tmp_path / "f.json").read_text()) in {o.run for o in owners}
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_beat_that_read_the_lease_just_before_a_takeover_does_not_put_its_run_back(tmp_path, monkeypatch):
+    """The heartbeat reads the lease, then renews. A takeover landing between the two must stay: the beat goes to
+    the old holder's own beat file, so the new holder keeps the lease and the old one stops before its next
+    commit. (When the beat rewrote the lease file, this put the old holder's name back, and both passed the check
+    before a commit.)"""
+    lease = Lease(tmp_path, Scope(0, 1), Owner.new(), heartbeat_s=3600)
+    lease.acquire()
+    real = lease_mod.read_holder
+    taken = []
+
+    def takeover_after_the_read(path):
+        holder = real(path)
+        if path == lease.path and not taken:  # another run takes the lease over right after the beat's read
+            taken.append(_plant(lease.path, pid=os.getpid(), pid_start=None))
+        return holder
+
+    monkeypatch.setattr(lease_mod, "read_holder", takeover_after_the_read)
+    assert lease.beat()  # it read its own name
+    monkeypatch.setattr(lease_mod, "read_holder", real)
+    assert read_holder(lease.path).run == taken[0].run  # the new holder's lease stands
+    with pytest.raises(OutputWriteError, match="this run no longer holds"):
+        lease.claim.check()
+    assert not lease.beat()  # the next beat sees it lost the lease
+    lease.release()
+    assert read_holder(tmp_path / "_lock.json").run == taken[0].run
+    assert remove_orphan_beats(tmp_path) == 0 and not list(tmp_path.glob("_beat-*"))  # release removed its beat
+
+
+def test_beats_go_to_the_holders_own_file_and_orphans_are_removed(tmp_path):
+    lease = Lease(tmp_path, Scope(1, 2), Owner.new(), heartbeat_s=3600)
+    with lease:
+        assert lease.beat() and lease.beat()
+        holder = read_holder(lease.path)
+        assert holder.beat == 2 and json.loads(lease.path.read_text())["beat"] == 0  # the lease file stays as made
+        orphan = tmp_path / "_beat-lock-19990101T000000-deadbeef.json"
+        orphan.write_text('{"run": "19990101T000000-deadbeef", "beat": 9, "updated": 0}')
+        assert remove_orphan_beats(tmp_path) == 1 and not orphan.exists()
+        assert read_holder(lease.path).beat == 2  # the live holder's beat file stays
+    assert list(tmp_path.iterdir()) == []

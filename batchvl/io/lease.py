@@ -1,10 +1,14 @@
 """One writer per output folder, or per shard of it: a lease file that names its holder.
 
 A run holds `_lock.json` (an unsharded run) or `_lock-shard-I-of-N.json` (`--shard I/N`) for as long as it
-writes. The file names the holder (run id, host, process and when it started) and a heartbeat, which a thread
-of the holder renews every `HEARTBEAT_S`. It is created whole under a temporary name and hard-linked into
-place, which fails if the name exists: that works on network filesystems (NFS, Lustre), where an fcntl lock
-alone is not reliable.
+writes. The file names the holder (run id, host, process and when it started). It is created whole under a
+temporary name and hard-linked into place, which fails if the name exists: that works on network filesystems
+(NFS, Lustre), where an fcntl lock alone is not reliable. The lease file is never written again: its holder's
+heartbeat, renewed by a thread every `HEARTBEAT_S`, goes to a file of its own beside it (`beat_file`). A beat
+that rewrote the lease file could land just after another run took the lease over (the beat's read and its
+write are two steps), putting the old holder's name back over the new one's: both would then pass the check
+before a commit. A beat file names only its own run, so a late beat changes nobody's lease. (A lease written
+by a batchvl from before this holds its beat inside, and is read so.)
 
 Another run of the same folder or shard is refused, naming the holder, or waits (`--wait`). Runs that would
 write the same rows at once are refused the same way: an unsharded run beside any shard, shards of different
@@ -32,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,17 +114,45 @@ class Holder:
 
 
 def read_holder(path: Path) -> Holder | None:
-    """The holder a lease file names; None if it is gone, or not (yet) readable."""
+    """The holder a lease file names, with its latest heartbeat (from its beat file, when it has one); None if
+    the lease file is gone, or not (yet) readable."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return Holder(**{k: data[k] for k in Holder.__dataclass_fields__ if k in data})
+        holder = Holder(**{k: data[k] for k in Holder.__dataclass_fields__ if k in data})
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    try:
+        beat = json.loads(beat_file(path, holder.run).read_text(encoding="utf-8"))
+        if beat["run"] == holder.run:
+            holder = replace(holder, beat=int(beat["beat"]), updated=float(beat["updated"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no beat yet (or an older batchvl's lease): the lease file's own values
+    return holder
+
+
+def beat_file(lease_file: Path, run: str) -> Path:
+    """Where `run`, holding `lease_file`, writes its heartbeat: `_beat-lock-<run>.json` beside `_lock.json` (not
+    matched by LEASE_GLOB)."""
+    return lease_file.with_name(f"_beat-{lease_file.stem.lstrip('_')}-{run}.json")
 
 
 def holders(out_dir: Path) -> dict[Path, Holder | None]:
     """Every lease file of the folder and its holder (None where it cannot be read)."""
     return {p: read_holder(p) for p in sorted(out_dir.glob(LEASE_GLOB))} if out_dir.is_dir() else {}
+
+
+def remove_orphan_beats(out_dir: Path) -> int:
+    """Remove the beat files of runs that hold no lease of the folder (a run killed between removing its lease
+    and its beat file, or an old holder's beat written after a takeover). Returns how many were removed."""
+    holding = {h.run for h in holders(out_dir).values() if h is not None}
+    removed = 0
+    for path in out_dir.glob("_beat-*.json"):
+        run = path.stem.rsplit("-", 2)
+        if len(run) == 3 and f"{run[1]}-{run[2]}" in holding:  # the run id is `<time>-<hex>`
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def liveness(holder: Holder) -> str:
@@ -196,7 +228,8 @@ class Lease:
             holder = read_holder(self.path)
             if holder is not None and holder.run == self.owner.run:
                 self.path.unlink(missing_ok=True)
-                fsync_dir(self.out_dir)
+            beat_file(self.path, self.owner.run).unlink(missing_ok=True)
+            fsync_dir(self.out_dir)
             self._held = False
 
     @property
@@ -266,6 +299,8 @@ class Lease:
         else:
             log.warning("%s: took over the lease of %s, which is gone", self.out_dir,
                         holder.describe() if holder else "a run (its lease file could not be read)")
+            if moved is not None:
+                beat_file(path, moved.run).unlink(missing_ok=True)
         aside.unlink(missing_ok=True)
         fsync_dir(self.out_dir)
 
@@ -276,18 +311,24 @@ class Lease:
                 f"heartbeat has been still for {self.stale_s:.0f} s")
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            holder = read_holder(self.path)
-            if holder is None or holder.run != self.owner.run:
-                log.error("%s: this run's lease was taken over (%s); it stops at its next commit",
-                          self.out_dir, holder.describe() if holder else "the lease file is gone")
-                return
-            self._beat += 1
-            try:
-                write_json_atomic(self.path, dict(asdict(holder), beat=self._beat, updated=time.time()),
-                                  self.owner)
-            except OSError as e:  # a passing filesystem error: the next beat tries again
-                log.warning("%s: could not renew the lease: %s", self.out_dir, e)
+        while not self._stop.wait(self.heartbeat_s) and self.beat():
+            pass
+
+    def beat(self) -> bool:
+        """One heartbeat: False (and no beat) when the lease no longer names this run. The beat goes to this
+        run's beat file, never to the lease file (see the module docstring)."""
+        holder = read_holder(self.path)
+        if holder is None or holder.run != self.owner.run:
+            log.error("%s: this run's lease was taken over (%s); it stops at its next commit",
+                      self.out_dir, holder.describe() if holder else "the lease file is gone")
+            return False
+        self._beat += 1
+        try:
+            write_json_atomic(beat_file(self.path, self.owner.run),
+                              {"run": self.owner.run, "beat": self._beat, "updated": time.time()}, self.owner)
+        except OSError as e:  # a passing filesystem error: the next beat tries again
+            log.warning("%s: could not renew the lease: %s", self.out_dir, e)
+        return True
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from batchvl.faults import fault_point
 from batchvl.io.columns import own_columns
 from batchvl.io.durable import Owner, remove_dead_temps
 from batchvl.io.ids import Ids
-from batchvl.io.lease import REWRITE, Claim, Lease, Scope, live_runs
+from batchvl.io.lease import REWRITE, Claim, Lease, Scope, live_runs, remove_orphan_beats
 from batchvl.io.readers import arrow_schema, read_rows
 from batchvl.io.shards import Shard
 from batchvl.io.writer import PartWriter, clear_output, drop_rows, output_schema, part_files, read_done
@@ -51,7 +51,7 @@ def _prepare_folder(job: Job, plan: Plan, overwrite: bool, retry_errors: bool, s
     if overwrite:
         removed = clear_output(out_dir)
         log.info("--overwrite: removed %d part file(s) from %s", removed, out_dir)
-    leftovers = remove_dead_temps(out_dir, live_runs(out_dir))
+    leftovers = remove_dead_temps(out_dir, live_runs(out_dir)) + remove_orphan_beats(out_dir)
     if leftovers:
         log.info("removed %d temporary file(s) left by interrupted runs", leftovers)
     check_fingerprint(job, plan.fingerprint)  # a run that finished before our lease may have written one
