@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_make_tiny)
     check = sub.add_parser("check-parity", help="compare the native engine with transformers on random weights")
     check.add_argument("--shape", action="append", default=None,
-                       help="tiny, internvl2-1b, internvl2-4b, internvit-6b, internvl3-8b or internvl3_5-8b "
+                       help="tiny, internvl2-1b, internvl2-4b, internvit-6b, internvl3-8b, internvl3_5-8b or "
+                            "internvl-chat-v1-2 "
                             "(repeatable; default tiny)")
     check.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
     check.add_argument("--device", default="auto")
