@@ -121,17 +121,22 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--force", action="store_true", help="rewrite it even if an identical one is there")
     tiny.add_argument("--layout", choices=("hf", "opengvlab"), default="hf",
                       help="transformers-native (model_type internvl) or OpenGVLab's InternVLChatModel layout")
-    tiny.add_argument("--llm", choices=("qwen2", "qwen3", "internlm2", "llama", "phi3"), default="qwen2",
-                      help="language model family (qwen3: InternVL3.5's; internlm2 needs --layout opengvlab)")
+    tiny.add_argument("--llm", choices=("qwen2", "qwen3", "internlm2", "llama", "vicuna", "phi3"), default="qwen2",
+                      help="language model family (qwen3: InternVL3.5's; vicuna: a Llama-2 with the vicuna_v1.1 "
+                           "template; internlm2 and vicuna need --layout opengvlab)")
     tiny.add_argument("--vision", choices=("300m", "6b"), default="300m",
                       help="InternViT-300M's structure (LayerNorm, qkv bias) or InternViT-6B's (RMSNorm, qk norm)")
+    tiny.add_argument("--generation", type=int, choices=(1, 2), default=2,
+                      help="1: InternVL 1 (no tiling, one 448 px tile, pixel shuffle v1; needs --layout opengvlab "
+                           "--vision 6b); 2: InternVL 1.5 and later (dynamic tiling)")
     tiny.add_argument("--fp8", action="store_true",
                       help="the language model's linear weights in compressed-tensors' FP8_DYNAMIC layout")
     _verbosity(tiny)
     tiny.set_defaults(func=_make_tiny)
     check = sub.add_parser("check-parity", help="compare the native engine with transformers on random weights")
     check.add_argument("--shape", action="append", default=None,
-                       help="tiny, internvl2-1b, internvl2-4b, internvit-6b, internvl3-8b or internvl3_5-8b "
+                       help="tiny, internvl2-1b, internvl2-4b, internvit-6b, internvl3-8b, internvl3_5-8b or "
+                            "internvl-chat-v1-2 "
                             "(repeatable; default tiny)")
     check.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
     check.add_argument("--device", default="auto")
@@ -374,7 +379,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
     try:
         made = make_tiny_model(args.dir, seed=args.seed, force=args.force, layout=args.layout, llm=args.llm,
-                               vision=args.vision, fp8=args.fp8)
+                               vision=args.vision, fp8=args.fp8, generation=args.generation)
     except (FileExistsError, ValueError) as e:
         print(f"batchvl: error: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR

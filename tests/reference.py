@@ -2,6 +2,11 @@
 
 The prompt is built here from the published recipe, not with batchvl's prompt builder, and the tiles come
 from the restated tiling in test_tiling, so a mistake in either shows up as a mismatch.
+
+transformers' InternVL always swaps the pixel shuffle's axes back (OpenGVLab's `ps_version: v2`); InternVL 1
+checkpoints (`v1`) leave them transposed. For those the reference model's `pixel_shuffle` is replaced by the
+published v1 algorithm, restated in test_models (from OpenGVLab's InternVLChatModel.pixel_shuffle); the rest of
+the model is transformers' own.
 """
 
 from __future__ import annotations
@@ -13,15 +18,18 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from .test_models import reference_pixel_shuffle
 from .test_tiling import reference_normalize, reference_tiles
 
 
 @lru_cache(maxsize=16)
-def load_reference(model_dir: Path):
+def load_reference(model_dir: Path, ps_version: str = "v2"):
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if ps_version != "v2":  # [T, W, H, C] -> [T, W/2, H/2, 4C] in InternVL 1's order
+        model.model.pixel_shuffle = lambda x, scale_factor=0.5: reference_pixel_shuffle(x, scale_factor, ps_version)
     return tokenizer, model
 
 
@@ -55,9 +63,9 @@ def reference_pixels(image_bytes: list[bytes], max_num: int = 12) -> tuple[torch
 @torch.inference_mode()
 def reference_generate(model_dir: Path, text: str, image_bytes: list[bytes], max_new_tokens: int,
                        max_num: int = 12, template: str | None = None,
-                       stop_tokens: tuple[str, ...] = ()) -> tuple[str, int, int]:
+                       stop_tokens: tuple[str, ...] = (), ps_version: str = "v2") -> tuple[str, int, int]:
     """Greedy text, prompt length and output length, for one row run alone with transformers."""
-    tokenizer, model = load_reference(model_dir)
+    tokenizer, model = load_reference(model_dir, ps_version)
     pixels, counts = reference_pixels(image_bytes, max_num)
     prompt = reference_prompt(tokenizer, text, counts, template=template)
     inputs = tokenizer(prompt, return_tensors="pt")

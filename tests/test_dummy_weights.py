@@ -179,6 +179,7 @@ def test_dummy_with_fp8_builds_the_fp8_layers_directly(tiny_model):
 
 PUBLISHED = {  # hidden, layers, heads, kv heads, intermediate, vocab, rope_theta, positions, eps (see shapes.py)
     "internvl2-40b": (7168, 60, 56, 8, 20480, 64000, 5e6, 4096, 1e-5),
+    "internvl-chat-v1-2": (7168, 60, 56, 8, 20480, 64000, 5e6, 4096, 1e-5),  # the same Yi-34B
     "internvl2-76b": (8192, 80, 64, 8, 28672, 128256, 5e5, 8192, 1e-5),
 }
 

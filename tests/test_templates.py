@@ -16,7 +16,8 @@ Q1 = "<image>\nDescribe the image."
 A1 = "A cat on a sofa."
 Q2 = "What colour is the cat?"
 
-ALL = ("internlm2-chat", "Hermes-2", "phi3-chat", "internvl2_5")
+ALL = ("internlm2-chat", "Hermes-2", "phi3-chat", "internvl2_5")  # the MPT-style templates
+COLON = ("vicuna_v1.1", "internvl_zh")  # InternVL 1's two-separator templates (tests/test_internvl1.py)
 
 
 def user(text: str) -> dict:
@@ -46,7 +47,7 @@ FACTS = {
 
 
 def test_registry_holds_exactly_the_supported_templates():
-    assert set(TEMPLATES) == set(ALL)
+    assert set(TEMPLATES) == set(ALL + COLON)
     assert all(TEMPLATES[name].name == name for name in TEMPLATES)
 
 
@@ -222,10 +223,10 @@ def test_agrees_with_the_tiny_models_chat_template():
 
 def test_unknown_template_lists_known_names():
     with pytest.raises(KeyError) as err:
-        get_template("vicuna_v1.1")
+        get_template("llama-2")
     message = str(err.value)
-    assert "vicuna_v1.1" in message
-    for name in ALL:
+    assert "llama-2" in message
+    for name in ALL + COLON:
         assert name in message
 
 
@@ -305,3 +306,26 @@ def test_internvl3_5_opengvlab_checkpoint_renders_internvl2_5_with_its_system_me
     assert prompt == (f"<|im_start|>system\n{V25_SYSTEM}<|im_end|>\n<|im_start|>user\nFrame1: <image>\n"
                       "Frame2: <image>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n")
     assert template.stop_strings == ("<|im_end|>",)
+
+
+# --- InternVL2-40B and InternVL2-Llama3-76B -----------------------------------------------------------------------
+# Sources (OpenGVLab/InternVL, read for the facts): internvl_chat/shell/internvl2.0/2nd_finetune/
+# internvl2_40b_hermes2_yi_34b_dynamic_res_2nd_finetune_full.sh fine-tunes InternVL2-40B with --conv_style "Hermes-2",
+# and internvl2_76b_hermes2_llama3_70b_dynamic_res_2nd_finetune_full.sh fine-tunes InternVL2-Llama3-76B with
+# --conv_style "internlm2-chat" (not Hermes-2 and not internvl2_5), both with dynamic_image_size True and ps_version
+# v2; the fine-tune writes conv_style into config.json as `template`. internvl_chat/internvl/conversation.py: Hermes-2
+# and internlm2-chat are the same ChatML text with InternVL 2.0's system message ("completely equivalent during
+# inference"), sep <|im_end|>, and Hermes-2 adds stop_str <|endoftext|>; modeling_internvl_chat.py's chat() stops at
+# `template.sep.strip()`, <|im_end|>. (Yi-34B's tokenizer holds <|im_end|> as one token, id 7 in conversation.py's
+# old stop_token_ids comment; Hermes-2-Theta-Llama-3's ChatML tokenizer holds it too. Neither tokenizer could be read
+# here, so the ids themselves are not checked.)
+
+@pytest.mark.parametrize("template", ["Hermes-2", "internlm2-chat"], ids=["internvl2-40b", "internvl2-llama3-76b"])
+def test_internvl2_40b_and_76b_render_chatml_with_internvl2s_message_and_stop_at_im_end(template):
+    config = {"template": template, "dynamic_image_size": True, "use_thumbnail": True, "ps_version": "v2",
+              "llm_config": {"architectures": ["LlamaForCausalLM"]}}
+    system_message = default_system_message(template, config)
+    assert system_message == V2_SYSTEM
+    assert get_template(template).render([user(Q1)], system_message=system_message) == (
+        f"<|im_start|>system\n{V2_SYSTEM}<|im_end|><|im_start|>user\n{Q1}<|im_end|><|im_start|>assistant\n")
+    assert get_template(template).eos_token == "<|im_end|>"

@@ -132,21 +132,28 @@ class CheckpointInfo:
         return int(round(side * side * self.downsample_ratio ** 2))
 
     @property
+    def dynamic_tiling(self) -> bool:
+        """Whether images are cut into tiles. An OpenGVLab config says so in `dynamic_image_size`, which
+        InternVLChatConfig defaults to False: InternVL 1 (Chat-V1-1, V1-2, V1-2-Plus) leaves it off and feeds one
+        tile_size x tile_size resize of each image, whatever its min/max_dynamic_patch hold."""
+        return self.layout != LAYOUT_OPENGVLAB or bool(self.config.get("dynamic_image_size", False))
+
+    @property
     def min_dynamic_patch(self) -> int:
         if self.layout == LAYOUT_OPENGVLAB:
-            return int(self.config.get("min_dynamic_patch", 1))
+            return int(self.config.get("min_dynamic_patch", 1)) if self.dynamic_tiling else 1
         return int(self._preprocessor.get("min_patches", 1))
 
     @property
     def max_dynamic_patch(self) -> int:
         if self.layout == LAYOUT_OPENGVLAB:
-            return int(self.config.get("max_dynamic_patch", 12))
+            return int(self.config.get("max_dynamic_patch", 12)) if self.dynamic_tiling else 1
         return int(self._preprocessor.get("max_patches", 12))
 
     @property
     def use_thumbnail(self) -> bool:
         if self.layout == LAYOUT_OPENGVLAB:
-            return bool(self.config.get("use_thumbnail", True))
+            return bool(self.config.get("use_thumbnail", True)) and self.dynamic_tiling
         return bool(self._preprocessor.get("crop_to_patches", True))
 
     @property

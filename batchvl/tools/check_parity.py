@@ -37,7 +37,9 @@ from batchvl.tools.shapes import SHAPES as SHAPES_ALL
 from batchvl.tools.tiny import build_tokenizer
 
 SHAPES = {name: SHAPES_ALL[name] for name in ("tiny", "internvl2-1b", "internvl2-4b", "internvit-6b", "internvl3-8b",
-                                              "internvl3_5-8b")}
+                                              "internvl3_5-8b", "internvl-chat-v1-2")}
+# Shapes whose checkpoints tile no image (InternVL 1: dynamic_image_size off): one tile per image, no thumbnail.
+MAX_TILES = {"internvl-chat-v1-2": 1}
 
 
 @dataclass
@@ -102,8 +104,9 @@ def build_checkpoint(shape: str, out: Path, device: torch.device, dtype: torch.d
     return out
 
 
-def sample_rows(tokenizer, template: str, tokens_per_tile: int) -> list[Request]:
-    """A 7-tile image row, a 2-image row, a small image row and a text-only row."""
+def sample_rows(tokenizer, template: str, tokens_per_tile: int, max_tiles: int = 12) -> list[Request]:
+    """A 7-tile image row, a 2-image row, a small image row and a text-only row (with `max_tiles` 1: a
+    caption-1tile row, each image resized onto one tile)."""
     from PIL import Image
 
     builder = PromptBuilder(tokenizer, template, tokens_per_tile)
@@ -113,13 +116,14 @@ def sample_rows(tokenizer, template: str, tokens_per_tile: int) -> list[Request]
         arr = (torch.rand(h // 8, w // 8, 3, generator=g) * 255).to(torch.uint8).numpy()
         return Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC)
 
-    specs = [("caption-7tile", "Describe this image in detail.", [image(1344, 896)]),
+    specs = [("caption-7tile" if max_tiles >= 12 else f"caption-{max_tiles}tile", "Describe this image in detail.",
+              [image(1344, 896)]),
              ("two-images", "Image-1: <image>\nImage-2: <image>\nCompare.", [image(800, 600), image(448, 900)]),
              ("small", "What is this?", [image(320, 240)]),
              ("text-only", "Write a short poem about tiles.", [])]
     rows = []
     for rid, text, images in specs:
-        tiles = [tile_image(im, 1, 12) for im in images]
+        tiles = [tile_image(im, 1, max_tiles) for im in images]
         counts = [len(t) for t in tiles]
         ids = builder.encode(place_images(text, len(images)), counts)
         pixels = torch.cat([tiles_to_uint8(t) for t in tiles]) if tiles else None
@@ -164,7 +168,8 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     info["build_s"] = round(time.perf_counter() - t0, 1)
     ck = CheckpointInfo.read(path)
     tokenizer = load_tokenizer(path)
-    rows = sample_rows(tokenizer, checkpoint_chat_template(path, tokenizer), ck.tokens_per_tile)
+    rows = sample_rows(tokenizer, checkpoint_chat_template(path, tokenizer), ck.tokens_per_tile,
+                       MAX_TILES.get(shape, 12))
 
     params = GenerationParams(max_new_tokens=tokens, eos_token_ids=(tokenizer.eos_token_id,), ignore_eos=True)
     # The job file's engine section, checked as a job file's is, then built by the one engine factory.

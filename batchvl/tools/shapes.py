@@ -76,6 +76,11 @@ SHAPES = {
     "internvl3_5-8b": (VIT_300M, QWEN3_8B),  # InternViT-300M + Qwen3-8B (the vision side of InternVL3-8B)
     "internvl2-26b": (VIT_6B, INTERNLM2_20B),  # InternViT-6B + InternLM2-20B
     "internvl2-40b": (VIT_6B, YI_34B),  # InternViT-6B-448px-V1-5 + Nous-Hermes-2-Yi-34B
+    # InternVL-Chat-V1-2 / -V1-2-Plus: InternViT-6B-448px-V1-2 (the 45-layer, select_layer -1 tower of VIT_6B:
+    # OpenGVLab/InternVL internvl_chat/shell/internvl1.2/*.sh pass --vision_select_layer -1) + Nous-Hermes-2-Yi-34B.
+    # Its one 448 px tile per image is check_parity's MAX_TILES; its v1 pixel shuffle is a reordering of these
+    # tensors that transformers cannot express, checked on tiny checkpoints (tests/test_native_parity.py, gen1).
+    "internvl-chat-v1-2": (VIT_6B, YI_34B),
     "internvl2-76b": (VIT_6B, LLAMA3_70B),  # InternViT-6B-448px-V1-5 + Hermes-2-Theta-Llama-3-70B
     "internvl2-1b": (VIT_300M, QWEN2_05B),  # InternViT-300M + Qwen2-0.5B (InternVL2-1B, 2.5-1B)
     "internvl2-4b": (VIT_300M, PHI3_MINI_128K),  # InternViT-300M + Phi-3-mini-128k (InternVL2-4B)

@@ -51,30 +51,41 @@ The first frame shows a kitchen; the second frame shows a person cooking dinner 
 
 
 LAYOUTS = ("hf", "opengvlab")
-LLMS = ("qwen2", "qwen3", "internlm2", "llama", "phi3")
+LLMS = ("qwen2", "qwen3", "internlm2", "llama", "vicuna", "phi3")
 VISIONS = ("300m", "6b")
+# 1: InternVL 1 (Chat-V1-1 / V1-2): no dynamic tiling (one 448 px tile, no thumbnail), pixel shuffle v1.
+# 2: InternVL 1.5 and later: dynamic tiling with a thumbnail, pixel shuffle v2.
+GENERATIONS = (1, 2)
 # The conversation template OpenGVLab's configs name for each language model family.
 # InternVL3.5's Qwen3 checkpoints keep InternVL 2.5/3's template (see tests/test_templates.py for the sources).
+# vicuna: a Llama-2-shaped model with FastChat's vicuna_v1.1 template and </s> as its EOS.
 OPENGVLAB_TEMPLATES = {"qwen2": "internvl2_5", "qwen3": "internvl2_5", "internlm2": "internlm2-chat",
-                       "llama": "Hermes-2", "phi3": "phi3-chat"}
+                       "llama": "Hermes-2", "vicuna": "vicuna_v1.1", "phi3": "phi3-chat"}
 
 
-def tiny_config(seed: int, layout: str = "hf", llm: str = "qwen2", vision: str = "300m", fp8: bool = False) -> dict:
+def tiny_config(seed: int, layout: str = "hf", llm: str = "qwen2", vision: str = "300m", fp8: bool = False,
+                generation: int = 2) -> dict:
     config = {"seed": seed, "version": 2, "vision": vision, "llm": llm, "layout": layout}
+    config = {**config, "generation": generation} if generation != 2 else config
     return {**config, "fp8": True} if fp8 else config
 
 
 def make_tiny_model(out_dir: Path, seed: int = 0, force: bool = False, layout: str = "hf", llm: str = "qwen2",
-                    vision: str = "300m", fp8: bool = False) -> bool:
+                    vision: str = "300m", fp8: bool = False, generation: int = 2) -> bool:
     """Write the tiny checkpoint into `out_dir`. Returns False when an identical one is already there.
-    `fp8`: in compressed-tensors' FP8_DYNAMIC layout, as llm-compressor writes it (see `write_fp8_dynamic`)."""
-    if layout not in LAYOUTS or llm not in LLMS or vision not in VISIONS:
-        raise ValueError(f"layout/llm/vision must be one of {LAYOUTS} / {LLMS} / {VISIONS}")
-    if llm == "internlm2" and layout != "opengvlab":
-        raise ValueError("InternLM2 exists only in the OpenGVLab layout (transformers has no InternLM2 model)")
+    `fp8`: in compressed-tensors' FP8_DYNAMIC layout, as llm-compressor writes it (see `write_fp8_dynamic`).
+    `generation` 1: an InternVL 1 checkpoint (see GENERATIONS), in OpenGVLab's layout with InternViT-6B's shape."""
+    if layout not in LAYOUTS or llm not in LLMS or vision not in VISIONS or generation not in GENERATIONS:
+        raise ValueError(f"layout/llm/vision/generation must be one of {LAYOUTS} / {LLMS} / {VISIONS} / {GENERATIONS}")
+    if llm in ("internlm2", "vicuna") and layout != "opengvlab":
+        raise ValueError(f"--llm {llm} exists only in the OpenGVLab layout (its template is a named InternVL "
+                         "conversation template, not a tokenizer chat template)")
+    if generation == 1 and (layout != "opengvlab" or vision != "6b"):
+        raise ValueError("--generation 1 needs --layout opengvlab --vision 6b: InternVL 1 pairs InternViT-6B only, "
+                         "and transformers' InternVL cannot express its pixel shuffle (ps_version v1)")
     out_dir = Path(out_dir)
     marker = out_dir / MARKER
-    wanted = tiny_config(seed, layout, llm, vision, fp8)
+    wanted = tiny_config(seed, layout, llm, vision, fp8, generation)
     if not force and marker.is_file() and json.loads(marker.read_text()) == wanted:
         return False
     if out_dir.exists():
@@ -85,6 +96,8 @@ def make_tiny_model(out_dir: Path, seed: int = 0, force: bool = False, layout: s
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = build_tokenizer()
+    if llm == "vicuna":  # Llama-2's EOS, where vicuna_v1.1 ends each reply (appended: the merges stay the same)
+        tokenizer.add_special_tokens({"eos_token": "</s>"})
     model = build_model(tokenizer, seed, llm, vision)
     if layout == "hf":
         tokenizer.save_pretrained(tmp)
@@ -93,7 +106,7 @@ def make_tiny_model(out_dir: Path, seed: int = 0, force: bool = False, layout: s
     else:
         tokenizer.chat_template = None  # the config's named template is used instead, as for InternVL2 checkpoints
         tokenizer.save_pretrained(tmp)
-        write_opengvlab(tmp, model, llm)
+        write_opengvlab(tmp, model, llm, generation)
     if fp8:
         write_fp8_dynamic(tmp)
     (tmp / MARKER).write_text(json.dumps(wanted))
@@ -207,6 +220,8 @@ def build_model(tokenizer, seed: int, llm: str = "qwen2", vision: str = "300m"):
         text.update(model_type="qwen2", rope_theta=1000000.0)
     elif llm == "qwen3":  # head_dim 24, not 64 / 4 (Qwen3-0.6B's is not hidden / heads either); tied, as small Qwen3s
         text.update(model_type="qwen3", head_dim=24, rope_theta=1000000.0, tie_word_embeddings=True)
+    elif llm == "vicuna":  # Llama-2 (Vicuna v1.5, InternVL-Chat-V1-1's LLaMA2-13B): rope_theta 1e4, no scaling
+        text.update(model_type="llama", rope_theta=10000.0, attention_bias=False, max_position_embeddings=4096)
     elif llm in ("llama", "internlm2"):
         text.update(model_type="llama", rope_theta=500000.0 if llm == "llama" else 1000000.0, attention_bias=False)
         if llm == "llama":  # Llama-3's rotary scaling, as in InternVL2-76B's language model
@@ -247,8 +262,11 @@ def build_model(tokenizer, seed: int, llm: str = "qwen2", vision: str = "300m"):
     return model
 
 
-def write_opengvlab(out: Path, model, llm: str) -> None:
-    """Write a transformers-native model in OpenGVLab's InternVLChatModel layout (config and weights)."""
+def write_opengvlab(out: Path, model, llm: str, generation: int = 2) -> None:
+    """Write a transformers-native model in OpenGVLab's InternVLChatModel layout (config and weights). Generation
+    1 writes InternVL 1's tiling keys (InternVL-Chat-V1-2-Plus's fine-tune script, internvl_chat/shell/internvl1.2/
+    2nd_finetune/*_full.sh: dynamic_image_size False, use_thumbnail False, ps_version v1), and min/max_dynamic_patch
+    at InternVLChatConfig's defaults (1, 6), which a config that leaves tiling off must not act on."""
     from safetensors.torch import save_file
 
     cfg = model.config
@@ -276,19 +294,19 @@ def write_opengvlab(out: Path, model, llm: str) -> None:
         }
     else:
         text["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-                                  "phi3": "Phi3ForCausalLM"}[llm]]
+                                  "vicuna": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}[llm]]
     config = {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
         "template": OPENGVLAB_TEMPLATES[llm],
         "downsample_ratio": cfg.downsample_ratio,
-        "ps_version": "v2",
+        "ps_version": "v2" if generation == 2 else "v1",
         "select_layer": cfg.vision_feature_layer,
         "force_image_size": v.image_size[0],
-        "dynamic_image_size": True,
-        "use_thumbnail": True,
+        "dynamic_image_size": generation == 2,
+        "use_thumbnail": generation == 2,
         "min_dynamic_patch": 1,
-        "max_dynamic_patch": 12,
+        "max_dynamic_patch": 12 if generation == 2 else 6,
         "llm_config": text,
         "vision_config": {
             "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
