@@ -133,7 +133,7 @@ class Prefetcher:
     itself."""
 
     def __init__(self, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer,
-                 media_root_for: Callable[[Path], Path], max_rows: int = 64, max_bytes: int = 2 << 30,
+                 media_root_for: Callable[[Path], Path | str], max_rows: int = 64, max_bytes: int = 2 << 30,
                  threads: int = 4, fetch: FetchSettings | None = None, tiles: TilePool | None = None):
         self.tiles = tiles
         self._tile = tiles.tile if tiles is not None else tile_media
