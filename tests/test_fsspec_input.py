@@ -1,5 +1,5 @@
-"""input.path as an fsspec URL (memory://, which is process-global, so an in-process run sees it), and brace
-ranges: the rows, ids and output are those of the same files read from a local path."""
+"""input.path as an fsspec URL (memory://, which is process-global, so an in-process run sees it), brace ranges,
+and `.tar.gz` WebDataset shards: the rows, ids and output are those of the same files read from a local path."""
 
 from __future__ import annotations
 
@@ -151,3 +151,24 @@ def test_brace_ranges_expand_for_local_paths_and_a_missing_member_is_refused(tmp
     assert [r.id for r in rows_of(job_for(tmp_path, tmp_path / "s-{002,000}.tar"))] == ["s-000.tar:k0", "s-002.tar:k2"]
     with pytest.raises(JobError, match="no such file or directory: .*s-003.tar"):
         job_for(tmp_path, tmp_path / "s-{001..003}.tar")
+
+
+def test_a_gzipped_shard_reads_as_the_tar_and_a_cut_short_one_ends_in_one_error_row(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "gz").mkdir()
+    shard = write_shard(tmp_path / "plain" / "000.tar", [{"__key__": f"k{i}", "png": png_bytes(i), "txt": b"x"}
+                                                         for i in range(20)])
+    for name in ("000.tar.gz", "000.tgz"):
+        (tmp_path / "gz" / name).write_bytes(gzip.compress(shard.read_bytes()))
+    want = [(r.id.split(":")[1], r.data) for r in rows_of(job_for(tmp_path, shard))]
+    for name in ("000.tar.gz", "000.tgz"):
+        job = job_for(tmp_path, tmp_path / "gz" / name)
+        assert [(r.id.split(":")[1], r.data) for r in rows_of(job)] == want
+        assert rows_of(job)[0].id == f"{name}:k0" and count_rows(job.input.files) == 20
+    cut = tmp_path / "cut.tar.gz"
+    packed = gzip.compress(shard.read_bytes())
+    cut.write_bytes(packed[: len(packed) // 2])
+    job = job_for(tmp_path, cut)
+    rows = rows_of(job)
+    assert all(r.error is None for r in rows[:-1]) and 3 < len(rows) < 20
+    assert "the rest of cut.tar.gz cannot be read" in rows[-1].error and count_rows(job.input.files) == len(rows)

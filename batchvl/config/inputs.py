@@ -16,7 +16,7 @@ from batchvl.errors import JobError
 # DATA_SUFFIXES, then a Hugging Face `save_to_disk` folder, then (only where no data file is found) media files.
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "csv", "tsv", "openai-batch", "webdataset", "hf-dataset", "media")
 DATA_SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl", ".parquet": "parquet",
-                 ".csv": "csv", ".tsv": "tsv", ".tar": "webdataset"}
+                 ".csv": "csv", ".tsv": "tsv", ".tar": "webdataset", ".tar.gz": "webdataset", ".tgz": "webdataset"}
 INPUT_SUFFIXES = tuple(DATA_SUFFIXES)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
