@@ -65,6 +65,8 @@ def test_a_url_glob_reads_the_rows_and_ids_of_the_same_local_files(tmp_path, buc
         assert [(r.id, r.data, r.error) for r in got] == [(r.id, r.data, r.error) for r in want], pattern
         assert count_rows(url.input.files) == count_rows(local.input.files) == len(want)
         assert columns_of(url.input.files[0]) == columns_of(local.input.files[0])
+    by_file_url = job_for(tmp_path, f"file://{data}/*.tar")  # a file:// URL is the local path it names
+    assert by_file_url.input.files == job_for(tmp_path, data / "*.tar").input.files
     shards = rows_of(job_for(tmp_path, f"{bucket}/data/*.tar"))
     assert [r.id for r in shards] == ["000.tar:a", "000.tar:b", "001.tar:c"]
     assert shards[1].data is None and "json member that is not JSON" in shards[1].error  # still an error row
