@@ -137,6 +137,35 @@ def test_an_unreadable_input_stops_the_run_loudly():
     pre.close()
 
 
+class _Stop(BaseException):
+    """Not an Exception: as a KeyboardInterrupt or SystemExit raised in the rows' iterator would be."""
+
+
+def test_a_base_exception_from_the_rows_reaches_the_consumer_instead_of_hanging_it():
+    import threading
+
+    def rows():
+        yield Path("x.jsonl"), Row(id="a", source="x.jsonl:1", data={"image": None})
+        raise _Stop("interrupted")
+
+    pre = Prefetcher(rows(), preparer(), lambda f: Path("."))
+    seen, raised = [], []
+
+    def consume():
+        try:
+            seen.extend(item.id for item in pre)
+        except BaseException as e:  # whatever the producer met
+            raised.append(e)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=10)
+    hung = consumer.is_alive()
+    pre.close()
+    assert not hung, "the consumer still waits for a row the producer will never prepare"
+    assert seen == ["a"] and [type(e) for e in raised] == [_Stop]
+
+
 def test_bench_media_runs_every_method_on_both_workloads():
     from batchvl.tools.bench_media import format_table, run
 

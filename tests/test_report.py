@@ -142,3 +142,45 @@ def test_the_reservoir_samples_every_position_alike():
         for i in r.items:
             hits[i] += 1
     assert min(hits) > 140 and max(hits) < 270  # expected 200 each
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_several_samples_per_row_each_get_a_labelled_card_and_error_row_within_the_bounds(tmp_path, fmt):
+    """generation.n 3: every (id, sample) is a card or a failed row of its own, named with its sample, each card
+    with its input row's thumbnail; the sample and the error list stay bounded by output rows."""
+    import json
+
+    from PIL import Image
+
+    from batchvl.io.columns import own_columns
+    from batchvl.io.writer import FINGERPRINT_NAME, output_schema
+
+    for i in range(2):
+        Image.new("RGB", (80, 60), (90 * i, 40, 160)).save(tmp_path / f"im{i}.jpg")
+    rows = [{"id": "a", "prompt": "x", "image": "im0.jpg"}, {"id": "b", "prompt": "x", "image": "im1.jpg"}]
+    job = write_job(tmp_path / "job.yaml", base_job(tmp_path / "model", write_jsonl(tmp_path / "in.jsonl", rows),
+                                                    tmp_path / "out"))
+    out = tmp_path / "out"
+    writer = PartWriter(out, output_schema({}, own_columns(3, False)), 4, Owner.new(), format=fmt)
+    for k in range(3):
+        writer.add(Result("a", f"text a{k}", None, "stop", 10, 3, sample=k))
+    writer.add(Result("b", "text b0", None, "stop", 10, 3, sample=0))
+    for k in (1, 2):
+        writer.add(Result.failed("b", f"prompt: too long for sample {k}", sample=k))
+    writer.close()
+    (out / FINGERPRINT_NAME).write_text(json.dumps({"job": {"generation.n": 3}}), encoding="utf-8")
+
+    g = gather(out)
+    assert sorted((c.id, c.sample) for c in g.sample) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    assert [c.label for c in g.errors] == ["b · sample 1", "b · sample 2"]
+    page = tmp_path / "r.html"
+    assert main(["report", str(out), "--job", str(job), "-o", str(page)]) == 0
+    html = page.read_text(encoding="utf-8")
+    for k in range(3):
+        assert f"<div class=id>a · sample {k}</div>" in html and f"<div class=id>b · sample {k}</div>" in html
+    assert len(re.findall(r"<img src='data:image/jpeg", html)) == 6  # every sample's card, not one per id
+    assert re.findall(r"<td class=id>([^<]*)</td>", html) == ["b · sample 1", "b · sample 2"]
+    assert "with 3 samples per input row, a row here is one (id, sample)" in html
+
+    small = gather(out, sample_rows=2, max_errors=1)
+    assert len(small.sample) == 2 and [c.label for c in small.errors] == ["b · sample 1"]

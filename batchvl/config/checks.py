@@ -19,6 +19,8 @@ from batchvl.config.spec import (
     Problems,
     at_least,
     at_most,
+    is_url,
+    local_path,
     one_of,
     path_is,
     shown,
@@ -172,8 +174,10 @@ def _check_quantization(engine: EngineSpec) -> None:
 def _check_output_outside_input(job: Job) -> None:
     """An output folder inside the input folder (or holding input files) would be read back as input by the
     next run: its part files are Parquet files under input.path. Raises JobError."""
+    if is_url(job.input.path):  # read through fsspec: not on this machine's file system
+        return
     out = Path(os.path.realpath(job.output_dir))
-    inp = job.resolve(job.input.path)
+    inp = job.resolve(local_path(job.input.path))
     roots = [Path(os.path.realpath(inp))] if path_is(inp, "is_dir") else []
     inside = any(out == root or root in out.parents for root in roots) or any(
         out in Path(os.path.realpath(f)).parents for f in job.input.files)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import glob
 import json
+import posixpath
 from pathlib import Path
 from typing import Any
 
+from batchvl.config.urls import InputFile, RemoteFile, expand_braces, filesystem, is_url, local_path, url_root
 from batchvl.config.values import absolute_path, one_of, path_is, shown
 from batchvl.errors import JobError
 
@@ -14,7 +16,7 @@ from batchvl.errors import JobError
 # DATA_SUFFIXES, then a Hugging Face `save_to_disk` folder, then (only where no data file is found) media files.
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "csv", "tsv", "openai-batch", "webdataset", "hf-dataset", "media")
 DATA_SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl", ".parquet": "parquet",
-                 ".csv": "csv", ".tsv": "tsv", ".tar": "webdataset"}
+                 ".csv": "csv", ".tsv": "tsv", ".tar": "webdataset", ".tar.gz": "webdataset", ".tgz": "webdataset"}
 INPUT_SUFFIXES = tuple(DATA_SUFFIXES)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -32,7 +34,7 @@ FORMAT_COLUMNS = {
 # output.path names a folder; a name ending so is most likely meant as one file (issue 19)
 FILE_LIKE_SUFFIXES = (*INPUT_SUFFIXES, ".json", ".txt", ".gz", ".zst", ".arrow")
 
-def file_format(file: Path, declared: str = "auto") -> str:
+def file_format(file: InputFile, declared: str = "auto") -> str:
     """The format a file of the input is read in: the declared one, or (auto) the one its name says."""
     if declared != "auto":
         return declared
@@ -64,8 +66,20 @@ _WAY_FORWARD = ("input.format names how to read it (one of " + ", ".join(INPUT_F
                 "; README \"Input formats\"); other data can be converted to JSONL or Parquet first")
 
 
-def expand_input(path: str, base_dir: str, fmt: str = "auto") -> list[Path]:
+def expand_input(path: str, base_dir: str, fmt: str = "auto") -> list[InputFile]:
+    """The files `input.path` names, in a stable order (see InputSpec.files). Raises JobError naming the key."""
     one_of("input.format", fmt, INPUT_FORMATS)
+    if is_url(path):
+        return expand_url(path, fmt)
+    local = local_path(path)
+    p = absolute_path(local, base_dir)
+    if not path_is(p, "exists") and len(patterns := expand_braces(local)) > 1:
+        files = {f: None for pattern in patterns for f in _expand_local(pattern, base_dir, fmt)}
+        return sorted(files)  # each name (or glob) of the braces must match, as a path of its own would
+    return _expand_local(local, base_dir, fmt)
+
+
+def _expand_local(path: str, base_dir: str, fmt: str) -> list[Path]:
     p = absolute_path(path, base_dir)
     name = shown(path, quote=False)
     if fmt in ("auto", "hf-dataset") and path_is(p, "is_dir") and ((p / HF_STATE).is_file()
@@ -98,6 +112,47 @@ def expand_input(path: str, base_dir: str, fmt: str = "auto") -> list[Path]:
             raise JobError(f"input.path: the pattern {name} matches no {_names(suffixes)} file; {_WAY_FORWARD}")
         return files
     raise JobError(f"input.path: no such file or directory: {name}")
+
+
+def expand_url(url: str, fmt: str) -> list[RemoteFile]:
+    """The files an fsspec URL names (a file, every data file under a folder, a glob's or brace pattern's
+    matches), as `expand_input` lists a local path's, in order. Raises JobError naming `input.path`."""
+    name = shown(url, quote=False)
+    if fmt in ("media", "hf-dataset"):
+        raise JobError(f"input.path: {name}: input.format {fmt} reads a local folder; an fsspec URL names data "
+                       f"files ({_names(_suffixes('auto'))})")
+    suffixes = _suffixes(fmt)
+    root = url_root(url)
+    found: dict[str, RemoteFile] = {}
+    for pattern in expand_braces(url):
+        fs, path = filesystem(pattern)
+        shown_pattern = shown(pattern, quote=False)
+        try:
+            if glob.has_magic(path):
+                matched = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"]
+                what = f"the pattern {shown_pattern} matches no {_names(suffixes)} file"
+            elif fs.isdir(path):
+                matched = fs.find(path)
+                what = f"no {_names(suffixes)} files under {shown_pattern}"
+            elif fs.isfile(path):
+                if not path.lower().endswith(suffixes):
+                    raise JobError(f"input.path: cannot tell how to read {shown_pattern} from its name (expected "
+                                   f"{_names(suffixes)}); {_WAY_FORWARD}")
+                matched, what = [path], ""
+            else:
+                raise JobError(f"input.path: no such file or directory: {shown_pattern}")
+        except JobError:
+            raise
+        except Exception as e:  # a backend's own errors: no such bucket, no access, no network
+            raise JobError(f"input.path: cannot list {shown_pattern}: {type(e).__name__}: "
+                           f"{shown(str(e), quote=False)}") from None
+        files = [p for p in matched if p.lower().endswith(suffixes)]
+        if not files:
+            raise JobError(f"input.path: {what}; {_WAY_FORWARD}")
+        for p in files:
+            below = posixpath.relpath(p, str(root)) if str(root) not in ("", ".") else p
+            found.setdefault(p, RemoteFile(fs.unstrip_protocol(p), below))
+    return sorted(found.values())
 
 
 def _names(suffixes: tuple[str, ...]) -> str:

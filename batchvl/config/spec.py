@@ -6,11 +6,10 @@ Reading the file is `batchvl.config.load`; the checks that need neither model no
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from batchvl.config.inputs import (  # noqa: F401 (names the other modules take from spec)
     DATA_SUFFIXES,
@@ -24,6 +23,15 @@ from batchvl.config.inputs import (  # noqa: F401 (names the other modules take 
     expand_input,
     file_format,
     is_media_file,
+)
+from batchvl.config.urls import (  # noqa: F401
+    InputFile,
+    RemoteFile,
+    has_pattern,
+    is_url,
+    local_path,
+    plain_root,
+    url_root,
 )
 from batchvl.config.values import (  # noqa: F401
     SHOWN_CHARS,
@@ -68,10 +76,10 @@ class InputSpec:
     base_dir: str = field(default=".", metadata={"internal": True})
 
     @cached_property
-    def files(self) -> list[Path]:
+    def files(self) -> list[InputFile]:
         """The input files, in a stable order: a file, every data file under a directory, or a glob's matches
         (see INPUT_FORMATS). A folder of media files is one entry, the folder, walked as it is read; a Hugging
-        Face dataset folder is its Arrow files."""
+        Face dataset folder is its Arrow files. An fsspec URL's files are RemoteFiles (config.urls)."""
         return expand_input(self.path, self.base_dir, self.format)
 
     def fill_format_columns(self) -> None:
@@ -92,7 +100,7 @@ class InputSpec:
             if getattr(self, key) is None:
                 setattr(self, key, column)
 
-    def format_of(self, file: Path) -> str:
+    def format_of(self, file: InputFile) -> str:
         """The format one of `files` is read in."""
         return file_format(file, self.format)
 
@@ -102,21 +110,19 @@ class InputSpec:
         return {self.format_of(f) for f in self.files}
 
     @cached_property
-    def root(self) -> Path:
+    def root(self) -> PurePath:
         """The folder that default row ids name input files relative to, fixed by `path` alone so that adding
         files never renames the others: a file's own folder (the id names the file), the directory itself, or
-        a glob's leading folder, before its first wildcard (`data/**/*.jsonl`: `data`)."""
-        p = absolute_path(self.path, self.base_dir)
+        a glob's or brace pattern's leading folder, before its first wildcard (`data/**/*.jsonl`: `data`). For
+        an fsspec URL, the same folder as a path of its filesystem (config.urls)."""
+        if is_url(self.path):
+            return url_root(self.path)
+        p = absolute_path(local_path(self.path), self.base_dir)
         if path_is(p, "is_dir"):
             return p
-        if path_is(p, "is_file") or not glob.has_magic(str(p)):
+        if path_is(p, "is_file") or not has_pattern(str(p)):
             return p.parent
-        plain = []
-        for part in p.parts:
-            if glob.has_magic(part):
-                break
-            plain.append(part)
-        return Path(*plain)
+        return plain_root(p)
 
 
 @dataclass
@@ -231,11 +237,12 @@ class Job:
     def output_dir(self) -> Path:
         return Path(os.path.normpath(self.resolve(self.output.path)))
 
-    def media_root_for(self, input_file: Path) -> Path:
-        """`input.media_root`, or else the folder of the input file the row came from."""
+    def media_root_for(self, input_file: InputFile) -> Path | str:
+        """`input.media_root`, or else the folder of the input file the row came from (the URL of its folder
+        for a file read through fsspec: relative media references are read from beside it)."""
         if self.input.media_root is not None:
             return self.resolve(self.input.media_root)
-        return input_file.parent
+        return input_file.folder if isinstance(input_file, RemoteFile) else input_file.parent
 
 
 def resolve_gpus(engine: EngineSpec) -> list[int]:

@@ -6,7 +6,9 @@ decimal digits, bytes as their UTF-8 text; any other value (a float, a boolean, 
 and its row becomes an error row. Without it, or for a record whose id cannot be read, it is the record's position,
 `<file>:<line>` (JSONL, 1-based), `<file>:<row>` (Parquet and Arrow, 0-based), `<file>:<record>` (CSV, 1-based),
 `<shard>:<key>` (WebDataset) or the media file's own path (a media folder), with the file named by its path below
-`InputSpec.root`, a folder fixed by `input.path` alone: adding files to the input never renames the others.
+`InputSpec.root`, a folder fixed by `input.path` alone: adding files to the input never renames the others. A file
+read through an fsspec URL is named the same way, below the URL's folder (config.urls), so it keeps the ids the
+same file has read from a local path.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 
 import pyarrow as pa
 
-from batchvl.config.spec import INPUT_SUFFIXES, Job, shown
+from batchvl.config.spec import INPUT_SUFFIXES, InputFile, Job, RemoteFile, shown
 
 # The rule of `id_text`, recorded in an output folder's fingerprint (`input.ids`). A folder whose fingerprint
 # lacks it was written by a batchvl that made any value an id with str(); it keeps doing so (`old_values`).
@@ -33,7 +35,7 @@ class Ids:
     """How a run names its rows: files by their path below `root`; records by their `column` value, as
     `id_text` makes it, or as str() did for a folder written before that rule (`old_values`)."""
 
-    root: Path
+    root: PurePath
     column: str | None = None
     old_values: bool = False
     format: str = "auto"  # input.format: which reader gives the records (an OpenAI batch's id is its custom_id)
@@ -42,8 +44,10 @@ class Ids:
     def of(cls, job: Job, old_values: bool = False) -> Ids:
         return cls(job.input.root, job.input.id_column, old_values, job.input.format)
 
-    def name(self, file: Path) -> str:
+    def name(self, file: InputFile) -> str:
         """The file's part of its rows' default ids: its path below the root, with `/` between folders."""
+        if isinstance(file, RemoteFile):
+            return utf8_safe(file.below)
         return utf8_safe(PurePath(os.path.relpath(file, self.root)).as_posix())
 
     def text(self, value: Any) -> str:
@@ -98,7 +102,7 @@ def utf8_safe(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def moved_folder(done: Iterable[str], names: Iterable[str], root: Path) -> tuple[str, str, Path] | None:
+def moved_folder(done: Iterable[str], names: Iterable[str], root: PurePath) -> tuple[str, str, PurePath] | None:
     """Whether the output folder's ids name input files relative to another folder than `root`: an id names
     `a.jsonl` where the input has `x/a.jsonl` (or the other way round). Then those rows would run again under
     their new ids. Returns (the name in the ids, the input's name for it, the folder the ids are relative to),

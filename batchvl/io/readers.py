@@ -16,20 +16,21 @@ import io
 import json
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchvl.config.spec import file_format
+from batchvl.config.spec import InputFile, RemoteFile, file_format
 from batchvl.core import Row
 from batchvl.io.ids import Ids
 from batchvl.io.media_files import MEDIA_COLUMNS, count_media, read_media
 from batchvl.io.openai_batch import chat_request_to_row
 from batchvl.io.tabular import read_table_text, table_header
 from batchvl.io.tar_shards import count_samples, read_shard, shard_columns
-from batchvl.io.text import Record, one_line
+from batchvl.io.text import Record, one_line, open_input
 
 PARQUET_BATCH_ROWS = 1024
 MAX_JSONL_LINE_BYTES = 64 * 1024 * 1024  # a longer line is skipped (never held whole) and becomes an error row
@@ -37,7 +38,7 @@ JSONL_COLUMN_SCAN = 1000  # JSONL records looked at when checking that a column 
 _SKIP_CHUNK = 64 * 1024
 
 
-def read_rows(files: list[Path], ids: Ids) -> Iterator[tuple[Path, Row]]:
+def read_rows(files: list[InputFile], ids: Ids) -> Iterator[tuple[InputFile, Row]]:
     """Yield (file, row) for every record of every file, in order, named as `ids` says.
 
     A record that cannot be parsed, or lacks its id, is still yielded, with `data=None` and an `error`, so it
@@ -48,7 +49,7 @@ def read_rows(files: list[Path], ids: Ids) -> Iterator[tuple[Path, Row]]:
             yield path, row
 
 
-def read_file_rows(path: Path, ids: Ids) -> Iterator[Row]:
+def read_file_rows(path: InputFile, ids: Ids) -> Iterator[Row]:
     """The rows of one input file, as `read_rows` gives them.
 
     Ids and sources are valid UTF-8 (a lone surrogate, from a JSON escape or an undecodable file name, is
@@ -70,7 +71,7 @@ def read_file_rows(path: Path, ids: Ids) -> Iterator[Row]:
         yield Row(id=row_id, source=source, data=data, error=error)
 
 
-def _records(path: Path, fmt: str, name: str, ids: Ids) -> Iterator[Record]:
+def _records(path: InputFile, fmt: str, name: str, ids: Ids) -> Iterator[Record]:
     if fmt == "jsonl":
         return _read_jsonl(path, name)
     if fmt == "openai-batch":
@@ -135,20 +136,23 @@ except ImportError:  # only .jsonl.zst input needs it (a core dependency; this i
 _DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, *((zstandard.ZstdError,) if zstandard else ()))
 
 
-def open_jsonl(path: Path) -> IO[bytes]:
+@contextmanager
+def open_jsonl(path: InputFile) -> Iterator[IO[bytes]]:
     """A JSONL file for reading its bytes: `.gz` and `.zst` files decompressed as they are read."""
     name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".zst"):
-        if zstandard is None:
-            raise OSError("reading .zst needs the zstandard package: pip install zstandard")
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")
+    if name.endswith(".zst") and zstandard is None:
+        raise OSError("reading .zst needs the zstandard package: pip install zstandard")
+    with open_input(path) as raw:
+        if name.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                yield f
+        elif name.endswith(".zst"):
+            yield io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False))
+        else:
+            yield raw
 
 
-def _lines(path: Path, name: str) -> Iterator[tuple[str, bytes | None, str | None]]:
+def _lines(path: InputFile, name: str) -> Iterator[tuple[str, bytes | None, str | None]]:
     """(source, line, None) for each non-blank line; an over-long line as (source, None, why). A compressed file
     that cannot be decompressed on (truncated, corrupt) ends with one (source, None, why) for what is left."""
     number = 0
@@ -167,7 +171,7 @@ def _lines(path: Path, name: str) -> Iterator[tuple[str, bytes | None, str | Non
                              f"or corrupt after line {number}): {one_line(e)}")
 
 
-def _read_jsonl(path: Path, name: str) -> Iterator[Record]:
+def _read_jsonl(path: InputFile, name: str) -> Iterator[Record]:
     for source, line, error in _lines(path, name):
         if line is None:
             yield source, None, error, None
@@ -176,7 +180,7 @@ def _read_jsonl(path: Path, name: str) -> Iterator[Record]:
         yield source, data, error, None
 
 
-def _read_requests(path: Path, name: str) -> Iterator[Record]:
+def _read_requests(path: InputFile, name: str) -> Iterator[Record]:
     """OpenAI batch request lines (io.openai_batch): a line that cannot run is an error row, keyed by its
     custom_id when it has one."""
     for source, line, error in _lines(path, name):
@@ -199,11 +203,26 @@ def _read_requests(path: Path, name: str) -> Iterator[Record]:
 _READ_ERRORS = (OSError, ValueError, OverflowError, pa.ArrowException)
 
 
-def _read_parquet(path: Path, name: str, id_column: str | None) -> Iterator[Record]:
+@contextmanager
+def parquet_file(path: InputFile) -> Iterator[pq.ParquetFile]:
+    """A Parquet file opened for reading row group by row group: a local one by pyarrow itself, one named by
+    an fsspec URL through its fsspec file (pyarrow reads the footer, then each row group's byte ranges)."""
+    if isinstance(path, RemoteFile):
+        with open_input(path) as f:
+            yield pq.ParquetFile(f)
+    else:
+        yield pq.ParquetFile(path)
+
+
+def _read_parquet(path: InputFile, name: str, id_column: str | None) -> Iterator[Record]:
     """Row group by row group: a group that cannot be decoded (a corrupt page, say) makes its rows not yet
     given error rows, keyed by their ids when the id column alone can still be read, and the next group is
     read as usual. Positions (`file:row`) come from the footer, so they stay those of an intact read."""
-    file = pq.ParquetFile(path)
+    with parquet_file(path) as file:
+        yield from _parquet_records(file, name, id_column)
+
+
+def _parquet_records(file: pq.ParquetFile, name: str, id_column: str | None) -> Iterator[Record]:
     start = 0
     for group in range(file.num_row_groups):
         size = file.metadata.row_group(group).num_rows
@@ -274,10 +293,11 @@ def _read_arrow(path: Path, name: str, id_column: str | None) -> Iterator[Record
                             f"or not an Arrow stream): {one_line(e)}"), None
 
 
-def arrow_schema(path: Path, fmt: str) -> pa.Schema | None:
+def arrow_schema(path: InputFile, fmt: str) -> pa.Schema | None:
     """The typed schema of a Parquet or Arrow input file; None for formats whose values are text or JSON."""
     if fmt == "parquet":
-        return pq.ParquetFile(path).schema_arrow
+        with parquet_file(path) as file:
+            return file.schema_arrow
     if fmt == "hf-dataset":
         with pa.memory_map(str(path)) as source, pa.ipc.open_stream(source) as reader:
             return reader.schema
@@ -287,14 +307,15 @@ def arrow_schema(path: Path, fmt: str) -> pa.Schema | None:
 # ---- counts and columns -----------------------------------------------------------------------------------
 
 
-def count_rows(files: list[Path], fmt: str = "auto") -> int:
+def count_rows(files: list[InputFile], fmt: str = "auto") -> int:
     """Rows in the input: Parquet from its footer, Arrow from its batches' headers, WebDataset from its tar
     headers, media folders by a walk, the rest by a streaming count of records."""
     total = 0
     for path in files:
         kind = file_format(path, fmt)
         if kind == "parquet":
-            total += pq.ParquetFile(path).metadata.num_rows
+            with parquet_file(path) as file:
+                total += file.metadata.num_rows
         elif kind == "hf-dataset":
             total += sum(1 for _ in _read_arrow_counts(path))
         elif kind == "webdataset":
@@ -317,7 +338,7 @@ def _read_arrow_counts(path: Path) -> Iterator[None]:
         yield None  # the error row of what cannot be read
 
 
-def columns_of(path: Path, fmt: str = "auto") -> set[str] | None:
+def columns_of(path: InputFile, fmt: str = "auto") -> set[str] | None:
     """The columns of an input file: the Parquet or Arrow schema, a CSV header, the columns every row of the
     format has (OpenAI batch, media), or the keys seen in the first JSONL_COLUMN_SCAN records of a JSONL file
     or samples of a WebDataset shard (records may omit keys; lines that cannot be parsed are passed over).

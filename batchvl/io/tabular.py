@@ -10,10 +10,11 @@ missing columns null. Empty cells are empty strings, as the file says. A record'
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
-from pathlib import Path
 
-from batchvl.io.text import Record, one_line
+from batchvl.config.urls import InputFile
+from batchvl.io.text import Record, one_line, open_input
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
 _SKIP_CHUNK = 64 * 1024
@@ -45,11 +46,11 @@ class _BoundedLines:
         return line
 
 
-def _open(path: Path):
-    return open(path, encoding="utf-8", errors="backslashreplace", newline="")
+def _open(path: InputFile) -> io.TextIOWrapper:
+    return io.TextIOWrapper(open_input(path), encoding="utf-8", errors="backslashreplace", newline="")
 
 
-def table_header(path: Path, delimiter: str) -> set[str] | None:
+def table_header(path: InputFile, delimiter: str) -> set[str] | None:
     """The columns the header row names; None for an empty file."""
     with _open(path) as f:
         try:
@@ -59,7 +60,7 @@ def table_header(path: Path, delimiter: str) -> set[str] | None:
     return set(header) if header else None
 
 
-def read_table_text(path: Path, name: str, delimiter: str) -> Iterator[Record]:
+def read_table_text(path: InputFile, name: str, delimiter: str) -> Iterator[Record]:
     """The records of a CSV (`,`) or TSV (`\\t`) file as dicts of strings, keyed by the header."""
     with _open(path) as f:
         reader = csv.reader(_BoundedLines(f), delimiter=delimiter)

@@ -86,10 +86,15 @@ class Fetcher:
         if self._http is not None:
             await self._http.close()
 
-    async def fetch(self, ref: Any, media_root: Path, read_local: bool = True,
+    async def fetch(self, ref: Any, media_root: Path | str, read_local: bool = True,
                     allowance: Allowance = UNLIMITED) -> Blob:
         """The bytes (or local path, when `read_local` is False) a reference points at, their size reserved from
-        `allowance` before they are read. A local path handed over unread is not held in memory, and not capped."""
+        `allowance` before they are read. A local path handed over unread is not held in memory, and not capped.
+        `media_root` is a folder, or the URL of one (an input file read through fsspec): a relative path is
+        read from there."""
+        if isinstance(media_root, str) and "://" in media_root and isinstance(ref, str) and scheme_of(ref) == "" \
+                and not Path(ref).expanduser().is_absolute():
+            ref = f"{media_root.rstrip('/')}/{ref}"
         if isinstance(ref, dict):
             data, path = ref.get("bytes"), ref.get("path")
             if data is not None:
@@ -111,7 +116,7 @@ class Fetcher:
             share.drop()
             raise
 
-    async def _fetch_bytes(self, ref: Any, media_root: Path, share: Share) -> Blob:
+    async def _fetch_bytes(self, ref: Any, media_root: Path | str, share: Share) -> Blob:
         cap = self.s.max_media_bytes
         if isinstance(ref, (bytes, bytearray, memoryview)):
             size = ref.nbytes if isinstance(ref, memoryview) else len(ref)
@@ -308,14 +313,15 @@ def _bad_reply(e: BaseException) -> str:
     return f"bad HTTP reply: {message}"
 
 
-def load_blob(ref: Any, media_root: Path | None, read_local: bool = True,
+def load_blob(ref: Any, media_root: Path | str | None, read_local: bool = True,
               settings: FetchSettings | None = None) -> Blob:
     """Fetch one reference synchronously (for callers outside the prefetch loop)."""
 
     async def one():
         fetcher = Fetcher(settings)
         try:
-            return await fetcher.fetch(ref, Path(media_root or "."), read_local)
+            url_root = isinstance(media_root, str) and "://" in media_root
+            return await fetcher.fetch(ref, media_root if url_root else Path(media_root or "."), read_local)
         finally:
             await fetcher.close()
 

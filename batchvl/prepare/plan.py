@@ -21,7 +21,7 @@ class MediaRef:
 @dataclass
 class RowPlan:
     row: Row
-    media_root: Path
+    media_root: Path | str  # a folder, or the URL of one (an input file read through fsspec)
     messages: list[dict[str, str]]  # role + content with <image> placeholders, in media order
     media: list[MediaRef] = field(default_factory=list)
     keep: dict[str, Any] = field(default_factory=dict)

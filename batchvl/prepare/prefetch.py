@@ -133,7 +133,7 @@ class Prefetcher:
     itself."""
 
     def __init__(self, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer,
-                 media_root_for: Callable[[Path], Path], max_rows: int = 64, max_bytes: int = 2 << 30,
+                 media_root_for: Callable[[Path], Path | str], max_rows: int = 64, max_bytes: int = 2 << 30,
                  threads: int = 4, fetch: FetchSettings | None = None, tiles: TilePool | None = None):
         self.tiles = tiles
         self._tile = tiles.tile if tiles is not None else tile_media
@@ -221,7 +221,7 @@ class Prefetcher:
         self._submitted = 0  # rows handed to tasks so far
         self._consumed = 0  # rows the consumer has taken: the row it waits for is number _consumed
         self._ready.set()
-        failure: Exception | None = None
+        failure: BaseException | None = None
         try:
             while not self._stop:
                 await self._slots.acquire()
@@ -229,9 +229,9 @@ class Prefetcher:
                     file, row = next(self.rows)
                 except StopIteration:
                     break
-                except Exception as e:  # the input itself failed (unreadable file): the run stops, loudly
-                    failure = e
-                    break
+                except BaseException as e:  # the input itself failed (an unreadable file; a
+                    failure = e  # KeyboardInterrupt or SystemExit met in this thread): the run stops, loudly,
+                    break  # in the consumer's thread, once the rows before it are prepared
                 result: concurrent.futures.Future = concurrent.futures.Future()
                 self._out.put(result)
                 task = asyncio.create_task(self._prepare(file, row, self._submitted, result))

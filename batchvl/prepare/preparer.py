@@ -91,7 +91,7 @@ class RowPreparer:
 
     # ---- stage 1: the plan ------------------------------------------------------------------------------
 
-    def plan(self, row: Row, media_root: Path) -> RowPlan | Result:
+    def plan(self, row: Row, media_root: Path | str) -> RowPlan | Result:
         keep = self._keep(row.data) if row.data is not None else {}
         if row.error is not None:
             return Result.failed(row.id, row.error, keep)

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchvl.config import Job, JobError
-from batchvl.config.spec import Problems, shown
+from batchvl.config.spec import InputFile, Problems, is_url, local_path, shown
 from batchvl.engine import GenerationParams
 from batchvl.engine.factory import check_quantization
 from batchvl.engine.hf import check_load_format
@@ -46,7 +46,7 @@ class Plan:
     checkpoint: CheckpointInfo
     tokenizer: Any
     template: str | ConversationTemplate | None
-    files: list[Path]
+    files: list[InputFile]
     rows: int
     done: set[str] = field(default_factory=set)
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -184,8 +184,11 @@ def check_ids_stay(job: Job, plan: Plan) -> None:
     if moved is None:
         return
     old, new, folder = moved
-    given = Path(os.path.expanduser(job.input.path))
-    shown_folder = str(folder) if given.is_absolute() else os.path.relpath(folder, job.base_dir)
+    if is_url(job.input.path):  # the folder as a URL of the input's own filesystem
+        shown_folder = f"{job.input.path.partition('://')[0]}://{str(folder).lstrip('/')}"
+    else:
+        given = Path(os.path.expanduser(local_path(job.input.path)))
+        shown_folder = str(folder) if given.is_absolute() else os.path.relpath(folder, job.base_dir)
     folder_text = shown(shown_folder, quote=False)
     raise JobError(f"output.path: {shown(job.output.path, quote=False)} holds ids that name input files relative "
                    f"to {folder_text}, not to input.path {shown(job.input.path, quote=False)} ({shown(old)} for "
@@ -253,7 +256,7 @@ def _compile_jinja(source: str) -> None:
     _compile_jinja_template(source)
 
 
-def _check_columns(job: Job, file: Path, ids: Ids, problems: Problems) -> None:
+def _check_columns(job: Job, file: InputFile, ids: Ids, problems: Problems) -> None:
     """The columns the job names (and its prompt's `{column}` fields) are in the input file."""
     wanted = {
         "input.id_column": job.input.id_column,

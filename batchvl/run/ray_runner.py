@@ -36,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchvl.config import Job
+from batchvl.config.spec import is_url
 from batchvl.errors import JobError
 from batchvl.io.ids import Ids
 from batchvl.io.readers import count_rows, read_file_rows
@@ -224,6 +225,9 @@ def run_ray_job(job: Job, options: RayOptions, overwrite: bool = False, retry_er
     if "media" in job.input.formats:  # Ray reads the input file by file; a media folder is one entry
         raise JobError("input.path: a folder or glob of media files runs locally, not with --ray (yet); list the "
                        "files in a JSONL file with an image column to run them on Ray")
+    if is_url(job.input.path):  # Ray's file datasource lists local paths
+        raise JobError("input.path: an fsspec URL input runs locally, not with --ray (yet); run it without --ray, "
+                       "or copy the files to a shared local path")
     ray = require_ray()
     start = time.perf_counter()
     finished = None if overwrite else finished_plan(job, retry_errors)

@@ -7,6 +7,10 @@ rows are kept, in part order, beside the full counts by error kind. Throughput o
 themselves: each is renamed into place when committed, so its modification time is its commit time, and its
 rows are the rows committed then.
 
+With several samples per row (generation.n > 1) an output row is one (id, sample): the reservoir and the error
+list take output rows, so one input row may show up as several cards, each labelled with its sample, and the
+bounds are those of any folder of as many output rows.
+
 Output rows do not hold their media. With the job file (`--job`), the input is streamed once to find the
 sampled rows' media references, and each is made a small JPEG thumbnail on the fly (local files, data URIs and
 inline bytes; URLs are not fetched). Without it the cards show text only.
@@ -23,10 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from batchvl.config import Job
 from batchvl.errors import DamagedPartError, JobError, RowError
+from batchvl.io.columns import is_own
 from batchvl.io.ids import Ids
 from batchvl.io.jsonl_parts import results as jsonl_results
 from batchvl.io.readers import read_rows
@@ -57,10 +64,16 @@ class Card:
     output_tokens: int = 0
     thumbs: list[str] = field(default_factory=list)  # data: URIs of JPEG thumbnails
     media: list[str] = field(default_factory=list)  # the references, described; why a thumbnail is missing
+    sample: int | None = None  # generation.n > 1: which of the row's samples this output row is
 
     @property
     def kind(self) -> str:
         return "ok" if self.error is None else error_kind(self.error)
+
+    @property
+    def label(self) -> str:
+        """The output row's name on the page: its id, and its sample where the row has several."""
+        return self.id if self.sample is None else f"{self.id} · sample {self.sample}"
 
 
 @dataclass
@@ -81,6 +94,12 @@ class Gathered:
     summaries: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     media_note: str = ""
+
+    @property
+    def samples(self) -> int:
+        """Output rows per input row: the folder's generation.n (1 for a folder written before it was recorded)."""
+        n = self.fingerprint.get("generation.n", 1)
+        return n if isinstance(n, int) and n > 1 else 1
 
     @property
     def ok(self) -> int:
@@ -162,15 +181,21 @@ def _read(part: Path) -> tuple[int, tuple[int, int], list[tuple[int, str]], Call
         tokens = (sum(r.prompt_tokens or 0 for r in results), sum(r.output_tokens or 0 for r in results))
         return len(results), tokens, errors, lambda rows: [
             Card(str(results[i].id), results[i].text, results[i].error, results[i].finish_reason,
-                 results[i].prompt_tokens or 0, results[i].output_tokens or 0) for i in rows]
-    table = read_part(part, columns=BASE_SCHEMA.names)
+                 results[i].prompt_tokens or 0, results[i].output_tokens or 0, sample=results[i].sample)
+            for i in rows]
+    try:
+        schema = pq.read_schema(part)
+    except (OSError, pa.ArrowException) as e:  # as read_part says it
+        raise DamagedPartError(part, " ".join(str(e).split())[:160]) from None
+    samples = "sample" in schema.names and is_own(schema.field("sample"))
+    table = read_part(part, columns=BASE_SCHEMA.names + (["sample"] if samples else []))
     error = table.column("error")
     failed = pc.indices_nonzero(pc.is_valid(error)).to_pylist()
     messages = error.take(failed).to_pylist() if failed else []
     tokens = tuple(pc.sum(table.column(c)).as_py() or 0 for c in ("prompt_tokens", "output_tokens"))
     return table.num_rows, tokens, list(zip(failed, messages, strict=True)), lambda rows: [
-        Card(r["id"], r["text"], r["error"], r["finish_reason"], r["prompt_tokens"] or 0, r["output_tokens"] or 0)
-        for r in table.take(rows).to_pylist()] if rows else []
+        Card(r["id"], r["text"], r["error"], r["finish_reason"], r["prompt_tokens"] or 0, r["output_tokens"] or 0,
+             sample=r.get("sample")) for r in table.take(rows).to_pylist()] if rows else []
 
 
 # --- media, through the job's input ---------------------------------------------------------------------------
@@ -181,21 +206,27 @@ def attach_media(g: Gathered, job: Job | None) -> None:
         g.media_note = ("Text only: the output folder does not record where its input is; pass --job JOB.yaml to "
                         "show each row's images.")
         return
-    wanted = {c.id: c for c in g.sample}
+    wanted: dict[str, list[Card]] = {}  # several samples of one row share its input row, and its thumbnails
+    for card in g.sample:
+        wanted.setdefault(card.id, []).append(card)
     if not wanted:
         return
     found = 0
     for media_root, row_id, refs in _input_refs(job, g.out_dir, set(wanted)):
-        card = wanted.get(row_id)
-        if card is None:
+        cards = wanted.get(row_id)
+        if cards is None:
             continue
         found += 1
+        thumbs, problems = [], []
         for kind, ref in refs[:THUMBS_PER_ROW]:
             try:
-                card.thumbs.append(thumbnail(kind, ref, media_root, job.media.max_image_pixels))
+                thumbs.append(thumbnail(kind, ref, media_root, job.media.max_image_pixels))
             except (RowError, OSError, ValueError) as e:
-                if card.error is None:  # a failed row's error says it already
-                    card.media.append(f"{describe(ref)}: {str(e)[:160]}")
+                problems.append(f"{describe(ref)}: {str(e)[:160]}")
+        for card in cards:
+            card.thumbs += thumbs
+            if card.error is None:  # a failed row's error says it already
+                card.media += problems
         if found == len(wanted):
             break
     g.media_note = (f"Thumbnails ({THUMB_PX} px) made from the input of {job.input.path} for {found} of the "

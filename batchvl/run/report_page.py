@@ -144,12 +144,12 @@ def _throughput(g: Gathered) -> str:
 def _card(c: Card) -> str:
     text = c.text if c.error is None else c.error
     shown = (text or "")[:TEXT_CHARS] + ("…" if text and len(text) > TEXT_CHARS else "")
-    search = escape(f"{c.id} {c.kind} {text or ''}".lower()[:TEXT_CHARS + 200])
-    thumbs = "".join(f"<img src='{t}' alt='{escape(c.id)}'>" for t in c.thumbs)
+    search = escape(f"{c.label} {c.kind} {text or ''}".lower()[:TEXT_CHARS + 200])
+    thumbs = "".join(f"<img src='{t}' alt='{escape(c.label)}'>" for t in c.thumbs)
     missing = "".join(f"<div class=missing>{escape(m)}</div>" for m in c.media)
     return (f"<div class='card{' err' if c.error else ''}' data-search='{search}' data-kind='{escape(c.kind)}'>"
             f"{f'<div class=thumbs>{thumbs}</div>' if thumbs else ''}{missing}<span class=kind>{escape(c.kind)}"
-            f"</span><div class=id>{escape(c.id)}</div><div class=text>{escape(shown)}</div><div class=meta>"
+            f"</span><div class=id>{escape(c.label)}</div><div class=text>{escape(shown)}</div><div class=meta>"
             f"{c.prompt_tokens} prompt + {c.output_tokens} output tokens"
             f"{', ' + escape(c.finish_reason) if c.finish_reason and not c.error else ''}</div></div>")
 
@@ -160,6 +160,9 @@ def _grid(g: Gathered) -> str:
     else:
         how = (f"showing {len(g.sample):,} of {g.rows:,} rows, sampled uniformly with seed {g.seed} "
                f"(reservoir sampling over the parts in name order)")
+    if g.samples > 1:
+        how += (f"; with {g.samples} samples per input row, a row here is one (id, sample), labelled with its "
+                "sample")
     kinds = "".join(f"<option value='{escape(k)}'>{escape(k)}</option>" for k in ["ok", *sorted(g.failed)])
     cards = "".join(_card(c) for c in g.sample)
     return (f"<section><h2>Rows</h2><p class=note>{escape(how)}. {escape(g.media_note)}</p>"
@@ -174,8 +177,8 @@ def _errors(g: Gathered) -> str:
         return ""
     how = f"all {failed:,} failed rows" if len(g.errors) == failed else \
         f"the first {len(g.errors):,} of {failed:,} failed rows, in part order (the counts by kind cover them all)"
-    rows = "".join(f"<tr class=errrow data-search='{escape(f'{c.id} {c.kind} {c.error}'.lower()[:ERROR_CHARS])}' "
-                   f"data-kind='{escape(c.kind)}'><td class=id>{escape(c.id)}</td><td>{escape(c.kind)}</td>"
+    rows = "".join(f"<tr class=errrow data-search='{escape(f'{c.label} {c.kind} {c.error}'.lower()[:ERROR_CHARS])}' "
+                   f"data-kind='{escape(c.kind)}'><td class=id>{escape(c.label)}</td><td>{escape(c.kind)}</td>"
                    f"<td><pre>{escape((c.error or '')[:ERROR_CHARS])}</pre></td></tr>" for c in g.errors)
     return (f"<section><h2>Failed rows</h2><p class=note>{escape(how)}.</p><table id=errors><tr><th>id</th>"
             f"<th>kind</th><th>reason</th></tr>{rows}</table></section>")
