@@ -4,10 +4,11 @@ torch.nn.LayerNorm, per row of x [M, K], in float32 and rounded once to x's dtyp
 
     mean = sum(x) / K,  var = sum((x - mean)^2) / K,  y = (x - mean) / sqrt(var + eps) * weight + bias
 
-A program reads its row in BLOCK_K chunks three times (mean, variance, output), from the first chunk to the
-last, each sum element-wise into a [BLOCK_K] float32 vector reduced once; BLOCK_K and the warps come from K
-only, so a row's bits do not depend on M or on its place in x. torch computes the variance by Welford's method
-and this kernel in two passes: they agree to the dtype's rounding, not bit for bit.
+A program takes ROWS rows and reads them in BLOCK_K chunks three times (mean, variance, output), from the first
+chunk to the last, each sum element-wise into a [ROWS, BLOCK_K] float32 block reduced along the row once; ROWS,
+BLOCK_K and the warps come from K only (as bi_rmsnorm's), so a row's bits do not depend on M or on its place.
+torch computes the variance by Welford's method and this kernel in two passes: they agree to the
+dtype's rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -15,34 +16,37 @@ from __future__ import annotations
 import torch
 
 # tl is None when triton is missing: see jit_when_triton
-from batchvl.kernels.bi_rmsnorm import check_norm_device, check_norm_params, norm_block
-from batchvl.kernels.fp8_quant import as_rows, jit_when_triton, tl
+from batchvl.kernels.bi_rmsnorm import check_norm_device, check_norm_params, norm_tiles
+from batchvl.kernels.fp8_quant import as_rows, jit_when_triton, tl, triton
 
 
 @jit_when_triton
-def _bi_layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, stride_x, stride_y, eps, K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _bi_layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, stride_x, stride_y, eps, K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]: each reduced on its own
+    row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + row * stride_x
-    y_row = y_ptr + row * stride_y
-    total = tl.zeros([BLOCK_K], tl.float32)
+    x_rows = x_ptr + rows[:, None] * stride_x
+    y_rows = y_ptr + rows[:, None] * stride_y
+    total = tl.zeros([ROWS, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a compile-time constant: a fixed order of chunks
-        total += tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-    mean = tl.div_rn(tl.sum(total, 0), K * 1.0)
-    squares = tl.zeros([BLOCK_K], tl.float32)
+        mask = row_ok[:, None] & (k0 + cols < K)[None, :]
+        total += tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.div_rn(tl.sum(total, 1), K * 1.0)[:, None]  # [ROWS, 1]
+    squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask = k0 + cols < K
-        d = tl.where(mask, tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+        mask = row_ok[:, None] & (k0 + cols < K)[None, :]
+        d = tl.where(mask, tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
         squares += d * d
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(squares, 0), K * 1.0) + eps))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(squares, 1), K * 1.0) + eps))[:, None]
     for k0 in range(0, K, BLOCK_K):
-        mask = k0 + cols < K
-        x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean) * rstd * tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        col_ok = k0 + cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * rstd * tl.load(w_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            y += tl.load(b_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + k0 + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+            y += tl.load(b_ptr + k0 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_rows + k0 + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def bi_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -58,8 +62,9 @@ def bi_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     m, k = rows.shape
     y = torch.empty((m, k), device=x.device, dtype=x.dtype)  # [M, K]
     if m:
-        block_k = norm_block(k)
-        _bi_layernorm_kernel[(m,)](rows, weight, weight if bias is None else bias, y, rows.stride(0), y.stride(0),
-                                   float(eps), K=k, HAS_BIAS=bias is not None, BLOCK_K=block_k,
-                                   num_warps=min(16, max(4, block_k // 512)))
+        per, block_k = norm_tiles(k)
+        _bi_layernorm_kernel[(triton.cdiv(m, per),)](rows, weight, weight if bias is None else bias, y, m,
+                                                     rows.stride(0), y.stride(0), float(eps), K=k,
+                                                     HAS_BIAS=bias is not None, ROWS=per, BLOCK_K=block_k,
+                                                     num_warps=8)
     return y.view(x.shape)

@@ -5,9 +5,10 @@ batchvl.models.layers.RMSNorm, per row of x [M, K]:
     h = x.float() * rsqrt(mean(x.float()^2) + eps)     in float32
     y = weight * h.to(x.dtype)                          rounded to x's dtype twice, as the module does
 
-A program reads its row in BLOCK_K chunks, from the first to the last, adding the squares element-wise into a
-[BLOCK_K] float32 vector that is reduced once at the end; BLOCK_K and the warps come from K only. No row is
-split between programs and no program sees two rows, so a row's bits do not depend on M or on its place in x.
+A program takes ROWS rows and reads them in BLOCK_K chunks, from the first to the last, adding each row's squares
+element-wise into a [ROWS, BLOCK_K] float32 block that is reduced along the row once at the end; ROWS, BLOCK_K
+and the warps come from K only. No row is split between programs and rows never mix (a row past M is masked),
+so a row's bits do not depend on M or on its place in x.
 (torch's own norm is row-independent on the GPU too as long as its kernel choice ignores M; inductor's fused
 norms split a reduction across programs when there are few rows, which is why the deterministic mode turns
 torch.compile off.) The reciprocal square root is 1 / sqrt, each correctly rounded, where torch.rsqrt on the GPU
@@ -25,23 +26,26 @@ from batchvl.kernels.rmsnorm_fp8_quant import _round_to
 
 
 @jit_when_triton
-def _bi_rmsnorm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _bi_rmsnorm_kernel(x_ptr, w_ptr, y_ptr, M, stride_x, stride_y, eps, K: tl.constexpr, ROWS: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]: each reduced on its own
+    row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + row * stride_x
-    y_row = y_ptr + row * stride_y
-    squares = tl.zeros([BLOCK_K], tl.float32)
+    x_rows = x_ptr + rows[:, None] * stride_x
+    y_rows = y_ptr + rows[:, None] * stride_y
+    squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a compile-time constant: a fixed order of chunks
-        x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        mask = row_ok[:, None] & (k0 + cols < K)[None, :]
+        x = tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         squares += x * x
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(squares, 0), K * 1.0) + eps))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(squares, 1), K * 1.0) + eps))[:, None]  # [ROWS, 1]
     for k0 in range(0, K, BLOCK_K):
-        mask = k0 + cols < K
-        x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        mask = row_ok[:, None] & (k0 + cols < K)[None, :]
+        x = tl.load(x_rows + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = _round_to(x * rstd, x_ptr.dtype.element_ty)  # the norm's output in the model's dtype
-        w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)[None, :]
         y = _round_to(w * h, x_ptr.dtype.element_ty)  # exact product of two bf16/fp16 values, rounded once
-        tl.store(y_row + k0 + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_rows + k0 + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def check_norm_params(rows: torch.Tensor, name: str, **params: torch.Tensor | None) -> None:
@@ -69,9 +73,11 @@ def check_norm_device(x: torch.Tensor, name: str) -> None:
                          "CPU)")
 
 
-def norm_block(k: int) -> int:
-    """The chunk a norm program reads at a time: K rounded up to a power of two, at most 4096 (from K alone)."""
-    return min(4096, max(16, triton.next_power_of_2(k)))
+def norm_tiles(k: int) -> tuple[int, int]:
+    """(rows, chunk) of a norm program, from K alone: the chunk it reads at a time is K rounded up to a power of
+    two, at most 4096, and it takes as many rows as fill 4096 elements (one row from K = 2049 on)."""
+    block_k = min(4096, max(16, triton.next_power_of_2(k)))
+    return 4096 // block_k, block_k
 
 
 def bi_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -87,7 +93,7 @@ def bi_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     m, k = rows.shape
     y = torch.empty((m, k), device=x.device, dtype=x.dtype)  # [M, K]
     if m:
-        block_k = norm_block(k)
-        _bi_rmsnorm_kernel[(m,)](rows, weight, y, rows.stride(0), y.stride(0), float(eps), K=k, BLOCK_K=block_k,
-                                 num_warps=min(16, max(4, block_k // 512)))
+        per, block_k = norm_tiles(k)
+        _bi_rmsnorm_kernel[(triton.cdiv(m, per),)](rows, weight, y, m, rows.stride(0), y.stride(0), float(eps), K=k,
+                                                   ROWS=per, BLOCK_K=block_k, num_warps=8)
     return y.view(x.shape)
