@@ -2,8 +2,8 @@
 attention's merge), under TRITON_INTERPRET=1 (set in conftest): each against a torch reference, and each row's
 output bit for bit the same in batches of 1, 3 and 8 rows, wherever the row sits in its batch.
 
-The GPU run of the same checks is `batchvl check-parity --deterministic`'s job (BENCHMARKS.md); here the kernels
-run in Triton's interpreter, whose `tl.dot` bi_matmul avoids (see its docstring).
+Here the kernels run in Triton's interpreter, whose `tl.dot` bi_matmul avoids (see its docstring); they have not
+yet run on a GPU (issue 21's GPU proof).
 """
 
 from __future__ import annotations
