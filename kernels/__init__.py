@@ -7,7 +7,8 @@ still imports, so that the torch references beside the kernels do (the engine's 
 names triton. Tests run the kernels on the CPU under TRITON_INTERPRET=1.
 """
 
-__all__ = ["decode_attention", "quantize_fp8_per_token", "rmsnorm_quantize_fp8"]
+__all__ = ["bi_layernorm", "bi_matmul", "bi_rmsnorm", "decode_attention", "quantize_fp8_per_token",
+           "rmsnorm_quantize_fp8"]
 
 try:
     import triton  # noqa: F401
@@ -19,6 +20,9 @@ except ImportError as e:
             raise ImportError(f"batchvl.kernels.{name} needs triton ({_NO_TRITON})") from _NO_TRITON
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 else:
+    from batchvl.kernels.bi_layernorm import bi_layernorm
+    from batchvl.kernels.bi_matmul import bi_matmul
+    from batchvl.kernels.bi_rmsnorm import bi_rmsnorm
     from batchvl.kernels.decode_attention import decode_attention
     from batchvl.kernels.fp8_quant import quantize_fp8_per_token
     from batchvl.kernels.rmsnorm_fp8_quant import rmsnorm_quantize_fp8

@@ -8,7 +8,8 @@ may read each KV head once per query head. This kernel reads each row's valid ke
   are the rows of one small matrix product, so K and V are read once for the whole group;
 - the span is cut into `splits` pieces processed in parallel (flash-decoding); a piece past the row's
   length exits at once, so short rows cost nothing;
-- a second kernel merges the pieces' partial softmax sums.
+- a second kernel merges the pieces' partial softmax sums, one piece after the other in order, so that a
+  row's result does not depend on the span (the number of pieces), only on its own length.
 The grid depends only on (B, Hkv, splits), never on the lengths' values: the call is CUDA-graph safe.
 """
 
@@ -78,14 +79,20 @@ def _merge_kernel(acc_ptr, stat_ptr, out_ptr, so_b, so_h, heads, splits,
     h = tl.program_id(1)
     i = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    i_ok = i < splits
-    row = (b * heads + h) * splits + i  # [BLOCK_S]
-    m = tl.load(stat_ptr + row * 2, mask=i_ok, other=float("-inf"))
-    s = tl.load(stat_ptr + row * 2 + 1, mask=i_ok, other=0.0)
-    m_all = tl.max(m, 0)
-    w = tl.where(i_ok & (s > 0), tl.exp2(m - m_all), 0.0)  # empty pieces (max -inf) weigh nothing
-    acc = tl.load(acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=(i_ok & (s > 0))[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(s * w, 0)
+    first = (b * heads + h) * splits  # this (row, head)'s first piece
+    m_all = tl.max(tl.load(stat_ptr + (first + i) * 2, mask=i < splits, other=float("-inf")), 0)  # exact
+    # The pieces are added one at a time, first to last: a row's sum is then the same whatever the span (the
+    # number of pieces, hence BLOCK_S), as the pieces past its length add exact zeros at the end. A tree sum over
+    # BLOCK_S would group the same pieces differently for another span (deterministic mode, BatchState's spans).
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    total = 0.0
+    for j in range(0, BLOCK_S):
+        ok = j < splits
+        s = tl.load(stat_ptr + (first + j) * 2 + 1, mask=ok, other=0.0)
+        w = tl.where(s > 0, tl.exp2(tl.load(stat_ptr + (first + j) * 2, mask=ok, other=0.0) - m_all), 0.0)
+        acc += tl.load(acc_ptr + (first + j) * BLOCK_D + d, mask=ok & (s > 0), other=0.0) * w
+        total += s * w  # empty pieces (max -inf, sum 0) weigh nothing
+    out = acc / total
     tl.store(out_ptr + b * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 

@@ -103,8 +103,9 @@ def test_import_graph_sees_the_kernel_modules_as_batchvl_kernels():
     assert graph.direct_import_exists(importer="batchvl.kernels", imported="batchvl.kernels.fp8_quant")
     assert graph.direct_import_exists(importer="batchvl.kernels.rmsnorm_fp8_quant",
                                       imported="batchvl.kernels.fp8_quant")
-    assert graph.find_children("batchvl.kernels") == {"batchvl.kernels.decode_attention", "batchvl.kernels.fp8_quant",
-                                                      "batchvl.kernels.rmsnorm_fp8_quant"}
+    assert graph.find_children("batchvl.kernels") == {
+        "batchvl.kernels.decode_attention", "batchvl.kernels.fp8_quant", "batchvl.kernels.rmsnorm_fp8_quant",
+        "batchvl.kernels.bi_matmul", "batchvl.kernels.bi_rmsnorm", "batchvl.kernels.bi_layernorm"}
 
 
 # --- the layers -----------------------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def check_engine(engine: EngineSpec) -> None:
     p.run(at_least, "engine.max_batch_tokens", engine.max_batch_tokens, 0)
     p.run(one_of, "engine.decode_attention", engine.decode_attention, DECODE_ATTENTION)
     p.run(_check_quantization, engine)
+    p.run(_check_deterministic, engine)
     p.run(lambda: engine.devices)  # raises on a bad engine.gpus
     p.raise_any()
 
@@ -169,6 +170,20 @@ def _check_quantization(engine: EngineSpec) -> None:
     if engine.quantize_vision and engine.quantization != "fp8":
         raise JobError(f"engine.quantize_vision: quantizes the vision tower with engine.quantization: fp8; "
                        f"engine.quantization is {shown(engine.quantization, quote=False)}")
+
+
+def _check_deterministic(engine: EngineSpec) -> None:
+    """engine.deterministic runs on the native backend only, with its Triton decode kernel, unquantized."""
+    if not engine.deterministic:
+        return
+    if engine.backend != "native":
+        raise JobError(f"engine.deterministic: runs on the native backend only; engine.backend is "
+                       f"{shown(engine.backend, quote=False)}")
+    if engine.quantization != "none":
+        raise JobError("engine.deterministic: has no fp8 kernels yet; use engine.quantization: none with it")
+    if engine.decode_attention == "sdpa":
+        raise JobError("engine.deterministic: decodes with the Triton kernel (each row over its own keys); "
+                       "engine.decode_attention sdpa attends over the batch's span")
 
 
 def _check_output_outside_input(job: Job) -> None:

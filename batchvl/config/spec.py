@@ -193,6 +193,9 @@ class EngineSpec:
     # the tower's error against float32 exact GELU is the same as exact GELU's in bf16 (BENCHMARKS.md, session 6).
     # float32 always runs exact GELU: there the approximation would be larger than the dtype's rounding.
     fused_vision_gelu: bool = True
+    # native: each row's output independent of the batch it ran in (batch-invariant Triton kernels, per-row prefill
+    # attention, fixed-size vision passes; torch.compile off). Needs a CUDA GPU; not with fp8 (issue 21).
+    deterministic: bool = False
     # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
     # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;
     # the transformers one needs a transformers-layout checkpoint for it (batchvl.engine.hf).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections import deque
 
 import torch
@@ -72,13 +73,31 @@ def _fp8_activation_kernel(device: torch.device):
     return quantize_fp8_per_token
 
 
+def _make_deterministic(model, device: torch.device) -> tuple[str, bool, bool]:
+    """`engine.deterministic`: each row's output independent of its batch. The linear layers, norms, LM head and
+    the patch embedding run the batch-invariant kernels (batchvl.models.invariant); prefill attends per row over
+    the row's own length; decode uses the Triton kernel (a row reads its own keys, merged in order); the vision
+    chunks are padded to a fixed size (VisionRunner), so the tower's attention always runs one shape. CUDA graphs
+    keep working (they replay the same kernels); torch.compile is off (inductor's fused norms split their sums
+    by the number of rows), and so is the fused vision GELU (a cuBLAS call). Returns the decode-attention choice,
+    fused_vision_gelu and compile to use."""
+    from batchvl.models.invariant import make_batch_invariant, prefill_attention_per_row
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("engine.deterministic needs a CUDA GPU: its Triton kernels run on the CPU only under "
+                           "TRITON_INTERPRET=1 (tests)")
+    make_batch_invariant(model)
+    model.lm.prefill_attention = prefill_attention_per_row
+    return "triton", False, False
+
+
 class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
-                 refill: bool = False, fused_vision_gelu: bool = True):
+                 refill: bool = False, fused_vision_gelu: bool = True, deterministic: bool = False):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -93,6 +112,9 @@ class NativeEngine(Engine):
                  ", random weights (load_format dummy)" if load_format == "dummy" else "")
         loaded = load_model(checkpoint, self.device, self.dtype, quantization, quantize_vision, load_format)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
+        self.deterministic = deterministic
+        if deterministic:  # see _make_deterministic
+            decode_attention, fused_vision_gelu, compile = _make_deterministic(self.model, self.device)
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
         for block in self.model.vision.vit.blocks:  # see EngineSpec.fused_vision_gelu: 16-bit dtypes only
             block.fused_gelu = fused_vision_gelu and self.dtype in (torch.bfloat16, torch.float16)
@@ -107,7 +129,8 @@ class NativeEngine(Engine):
         self.max_batch_tokens = max_batch_tokens or self._plan_memory()
         self.times = StageTimes()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.vision = VisionRunner(self._vision_pass, self.device, vision_chunk, self.cuda_graphs)
+        self.vision = VisionRunner(self._vision_pass, self.device, vision_chunk, self.cuda_graphs,
+                                   pad_chunks=deterministic)
         self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
                                   self.image_token_id, self.cuda_graphs)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)

@@ -1,7 +1,9 @@
 """The native engine's vision pass: uint8 tiles of a batch's rows in, their language-model embeddings out.
 
 Tiles go to the device through page-locked memory (a quarter of float32's bytes) and are normalised there,
-in chunks of `chunk` tiles; full chunks replay a CUDA graph (graphs.VisionGraph).
+in chunks of `chunk` tiles; full chunks replay a CUDA graph (graphs.VisionGraph). With `pad_chunks` (the
+deterministic mode) a last partial chunk is padded with blank tiles, so that every pass has the same shape and a
+tile's features do not depend on how many tiles shared its pass.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ class VisionRunner:
     uint8 tiles [t, S, S, 3] on the device -> embeddings [t, tokens_per_tile, C]."""
 
     def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], device: torch.device, chunk: int,
-                 cuda_graphs: bool):
+                 cuda_graphs: bool, pad_chunks: bool = False):
         self.run, self.device, self.chunk = run, device, chunk
+        self.pad_chunks = pad_chunks  # a last partial chunk padded with blank tiles: every pass has one shape
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graph: VisionGraph | None = None
         self._pinned: torch.Tensor | None = None  # the host staging buffer for tiles
@@ -60,12 +63,15 @@ class VisionRunner:
         out = []
         for start in range(0, total, self.chunk):
             chunk = pixels[start : start + self.chunk]  # [t, S, S, 3] uint8
+            real = chunk.shape[0]
+            if self.pad_chunks and real < self.chunk:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.chunk - real, *chunk.shape[1:]))])
             if self.cuda_graphs and chunk.shape[0] == self.chunk:
                 if self._graph is None:
                     self._graph = VisionGraph(self.run, chunk)
-                out.append(self._graph(chunk).flatten(0, 1).clone())
+                out.append(self._graph(chunk)[:real].flatten(0, 1).clone())
             else:
-                out.append(self.run(chunk).flatten(0, 1))
+                out.append(self.run(chunk)[:real].flatten(0, 1))
         return torch.cat(out)
 
     def _staging(self, tiles: int, shape: torch.Size) -> torch.Tensor:

@@ -106,9 +106,11 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
-    def prefill(self, x, cos, sin, cache: KVCache, rows: int | torch.Tensor = 0) -> torch.Tensor:
+    def prefill(self, x, cos, sin, cache: KVCache, rows: int | torch.Tensor = 0, lengths=None,
+                attention=None) -> torch.Tensor:
         """`rows`: the cache rows the batch's K/V go to: rows .. rows + B when an int, else a [B] index tensor
-        (slots of a running batch need not be adjacent)."""
+        (slots of a running batch need not be adjacent). `attention(q, k, v, lengths, gqa)`, when given,
+        replaces the causal SDPA over the padded batch (the deterministic mode's per-row attention)."""
         q, k, v = self._qkv(x, cos, sin)
         b, n = x.shape[0], x.shape[1]
         at = slice(rows, rows + b) if isinstance(rows, int) else rows
@@ -116,7 +118,11 @@ class DecoderLayer(nn.Module):
         cache.v[self.index, at, :, :n] = v
         # Plain causal attention (flash kernels): rows are right-padded, so a real token's keys are all real;
         # padding positions compute garbage that nothing reads, and decode overwrites their cache entries.
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.s.kv_heads != self.s.heads)
+        gqa = self.s.kv_heads != self.s.heads
+        if attention is not None:
+            attn = attention(q, k, v, lengths, gqa)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self._finish(x, attn)
 
     def decode(self, x, cos, sin, positions, rows, span: int, mask, cache: KVCache, kernel=None,
@@ -147,6 +153,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
         self._rope: tuple[torch.Tensor, ...] | None = None
         self.attention_kernel = None  # set to batchvl.kernels.decode_attention to use it in decode
+        self.prefill_attention = None  # set to replace prefill's SDPA (see DecoderLayer.prefill)
 
     def tie_weights(self) -> None:
         if self.spec.tie_embeddings:
@@ -188,7 +195,7 @@ class DecoderLM(nn.Module):
         idx = torch.arange(p, device=x.device)
         cos, sin = self._pick(self.rope(p), idx[None].expand(b, -1), lengths[:, None])  # [B, P, rot]
         for layer in self.layers:
-            x = layer.prefill(x, cos, sin, cache, rows)
+            x = layer.prefill(x, cos, sin, cache, rows, lengths, self.prefill_attention)
         last = x[torch.arange(b, device=x.device), lengths - 1]  # [B, C]
         return self.norm(last)
 

@@ -104,6 +104,7 @@ class InternViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, s.hidden))
         self.pos_embed = nn.Parameter(torch.zeros(1, s.grid * s.grid + 1, s.hidden))
         self.blocks = nn.ModuleList(VisionBlock(s) for _ in range(s.layers_to_run))
+        self.patch_linear = F.linear  # the patch embedding's product (the deterministic mode swaps it)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [T, 3, S, S] -> features of the selected layer [T, 1 + grid^2, C]."""
@@ -118,7 +119,7 @@ class InternViT(nn.Module):
         conv = self.patch_embed
         weight = conv.weight  # [C, 3, p, p]
         patches = patchify(pixels.to(weight.dtype), self.spec.patch_size)  # [T, grid^2, 3 * p * p]
-        x = F.linear(patches, weight.reshape(weight.shape[0], -1), conv.bias)  # [T, N, C]
+        x = self.patch_linear(patches, weight.reshape(weight.shape[0], -1), conv.bias)  # [T, N, C]
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed
 

@@ -16,6 +16,8 @@ two different jobs. Only settings that change the text of a row count. The list 
   possible values then (IMPLIED_WHEN_MISSING), so that an fp8 run cannot resume it;
 - engine.load_format: random weights (dummy) give other text than the checkpoint's; a folder lacking it was
   written from the checkpoint's weights (`auto`);
+- engine.deterministic: its rows do not depend on the batch, the others' may; a folder lacking it was written
+  without it (`false`), and resuming either kind with the other setting is refused;
 - the rule that makes an id column's values ids (`input.ids`): a folder written before it was recorded made
   ids with str() and keeps doing so (`written_before_id_rule`), so none of its rows runs again under a new id.
 
@@ -119,6 +121,7 @@ def job_fingerprint(job: Job, checkpoint: Any, template: Any) -> dict[str, Any]:
         "engine.quantization": job.engine.quantization,
         "engine.quantize_vision": job.engine.quantize_vision,
         "engine.load_format": job.engine.load_format,
+        "engine.deterministic": job.engine.deterministic,
     }
     for f in dataclasses.fields(job.generation):
         fp[f"generation.{f.name}"] = getattr(job.generation, f.name)
@@ -175,11 +178,12 @@ FORMER_DEFAULTS: dict[str, Any] = {
 }
 # Keys recorded as the value of the job setting of the same name: `--set key=recorded value` gives that value back.
 SETTINGS = ("generation.", "media.", "engine.dtype", "engine.backend", "engine.quantization",
-            "engine.quantize_vision", "engine.load_format", "output.include_prompt")
+            "engine.quantize_vision", "engine.load_format", "engine.deterministic", "output.include_prompt")
 # Keys added after folders were written without them, whose value in every such folder is known: a batchvl before
 # engine.quantization ran everything unquantized. A folder lacking one is compared as if it held this value.
 IMPLIED_WHEN_MISSING: dict[str, Any] = {"engine.quantization": "none", "engine.quantize_vision": False,
-                                        "engine.load_format": "auto", "output.format": "parquet",
+                                        "engine.load_format": "auto", "engine.deterministic": False,
+                                        "output.format": "parquet",
                                         "input.format": "auto", "generation.n": 1, "output.include_prompt": False}
 
 
