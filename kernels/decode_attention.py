@@ -8,8 +8,9 @@ may read each KV head once per query head. This kernel reads each row's valid ke
   are the rows of one small matrix product, so K and V are read once for the whole group;
 - the span is cut into `splits` pieces processed in parallel (flash-decoding); a piece past the row's
   length exits at once, so short rows cost nothing;
-- a second kernel merges the pieces' partial softmax sums, one piece after the other in order, so that a
-  row's result does not depend on the span (the number of pieces), only on its own length.
+- a second kernel merges the pieces' partial softmax sums: as a tree by default, or (`ordered`, the
+  deterministic mode) one piece after the other, so that a row's result does not depend on the span (the
+  number of pieces), only on its own length.
 The grid depends only on (B, Hkv, splits), never on the lengths' values: the call is CUDA-graph safe.
 """
 
@@ -74,35 +75,47 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, stat_ptr,
 
 @triton.jit
 def _merge_kernel(acc_ptr, stat_ptr, out_ptr, so_b, so_h, heads, splits,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, ORDERED: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     first = (b * heads + h) * splits  # this (row, head)'s first piece
-    m_all = tl.max(tl.load(stat_ptr + (first + i) * 2, mask=i < splits, other=float("-inf")), 0)  # exact
-    # The pieces are added one at a time, first to last: a row's sum is then the same whatever the span (the
-    # number of pieces, hence BLOCK_S), as the pieces past its length add exact zeros at the end. A tree sum over
-    # BLOCK_S would group the same pieces differently for another span (deterministic mode, BatchState's spans).
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    total = 0.0
-    for j in range(0, BLOCK_S):
-        ok = j < splits
-        s = tl.load(stat_ptr + (first + j) * 2 + 1, mask=ok, other=0.0)
-        w = tl.where(s > 0, tl.exp2(tl.load(stat_ptr + (first + j) * 2, mask=ok, other=0.0) - m_all), 0.0)
-        acc += tl.load(acc_ptr + (first + j) * BLOCK_D + d, mask=ok & (s > 0), other=0.0) * w
-        total += s * w  # empty pieces (max -inf, sum 0) weigh nothing
-    out = acc / total
+    if ORDERED:
+        m_all = tl.max(tl.load(stat_ptr + (first + i) * 2, mask=i < splits, other=float("-inf")), 0)  # exact
+        # The pieces are added one at a time, first to last: a row's sum is then the same whatever the span (the
+        # number of pieces, hence BLOCK_S), as the pieces past its length add exact zeros at the end. A tree sum
+        # over BLOCK_S groups the same pieces differently for another span (the deterministic mode needs this).
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        total = 0.0
+        for j in range(0, BLOCK_S):
+            ok = j < splits
+            s = tl.load(stat_ptr + (first + j) * 2 + 1, mask=ok, other=0.0)
+            w = tl.where(s > 0, tl.exp2(tl.load(stat_ptr + (first + j) * 2, mask=ok, other=0.0) - m_all), 0.0)
+            acc += tl.load(acc_ptr + (first + j) * BLOCK_D + d, mask=ok & (s > 0), other=0.0) * w
+            total += s * w  # empty pieces (max -inf, sum 0) weigh nothing
+        out = acc / total
+    else:
+        i_ok = i < splits
+        row = first + i  # [BLOCK_S]
+        m = tl.load(stat_ptr + row * 2, mask=i_ok, other=float("-inf"))
+        s = tl.load(stat_ptr + row * 2 + 1, mask=i_ok, other=0.0)
+        m_all = tl.max(m, 0)
+        w = tl.where(i_ok & (s > 0), tl.exp2(m - m_all), 0.0)  # empty pieces (max -inf) weigh nothing
+        acc = tl.load(acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=(i_ok & (s > 0))[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(s * w, 0)
     tl.store(out_ptr + b * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                     chunk: int = 512, scale: float | None = None) -> torch.Tensor:
+                     chunk: int = 512, scale: float | None = None, ordered: bool = False) -> torch.Tensor:
     """Attention of one new token per row over its cached keys and values.
 
     q [B, H, D]; k, v [B, Hkv, S, D] (any batch/head/position strides, the last dim contiguous);
     lengths [B] int, 1 <= lengths[b] <= S: row b attends to positions [0, lengths[b]).
-    H must be a multiple of Hkv. `chunk` positions per split; the span S fixes the number of splits.
+    H must be a multiple of Hkv. `chunk` positions per split; the span S fixes the number of splits. `ordered`
+    merges the splits one after the other, so that a row's result does not depend on S (engine.deterministic);
+    by default they merge as a tree, as measured on the GPU.
     Returns [B, H, D] in q's dtype; softmax and sums in float32.
     """
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
@@ -135,5 +148,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         scale * 1.4426950408889634, splits,
         CHUNK=chunk, G=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4, num_stages=2)
     _merge_kernel[(b, heads)](acc, stat, out, out.stride(0), out.stride(1), heads, splits,
-                              D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+                              D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), ORDERED=ordered)
     return out

@@ -131,15 +131,16 @@ def test_norms_refuse_a_weight_of_another_shape_or_dtype():
 
 def test_decode_attention_rows_do_not_depend_on_the_batch_or_the_span():
     """Each row attends over its own length; the result must not change with the other rows, their number, or
-    the span the cache is cut at (the number of pieces the merge adds, in order). The interpreter sums a
+    the span the cache is cut at (the number of pieces the ordered merge adds, in order). The interpreter sums a
     [pieces, D] block in order anyway; on the GPU a tree sum over the pieces would not, which the GPU proof
     (identical text with CUDA graphs, whose span is the cache's) covers."""
     b, h, hkv, d = 4, 2, 1, 16
     lengths = torch.tensor([40, 7, 33, 48])
     q, k, v = randn(b, h, d, seed=7), randn(b, hkv, 80, d, seed=8), randn(b, hkv, 80, d, seed=9)
-    whole = decode_attention(q, k[:, :, :48], v[:, :, :48], lengths, chunk=16)  # 3 pieces
-    wide = decode_attention(q, k, v, lengths, chunk=16)  # 5 pieces
+    whole = decode_attention(q, k[:, :, :48], v[:, :, :48], lengths, chunk=16, ordered=True)  # 3 pieces
+    wide = decode_attention(q, k, v, lengths, chunk=16, ordered=True)  # 5 pieces
     assert torch.equal(wide, whole)
-    alone = torch.cat([decode_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], lengths[i : i + 1], chunk=16)
-                       for i in range(b)])
+    alone = torch.cat([decode_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], lengths[i : i + 1], chunk=16,
+                                        ordered=True) for i in range(b)])
     assert torch.equal(alone, whole)
+    torch.testing.assert_close(decode_attention(q, k, v, lengths, chunk=16), wide)  # the tree merge: same sums

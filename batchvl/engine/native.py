@@ -14,6 +14,7 @@ policy and the decode graphs are the ModelRunner's (model_runner.py); the vision
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -76,11 +77,11 @@ def _fp8_activation_kernel(device: torch.device):
 def _make_deterministic(model, device: torch.device) -> tuple[str, bool, bool]:
     """`engine.deterministic`: each row's output independent of its batch. The linear layers, norms, LM head and
     the patch embedding run the batch-invariant kernels (batchvl.models.invariant); prefill attends per row over
-    the row's own length; decode uses the Triton kernel (a row reads its own keys, merged in order); the vision
-    chunks are padded to a fixed size (VisionRunner), so the tower's attention always runs one shape. CUDA graphs
-    keep working (they replay the same kernels); torch.compile is off (inductor's fused norms split their sums
-    by the number of rows), and so is the fused vision GELU (a cuBLAS call). Returns the decode-attention choice,
-    fused_vision_gelu and compile to use."""
+    the row's own length; decode uses the Triton kernel (a row reads its own keys; its splits merged in order,
+    see NativeEngine.__init__); the vision chunks are padded to a fixed size (VisionRunner), so the tower's
+    attention always runs one shape. CUDA graphs keep working (they replay the same kernels); torch.compile is
+    off (inductor's fused norms split their sums by the number of rows), and so is the fused vision GELU (a cuBLAS
+    call). Returns the decode-attention choice, fused_vision_gelu and compile to use."""
     from batchvl.models.invariant import make_batch_invariant, prefill_attention_per_row
 
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -116,6 +117,8 @@ class NativeEngine(Engine):
         if deterministic:  # see _make_deterministic
             decode_attention, fused_vision_gelu, compile = _make_deterministic(self.model, self.device)
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
+        if deterministic:  # its splits merged in order: a row's result independent of the cache's span
+            self.model.lm.attention_kernel = functools.partial(self.model.lm.attention_kernel, ordered=True)
         for block in self.model.vision.vit.blocks:  # see EngineSpec.fused_vision_gelu: 16-bit dtypes only
             block.fused_gelu = fused_vision_gelu and self.dtype in (torch.bfloat16, torch.float16)
         if quantization == "fp8":
