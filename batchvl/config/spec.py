@@ -187,6 +187,9 @@ class EngineSpec:
     # the tower's error against float32 exact GELU is the same as exact GELU's in bf16 (BENCHMARKS.md, session 6).
     # float32 always runs exact GELU: there the approximation would be larger than the dtype's rounding.
     fused_vision_gelu: bool = True
+    # native, CUDA graphs on: each batch's whole decode step (model, sampling, bookkeeping) as one graph, captured at
+    # the batch's first step (batchvl.engine.state). Not yet measured on a GPU (branch step-graph).
+    step_graph: bool = True
     # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
     # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;
     # the transformers one needs a transformers-layout checkpoint for it (batchvl.engine.hf).
