@@ -225,3 +225,42 @@ def test_rows_padded_up_to_a_graph_bucket_leave_the_real_rows_alone(tiny_rows):
     torch.testing.assert_close(padded[:3], plain, rtol=1e-5, atol=1e-5)
     assert padded[:3].argmax(-1).tolist() == plain.argmax(-1).tolist()
     torch.testing.assert_close((cache.k[:, :3], cache.v[:, :3]), written, rtol=1e-5, atol=1e-5)
+
+
+class _ReplayGraphs:
+    """Decode graphs as the step graph sees them, on the CPU: `capture_step` keeps the step and `replay` runs it
+    (a CUDA graph replays what was captured); `step` is the model's eager call, as a decode-graph replay computes."""
+
+    def __init__(self, runner, span: int, fail: bool = False):
+        self.runner, self.span, self.buckets, self.fail, self.captured = runner, span, [1, 2, 4], fail, 0
+        self.cache = runner.cache
+
+    def capture_step(self, step):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured += 1
+        return type("Graph", (), {"replay": staticmethod(step)})()
+
+    def step(self, token, positions):
+        return self.runner.decode(token, positions, self.cache, self.span, eager=True)
+
+
+def test_a_whole_step_graph_replays_what_the_step_does_and_a_failed_capture_falls_back(tiny_rows, caplog):
+    """engine.step_graph's control flow (the capture itself needs a GPU): captured once at the batch's first
+    step, then replayed; a capture that fails leaves the step as it was, with one warning."""
+    rows = tiny_rows[2][1:]  # not the 7-tile row: its vision pass is the slow part on the CPU
+    e = make_engine(tiny_rows)
+    e.generate(rows)
+    want = e.last_tokens
+    e.step_graph = True
+    for fail in (False, True):
+        with torch.inference_mode():
+            state = e.start(SLOTS, need(rows))
+            graphs = e.runner.graphs = _ReplayGraphs(e.runner, state.span, fail)
+            state = e.start(SLOTS, need(rows))  # now over the "graphs"
+            state.fill(rows, e.vision.compute(rows))
+            until_done(state)
+        e.runner.graphs = None
+        assert state.generated()[: len(rows)] == want
+        assert graphs.captured == (0 if fail else 1)
+        assert ("could not be captured" in caplog.text) == fail

@@ -28,7 +28,8 @@ def make_engine(spec: EngineSpec, checkpoint: CheckpointInfo, tokenizer: Any, pa
                             decode_attention=spec.decode_attention, compile=spec.compile,
                             quantization=spec.quantization, quantize_vision=spec.quantize_vision,
                             load_format=spec.load_format, refill=spec.refill,
-                            fused_vision_gelu=spec.fused_vision_gelu, deterministic=spec.deterministic)
+                            fused_vision_gelu=spec.fused_vision_gelu, deterministic=spec.deterministic,
+                            step_graph=spec.step_graph)
     if spec.backend == "transformers":
         return TransformersEngine(checkpoint, tokenizer, params, device=spec.device, dtype=spec.dtype,
                                   max_batch_size=spec.max_batch_size, trust_remote_code=spec.trust_remote_code,

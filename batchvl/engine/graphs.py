@@ -61,7 +61,8 @@ class DecodeGraphs:
         self.positions = torch.zeros(self.buckets[-1], dtype=torch.long, device=device)  # [Bmax], static
         self._live = 0  # rows the last step filled: the rows past a smaller batch are reset to position 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        pool = torch.cuda.graph_pool_handle()
+        self.pool = pool = torch.cuda.graph_pool_handle()
+        self._side = torch.cuda.Stream(device)  # where whole steps are captured (capture_step)
         for size in reversed(self.buckets):  # largest first: the smaller graphs reuse its pool memory
             log.debug("capturing a decode graph for batch %d, span %d", size, self.span)
             self._graphs[size] = self._capture(size, pool)
@@ -84,6 +85,23 @@ class DecodeGraphs:
         lm = self.lm
         x = lm.embed(self.token[:size])[:, None]  # [size, 1, C]
         return lm.logits(lm.decode(x, self.positions[:size], self.cache, self.span))
+
+    def capture_step(self, step) -> torch.cuda.CUDAGraph:
+        """`step()` (a whole decode step of a batch: the model over its own token and position tensors, then its
+        sampling and bookkeeping, all in place) captured as one graph, in this pool. Its batch must be one of
+        the buckets, whose compiled code and library handles the captures above warmed up. Captured with
+        capture_begin/capture_end rather than torch.cuda.graph, which collects garbage and empties the cache
+        first: once per batch, that would cost more than the graph saves."""
+        graph = torch.cuda.CUDAGraph()
+        self._side.wait_stream(torch.cuda.current_stream(self._side.device))
+        with torch.cuda.stream(self._side):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                step()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self._side.device).wait_stream(self._side)
+        return graph
 
     def step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for each row's newest token [B] at positions [B] (each < span), attending over the

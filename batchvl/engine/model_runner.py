@@ -106,13 +106,15 @@ class ModelRunner:
         return torch.cat([lm.logits(lm.prefill(x[r : r + step], lengths[r : r + step], cache, at(r)))
                           for r in range(0, n, step)])  # [n, V]
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,
+               eager: bool = False) -> torch.Tensor:
         """Logits [B, V] for each row's newest token [B] written at positions [B] (< span), attending over
         cache positions [0, span): a replayed CUDA graph (whose output the next step overwrites) when
         graphs are on, eager otherwise. With the Triton decode kernel each row reads only its own
         positions + 1 keys, so a graph's full span costs nothing extra; with SDPA it is span-proportional
-        work for every row (masked, but read)."""
-        if self.graphs is not None:
+        work for every row (masked, but read). `eager`: the model's own call even where graphs are on (inside
+        BatchState's capture of a whole step)."""
+        if self.graphs is not None and not eager:
             if cache is not self.graphs.cache or span != self.graphs.span:
                 raise RuntimeError("decode graphs were captured over another cache or span")
             return self.graphs.step(tokens, positions)

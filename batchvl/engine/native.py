@@ -98,7 +98,8 @@ class NativeEngine(Engine):
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
-                 refill: bool = False, fused_vision_gelu: bool = True, deterministic: bool = False):
+                 refill: bool = False, fused_vision_gelu: bool = True, deterministic: bool = False,
+                 step_graph: bool = False):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -108,6 +109,7 @@ class NativeEngine(Engine):
         self.prefill_tokens = prefill_tokens
         self.check_every = check_every
         self.refill = refill
+        self.step_graph = step_graph
         log.info("loading %s natively (%s, %s%s%s)", checkpoint.path, self.device, self.dtype,
                  "" if quantization == "none" else f", {quantization}" + (" with vision" if quantize_vision else ""),
                  ", random weights (load_format dummy)" if load_format == "dummy" else "")
@@ -300,7 +302,7 @@ class NativeEngine(Engine):
         cache is reserved (and the decode graphs captured, when it is new) here."""
         cache, span = self.runner.reserve(slots, need)
         return BatchState(self.runner, self.sampler, self.params, slots, cache, span, self.stops, self.eos_block,
-                          self.pad_id, self.prefill_tokens)
+                          self.pad_id, self.prefill_tokens, self.step_graph)
 
     def _stop_hit(self):
         """A test of one row's ids for the stop strings, or None when there are none."""

@@ -23,6 +23,7 @@ Run its steps under torch.inference_mode(), as NativeEngine._run does (the cache
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 
@@ -32,13 +33,15 @@ from batchvl.engine.model_runner import ModelRunner
 from batchvl.engine.sampler import Sampler, row_seed
 from batchvl.models.decoder import KVCache
 
+log = logging.getLogger(__name__)
+
 
 class BatchState:
     """A batch of `slots` slots over `cache`, decoding over positions [0, span) of it."""
 
     def __init__(self, runner: ModelRunner, sampler: Sampler, params: GenerationParams, slots: int,
                  cache: KVCache, span: int, stops: torch.Tensor, eos_block: torch.Tensor, pad_id: int = 0,
-                 prefill_tokens: int = 65536):
+                 prefill_tokens: int = 65536, step_graph: bool = False):
         if slots > cache.batch:
             raise ValueError(f"{slots} slots over a cache of {cache.batch} rows")
         self.runner, self.sampler, self.params = runner, sampler, params
@@ -61,6 +64,13 @@ class BatchState:
         self.seen = None  # [B, V] tokens already in each row, only for the repetition penalty
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros((slots, sampler.vocab), dtype=torch.bool, device=device)
+        # engine.step_graph: the whole decode step (the model, sampling and every slot's bookkeeping) as one CUDA
+        # graph over this state's tensors, captured at its first step: one replay per step, where the decode graph
+        # alone leaves about twenty small host calls per step, each a chance to wait for the GIL (BENCHMARKS.md,
+        # session 7). Only for a batch of a decode-graph bucket's size, whose shapes the decode graphs warmed up.
+        graphs = runner.graphs
+        self._step_graph = step_graph and graphs is not None and slots in graphs.buckets and span == graphs.span
+        self._graph: torch.cuda.CUDAGraph | None = None
 
     @property
     def slots(self) -> int:
@@ -150,7 +160,20 @@ class BatchState:
     def decode(self) -> None:
         """One step for every slot: run the model on each slot's newest token, then take the next one. Done
         and free slots run too (their rows are in the batch's matrices) but stay where they are."""
-        logits = self.runner.decode(self.tokens, self.positions, self.cache, self.span)  # [B, V]
+        if self._step_graph and self._graph is None:
+            try:
+                self._graph = self.runner.graphs.capture_step(lambda: self._step(eager=True))
+            except Exception:  # noqa: BLE001 - any capture failure: the step as before, and say so once
+                log.warning("the whole decode step could not be captured as a CUDA graph; decoding with the "
+                            "model's graph and the sampler outside it", exc_info=True)
+                self._step_graph = False
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._step()
+
+    def _step(self, eager: bool = False) -> None:
+        logits = self.runner.decode(self.tokens, self.positions, self.cache, self.span, eager)  # [B, V]
         self.positions += ~self.done  # a done slot keeps its position: it never moves past its limit
         self._take(logits, slice(None))
 
