@@ -198,9 +198,9 @@ def test_caption_natural_lengths_are_long_tailed_seeded_and_run_with_refill_on_a
     choices = next(a for a in _parser()._subparsers._group_actions[0].choices["bench"]._actions
                    if a.dest == "workload").choices
     assert set(choices) == set(WORKLOADS)
-    sides, _ = bench("tiny", "caption-natural", rows=6, batch=2, baseline=None, baseline_rows=0, baseline_batch=2,
+    sides, _ = bench("tiny", "caption-natural", rows=4, batch=2, baseline=None, baseline_rows=0, baseline_batch=2,
                      device="cpu", variants=["refill:refill=true"])
     native, refill = sides
-    assert native.output_tokens == refill.output_tokens > 6 * 40  # each row its own limit (ignore_eos)
-    assert "variant refill {'engine': {'refill': True}}: 6/6 rows have the native side's text" in \
+    assert native.output_tokens == refill.output_tokens > 4 * 40  # each row its own limit (ignore_eos)
+    assert "variant refill {'engine': {'refill': True}}: 4/4 rows have the native side's text" in \
         capsys.readouterr().out
