@@ -97,6 +97,11 @@ def test_unsupported_language_model_is_one_line_naming_it(archs, model_type, nam
     err = capsys.readouterr().err
     assert f"model: {named}" in err and err.count("\n") == 1
     assert "Qwen3ForCausalLM" in err  # the supported architectures are listed
+    if archs is None and "moe" in model_type:  # transformers could load it; batchvl refuses it there too
+        write_job(job, base_job(model, rows, tmp_path / "out", input={"image_column": None}))
+        assert main(["validate", str(job)]) == 2
+        err = capsys.readouterr().err
+        assert "model: language model qwen3_moe is a mixture-of-experts model" in err and err.count("\n") == 1
 
 
 def test_qwen3_sliding_window_is_refused_naming_it(tmp_path):

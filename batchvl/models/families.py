@@ -27,6 +27,16 @@ _ARCH_TO_FAMILY = {
 _MOE = {"Qwen3MoeForCausalLM", "qwen3_moe", "GptOssForCausalLM", "gpt_oss"}
 
 
+def moe_architecture(ck: CheckpointInfo) -> str | None:
+    """The name of the checkpoint's language model when it is a mixture-of-experts one (InternVL3.5's Qwen3-MoE and
+    GPT-OSS), else None. batchvl runs these on neither backend (issue 20)."""
+    cfg = ck.text_config
+    archs = cfg.get("architectures") or []
+    names = [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
+    names += [str(cfg["model_type"])] if cfg.get("model_type") else []
+    return " / ".join(names) if _MOE & set(names) else None
+
+
 def text_family(ck: CheckpointInfo) -> str:
     """The family name (a key of FAMILIES) of the checkpoint's language model. Raises CheckpointError (`model:
     language model X is not supported natively ...`) for any other."""

@@ -30,6 +30,7 @@ from batchvl.models.checkpoint import (
     resolve_model_dir,
     stop_token_ids,
 )
+from batchvl.models.families import moe_architecture
 from batchvl.models.loader import build_specs, check_weights
 from batchvl.prepare.prompt import prompt_fields
 from batchvl.prepare.templates import ConversationTemplate, get_template
@@ -132,6 +133,9 @@ def plan_model(job: Job, check_weight_files: bool = True) -> Plan:
                        "transformers backend can only load it with its own code: set engine.trust_remote_code: true")
     if job.engine.backend == "native":
         build_specs(checkpoint)  # an unsupported family or config fails here, before any work
+    elif (moe := moe_architecture(checkpoint)) is not None:  # transformers could load it; batchvl runs none
+        raise JobError(f"model: language model {moe} is a mixture-of-experts model, which batchvl does not run "
+                       f"(on either backend)")
     check_quantization(job.engine, checkpoint)  # fp8 on this device, and a checkpoint already in fp8
     if job.engine.backend == "transformers":
         check_load_format(checkpoint, job.engine.load_format)  # dummy there needs a transformers-layout checkpoint
