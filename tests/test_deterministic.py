@@ -70,3 +70,16 @@ def test_the_fingerprint_refuses_to_resume_with_the_mode_changed():
     assert changed_keys({"engine.dtype": "bfloat16"}, {**old, "engine.deterministic": True}) == \
         ["engine.deterministic"]  # a folder written before the key existed ran without the mode
     assert changed_keys({"engine.dtype": "bfloat16"}, {**old, "engine.deterministic": False}) == []
+
+
+def test_the_mode_on_a_machine_without_a_gpu_is_one_line_at_validate(monkeypatch):
+    """Its kernels need CUDA (the tests interpret them: TRITON_INTERPRET=1); without a GPU and without the
+    interpreter, the job is refused naming the key, before any model loads."""
+    from batchvl.engine.factory import check_deterministic
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(JobError, match="engine.deterministic: needs a CUDA GPU"):
+        check_deterministic(EngineSpec(device="cpu", deterministic=True))
+    check_deterministic(EngineSpec(device="cpu"))  # the mode off: nothing to check
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_deterministic(EngineSpec(device="cpu", deterministic=True))

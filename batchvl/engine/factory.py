@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ def make_engine(spec: EngineSpec, checkpoint: CheckpointInfo, tokenizer: Any, pa
     """The engine `spec.backend` names, loaded on `spec.device`. Each backend gets exactly the settings it
     takes, by name: a setting this code passes and a backend lacks is a TypeError here, not a silent no-op."""
     check_quantization(spec, checkpoint)
+    check_deterministic(spec)
     if spec.backend == "native":
         return NativeEngine(checkpoint, tokenizer, params, device=spec.device, dtype=spec.dtype,
                             max_batch_size=spec.max_batch_size, max_batch_tokens=spec.max_batch_tokens,
@@ -35,6 +37,16 @@ def make_engine(spec: EngineSpec, checkpoint: CheckpointInfo, tokenizer: Any, pa
                                   max_batch_size=spec.max_batch_size, trust_remote_code=spec.trust_remote_code,
                                   load_format=spec.load_format)
     raise JobError(f"engine.backend: unknown backend {spec.backend!r}")
+
+
+def check_deterministic(spec: EngineSpec) -> None:
+    """`engine.deterministic` against the device: its Triton kernels need a CUDA GPU (on the CPU they run only in
+    Triton's interpreter, which the tests set with TRITON_INTERPRET=1). Raises JobError naming the setting."""
+    if not spec.deterministic or spec.backend != "native" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+        raise JobError("engine.deterministic: needs a CUDA GPU (its batch-invariant Triton kernels); this run is on "
+                       "the CPU")
 
 
 def check_quantization(spec: EngineSpec, checkpoint: CheckpointInfo) -> None:

@@ -16,7 +16,7 @@ import pyarrow as pa
 from batchvl.config import Job, JobError
 from batchvl.config.spec import InputFile, Problems, is_url, local_path, shown
 from batchvl.engine import GenerationParams
-from batchvl.engine.factory import check_quantization
+from batchvl.engine.factory import check_deterministic, check_quantization
 from batchvl.engine.hf import check_load_format
 from batchvl.io.ids import Ids, id_type_problem, moved_folder
 from batchvl.io.lease import Claim
@@ -137,6 +137,7 @@ def plan_model(job: Job, check_weight_files: bool = True) -> Plan:
         raise JobError(f"model: language model {moe} is a mixture-of-experts model, which batchvl does not run "
                        f"(on either backend)")
     check_quantization(job.engine, checkpoint)  # fp8 on this device, and a checkpoint already in fp8
+    check_deterministic(job.engine)  # the deterministic mode's kernels need a GPU
     if job.engine.backend == "transformers":
         check_load_format(checkpoint, job.engine.load_format)  # dummy there needs a transformers-layout checkpoint
     if check_weight_files and job.engine.load_format != "dummy":  # dummy reads no weight file, on either backend
