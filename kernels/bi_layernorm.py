@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 # tl is None when triton is missing: see jit_when_triton
-from batchvl.kernels.bi_rmsnorm import check_norm_device, check_norm_params, norm_tiles
+from batchvl.kernels.bi_rmsnorm import check_norm_device, norm_tiles
 from batchvl.kernels.fp8_quant import as_rows, jit_when_triton, tl, triton
+from batchvl.kernels.rmsnorm_fp8_quant import check_norm_params
 
 
 @jit_when_triton

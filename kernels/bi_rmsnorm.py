@@ -22,7 +22,7 @@ import torch
 # triton and tl are None when triton is missing: see jit_when_triton
 from batchvl.kernels.bi_matmul import _interpreted
 from batchvl.kernels.fp8_quant import as_rows, jit_when_triton, tl, triton
-from batchvl.kernels.rmsnorm_fp8_quant import _round_to
+from batchvl.kernels.rmsnorm_fp8_quant import _round_to, check_norm_params
 
 
 @jit_when_triton
@@ -46,21 +46,6 @@ def _bi_rmsnorm_kernel(x_ptr, w_ptr, y_ptr, M, stride_x, stride_y, eps, K: tl.co
         w = tl.load(w_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)[None, :]
         y = _round_to(w * h, x_ptr.dtype.element_ty)  # exact product of two bf16/fp16 values, rounded once
         tl.store(y_rows + k0 + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def check_norm_params(rows: torch.Tensor, name: str, **params: torch.Tensor | None) -> None:
-    """Each of `params` (a norm's weight, bias) must be None or a contiguous [K] tensor in the rows' dtype and
-    device."""
-    for what, p in params.items():
-        if p is None:
-            continue
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(p).__name__}")
-        if p.shape != (rows.shape[1],) or p.dtype != rows.dtype or p.device != rows.device:
-            raise ValueError(f"{name}: {what} must be [{rows.shape[1]}] {rows.dtype} on {rows.device}, like x's "
-                             f"rows; got {tuple(p.shape)} {p.dtype} on {p.device}")
-        if p.stride(0) != 1 and p.shape[0] != 1:
-            raise ValueError(f"{name}: {what} must be contiguous")
 
 
 def check_norm_device(x: torch.Tensor, name: str) -> None:

@@ -66,14 +66,19 @@ def _rmsnorm_quantize_kernel(x_ptr, w_ptr, q_ptr, scale_ptr, stride_x, stride_q,
     tl.store(q_ptr + row * stride_q + cols, round_to_e4m3(v).to(q_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_weight(rows: torch.Tensor, weight: torch.Tensor, name: str) -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name}: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.shape != (rows.shape[1],) or weight.dtype != rows.dtype or weight.device != rows.device:
-        raise ValueError(f"{name}: weight must be [{rows.shape[1]}] {rows.dtype} on {rows.device}, like x's rows; "
-                         f"got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
-    if weight.stride(0) != 1 and weight.shape[0] != 1:
-        raise ValueError(f"{name}: weight must be contiguous")
+def check_norm_params(rows: torch.Tensor, name: str, **params: torch.Tensor | None) -> None:
+    """Each of `params` (a norm's weight, bias) must be None or a contiguous [K] tensor in the rows' dtype and
+    device (this kernel's and the batch-invariant norms')."""
+    for what, p in params.items():
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(p).__name__}")
+        if p.shape != (rows.shape[1],) or p.dtype != rows.dtype or p.device != rows.device:
+            raise ValueError(f"{name}: {what} must be [{rows.shape[1]}] {rows.dtype} on {rows.device}, like x's "
+                             f"rows; got {tuple(p.shape)} {p.dtype} on {p.device}")
+        if p.stride(0) != 1 and p.shape[0] != 1:
+            raise ValueError(f"{name}: {what} must be contiguous")
 
 
 def rmsnorm_quantize_fp8_reference(x: torch.Tensor, weight: torch.Tensor, eps: float
@@ -84,7 +89,7 @@ def rmsnorm_quantize_fp8_reference(x: torch.Tensor, weight: torch.Tensor, eps: f
     [M, 1], M the product of the leading dims.
     """
     rows = as_rows(x, "rmsnorm_quantize_fp8_reference")  # [M, K]
-    _check_weight(rows, weight, "rmsnorm_quantize_fp8_reference")
+    check_norm_params(rows, "rmsnorm_quantize_fp8_reference", weight=weight)
     h = rows.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # [M, K]
     return quantize_fp8_per_token_reference(weight * h.to(rows.dtype))
@@ -98,7 +103,7 @@ def rmsnorm_quantize_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> t
     float8_e4m3fn [M, K] and scale float32 [M, 1], M the product of the leading dims.
     """
     rows = as_rows(x, "rmsnorm_quantize_fp8")  # [M, K]
-    _check_weight(rows, weight, "rmsnorm_quantize_fp8")
+    check_norm_params(rows, "rmsnorm_quantize_fp8", weight=weight)
     check_kernel_device(x, "rmsnorm_quantize_fp8")
     m, k = rows.shape
     if k > MAX_K:
