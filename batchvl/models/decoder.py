@@ -106,11 +106,12 @@ class DecoderLayer(nn.Module):
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
-    def prefill(self, x, cos, sin, cache: KVCache, rows: int | torch.Tensor = 0, lengths=None,
+    def prefill(self, x, cos, sin, cache: KVCache, rows: int | torch.Tensor = 0, lengths: list[int] | None = None,
                 attention=None) -> torch.Tensor:
         """`rows`: the cache rows the batch's K/V go to: rows .. rows + B when an int, else a [B] index tensor
-        (slots of a running batch need not be adjacent). `attention(q, k, v, lengths, gqa)`, when given,
-        replaces the causal SDPA over the padded batch (the deterministic mode's per-row attention)."""
+        (slots of a running batch need not be adjacent). `attention(q, k, v, lengths, gqa)`, when given with the
+        rows' prompt `lengths` (a host list), replaces the causal SDPA over the padded batch (the deterministic
+        mode's per-row attention)."""
         q, k, v = self._qkv(x, cos, sin)
         b, n = x.shape[0], x.shape[1]
         at = slice(rows, rows + b) if isinstance(rows, int) else rows
@@ -194,8 +195,11 @@ class DecoderLM(nn.Module):
         b, p, _ = x.shape
         idx = torch.arange(p, device=x.device)
         cos, sin = self._pick(self.rope(p), idx[None].expand(b, -1), lengths[:, None])  # [B, P, rot]
+        # The replacement attention (the deterministic mode's, per row) takes the lengths on the host: read once
+        # here, not once per layer.
+        host_lengths = lengths.tolist() if self.prefill_attention is not None else None
         for layer in self.layers:
-            x = layer.prefill(x, cos, sin, cache, rows, lengths, self.prefill_attention)
+            x = layer.prefill(x, cos, sin, cache, rows, host_lengths, self.prefill_attention)
         last = x[torch.arange(b, device=x.device), lengths - 1]  # [B, C]
         return self.norm(last)
 

@@ -69,17 +69,17 @@ def make_batch_invariant(model: nn.Module) -> list[str]:
     return done
 
 
-def prefill_attention_per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+def prefill_attention_per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
                               gqa: bool) -> torch.Tensor:
     """Causal attention of right-padded prompts, each row over its own length only: q [B, H, P, D], k, v
-    [B, Hkv, P, D], lengths [B] -> [B, H, P, D] (zeros past each length).
+    [B, Hkv, P, D], lengths (B ints, on the host) -> [B, H, P, D] (zeros past each length).
 
     SDPA over the padded batch picks its blocks (and on the GPU its split of the keys) from P and B, so a row's
     sums would change with the longest prompt beside it. One call per row, on contiguous copies of exactly its
-    own positions, gives the kernel the same input whatever the batch: B launches per layer, and one host read of
-    the lengths per prefill."""
+    own positions, gives the kernel the same input whatever the batch: B launches per layer; the lengths are read
+    to the host once per prefill (DecoderLM.prefill)."""
     out = torch.zeros_like(q)
-    for b, n in enumerate(lengths.tolist()):
+    for b, n in enumerate(lengths):
         rows = [t[b : b + 1, :, :n].contiguous() for t in (q, k, v)]  # [1, H or Hkv, n, D]
         out[b, :, :n] = F.scaled_dot_product_attention(*rows, is_causal=True, enable_gqa=gqa)[0]
     return out
