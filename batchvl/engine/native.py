@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import os
 from collections import deque
 
 import torch
@@ -74,7 +73,7 @@ def _fp8_activation_kernel(device: torch.device):
     return quantize_fp8_per_token
 
 
-def _make_deterministic(model, device: torch.device) -> tuple[str, bool, bool]:
+def _make_deterministic(model) -> tuple[str, bool, bool]:
     """`engine.deterministic`: each row's output independent of its batch. The linear layers, norms, LM head and
     the patch embedding run the batch-invariant kernels (batchvl.models.invariant); prefill attends per row over
     the row's own length; decode uses the Triton kernel (a row reads its own keys; its splits merged in order,
@@ -84,10 +83,7 @@ def _make_deterministic(model, device: torch.device) -> tuple[str, bool, bool]:
     call). Returns the decode-attention choice, fused_vision_gelu and compile to use."""
     from batchvl.models.invariant import make_batch_invariant, prefill_attention_per_row
 
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("engine.deterministic needs a CUDA GPU: its Triton kernels run on the CPU only under "
-                           "TRITON_INTERPRET=1 (tests)")
-    make_batch_invariant(model)
+    make_batch_invariant(model)  # the device was checked where the engine is built (factory.check_deterministic)
     model.lm.prefill_attention = prefill_attention_per_row
     return "triton", False, False
 
@@ -117,7 +113,7 @@ class NativeEngine(Engine):
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
         self.deterministic = deterministic
         if deterministic:  # see _make_deterministic
-            decode_attention, fused_vision_gelu, compile = _make_deterministic(self.model, self.device)
+            decode_attention, fused_vision_gelu, compile = _make_deterministic(self.model)
         self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
         if deterministic:  # its splits merged in order: a row's result independent of the cache's span
             self.model.lm.attention_kernel = functools.partial(self.model.lm.attention_kernel, ordered=True)
