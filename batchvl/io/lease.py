@@ -144,14 +144,12 @@ def holders(out_dir: Path) -> dict[Path, Holder | None]:
 def remove_orphan_beats(out_dir: Path) -> int:
     """Remove the beat files of runs that hold no lease of the folder (a run killed between removing its lease
     and its beat file, or an old holder's beat written after a takeover). Returns how many were removed."""
-    holding = {h.run for h in holders(out_dir).values() if h is not None}
+    keep = {beat_file(path, h.run) for path, h in holders(out_dir).items() if h is not None}
     removed = 0
     for path in out_dir.glob("_beat-*.json"):
-        run = path.stem.rsplit("-", 2)
-        if len(run) == 3 and f"{run[1]}-{run[2]}" in holding:  # the run id is `<time>-<hex>`
-            continue
-        path.unlink(missing_ok=True)
-        removed += 1
+        if path not in keep:
+            path.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 
