@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import posixpath
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from batchvl.config.urls import InputFile, RemoteFile, expand_braces, filesystem, is_url, local_path, url_root
@@ -66,11 +66,12 @@ _WAY_FORWARD = ("input.format names how to read it (one of " + ", ".join(INPUT_F
                 "; README \"Input formats\"); other data can be converted to JSONL or Parquet first")
 
 
-def expand_input(path: str, base_dir: str, fmt: str = "auto") -> list[InputFile]:
-    """The files `input.path` names, in a stable order (see InputSpec.files). Raises JobError naming the key."""
+def expand_input(path: str, base_dir: str, fmt: str = "auto", root: PurePath | None = None) -> list[InputFile]:
+    """The files `input.path` names, in a stable order (see InputSpec.files). `root`: InputSpec.root, when the
+    caller has it (for a URL, finding it asks the filesystem). Raises JobError naming the key."""
     one_of("input.format", fmt, INPUT_FORMATS)
     if is_url(path):
-        return expand_url(path, fmt)
+        return expand_url(path, fmt, root)
     local = local_path(path)
     p = absolute_path(local, base_dir)
     if not path_is(p, "exists") and len(patterns := expand_braces(local)) > 1:
@@ -114,7 +115,7 @@ def _expand_local(path: str, base_dir: str, fmt: str) -> list[Path]:
     raise JobError(f"input.path: no such file or directory: {name}")
 
 
-def expand_url(url: str, fmt: str) -> list[RemoteFile]:
+def expand_url(url: str, fmt: str, root: PurePath | None = None) -> list[RemoteFile]:
     """The files an fsspec URL names (a file, every data file under a folder, a glob's or brace pattern's
     matches), as `expand_input` lists a local path's, in order. Raises JobError naming `input.path`."""
     name = shown(url, quote=False)
@@ -122,7 +123,7 @@ def expand_url(url: str, fmt: str) -> list[RemoteFile]:
         raise JobError(f"input.path: {name}: input.format {fmt} reads a local folder; an fsspec URL names data "
                        f"files ({_names(_suffixes('auto'))})")
     suffixes = _suffixes(fmt)
-    root = url_root(url)
+    root = url_root(url) if root is None else root
     found: dict[str, RemoteFile] = {}
     for pattern in expand_braces(url):
         fs, path = filesystem(pattern)

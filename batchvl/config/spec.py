@@ -80,7 +80,7 @@ class InputSpec:
         """The input files, in a stable order: a file, every data file under a directory, or a glob's matches
         (see INPUT_FORMATS). A folder of media files is one entry, the folder, walked as it is read; a Hugging
         Face dataset folder is its Arrow files. An fsspec URL's files are RemoteFiles (config.urls)."""
-        return expand_input(self.path, self.base_dir, self.format)
+        return expand_input(self.path, self.base_dir, self.format, self.root if is_url(self.path) else None)
 
     def fill_format_columns(self) -> None:
         """Take the columns of the input's format (FORMAT_COLUMNS) where the job names none; the job file is
