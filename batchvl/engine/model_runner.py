@@ -85,19 +85,19 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None, cache: KVCache,
-                rows: int | torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+                rows: int | torch.Tensor, chunk_tokens: int, image_tokens: int = 0) -> torch.Tensor:
         """ids [n, P] right-padded prompts (lengths [n]) into cache rows rows .. rows + n (or the rows an [n]
-        index tensor names), with the image
-        embeddings `features` [T * tokens_per_tile, C] at the image context tokens, in row order. Returns
-        the logits of each row's last token [n, V] float32. In row chunks of at most `chunk_tokens` tokens:
-        activations stay bounded while the cache holds the whole batch."""
+        index tensor names), with the image embeddings `features` [T * tokens_per_tile, C] at the image context
+        tokens, in row order; `image_tokens` is how many of those the prompts hold, counted on the host (counting
+        them on the device would wait for it). Returns the logits of each row's last token [n, V] float32. In row
+        chunks of at most `chunk_tokens` tokens: activations stay bounded while the cache holds the whole batch."""
         lm = self.lm
         x = lm.embed(ids)  # [n, P, C]
         if features is not None:
-            slots = ids == self.image_token_id
-            if int(slots.sum()) != features.shape[0]:
-                raise RuntimeError(f"{int(slots.sum())} image context tokens for {features.shape[0]} features")
-            x[slots] = features.to(x.dtype)
+            if image_tokens != features.shape[0]:
+                raise RuntimeError(f"{image_tokens} image context tokens for {features.shape[0]} features")
+            # masked_scatter_, not x[mask] = ...: a boolean index waits for the device to count the mask.
+            x.masked_scatter_((ids == self.image_token_id)[..., None], features.to(x.dtype))
         n, width = ids.shape
         step = max(1, chunk_tokens // max(width, 1))
         def at(r: int) -> int | torch.Tensor:

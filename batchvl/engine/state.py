@@ -120,8 +120,9 @@ class BatchState:
         # when adjacent, else one index tensor for all of them. One set of operations per admission either way,
         # not one per run of adjacent slots: scattered slots made many small runs, each a dozen host-side calls.
         rows = slice(slots[0], slots[0] + n) if adjacent else torch.tensor(slots, device=device)
+        image_tokens = sum(r.prompt_ids.count(self.runner.image_token_id) for r in requests)
         logits = self.runner.prefill(ids, lengths, features, self.cache, slots[0] if adjacent else rows,
-                                     self.prefill_tokens)  # [n, V]
+                                     self.prefill_tokens, image_tokens)  # [n, V]
         self._record(slots, rows, requests, ids, lengths, limits_list, logits)
         return logits
 

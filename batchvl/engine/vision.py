@@ -50,12 +50,11 @@ class VisionRunner:
         """The embeddings of `tiles` (uint8 [t, S, S, 3] each), in order: [T * tokens_per_tile, C]."""
         total = sum(t.shape[0] for t in tiles)
         if self.device.type == "cuda" and tiles[0].is_pinned():  # the preparer pins all rows' tiles or none
-            # Prepared in page-locked memory (prepare.py): copy each row's tiles straight in, asynchronously.
+            # Prepared in page-locked memory (prepare.py): each row's tiles straight in, asynchronously, in one
+            # call. A copy_ per row is a call per row, and each lets the GIL go and waits to take it back: beside
+            # busy preparation threads, 128 rows' calls left the GPU idle between copies (BENCHMARKS.md, session 8).
             pixels = torch.empty((total, *tiles[0].shape[1:]), dtype=torch.uint8, device=self.device)
-            offset = 0
-            for t in tiles:
-                pixels[offset : offset + t.shape[0]].copy_(t, non_blocking=True)
-                offset += t.shape[0]
+            torch._foreach_copy_(list(pixels.split([t.shape[0] for t in tiles])), tiles, non_blocking=True)
         else:
             host = self._staging(total, tiles[0].shape[1:])
             torch.cat(tiles, out=host)  # [T, S, S, 3] uint8
