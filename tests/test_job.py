@@ -57,7 +57,7 @@ def error_of(capsys, job_file, *sets) -> str:
     ("input=3", "input", "expected a mapping"),
     ("media.max_dynamic_patch=0", "media.max_dynamic_patch", ">= 1"),
     ("media.prepare_processes=-1", "media.prepare_processes", "must be >= 0, got -1"),
-    ("media.prepare_processes=two", "media.prepare_processes", "expected an integer"),
+    ("media.prepare_processes=two", "media.prepare_processes", "must be auto or a number of processes, got 'two'"),
     ("input.media_root=nowhere", "input.media_root", "no such directory"),
 ])
 def test_bad_key_gives_one_line_naming_it(capsys, job_file, override, key, words, monkeypatch, tmp_path):

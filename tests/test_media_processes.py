@@ -313,3 +313,45 @@ def test_bench_media_takes_worker_counts_as_lists_or_repeated(capsys):
     with pytest.raises(SystemExit) as bad:
         _parser().parse_args(["bench-media", "--processes", "2,-1"])
     assert bad.value.code == 2 and "counts must be >= 0, got '2,-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("processes,threads,gpu,batchvl_main,cores,want", [
+    ("auto", 0, True, True, 16, (4, 14)),  # a native engine on a GPU, from the batchvl command: processes
+    ("auto", 0, False, True, 16, (16, 0)),  # no GPU: the engine is the bottleneck, threads do it
+    ("auto", 0, True, False, 16, (16, 0)),  # a user's script: spawned workers would import it again
+    ("auto", 0, True, True, 3, (3, 0)),  # too few cores to leave two to the engine's process
+    ("auto", 6, True, True, 8, (6, 6)),  # the threads as set
+    (0, 0, True, True, 16, (16, 0)),  # none asked for
+    (3, 0, False, False, 16, (3, 3)),  # a number is taken as it is, anywhere
+])
+def test_media_workers_take_processes_where_a_gpu_engine_waits_for_its_gil(monkeypatch, processes, threads, gpu,
+                                                                           batchvl_main, cores, want):
+    from types import SimpleNamespace
+
+    from batchvl.config.spec import MediaSpec
+    from batchvl.run import loop
+
+    job = SimpleNamespace(media=MediaSpec(prepare_processes=processes, prepare_threads=threads))
+    monkeypatch.setattr(loop, "native_on_gpu", lambda job: gpu)
+    monkeypatch.setattr(loop, "_started_by_batchvl", lambda: batchvl_main)
+    assert loop.media_workers(job, cores=cores) == want
+    assert loop.media_workers(job, cores=cores, processes=False) == (threads or cores, 0)  # the API's prefetchers
+
+
+def test_the_batchvl_command_is_recognised_as_safe_to_spawn_from(monkeypatch):
+    """`python -m batchvl` and the `batchvl` script qualify; a user's script does not."""
+    from types import ModuleType, SimpleNamespace
+
+    from batchvl.run import loop
+
+    main_module = ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main_module)
+    main_module.__spec__ = SimpleNamespace(name="batchvl.__main__")
+    assert loop._started_by_batchvl()
+    main_module.__spec__ = SimpleNamespace(name="captions")
+    assert not loop._started_by_batchvl()
+    main_module.__spec__ = None
+    main_module.__file__ = "/venv/bin/batchvl"
+    assert loop._started_by_batchvl()
+    main_module.__file__ = "/home/me/caption.py"
+    assert not loop._started_by_batchvl()

@@ -105,7 +105,11 @@ def _check_generation(job: Job, p: Problems) -> None:
 def _check_media(job: Job, p: Problems) -> None:
     m = job.media
     p.run(at_least, "media.prepare_threads", m.prepare_threads, 0)
-    p.run(at_least, "media.prepare_processes", m.prepare_processes, 0)
+    if isinstance(m.prepare_processes, str):
+        if m.prepare_processes != "auto":
+            p.add(f"media.prepare_processes: must be auto or a number of processes, got {shown(m.prepare_processes)}")
+    else:
+        p.run(at_least, "media.prepare_processes", m.prepare_processes, 0)
     for key in ("max_dynamic_patch", "min_dynamic_patch"):
         value = getattr(m, key)
         if value is not None:
@@ -208,7 +212,7 @@ def check_limits(job: Job, problems: Problems | None = None) -> None:
     for key, limit in LIMITS.items():
         section, name = key.split(".")
         value = getattr(getattr(job, section), name)
-        if value is not None:
+        if value is not None and not isinstance(value, str):  # media.prepare_processes: auto
             p.run(at_most, key, value, limit)
     if problems is None:
         p.raise_any()

@@ -139,8 +139,10 @@ class MediaSpec:
     max_dynamic_patch: int | None = None  # default: the checkpoint's
     min_dynamic_patch: int | None = None
     use_thumbnail: bool | None = None
-    prepare_threads: int = 0  # 0: one per core
-    prepare_processes: int = 0  # worker processes that decode and tile; 0: none, the threads do it
+    prepare_threads: int = 0  # 0: one per core, or PREPARE_THREADS_WITH_PROCESSES beside worker processes
+    # worker processes that decode and tile; 0: none, the threads do it; auto: all cores but two for a native engine
+    # on a GPU started from the batchvl command, else none (batchvl.run.loop.media_workers)
+    prepare_processes: int | str = "auto"
     prefetch: int = 64  # rows prepared ahead of the engine, at most
     prefetch_mb: int = 2048  # bytes of fetched and prepared media held ahead, at most
     http_timeout_s: float = 30.0

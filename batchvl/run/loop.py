@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -167,13 +168,54 @@ def build_engine(job: Job, plan: Plan):
     return make_engine(job.engine, plan.checkpoint, plan.tokenizer, generation_params(job, plan))
 
 
+PREPARE_THREADS_WITH_PROCESSES = 4  # threads beside worker processes: they only hand items over and gather tiles
+SPARE_CORES = 2  # cores `media.prepare_processes: auto` leaves to the engine's process
+
+
+def media_workers(job: Job, cores: int | None = None, processes: bool = True) -> tuple[int, int]:
+    """(threads, worker processes) that prepare the job's media on `cores` cores (default: this host's).
+
+    `media.prepare_processes: auto` starts processes for a native engine on a GPU: the fewer threads of the
+    engine's process that want its GIL, the less the engine's thread waits for it between its many small calls.
+    On the H200's 16-core host the 1B shape ran `caption-7tile` at 44.6 images/s with 14 processes and 2 threads
+    against 35.6 with 16 threads, and `mixed` 16% faster (BENCHMARKS.md, session 8). Without a GPU the engine
+    is the bottleneck and the threads do. Auto starts none unless the run began from the batchvl command:
+    spawned processes import the main module again, and a user's script without `if __name__ == "__main__":`
+    would start its run in each of them. `processes` False: none whatever the setting."""
+    m = job.media
+    cores = cores or os.cpu_count() or 1
+    count = m.prepare_processes
+    if count == "auto":
+        count = cores - SPARE_CORES if cores > SPARE_CORES + 1 and native_on_gpu(job) and _started_by_batchvl() else 0
+    count = count if processes else 0
+    threads = m.prepare_threads or (min(PREPARE_THREADS_WITH_PROCESSES, count) if count else cores)
+    return threads, count
+
+
+def native_on_gpu(job: Job) -> bool:
+    """Whether the job's engine is the native one on a CUDA device."""
+    return job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available()
+
+
+def _started_by_batchvl() -> bool:
+    """Whether this process's main module is batchvl's own (`batchvl ...`, `python -m batchvl ...`), which a
+    spawned process can import again without side effects, or there is none to import (an interactive
+    session). A spawned worker of such a process sees the same main module."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None:
+        return spec.name.partition(".")[0] == "batchvl"
+    path = getattr(main, "__file__", None)
+    return path is None or Path(path).name == "batchvl"
+
+
 def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer,
                     processes: bool = True) -> Prefetcher:
-    """The job's prefetcher; with `processes` (and media.prepare_processes), its worker processes too, which
-    it closes with itself."""
+    """The job's prefetcher; with `processes`, its worker processes too (see media_workers), which it closes with
+    itself."""
     m = job.media
-    threads = m.prepare_threads or os.cpu_count() or 1
-    tiles = tile_pool(preparer.s, m.prepare_processes) if processes and m.prepare_processes else None
+    threads, count = media_workers(job, processes=processes)
+    tiles = tile_pool(preparer.s, count) if count else None
     return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, engine_rows(job)),
                       max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch_settings(job), tiles=tiles)
 
@@ -217,7 +259,7 @@ def make_preparer(job: Job, plan: Plan) -> RowPreparer:
         max_new_tokens_column=job.input.max_new_tokens_column, max_new_tokens=job.generation.max_new_tokens,
         requests=dataclasses.asdict(job.generation) if job.input.formats == {"openai-batch"} else None,
         include_prompt=job.output.include_prompt,
-        pin_memory=job.engine.backend == "native" and job.engine.device != "cpu" and torch.cuda.is_available(),
+        pin_memory=native_on_gpu(job),
     )
     system = default_system_message(plan.template.name, ck.config) \
         if isinstance(plan.template, ConversationTemplate) else None

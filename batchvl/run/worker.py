@@ -34,7 +34,7 @@ from batchvl.errors import JobError, OutputWriteError
 from batchvl.faults import set_process_label
 from batchvl.io.lease import Claim
 from batchvl.log import configure_logging
-from batchvl.run.loop import build_engine, make_preparer, process_rows
+from batchvl.run.loop import build_engine, make_preparer, media_workers, process_rows
 from batchvl.run.output import open_writer
 from batchvl.run.plan import plan_model
 from batchvl.run.signals import Stop
@@ -89,8 +89,8 @@ def _work(args: WorkerArgs, tasks: multiprocessing.Queue, send: _Events, stoppin
     share = max(1, (os.cpu_count() or 1) // args.workers)
     if args.device is None:
         torch.set_num_threads(share)  # CPU workers: one share of the cores each, not all of them each
-    if job.media.prepare_threads == 0:
-        job.media.prepare_threads = share
+    # This worker's share of the cores, not the host's, for its media threads and processes.
+    job.media.prepare_threads, job.media.prepare_processes = media_workers(job, cores=share)
     load_start = time.perf_counter()
     plan = plan_model(job)
     plan.files = args.files
