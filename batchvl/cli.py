@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                             "internvl-chat-v1-2 "
                             "(repeatable; default tiny)")
     check.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
+    check.add_argument("--layers", type=int, default=None, metavar="N",
+                       help="at most N layers in the vision tower and in the language model, at the shape's own "
+                            "widths: for a shape whose checkpoint does not fit the disk (internvl-chat-v1-2: 80 GB)")
     check.add_argument("--device", default="auto")
     check.add_argument("--dtype", default="auto")
     check.add_argument("--out", type=Path, help="also write the figures as JSON here")
@@ -255,7 +258,10 @@ def _check_parity(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"batchvl: error: --engine: {e}", file=sys.stderr)
         return EXIT_JOB_ERROR
-    return check_main(shapes, args.tokens, args.device, args.dtype, args.out, engine)
+    if args.layers is not None and args.layers < 1:
+        print(f"batchvl: error: --layers: must be >= 1, got {args.layers}", file=sys.stderr)
+        return EXIT_JOB_ERROR
+    return check_main(shapes, args.tokens, args.device, args.dtype, args.out, engine, args.layers)
 
 
 def _verbosity(p: argparse.ArgumentParser) -> None:

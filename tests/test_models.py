@@ -157,6 +157,22 @@ def test_check_parity_puts_the_default_engine_beside_the_settings_under_test():
     assert plain[0].rel_err_default_vs_fp32 is None  # no settings, no second run
 
 
+def test_check_parity_cuts_depth_and_leaves_out_float32_where_its_weights_would_not_fit(monkeypatch):
+    """A shape too large for the device (InternVL-Chat-V1-2's 40B: 80 GB in bf16, 160 GB in float32) is checked
+    at its own widths with fewer layers (--layers), and against transformers in its own dtype only where float32
+    would not fit; the float32 columns say so rather than hold numbers."""
+    from batchvl.tools import check_parity as cp
+
+    monkeypatch.setattr(cp, "_fp32_fits", lambda path, dtype, device: False)
+    checks, info = cp.check_parity("tiny", tokens=3, device="cpu", dtype="float32", layers=1)
+    assert info["layers"] == {"vision": 1, "text": 1}
+    assert all(c.rel_err_native_vs_ref < 1e-5 and c.rel_err_native_vs_fp32 is None for c in checks)
+    table = cp.format_table(checks, info)
+    assert table.startswith("shape tiny (layers: vision 1, text 1) on cpu")
+    assert table.splitlines()[-1] == "float32 columns: not run: the weights in float32 do not fit the device"
+    assert all(line.count("|") == 9 and "| - |" in line for line in table.splitlines()[3:-1])
+
+
 def test_check_parity_refuses_a_misspelt_engine_key_naming_it(capsys):
     assert main(["check-parity", "--engine", "compiel=true"]) == 2
     err = capsys.readouterr().err

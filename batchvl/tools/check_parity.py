@@ -47,11 +47,11 @@ class RowCheck:
     id: str
     prompt_tokens: int
     rel_err_native_vs_ref: float  # native (dtype) vs transformers (dtype)
-    rel_err_native_vs_fp32: float  # native (dtype) vs transformers (float32)
-    rel_err_ref_vs_fp32: float  # transformers (dtype) vs transformers (float32)
+    rel_err_native_vs_fp32: float | None  # native (dtype) vs transformers (float32); None: no float32 side
+    rel_err_ref_vs_fp32: float | None  # transformers (dtype) vs transformers (float32)
     agree_prefix: int  # leading tokens native and transformers (dtype) agree on
     agree_positions: int  # positions where they agree
-    ref_fp32_agree_prefix: int  # the same for transformers (dtype) vs transformers (float32): the noise floor
+    ref_fp32_agree_prefix: int | None  # the same for transformers (dtype) vs transformers (float32): the noise floor
     tokens: int
     # With engine settings (fp8, say): the native engine with none of them, on the same rows, side by side
     rel_err_default_vs_fp32: float | None = None  # native (dtype, default settings) vs transformers (float32)
@@ -90,8 +90,13 @@ def build_checkpoint(shape: str, out: Path, device: torch.device, dtype: torch.d
 
     config, generation, tokenizer = _config(shape, shapes)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = InternVLForConditionalGeneration(config).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the dtype: a 40B shape built in float32 first would need 160 GB
+    try:
+        with torch.device(device):
+            model = InternVLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():  # transformers initialises layer scales and embeddings to constants; vary them
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)
@@ -151,9 +156,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str = "auto",
-                 workdir: Path | None = None, engine: dict | None = None) -> tuple[list[RowCheck], dict]:
+                 workdir: Path | None = None, engine: dict | None = None,
+                 layers: int | None = None) -> tuple[list[RowCheck], dict]:
     """The native engine (with `engine`'s extra settings, e.g. compile) against transformers on the same
-    random weights: first-step logits and greedy tokens, per sample row."""
+    random weights: first-step logits and greedy tokens, per sample row. `layers`: at most this many layers in
+    the vision tower and in the language model, at the shape's own widths (a 40B shape's checkpoint, 80 GB in
+    bf16, does not fit the H200 host's 64 GB disk)."""
     from transformers import InternVLForConditionalGeneration
 
     dev = pick_device(device)
@@ -163,8 +171,14 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     info: dict = {"shape": shape, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                   "dtype": str(dt).removeprefix("torch."), "tokens": tokens, "torch": torch.__version__,
                   "engine": dict(engine or {})}
+    shapes = None
+    if layers is not None:
+        vision, text = SHAPES[shape]
+        shapes = {shape: (dict(vision, num_hidden_layers=min(layers, vision["num_hidden_layers"])),
+                          dict(text, num_hidden_layers=min(layers, text["num_hidden_layers"])))}
+        info["layers"] = {"vision": shapes[shape][0]["num_hidden_layers"], "text": shapes[shape][1]["num_hidden_layers"]}
     t0 = time.perf_counter()
-    path = build_checkpoint(shape, root / shape, dev, dt)
+    path = build_checkpoint(shape, root / shape, dev, dt, shapes=shapes)
     info["build_s"] = round(time.perf_counter() - t0, 1)
     ck = CheckpointInfo.read(path)
     tokenizer = load_tokenizer(path)
@@ -184,7 +198,10 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
         default = _native(plain, ck, tokenizer, params, rows)
 
     refs = {}
-    for ref_dtype in (dt, torch.float32):
+    fp32 = _fp32_fits(path, dt, dev)
+    if not fp32:
+        info["fp32"] = "not run: the weights in float32 do not fit the device"
+    for ref_dtype in (dt, torch.float32) if fp32 else (dt,):
         model = InternVLForConditionalGeneration.from_pretrained(path, dtype=ref_dtype).to(dev).eval()
         refs[ref_dtype] = [reference(model, r, tokens, dev) for r in rows]
         del model
@@ -193,22 +210,33 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     checks = []
     for i, r in enumerate(rows):
         ref_logits, ref_ids = refs[dt][i]
-        fp32_logits, fp32_ids = refs[torch.float32][i]
+        fp32_logits, fp32_ids = refs[torch.float32][i] if fp32 else (None, None)
         mine = native_ids[i]
         prefix = _common_prefix(mine, ref_ids)
         checks.append(RowCheck(
             id=r.id, prompt_tokens=len(r.prompt_ids),
             rel_err_native_vs_ref=rel_err(native_logits[i], ref_logits),
-            rel_err_native_vs_fp32=rel_err(native_logits[i], fp32_logits),
-            rel_err_ref_vs_fp32=rel_err(ref_logits, fp32_logits),
+            rel_err_native_vs_fp32=rel_err(native_logits[i], fp32_logits) if fp32 else None,
+            rel_err_ref_vs_fp32=rel_err(ref_logits, fp32_logits) if fp32 else None,
             agree_prefix=prefix, agree_positions=sum(a == b for a, b in zip(mine, ref_ids, strict=True)),
-            ref_fp32_agree_prefix=_common_prefix(ref_ids, fp32_ids), tokens=tokens))
-        if default is not None:
+            ref_fp32_agree_prefix=_common_prefix(ref_ids, fp32_ids) if fp32 else None, tokens=tokens))
+        if default is not None and fp32:
             checks[-1].rel_err_default_vs_fp32 = rel_err(default[0][i], fp32_logits)
             checks[-1].default_agree_prefix = _common_prefix(mine, default[1][i])
     if tmp:
         tmp.cleanup()
     return checks, info
+
+
+def _fp32_fits(path: Path, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether transformers can hold the checkpoint at `path` (saved in `dtype`) in float32 on `device`, with a
+    tenth of the device's memory to spare for activations. A 40B shape in float32 (160 GB) fits no one GPU: its
+    check compares the native engine with transformers in `dtype` only."""
+    if device.type != "cuda":
+        return True
+    saved = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    fp32_bytes = saved * 4 // torch.empty((), dtype=dtype).element_size()
+    return fp32_bytes < 0.9 * torch.cuda.get_device_properties(device).total_memory
 
 
 def _native(spec: EngineSpec, ck: CheckpointInfo, tokenizer, params: GenerationParams,
@@ -223,7 +251,8 @@ def _native(spec: EngineSpec, ck: CheckpointInfo, tokenizer, params: GenerationP
 
 
 def format_table(checks: list[RowCheck], info: dict) -> str:
-    head = (f"shape {info['shape']} on {info['device']}, {info['dtype']}, torch {info['torch']}, "
+    depth = f" (layers: vision {info['layers']['vision']}, text {info['layers']['text']})" if "layers" in info else ""
+    head = (f"shape {info['shape']}{depth} on {info['device']}, {info['dtype']}, torch {info['torch']}, "
             f"engine settings {info.get('engine') or 'default'}; "
             f"first-step logits relative error and greedy agreement over {info['tokens']} tokens")
     beside = any(c.rel_err_default_vs_fp32 is not None for c in checks)
@@ -231,19 +260,25 @@ def format_table(checks: list[RowCheck], info: dict) -> str:
     lines = [head, "| row | prompt tokens | native vs transformers | native vs fp32 | transformers vs fp32 "
              "| agree (prefix) | agree (positions) | transformers vs fp32 agree (prefix) |" + extra,
              "|---|---|---|---|---|---|---|---|" + ("---|---|" if beside else "")]
+    def err(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2e}"
+
     for c in checks:
         cells = (f" {c.rel_err_default_vs_fp32:.2e} | {c.default_agree_prefix}/{c.tokens} |" if beside else "")
-        lines.append(f"| {c.id} | {c.prompt_tokens} | {c.rel_err_native_vs_ref:.2e} | {c.rel_err_native_vs_fp32:.2e} "
-                     f"| {c.rel_err_ref_vs_fp32:.2e} | {c.agree_prefix}/{c.tokens} | {c.agree_positions}/{c.tokens} "
-                     f"| {c.ref_fp32_agree_prefix}/{c.tokens} |" + cells)
+        noise = "-" if c.ref_fp32_agree_prefix is None else f"{c.ref_fp32_agree_prefix}/{c.tokens}"
+        lines.append(f"| {c.id} | {c.prompt_tokens} | {c.rel_err_native_vs_ref:.2e} | {err(c.rel_err_native_vs_fp32)} "
+                     f"| {err(c.rel_err_ref_vs_fp32)} | {c.agree_prefix}/{c.tokens} | {c.agree_positions}/{c.tokens} "
+                     f"| {noise} |" + cells)
+    if "fp32" in info:
+        lines.append(f"float32 columns: {info['fp32']}")
     return "\n".join(lines)
 
 
 def main(shapes: list[str], tokens: int, device: str, dtype: str, out: Path | None,
-         engine: dict | None = None) -> int:
+         engine: dict | None = None, layers: int | None = None) -> int:
     report = []
     for shape in shapes:
-        checks, info = check_parity(shape, tokens, device, dtype, engine=engine)
+        checks, info = check_parity(shape, tokens, device, dtype, engine=engine, layers=layers)
         print(format_table(checks, info), flush=True)
         report.append({"info": info, "rows": [c.__dict__ for c in checks]})
     if out:
