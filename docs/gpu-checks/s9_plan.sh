@@ -1,24 +1,26 @@
 #!/bin/bash
 # The next device session's calls, prepared in session 8 (run one per `run`, carrying .whl):
-#   bash docs/gpu-checks/s9_plan.sh leftovers   issues 20 and 21 (about 8 minutes): InternVL-Chat-V1-2's widths
-#                                                (InternViT-6B + Yi-34B, 16 layers of each: about 24 GB in bf16)
-#                                                against transformers in bf16; then the deterministic mode across
-#                                                runs on the 8B shape (batch 128, killed at 64 and resumed at 16,
-#                                                batch 1 on 64 rows, the mode off), 512 rows
+#   bash docs/gpu-checks/s9_plan.sh v12         issue 20 (about 4 minutes): InternVL-Chat-V1-2's widths (InternViT-6B +
+#                                                Yi-34B, 16 layers of each: about 24 GB in bf16) against transformers
+#   bash docs/gpu-checks/s9_plan.sh resume8b    issue 21 (about 7 minutes): the deterministic mode across runs on
+#                                                the 8B shape, 512 rows (batch 128; batch 64 killed at its 3rd batch
+#                                                and resumed at 16; batch 1 on 64 rows; the mode off)
+# Calls made back to back (within 30 s) find the machine warm.
 #   bash docs/gpu-checks/s9_plan.sh pipeline    issue 17 (about 8 minutes): the 1B pipeline with the defaults
 #                                                (media in processes) over 1,024 rows, caption-7tile and mixed,
 #                                                transformers warm in the same run; the 8B shape over 512 rows
 set -o pipefail
-[[ "$1" =~ ^(leftovers|pipeline)$ ]] || { echo "usage: $0 leftovers|pipeline"; exit 2; }
+[[ "$1" =~ ^(v12|resume8b|pipeline)$ ]] || { echo "usage: $0 v12|resume8b|pipeline"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=.:/tmp/site || exit 1
 export PYTHONUNBUFFERED=1
 B="python3 -m batchvl bench -q --workdir /tmp"
 case "$1" in
-  leftovers)
-    timeout 240 python3 -m batchvl check-parity -q --shape internvl-chat-v1-2 --layers 16 --tokens 32 2>&1 \
-      | tail -8 | tee "$OUT/v12.log"
-    timeout 330 python3 docs/gpu-checks/deterministic_resume.py internvl3-8b 512 2>&1 | grep -v Warning \
+  v12)
+    timeout 500 python3 -m batchvl check-parity -q --shape internvl-chat-v1-2 --layers 16 --tokens 32 2>&1 \
+      | tail -8 | tee "$OUT/v12.log" ;;
+  resume8b)
+    timeout 570 python3 docs/gpu-checks/deterministic_resume.py internvl3-8b 512 2>&1 | grep -v Warning \
       | tee "$OUT/resume8b.log" ;;
   pipeline)
     timeout 220 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
