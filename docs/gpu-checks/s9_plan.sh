@@ -5,12 +5,15 @@
 #   bash docs/gpu-checks/s9_plan.sh resume8b    issue 21 (about 7 minutes): the deterministic mode across runs on
 #                                                the 8B shape, 512 rows (batch 128; batch 64 killed at its 3rd batch
 #                                                and resumed at 16; batch 1 on 64 rows; the mode off)
+#   bash docs/gpu-checks/s9_plan.sh profile     issue 17 (about 3 minutes): where one 1B pipeline batch leaves the GPU
+#                                                idle, stage by stage, and what the host did meanwhile
+#                                                (pipeline_profile.py; the trace comes back as trace.json.gz)
 # Calls made back to back (within 30 s) find the machine warm.
 #   bash docs/gpu-checks/s9_plan.sh pipeline    issue 17 (about 8 minutes): the 1B pipeline with the defaults
 #                                                (media in processes) over 1,024 rows, caption-7tile and mixed,
 #                                                transformers warm in the same run; the 8B shape over 512 rows
 set -o pipefail
-[[ "$1" =~ ^(v12|resume8b|pipeline)$ ]] || { echo "usage: $0 v12|resume8b|pipeline"; exit 2; }
+[[ "$1" =~ ^(v12|resume8b|pipeline|profile)$ ]] || { echo "usage: $0 v12|resume8b|pipeline|profile"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=.:/tmp/site || exit 1
 export PYTHONUNBUFFERED=1
@@ -22,6 +25,9 @@ case "$1" in
   resume8b)
     timeout 570 python3 docs/gpu-checks/deterministic_resume.py internvl3-8b 512 2>&1 | grep -v Warning \
       | tee "$OUT/resume8b.log" ;;
+  profile)
+    timeout 300 python3 docs/gpu-checks/pipeline_profile.py internvl2-1b caption-7tile 512 128 2 2>&1 \
+      | grep -v Warning | tee "$OUT/profile.log" ;;
   pipeline)
     timeout 220 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
       --baseline transformers --baseline-rows 64 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log"
