@@ -139,3 +139,31 @@ def test_internvl1_prompt_expands_each_image_to_img_256_context_tokens(tmp_path)
     image = "<img>" + "<IMG_CONTEXT>" * 256 + "</img>"
     assert got == ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n"
                    f"{image}\nWhat is it?<|im_end|><|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("media,column,refused", [
+    ({}, None, None),
+    ({"max_dynamic_patch": 1}, None, None),
+    ({"max_dynamic_patch": 12}, None, "media.max_dynamic_patch: 12 tiles asked for, but this checkpoint does not tile"),
+    ({"min_dynamic_patch": 2, "max_dynamic_patch": 6}, None, "media.max_dynamic_patch: 6 tiles"),
+    ({"video_max_dynamic_patch": 4}, None, "media.video_max_dynamic_patch: 4 tiles"),
+    ({}, "tiles", "input.max_dynamic_patch_column: this checkpoint does not tile"),
+])
+def test_a_checkpoint_that_does_not_tile_refuses_settings_that_would_tile(tmp_path, media, column, refused):
+    """InternVL 1 was trained on one 448 px resize per image: tiles asked of it are refused at plan time, in one line
+    naming the key, rather than fed to it (or silently dropped)."""
+    from types import SimpleNamespace
+
+    from batchvl.config.spec import MediaSpec
+    from batchvl.errors import JobError
+    from batchvl.run.plan import _check_tiling
+
+    (tmp_path / "config.json").write_text(json.dumps(v1_2_config()))
+    job = SimpleNamespace(media=MediaSpec(**media), input=SimpleNamespace(max_dynamic_patch_column=column))
+    if refused is None:
+        _check_tiling(job, CheckpointInfo.read(tmp_path))
+    else:
+        with pytest.raises(JobError, match=refused.replace(".", r"\.")):
+            _check_tiling(job, CheckpointInfo.read(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(v1_2_config(dynamic_image_size=True)))
+    _check_tiling(job, CheckpointInfo.read(tmp_path))  # a tiling checkpoint takes them all

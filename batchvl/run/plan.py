@@ -136,6 +136,7 @@ def plan_model(job: Job, check_weight_files: bool = True) -> Plan:
     elif (moe := moe_architecture(checkpoint)) is not None:  # transformers could load it; batchvl runs none
         raise JobError(f"model: language model {moe} is a mixture-of-experts model, which batchvl does not run "
                        f"(on either backend)")
+    _check_tiling(job, checkpoint)
     check_quantization(job.engine, checkpoint)  # fp8 on this device, and a checkpoint already in fp8
     check_deterministic(job.engine)  # the deterministic mode's kernels need a GPU
     if job.engine.backend == "transformers":
@@ -148,6 +149,23 @@ def plan_model(job: Job, check_weight_files: bool = True) -> Plan:
     if isinstance(template, str):
         _check_jinja(job, template, tokenizer)
     return Plan(job, checkpoint, tokenizer, template, files=[], rows=0)
+
+
+def _check_tiling(job: Job, checkpoint: CheckpointInfo) -> None:
+    """A checkpoint that does not tile images (InternVL 1: `dynamic_image_size` false in its config) sees each
+    image and video frame as one plain resize to its tile size, as its own code feeds it; settings that would cut
+    them into tiles it was never trained on are refused, not silently followed or ignored."""
+    if checkpoint.dynamic_tiling:
+        return
+    why = ("this checkpoint does not tile images (dynamic_image_size is false in its config, as in InternVL 1): "
+           "each image is one resize to its tile size")
+    for key, value in (("media.max_dynamic_patch", job.media.max_dynamic_patch),
+                       ("media.min_dynamic_patch", job.media.min_dynamic_patch),
+                       ("media.video_max_dynamic_patch", job.media.video_max_dynamic_patch)):
+        if value is not None and value > 1:
+            raise JobError(f"{key}: {value} tiles asked for, but {why}; leave it unset or 1")
+    if job.input.max_dynamic_patch_column:
+        raise JobError(f"input.max_dynamic_patch_column: {why}; a per-row tile count has nothing to set")
 
 
 def plan_job(job: Job, check_output: bool = True, read_output: bool = True, fresh: bool = False) -> Plan:
