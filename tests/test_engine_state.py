@@ -14,7 +14,7 @@ import torch
 
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams
-from batchvl.engine.graphs import batch_buckets, bucket_for
+from batchvl.engine.graphs import DecodeGraphs, batch_buckets, bucket_for
 from batchvl.engine.model_runner import SPAN_BUCKET, batch_span
 from batchvl.engine.native import NativeEngine
 from batchvl.engine.sampler import Sampler
@@ -227,13 +227,15 @@ def test_rows_padded_up_to_a_graph_bucket_leave_the_real_rows_alone(tiny_rows):
     torch.testing.assert_close((cache.k[:, :3], cache.v[:, :3]), written, rtol=1e-5, atol=1e-5)
 
 
-class _ReplayGraphs:
+class _ReplayGraphs(DecodeGraphs):
     """Decode graphs as the step graph sees them, on the CPU: `capture_step` keeps the step and `replay` runs it
-    (a CUDA graph replays what was captured); `step` is the model's eager call, as a decode-graph replay computes."""
+    (a CUDA graph replays what was captured); `step` is the model's eager call, as a decode-graph replay computes.
+    The state tensors and the whole-step cache are DecodeGraphs' own."""
 
-    def __init__(self, runner, span: int, fail: bool = False):
+    def __init__(self, runner, span: int, fail: bool = False):  # noqa: super().__init__ captures on CUDA
         self.runner, self.span, self.buckets, self.fail, self.captured = runner, span, [1, 2, 4], fail, 0
         self.cache = runner.cache
+        self._states, self._steps = {}, {}
 
     def capture_step(self, step):
         if self.fail:
@@ -246,8 +248,10 @@ class _ReplayGraphs:
 
 
 def test_a_whole_step_graph_replays_what_the_step_does_and_a_failed_capture_falls_back(tiny_rows, caplog):
-    """engine.step_graph's control flow (the capture itself needs a GPU): captured once at the batch's first
-    step, then replayed; a capture that fails leaves the step as it was, with one warning."""
+    """engine.step_graph's control flow (the capture itself needs a GPU): captured once, at the first batch's
+    first step, then replayed by that batch and the next, whose state is the same tensors reset; new generation
+    settings (another sampler) capture it again; a capture that fails leaves the step as it was, with one
+    warning."""
     rows = tiny_rows[2][1:]  # not the 7-tile row: its vision pass is the slow part on the CPU
     e = make_engine(tiny_rows)
     e.generate(rows)
@@ -257,10 +261,14 @@ def test_a_whole_step_graph_replays_what_the_step_does_and_a_failed_capture_fall
         with torch.inference_mode():
             state = e.start(SLOTS, need(rows))
             graphs = e.runner.graphs = _ReplayGraphs(e.runner, state.span, fail)
-            state = e.start(SLOTS, need(rows))  # now over the "graphs"
-            state.fill(rows, e.vision.compute(rows))
-            until_done(state)
+            features = e.vision.compute(rows)
+            for batch in range(3):
+                if batch == 2:
+                    e.set_params(e.params)  # the same settings, but a new sampler and stop tensors
+                state = e.start(SLOTS, need(rows))  # now over the "graphs"
+                state.fill(rows, features)
+                until_done(state)
+                assert state.generated()[: len(rows)] == want, batch
         e.runner.graphs = None
-        assert state.generated()[: len(rows)] == want
-        assert graphs.captured == (0 if fail else 1)
+        assert graphs.captured == (0 if fail else 2)
         assert ("could not be captured" in caplog.text) == fail

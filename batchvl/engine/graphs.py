@@ -63,6 +63,8 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = pool = torch.cuda.graph_pool_handle()
         self._side = torch.cuda.Stream(device)  # where whole steps are captured (capture_step)
+        self._states: dict[tuple, dict] = {}  # batch states' tensors, by (size, width, ...): see `state`
+        self._steps: dict[tuple, tuple] = {}  # whole-step graphs, by the same keys: see `whole_step`
         for size in reversed(self.buckets):  # largest first: the smaller graphs reuse its pool memory
             log.debug("capturing a decode graph for batch %d, span %d", size, self.span)
             self._graphs[size] = self._capture(size, pool)
@@ -101,6 +103,25 @@ class DecodeGraphs:
             finally:
                 graph.capture_end()
         torch.cuda.current_stream(self._side.device).wait_stream(self._side)
+        return graph
+
+    def state(self, key: tuple, make):
+        """The per-slot tensors of every batch state of `key` (its size, width, ...) over this cache: made once by
+        `make()`, then the same tensors for each such batch, which resets their values. A whole-step graph reads
+        and writes them where they were at its capture."""
+        if key not in self._states:
+            self._states[key] = make()
+        return self._states[key]
+
+    def whole_step(self, key: tuple, owners: tuple, step) -> torch.cuda.CUDAGraph:
+        """`step` (a whole decode step over the tensors `state(key, ...)` gave) as a graph: captured (capture_step)
+        the first time, then the same graph for every later batch of `key` whose step reads the same `owners` (the
+        sampler and stop tensors it used, compared by identity: new generation settings capture it again)."""
+        found = self._steps.get(key)
+        if found is not None and len(found[0]) == len(owners) and all(a is b for a, b in zip(found[0], owners)):
+            return found[1]
+        graph = self.capture_step(step)
+        self._steps[key] = (owners, graph)
         return graph
 
     def step(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,19 @@ from batchvl.models.decoder import KVCache
 log = logging.getLogger(__name__)
 
 
+def state_tensors(slots: int, width: int, seen_vocab: int | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch state's per-slot tensors (BatchState sets their values): each slot's prompt length, cache position,
+    limit, count, done flag, seed and next token [slots], its output [slots, width + 1], and with `seen_vocab`
+    the tokens it has seen [slots, seen_vocab] (else None)."""
+    def zeros(*shape, dtype=torch.long):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    return {"lengths": zeros(slots), "positions": zeros(slots), "limits": zeros(slots), "count": zeros(slots),
+            "done": zeros(slots, dtype=torch.bool), "seeds": zeros(slots, dtype=torch.int64), "tokens": zeros(slots),
+            "out": zeros(slots, width + 1),
+            "seen": None if seen_vocab is None else zeros(slots, seen_vocab, dtype=torch.bool)}
+
+
 class BatchState:
     """A batch of `slots` slots over `cache`, decoding over positions [0, span) of it."""
 
@@ -51,26 +64,37 @@ class BatchState:
         self.width = params.max_new_tokens  # the output buffer's columns; each slot's limit is at most this
         self.max_limit = 0  # the largest limit of any row admitted (host side: bounds the decode loop)
         self.requests: list[Request | None] = [None] * slots
-        device = runner.device
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [B] prompt lengths
-        self.positions = torch.zeros(slots, dtype=torch.long, device=device)  # [B] where `tokens` go in the cache
-        self.limits = torch.zeros(slots, dtype=torch.long, device=device)  # [B] each row's max_new_tokens
-        self.count = torch.zeros(slots, dtype=torch.long, device=device)  # [B] tokens generated so far
-        self.done = torch.ones(slots, dtype=torch.bool, device=device)  # [B] a free slot is done
-        self.seeds = torch.zeros(slots, dtype=torch.int64, device=device)  # [B] the sampler's row seeds
-        self.tokens = torch.full((slots,), pad_id, dtype=torch.long, device=device)  # [B] the next decode's input
-        # [B, width + 1]: column `width` is where done slots' pad tokens go, so a full row is never overwritten.
-        self.out = torch.full((slots, self.width + 1), pad_id, dtype=torch.long, device=device)
-        self.seen = None  # [B, V] tokens already in each row, only for the repetition penalty
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros((slots, sampler.vocab), dtype=torch.bool, device=device)
         # engine.step_graph: the whole decode step (the model, sampling and every slot's bookkeeping) as one CUDA
-        # graph over this state's tensors, captured at its first step: one replay per step, where the decode graph
-        # alone leaves about twenty small host calls per step, each a chance to wait for the GIL (BENCHMARKS.md,
-        # session 7). Only for a batch of a decode-graph bucket's size, whose shapes the decode graphs warmed up.
+        # graph, one replay per step, where the decode graph alone leaves about twenty small host calls per step,
+        # each a chance to wait for the GIL (BENCHMARKS.md, session 7). Only for a batch of a decode-graph bucket's
+        # size, whose shapes the decode graphs warmed up. Its tensors below are then the decode graphs' own for
+        # this size and width, the same for every batch, so that the step is captured once and replayed by every
+        # later batch of the job (a capture per batch cost more than the graph saved: session 8).
         graphs = runner.graphs
         self._step_graph = step_graph and graphs is not None and slots in graphs.buckets and span == graphs.span
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph = None
+        seen_vocab = sampler.vocab if params.repetition_penalty != 1.0 else None
+        def make() -> dict[str, torch.Tensor]:
+            return state_tensors(slots, self.width, seen_vocab, runner.device)
+
+        t = graphs.state((slots, self.width, seen_vocab), make) if self._step_graph else make()
+        self.lengths = t["lengths"]  # [B] prompt lengths
+        self.positions = t["positions"]  # [B] where `tokens` go in the cache
+        self.limits = t["limits"]  # [B] each row's max_new_tokens
+        self.count = t["count"]  # [B] tokens generated so far
+        self.done = t["done"]  # [B] a free slot is done
+        self.seeds = t["seeds"]  # [B] the sampler's row seeds
+        self.tokens = t["tokens"]  # [B] the next decode's input
+        # [B, width + 1]: column `width` is where done slots' pad tokens go, so a full row is never overwritten.
+        self.out = t["out"]
+        self.seen = t["seen"]  # [B, V] tokens already in each row, only for the repetition penalty; else None
+        for name in ("lengths", "positions", "limits", "count", "seeds"):
+            t[name].zero_()
+        self.done.fill_(True)
+        self.tokens.fill_(pad_id)
+        self.out.fill_(pad_id)
+        if self.seen is not None:
+            self.seen.zero_()
 
     @property
     def slots(self) -> int:
@@ -162,8 +186,10 @@ class BatchState:
         """One step for every slot: run the model on each slot's newest token, then take the next one. Done
         and free slots run too (their rows are in the batch's matrices) but stay where they are."""
         if self._step_graph and self._graph is None:
-            try:
-                self._graph = self.runner.graphs.capture_step(lambda: self._step(eager=True))
+            try:  # the same sampler and stop tensors as at the capture: they are read where they were then
+                self._graph = self.runner.graphs.whole_step((self.slots, self.width, self.seen is not None),
+                                                            (self.sampler, self.stops, self.eos_block),
+                                                            lambda: self._step(eager=True))
             except Exception:  # noqa: BLE001 - any capture failure: the step as before, and say so once
                 log.warning("the whole decode step could not be captured as a CUDA graph; decoding with the "
                             "model's graph and the sampler outside it", exc_info=True)

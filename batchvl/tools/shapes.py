@@ -40,7 +40,8 @@ INTERNLM2_20B = dict(INTERNLM2_1_8B, hidden_size=6144, num_hidden_layers=48, num
                      num_key_value_heads=8, intermediate_size=16384)
 # InternVL3.5-8B's language model, Qwen3-8B: hidden 4096, 36 layers, 32 heads of head_dim 128, 8 kv heads, intermediate
 # 12288, vocab 151936, rope_theta 1e6, 40960 positions, untied embeddings; per-head q/k RMSNorm (model_type qwen3).
-# Not verified here: InternVL3_5-8B's own llm_config (its vocab_size may differ by the added tokens' rows).
+# InternVL3_5-8B's own llm_config says the same, vocab 151936 included, as a copy of its config.json shows it
+# (github.com YellowPerson792/ByteCaption, InternVL3_5-8B/config.json; template internvl2_5, select_layer -1, ps v2).
 QWEN3_8B = dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936, rope_theta=1000000.0,
                 max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False)
