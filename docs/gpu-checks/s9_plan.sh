@@ -7,11 +7,13 @@
 #                                                and resumed at 16; batch 1 on 64 rows; the mode off)
 #   bash docs/gpu-checks/s9_plan.sh profile     issue 17 (about 3 minutes): where one 1B pipeline batch leaves the GPU
 #                                                idle, stage by stage, and what the host did meanwhile
-#                                                (pipeline_profile.py; the trace comes back as trace.json.gz)
+#                                                (pipeline_profile.py; the trace comes back as trace.json.gz);
+#                                                then `mixed` with the defaults
 # Calls made back to back (within 30 s) find the machine warm.
-#   bash docs/gpu-checks/s9_plan.sh pipeline    issue 17 (about 8 minutes): the 1B pipeline with the defaults
-#                                                (media in processes) over 1,024 rows, caption-7tile and mixed,
-#                                                transformers warm in the same run; the 8B shape over 512 rows
+#   bash docs/gpu-checks/s9_plan.sh pipeline    issue 17 (about 9 minutes): the 1B pipeline with the defaults
+#                                                (media in processes) over 1,024 rows, against the step graph
+#                                                (now captured once per batch size) and transformers warm in the
+#                                                same run; the 8B shape over 512 rows, with and without it
 set -o pipefail
 [[ "$1" =~ ^(v12|resume8b|pipeline|profile)$ ]] || { echo "usage: $0 v12|resume8b|pipeline|profile"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -27,12 +29,13 @@ case "$1" in
       | tee "$OUT/resume8b.log" ;;
   profile)
     timeout 300 python3 docs/gpu-checks/pipeline_profile.py internvl2-1b caption-7tile 512 128 2 2>&1 \
-      | grep -v Warning | tee "$OUT/profile.log" ;;
+      | grep -v Warning | tee "$OUT/profile.log"
+    timeout 200 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed 2>&1 \
+      | grep -v Warning | tee "$OUT/mixed.log" ;;
   pipeline)
-    timeout 220 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
-      --baseline transformers --baseline-rows 64 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log"
-    timeout 120 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed 2>&1 \
-      | grep -v Warning | tee "$OUT/mixed.log"
-    timeout 200 $B --shape internvl3-8b --workload caption-7tile --rows 512 --batch 64 --warmup-rows 64 --no-save \
+    timeout 280 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
+      --variant sg:step_graph=true --baseline transformers --baseline-rows 64 --baseline-batch 64 2>&1 \
+      | grep -v Warning | tee "$OUT/7tile.log"
+    timeout 250 $B --shape internvl3-8b --workload caption-7tile --rows 512 --batch 64 --warmup-rows 64 --no-save \
       --variant sg:step_graph=true 2>&1 | grep -v Warning | tee "$OUT/8b.log" ;;
 esac
