@@ -198,8 +198,9 @@ class EngineSpec:
     # native: each row's output independent of the batch it ran in (batch-invariant Triton kernels, per-row prefill
     # attention, fixed-size vision passes; torch.compile off). Needs a CUDA GPU; not with fp8 (issue 21).
     deterministic: bool = False
-    # native, CUDA graphs on: each batch's whole decode step (model, sampling, bookkeeping) as one graph, captured at
-    # the batch's first step (batchvl.engine.state). Off until it is measured on a GPU (issue 17).
+    # native, CUDA graphs on: the whole decode step (model, sampling, bookkeeping) as one graph, captured once per batch
+    # size (batchvl.engine.state). Off: captured once per batch it was slower on the 1B shape (BENCHMARKS.md, session
+    # 8), and this form is not yet measured.
     step_graph: bool = False
     # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
     # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;
