@@ -316,13 +316,14 @@ def test_bench_media_takes_worker_counts_as_lists_or_repeated(capsys):
 
 
 @pytest.mark.parametrize("processes,threads,gpu,batchvl_main,cores,want", [
-    ("auto", 0, True, True, 16, (4, 14)),  # a native engine on a GPU, from the batchvl command: processes
+    ("auto", 0, True, True, 16, (28, 14)),  # a native engine on a GPU, from the batchvl command: processes, and
+                                            # two threads per process to keep each worker's next item ready
     ("auto", 0, False, True, 16, (16, 0)),  # no GPU: the engine is the bottleneck, threads do it
     ("auto", 0, True, False, 16, (16, 0)),  # a user's script: spawned workers would import it again
     ("auto", 0, True, True, 3, (3, 0)),  # too few cores to leave two to the engine's process
-    ("auto", 6, True, True, 8, (6, 6)),  # the threads as set
+    ("auto", 20, True, True, 8, (20, 6)),  # more threads than two per process: as set
     (0, 0, True, True, 16, (16, 0)),  # none asked for
-    (3, 0, False, False, 16, (3, 3)),  # a number is taken as it is, anywhere
+    (3, 0, False, False, 16, (6, 3)),  # a number is taken as it is, anywhere
 ])
 def test_media_workers_take_processes_where_a_gpu_engine_waits_for_its_gil(monkeypatch, processes, threads, gpu,
                                                                            batchvl_main, cores, want):

@@ -139,7 +139,7 @@ class MediaSpec:
     max_dynamic_patch: int | None = None  # default: the checkpoint's
     min_dynamic_patch: int | None = None
     use_thumbnail: bool | None = None
-    prepare_threads: int = 0  # 0: one per core, or PREPARE_THREADS_WITH_PROCESSES beside worker processes
+    prepare_threads: int = 0  # 0: one per core; beside worker processes, at least two per process
     # worker processes that decode and tile; 0: none, the threads do it; auto: all cores but two for a native engine
     # on a GPU started from the batchvl command, else none (batchvl.run.loop.media_workers)
     prepare_processes: int | str = "auto"

@@ -23,6 +23,7 @@ from batchvl.engine.timing import StageTimes
 from batchvl.errors import JobError, OutputWriteError, WorkerError
 from batchvl.faults import fault_point
 from batchvl.media.fetch import FetchSettings
+from batchvl.media.pool import DEPTH
 from batchvl.prepare.prefetch import Prefetcher, tile_pool
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
@@ -168,7 +169,6 @@ def build_engine(job: Job, plan: Plan):
     return make_engine(job.engine, plan.checkpoint, plan.tokenizer, generation_params(job, plan))
 
 
-PREPARE_THREADS_WITH_PROCESSES = 4  # threads beside worker processes: they only hand items over and gather tiles
 SPARE_CORES = 2  # cores `media.prepare_processes: auto` leaves to the engine's process
 
 
@@ -177,8 +177,10 @@ def media_workers(job: Job, cores: int | None = None, processes: bool = True) ->
 
     `media.prepare_processes: auto` starts processes for a native engine on a GPU: the fewer threads of the
     engine's process that want its GIL, the less the engine's thread waits for it between its many small calls.
-    On the H200's 16-core host the 1B shape ran `caption-7tile` at 44.6 images/s with 14 processes and 2 threads
-    against 35.6 with 16 threads, and `mixed` 16% faster (BENCHMARKS.md, session 8). Without a GPU the engine
+    On the H200's 16-core host the 1B shape ran `caption-7tile` at 44.6 images/s with 14 processes against 35.6
+    with 16 threads, and `mixed` 16% faster (BENCHMARKS.md, session 8). Beside processes there are at least
+    DEPTH threads per process: each hands one item to a worker and waits for it without the GIL, then tokenizes
+    and gathers, so that every worker always has its next item. Without a GPU the engine
     is the bottleneck and the threads do. Auto starts none unless the run began from the batchvl command:
     spawned processes import the main module again, and a user's script without `if __name__ == "__main__":`
     would start its run in each of them. `processes` False: none whatever the setting."""
@@ -188,7 +190,7 @@ def media_workers(job: Job, cores: int | None = None, processes: bool = True) ->
     if count == "auto":
         count = cores - SPARE_CORES if cores > SPARE_CORES + 1 and native_on_gpu(job) and _started_by_batchvl() else 0
     count = count if processes else 0
-    threads = m.prepare_threads or (min(PREPARE_THREADS_WITH_PROCESSES, count) if count else cores)
+    threads = max(m.prepare_threads, DEPTH * count) if count else m.prepare_threads or cores
     return threads, count
 
 
