@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -122,6 +123,31 @@ def test_chat_with_images_gives_the_text_of_batchvl_run(client, media, web, run_
         assert got.choices[0].finish_reason == row["finish_reason"]
         assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (row["prompt_tokens"], row["output_tokens"])
         assert got.usage.total_tokens == row["prompt_tokens"] + row["output_tokens"]
+
+
+def test_media_in_a_worker_process_gives_the_same_answers_and_the_process_ends_with_the_server(
+        tiny_model, media, web, run_rows, tmp_path):
+    """`media.prepare_processes` (auto on a GPU) in the server: its images are decoded and tiled in a worker
+    process, the answers are `batchvl run`'s, and stopping the server stops the worker."""
+    from .test_media_processes import children, gone_soon
+
+    def workers() -> set[int]:
+        return {p for p in children(os.getpid()) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()}
+
+    before = workers()
+    running = start(tiny_model, tmp_path / "state", media, ["engine.refill=true", "generation.max_new_tokens=16",
+                                                            "media.prepare_processes=1"], limits=SMALL_LIMITS)
+    try:
+        spawned = workers() - before
+        assert len(spawned) == 1
+        client = openai.OpenAI(base_url=running.base + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        chats = conversations(media, web[1])
+        for key in ("http", "two"):
+            got = client.chat.completions.create(model=MODEL, messages=chats[key], max_tokens=TOKENS, temperature=0)
+            assert got.choices[0].message.content == run_rows[key]["text"], key
+    finally:
+        running.stop()
+    assert gone_soon(spawned)
 
 
 def test_streamed_chat_joins_to_the_text_of_batchvl_run(client, media, web, run_rows):

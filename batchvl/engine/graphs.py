@@ -118,7 +118,8 @@ class DecodeGraphs:
         the first time, then the same graph for every later batch of `key` whose step reads the same `owners` (the
         sampler and stop tensors it used, compared by identity: new generation settings capture it again)."""
         found = self._steps.get(key)
-        if found is not None and len(found[0]) == len(owners) and all(a is b for a, b in zip(found[0], owners)):
+        if found is not None and len(found[0]) == len(owners) and \
+                all(a is b for a, b in zip(found[0], owners, strict=True)):
             return found[1]
         graph = self.capture_step(step)
         self._steps[key] = (owners, graph)

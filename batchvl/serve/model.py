@@ -22,8 +22,10 @@ from batchvl.core import Request, Result, Row
 from batchvl.engine.base import GenerationParams
 from batchvl.errors import RowError
 from batchvl.media.fetch import Fetcher, FetchSettings
+from batchvl.media.pixels import tile_media
 from batchvl.media.sources import describe, scheme_of
-from batchvl.run.loop import make_preparer
+from batchvl.prepare.prefetch import tile_pool
+from batchvl.run.loop import make_preparer, media_workers
 from batchvl.run.plan import Plan, generation_params
 from batchvl.serve.protocol import ApiError, Sampling, bad
 
@@ -54,8 +56,11 @@ class ServedModel:
         self.fetch_settings = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
                                             http_concurrency=m.http_concurrency, max_media_bytes=m.max_media_mb << 20,
                                             allow_private=policy.allow_private)
-        self.pool = ThreadPoolExecutor(max_workers=m.prepare_threads or os.cpu_count() or 1,
-                                       thread_name_prefix="batchvl-serve-prepare")
+        # Decoding and tiling in worker processes where `batchvl run` would use them (media_workers: auto, for the
+        # native engine on a GPU), so that the engine's thread in this process waits less for the GIL.
+        threads, processes = media_workers(job)
+        self.tiles = tile_pool(self.preparer.s, processes) if processes else None
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchvl-serve-prepare")
         self._fetcher: Fetcher | None = None
 
     async def prepare(self, messages: list[dict]) -> Request:
@@ -76,7 +81,8 @@ class ServedModel:
         finally:
             for f in fetches:
                 f.cancel()
-        built = await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.build, plan, blobs)
+        tile = self.tiles.tile if self.tiles is not None else tile_media
+        built = await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.build, plan, blobs, tile)
         if isinstance(built, Result):
             raise _row_error(built.error)
         return built
@@ -133,6 +139,8 @@ class ServedModel:
         if self._fetcher is not None:
             await self._fetcher.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.tiles is not None:  # after the queue is cancelled: builds still waiting for a worker fail fast
+            self.tiles.close()
 
 
 def _row_error(error: str | None) -> ApiError:

@@ -176,7 +176,8 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
         vision, text = SHAPES[shape]
         shapes = {shape: (dict(vision, num_hidden_layers=min(layers, vision["num_hidden_layers"])),
                           dict(text, num_hidden_layers=min(layers, text["num_hidden_layers"])))}
-        info["layers"] = {"vision": shapes[shape][0]["num_hidden_layers"], "text": shapes[shape][1]["num_hidden_layers"]}
+        info["layers"] = {"vision": shapes[shape][0]["num_hidden_layers"],
+                          "text": shapes[shape][1]["num_hidden_layers"]}
     t0 = time.perf_counter()
     path = build_checkpoint(shape, root / shape, dev, dt, shapes=shapes)
     info["build_s"] = round(time.perf_counter() - t0, 1)
