@@ -14,12 +14,8 @@
 #                                                (media in processes) over 1,024 rows, against the step graph
 #                                                (now captured once per batch size) and transformers warm in the
 #                                                same run; the 8B shape over 512 rows, with and without it
-set -o pipefail
 [[ "$1" =~ ^(v12|resume8b|pipeline|profile)$ ]] || { echo "usage: $0 v12|resume8b|pipeline|profile"; exit 2; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=.:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1
-B="python3 -m batchvl bench -q --workdir /tmp"
+source docs/gpu-checks/device_env.sh
 case "$1" in
   v12)
     timeout 500 python3 -m batchvl check-parity -q --shape internvl-chat-v1-2 --layers 16 --tokens 32 2>&1 \
