@@ -74,6 +74,7 @@ class BatchState:
         self._step_graph = step_graph and graphs is not None and slots in graphs.buckets and span == graphs.span
         self._graph = None
         seen_vocab = sampler.vocab if params.repetition_penalty != 1.0 else None
+
         def make() -> dict[str, torch.Tensor]:
             return state_tensors(slots, self.width, seen_vocab, runner.device)
 

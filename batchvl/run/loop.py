@@ -175,15 +175,17 @@ SPARE_CORES = 2  # cores `media.prepare_processes: auto` leaves to the engine's 
 def media_workers(job: Job, cores: int | None = None, processes: bool = True) -> tuple[int, int]:
     """(threads, worker processes) that prepare the job's media on `cores` cores (default: this host's).
 
-    `media.prepare_processes: auto` starts processes for a native engine on a GPU: the fewer threads of the
-    engine's process that want its GIL, the less the engine's thread waits for it between its many small calls.
-    On the H200's 16-core host the 1B shape ran `caption-7tile` at 44.6 images/s with 14 processes against 35.6
-    with 16 threads, and `mixed` 16% faster (BENCHMARKS.md, session 8). Beside processes there are at least
-    DEPTH threads per process: each hands one item to a worker and waits for it without the GIL, then tokenizes
-    and gathers, so that every worker always has its next item. Without a GPU the engine
-    is the bottleneck and the threads do. Auto starts none unless the run began from the batchvl command:
-    spawned processes import the main module again, and a user's script without `if __name__ == "__main__":`
-    would start its run in each of them. `processes` False: none whatever the setting."""
+    `media.prepare_processes: auto` starts all cores but SPARE_CORES as processes for a native engine on a GPU.
+    The engine's thread makes many small calls, each letting the GIL go and taking it back; with decoding's Python
+    and Pillow work in other processes it waits less for it. On the H200's 16-core host the 1B shape ran
+    `caption-7tile` at 44.6 images/s with 14 processes against 35.6 with 16 threads, and `mixed` 16% faster
+    (BENCHMARKS.md, session 8). Without a GPU the engine is the bottleneck, and threads do. Auto starts none
+    unless the run began from the batchvl command: spawned processes import the main module again, and a user's
+    script without `if __name__ == "__main__":` would start its run in each of them.
+
+    Beside processes there are at least DEPTH threads per process (as the prefetcher requires): each hands one
+    item to a worker and waits for it without the GIL, then tokenizes and gathers, so that every worker always
+    has its next item. `processes` False: none, whatever the setting (the Python API, Ray's actors)."""
     m = job.media
     cores = cores or os.cpu_count() or 1
     count = m.prepare_processes
