@@ -171,15 +171,17 @@ class PromptBuilder:
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=True)
 
-    def expand(self, rendered: str, tiles_per_image: list[int]) -> str:
-        """Replace each `<image>`, in order, with its image's `<img><IMG_CONTEXT>...</img>` run."""
+    def expand(self, rendered: str, tiles_per_image: list[int], context: int | None = None) -> str:
+        """Replace each `<image>`, in order, with its image's `<img><IMG_CONTEXT>...</img>` run (`context`: that
+        many context tokens in each run, not the image's own count)."""
         parts = rendered.split(IMAGE_PLACEHOLDER)
         if len(parts) - 1 != len(tiles_per_image):
             raise RowError(f"prompt: the rendered prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) "
                            f"for {len(tiles_per_image)} image(s); does the chat template add its own?")
         out = [parts[0]]
         for tiles, tail in zip(tiles_per_image, parts[1:], strict=True):
-            out.append(IMG_START + IMG_CONTEXT * (self.tokens_per_tile * tiles) + IMG_END)
+            out.append(IMG_START + IMG_CONTEXT * (self.tokens_per_tile * tiles if context is None else context)
+                       + IMG_END)
             out.append(tail)
         return "".join(out)
 
@@ -204,14 +206,37 @@ class PromptBuilder:
             rendered = self.render_messages(messages)
         except (ValueError, TypeError, jinja2.TemplateError) as e:  # e.g. turns that do not alternate
             raise RowError(f"messages: the chat template refused them: {e}") from None
-        full = self.expand(rendered, tiles_per_image)
-        add_special = not (self._bos and full.startswith(self._bos))
-        if _ESC not in full:
-            ids = self.tokenizer(full, add_special_tokens=add_special)["input_ids"]
-        else:
-            ids = self._encode_shielded(full, add_special)
+        # Each image's run is tokenized with one context token and widened after: the context token is a special
+        # token, at which the tokenizer cuts the text, so the ids are those of the full run, and tokenizing 1,792
+        # context tokens took 2.4 ms a row of the engine's process (a 7-tile image; 0.05 ms with one).
+        narrow = self._image_ids is not None and bool(tiles_per_image)
+        ids = self._tokenize(self.expand(rendered, tiles_per_image, context=1 if narrow else None))
+        if narrow:
+            ids = self._widen(ids, tiles_per_image)
+        if ids is None:  # not one context token per image: the row's own text holds some (the check says so)
+            ids = self._tokenize(self.expand(rendered, tiles_per_image))
         self._check_image_tokens(ids, tiles_per_image)
         return ids
+
+    def _tokenize(self, full: str) -> list[int]:
+        add_special = not (self._bos and full.startswith(self._bos))
+        if _ESC not in full:
+            return self.tokenizer(full, add_special_tokens=add_special)["input_ids"]
+        return self._encode_shielded(full, add_special)
+
+    def _widen(self, ids: list[int], tiles_per_image: list[int]) -> list[int] | None:
+        """`ids` with each image's one context token repeated to its count, or None unless there is exactly one
+        per image."""
+        context = self._image_ids[2]
+        at = [i for i, t in enumerate(ids) if t == context]
+        if len(at) != len(tiles_per_image):
+            return None
+        out, start = [], 0
+        for i, tiles in zip(at, tiles_per_image, strict=True):
+            out += ids[start:i]
+            out += [context] * (self.tokens_per_tile * tiles)
+            start = i + 1
+        return out + ids[start:]
 
     def _encode_shielded(self, full: str, add_special: bool) -> list[int]:
         """Token ids of a prompt holding markers: the text between them tokenized as usual, each marker's
