@@ -18,50 +18,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile, record_function
-
-from batchvl.engine.native import NativeEngine
-from batchvl.engine.timing import StageTimes
-from batchvl.tools.bench import prepare_data, run_side
-from batchvl.tools.check_parity import build_checkpoint, write_skeleton
-from batchvl.tools.shapes import SHAPES
-
-args = sys.argv[1:]
-shape = args[0] if args else "internvl2-1b"
-workload = args[1] if len(args) > 1 else "caption-7tile"
-rows, batch, which = (int(a) for a in (args[2:5] + ["512", "128", "2"][len(args[2:5]):]))
-cuda = torch.cuda.is_available() and shape != "tiny"
-plain_stage = StageTimes.stage
-
-
-@contextmanager
-def labelled_stage(self, name):
-    with record_function(f"stage:{name}"), plain_stage(self, name):
-        yield
-
-
-StageTimes.stage = labelled_stage
-plain_generate = NativeEngine.generate
-calls, profiles = [0], []
-
-
-def profiled_generate(self, requests):
-    index = calls[0]
-    calls[0] += 1
-    if index != which:
-        return plain_generate(self, requests)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        out = plain_generate(self, requests)
-        if cuda:
-            torch.cuda.synchronize()
-    profiles.append(prof)
-    return out
-
-
-NativeEngine.generate = profiled_generate
+SPARE_CORES = 2  # as batchvl.run.loop's: media in processes, as `batchvl run` has it on a GPU
 
 
 def merged(intervals):
@@ -74,11 +31,14 @@ def merged(intervals):
     return out
 
 
-def report(prof) -> None:
+def report(prof, title: str) -> None:
+    from torch.autograd import DeviceType
+
     events = prof.events()
     stages = [(e.name.removeprefix("stage:"), e.time_range.start, e.time_range.end)
               for e in events if e.name.startswith("stage:")]
     gpu = merged([(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA])
+
     def top_level(e) -> bool:  # an operation the engine's code called, not one inside another
         parent = e.cpu_parent
         return parent is None or parent.name.startswith("stage:")
@@ -102,7 +62,7 @@ def report(prof) -> None:
         t[0] += end - start
         t[1] += busy
         t[2] += 1
-    print(f"{shape} / {workload}: engine call {which} ({'profiled on CUDA' if cuda else 'CPU only: no GPU times'})")
+    print(title)
     print("| stage | entries | wall ms | GPU busy ms | GPU idle ms |")
     print("|---|---|---|---|---|")
     for name, (wall, busy, n) in totals.items():
@@ -117,26 +77,70 @@ def report(prof) -> None:
             print(f"  {length / 1e3:.2f} ms: {ops or '(no host operation began in it)'}")
 
 
-with tempfile.TemporaryDirectory() as tmp:
-    root = Path(tmp)
-    if cuda:
-        model = write_skeleton(shape, root / "model", shapes=SHAPES)
-        settings = {"engine": {"load_format": "dummy"}}
-    else:
-        model = build_checkpoint(shape, root / "model", torch.device("cpu"), torch.float32, shapes=SHAPES)
-        settings = {}
-    rows_file = prepare_data(root, workload, rows)
-    side = run_side("profiled", root, model, rows_file, "native", batch, workload, rows,
-                    "cuda" if cuda else "cpu", settings)
-    print(f"{side.rows} rows, {side.images / side.seconds:.2f} images/s with the profiler on for one engine call; "
-          f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in side.stages.items()))
-    if not profiles:
-        sys.exit(f"no engine call {which}: {calls[0]} calls")
-    report(profiles[0])
-    out = os.environ.get("OUT")
-    if out:
-        trace = Path(out) / "trace.json"
-        profiles[0].export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-            dst.write(src.read())
-        trace.unlink()
+def main() -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from batchvl.engine.native import NativeEngine
+    from batchvl.engine.timing import StageTimes
+    from batchvl.tools.bench import prepare_data, run_side
+    from batchvl.tools.check_parity import build_checkpoint, write_skeleton
+    from batchvl.tools.shapes import SHAPES
+
+    args = sys.argv[1:]
+    shape = args[0] if args else "internvl2-1b"
+    workload = args[1] if len(args) > 1 else "caption-7tile"
+    rows, batch, which = (int(a) for a in (args[2:5] + ["512", "128", "2"][len(args[2:5]):]))
+    cuda = torch.cuda.is_available() and shape != "tiny"
+    plain_stage, plain_generate = StageTimes.stage, NativeEngine.generate
+    calls, profiles = [0], []
+
+    @contextmanager
+    def labelled_stage(self, name):
+        with record_function(f"stage:{name}"), plain_stage(self, name):
+            yield
+
+    def profiled_generate(self, requests):
+        index = calls[0]
+        calls[0] += 1
+        if index != which:
+            return plain_generate(self, requests)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            out = plain_generate(self, requests)
+            if cuda:
+                torch.cuda.synchronize()
+        profiles.append(prof)
+        return out
+
+    StageTimes.stage = labelled_stage
+    NativeEngine.generate = profiled_generate
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if cuda:
+            model = write_skeleton(shape, root / "model", shapes=SHAPES)
+            settings = {"engine": {"load_format": "dummy"},
+                        "media": {"prepare_processes": max((os.cpu_count() or 1) - SPARE_CORES, 0)}}
+        else:
+            model = build_checkpoint(shape, root / "model", torch.device("cpu"), torch.float32, shapes=SHAPES)
+            settings = {}
+        rows_file = prepare_data(root, workload, rows)
+        side = run_side("profiled", root, model, rows_file, "native", batch, workload, rows,
+                        "cuda" if cuda else "cpu", settings)
+        print(f"{side.rows} rows, {side.images / side.seconds:.2f} images/s with the profiler on for one engine call; "
+              f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in side.stages.items()))
+        if not profiles:
+            sys.exit(f"no engine call {which}: {calls[0]} calls")
+        report(profiles[0], f"{shape} / {workload}: engine call {which} "
+                            f"({'profiled on CUDA' if cuda else 'CPU only: no GPU times'})")
+        out = os.environ.get("OUT")
+        if out:
+            trace = Path(out) / "trace.json"
+            profiles[0].export_chrome_trace(str(trace))
+            with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+                dst.write(src.read())
+            trace.unlink()
+
+
+if __name__ == "__main__":  # not in the spawned media workers, which import this file again
+    main()
