@@ -44,6 +44,7 @@ from batchvl.config.values import (  # noqa: F401
     shown,
 )
 from batchvl.errors import JobError
+from batchvl.host import usable_cores
 
 DECODE_ATTENTION = ("auto", "triton", "sdpa")
 BACKENDS = ("native", "transformers")
@@ -277,7 +278,7 @@ def resolve_gpus(engine: EngineSpec) -> list[int]:
         workers = 1 if gpus == "auto" else gpus
         if workers > max_cpu_workers():
             raise JobError(f"engine.gpus: {workers} CPU worker processes asked for (engine.device: cpu), but at most "
-                           f"{max_cpu_workers()} may run here: one per CPU core ({os.cpu_count()}), or 4 on a "
+                           f"{max_cpu_workers()} may run here: one per CPU core ({usable_cores()}), or 4 on a "
                            "machine with fewer")
         return list(range(workers))
     import torch  # here, not at the top: reading a job file should not need torch
@@ -297,4 +298,4 @@ def resolve_gpus(engine: EngineSpec) -> list[int]:
 def max_cpu_workers() -> int:
     """The most CPU worker processes `engine.gpus` may start with engine.device: cpu: one per core (more would
     only share the same cores, each with its own copy of the model), but 4 on a machine with fewer cores."""
-    return max(os.cpu_count() or 1, 4)
+    return max(usable_cores(), 4)

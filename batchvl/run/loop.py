@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ from batchvl.engine.factory import make_engine
 from batchvl.engine.timing import StageTimes
 from batchvl.errors import JobError, OutputWriteError, WorkerError
 from batchvl.faults import fault_point
+from batchvl.host import usable_cores
 from batchvl.media.fetch import FetchSettings
 from batchvl.media.pool import DEPTH
 from batchvl.prepare.prefetch import Prefetcher, tile_pool
@@ -187,7 +187,7 @@ def media_workers(job: Job, cores: int | None = None, processes: bool = True) ->
     item to a worker and waits for it without the GIL, then tokenizes and gathers, so that every worker always
     has its next item. `processes` False: none, whatever the setting (the Python API, Ray's actors)."""
     m = job.media
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     count = m.prepare_processes
     if count == "auto":
         count = cores - SPARE_CORES if cores > SPARE_CORES + 1 and native_on_gpu(job) and _started_by_batchvl() else 0

@@ -32,6 +32,7 @@ from batchvl.core import Row
 from batchvl.engine.timing import StageTimes
 from batchvl.errors import JobError, OutputWriteError
 from batchvl.faults import set_process_label
+from batchvl.host import usable_cores
 from batchvl.io.lease import Claim
 from batchvl.log import configure_logging
 from batchvl.run.loop import build_engine, make_preparer, media_workers, process_rows
@@ -86,7 +87,7 @@ def worker_main(args: WorkerArgs, tasks: multiprocessing.Queue, events, stop_fla
 
 def _work(args: WorkerArgs, tasks: multiprocessing.Queue, send: _Events, stopping) -> None:
     job = args.job
-    share = max(1, (os.cpu_count() or 1) // args.workers)
+    share = max(1, usable_cores() // args.workers)
     if args.device is None:
         torch.set_num_threads(share)  # CPU workers: one share of the cores each, not all of them each
     # This worker's share of the cores, not the host's, for its media threads and processes.
