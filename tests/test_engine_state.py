@@ -272,3 +272,24 @@ def test_a_whole_step_graph_replays_what_the_step_does_and_a_failed_capture_fall
         e.runner.graphs = None
         assert graphs.captured == (0 if fail else 2)
         assert ("could not be captured" in caplog.text) == fail
+
+
+def test_a_whole_step_graph_keeps_refills_tokens(tiny_rows):
+    """With refill, rows are admitted into the step graph's slots (its tensors, written through index tensors)
+    while the others decode: the replayed step must give each row what refill gives it without the graph."""
+    rows = tiny_rows[2][1:]
+    requests = rows + [dataclasses.replace(r, id=f"{r.id}-again") for r in rows]  # more rows than slots
+    e = make_engine(tiny_rows)
+    e.refill = True
+    e.generate(requests)
+    want = e.last_tokens
+    e.step_graph = True
+    with torch.inference_mode():
+        state = e.start(SLOTS, need(requests))
+    graphs = e.runner.graphs = _ReplayGraphs(e.runner, state.span)
+    try:
+        e.generate(requests)
+    finally:
+        e.runner.graphs = None
+    assert e.last_tokens == want
+    assert graphs.captured == 1
