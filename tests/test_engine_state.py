@@ -232,7 +232,7 @@ class _ReplayGraphs(DecodeGraphs):
     (a CUDA graph replays what was captured); `step` is the model's eager call, as a decode-graph replay computes.
     The state tensors and the whole-step cache are DecodeGraphs' own."""
 
-    def __init__(self, runner, span: int, fail: bool = False):  # noqa: super().__init__ captures on CUDA
+    def __init__(self, runner, span: int, fail: bool = False):  # not super().__init__: it captures on CUDA
         self.runner, self.span, self.buckets, self.fail, self.captured = runner, span, [1, 2, 4], fail, 0
         self.cache = runner.cache
         self._states, self._steps = {}, {}
