@@ -16,7 +16,11 @@
 #                                                `mixed` with the defaults
 #   bash docs/gpu-checks/s9_plan.sh eightb      issue 17 (about 4 minutes): the 8B shape over 512 rows, with and
 #                                                without the step graph
-[[ "$1" =~ ^(v12|resume8b|pipeline|profile|eightb)$ ]] || { echo "usage: $0 resume8b|v12|pipeline|profile|eightb"; exit 2; }
+#   bash docs/gpu-checks/s9_plan.sh refill      issue 17, if time is left (about 3 minutes): refill on caption-natural
+#                                                now that media runs in processes (it lost to static batches when
+#                                                the engine's thread waited for the GIL at each admission)
+[[ "$1" =~ ^(v12|resume8b|pipeline|profile|eightb|refill)$ ]] || \
+  { echo "usage: $0 resume8b|v12|pipeline|profile|eightb|refill"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   v12)
@@ -37,4 +41,7 @@ case "$1" in
   eightb)
     timeout 300 $B --shape internvl3-8b --workload caption-7tile --rows 512 --batch 64 --warmup-rows 64 --no-save \
       --variant sg:step_graph=true 2>&1 | grep -v Warning | tee "$OUT/8b.log" ;;
+  refill)
+    timeout 240 $B --shape internvl2-1b --workload caption-natural --rows 512 --batch 128 --warmup-rows 128 \
+      --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/refill.log" ;;
 esac
