@@ -5,7 +5,8 @@
 #                                                the 8B shape, 512 rows (batch 128; batch 64 killed at its 3rd batch
 #                                                and resumed at 16; batch 1 on 64 rows; the mode off)
 #   bash docs/gpu-checks/s9_plan.sh v12         issue 20 (about 4 minutes): InternVL-Chat-V1-2's widths (InternViT-6B +
-#                                                Yi-34B, 16 layers of each: about 24 GB in bf16) against transformers
+#                                                Yi-34B, 16 layers of each: about 24 GB in bf16) against transformers;
+#                                                first, the vision pass's one-call tile copy against the staging copy
 #   bash docs/gpu-checks/s9_plan.sh pipeline    issue 17 (about 6 minutes): the 1B pipeline with the defaults (media
 #                                                in processes) over 1,024 rows, against the step graph (now captured
 #                                                once per batch size), a whole batch in one prefill chunk, and
@@ -24,7 +25,8 @@
 source docs/gpu-checks/device_env.sh
 case "$1" in
   v12)
-    timeout 500 python3 -m batchvl check-parity -q --shape internvl-chat-v1-2 --layers 16 --tokens 32 2>&1 \
+    timeout 60 python3 docs/gpu-checks/tile_copy_check.py 2>&1 | tail -3 | tee "$OUT/tile_copy.log"
+    timeout 480 python3 -m batchvl check-parity -q --shape internvl-chat-v1-2 --layers 16 --tokens 32 2>&1 \
       | tail -8 | tee "$OUT/v12.log" ;;
   resume8b)
     timeout 570 python3 docs/gpu-checks/deterministic_resume.py internvl3-8b 512 2>&1 | grep -v Warning \
