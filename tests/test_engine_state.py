@@ -277,8 +277,11 @@ def test_a_whole_step_graph_replays_what_the_step_does_and_a_failed_capture_fall
 def test_a_whole_step_graph_keeps_refills_tokens(tiny_rows):
     """With refill, rows are admitted into the step graph's slots (its tensors, written through index tensors)
     while the others decode: the replayed step must give each row what refill gives it without the graph."""
-    rows = tiny_rows[2][1:]
-    requests = rows + [dataclasses.replace(r, id=f"{r.id}-again") for r in rows]  # more rows than slots
+    rows = tiny_rows[2][2:]  # the small image and the text row: cheap on the CPU
+    # More rows than slots, with limits that free the slots at different steps: rows are admitted into scattered
+    # slots (written through index tensors) as well as adjacent ones.
+    limits = iter([3, 12, 5, 12, 7, 9])
+    requests = [dataclasses.replace(r, id=f"{r.id}-{i}", max_new_tokens=next(limits)) for i in range(3) for r in rows]
     e = make_engine(tiny_rows)
     e.refill = True
     e.generate(requests)
