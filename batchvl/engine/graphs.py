@@ -114,12 +114,12 @@ class DecodeGraphs:
         return self._states[key]
 
     def whole_step(self, key: tuple, owners: tuple, step) -> torch.cuda.CUDAGraph:
-        """`step` (a whole decode step over the tensors `state(key, ...)` gave) as a graph: captured (capture_step)
-        the first time, then the same graph for every later batch of `key` whose step reads the same `owners` (the
-        sampler and stop tensors it used, compared by identity: new generation settings capture it again)."""
+        """`step` (a whole decode step over the tensors `state(key, ...)` gave, for the same key) as a graph:
+        captured (capture_step) the first time, then the same graph for every later batch of `key` whose step reads
+        the same `owners` (the sampler and stop tensors it used, compared by identity: new generation settings
+        capture it again)."""
         found = self._steps.get(key)
-        if found is not None and len(found[0]) == len(owners) and \
-                all(a is b for a, b in zip(found[0], owners, strict=True)):
+        if found is not None and all(a is b for a, b in zip(found[0], owners, strict=True)):
             return found[1]
         graph = self.capture_step(step)
         self._steps[key] = (owners, graph)

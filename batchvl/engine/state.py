@@ -74,11 +74,12 @@ class BatchState:
         self._step_graph = step_graph and graphs is not None and slots in graphs.buckets and span == graphs.span
         self._graph = None
         seen_vocab = sampler.vocab if params.repetition_penalty != 1.0 else None
+        self._key = (slots, self.width, seen_vocab)  # which decode graphs' state and whole-step graph are this batch's
 
         def make() -> dict[str, torch.Tensor]:
             return state_tensors(slots, self.width, seen_vocab, runner.device)
 
-        t = graphs.state((slots, self.width, seen_vocab), make) if self._step_graph else make()
+        t = graphs.state(self._key, make) if self._step_graph else make()
         self.lengths = t["lengths"]  # [B] prompt lengths
         self.positions = t["positions"]  # [B] where `tokens` go in the cache
         self.limits = t["limits"]  # [B] each row's max_new_tokens
@@ -188,8 +189,7 @@ class BatchState:
         and free slots run too (their rows are in the batch's matrices) but stay where they are."""
         if self._step_graph and self._graph is None:
             try:  # the same sampler and stop tensors as at the capture: they are read where they were then
-                self._graph = self.runner.graphs.whole_step((self.slots, self.width, self.seen is not None),
-                                                            (self.sampler, self.stops, self.eos_block),
+                self._graph = self.runner.graphs.whole_step(self._key, (self.sampler, self.stops, self.eos_block),
                                                             lambda: self._step(eager=True))
             except Exception:  # noqa: BLE001 - any capture failure: the step as before, and say so once
                 log.warning("the whole decode step could not be captured as a CUDA graph; decoding with the "
