@@ -85,11 +85,12 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None, cache: KVCache,
-                rows: int | torch.Tensor, chunk_tokens: int, image_tokens: int = 0) -> torch.Tensor:
-        """ids [n, P] right-padded prompts (lengths [n]) into cache rows rows .. rows + n (or the rows an [n]
-        index tensor names), with the image embeddings `features` [T * tokens_per_tile, C] at the image context
-        tokens, in row order; `image_tokens` is how many of those the prompts hold, counted on the host (counting
-        them on the device would wait for it). Returns the logits of each row's last token [n, V] float32. In row
+                rows: int | torch.Tensor, chunk_tokens: int, image_tokens: int = 0,
+                host_lengths: list[int] | None = None) -> torch.Tensor:
+        """ids [n, P] right-padded prompts (lengths [n], and `host_lengths` the same on the host) into cache rows
+        rows .. rows + n (or the rows an [n] index tensor names), with the image embeddings `features`
+        [T * tokens_per_tile, C] at the image context tokens, in row order; `image_tokens` is how many of those the
+        prompts hold. Both are counted on the host: reading them from the device would wait for it. Returns the logits of each row's last token [n, V] float32. In row
         chunks of at most `chunk_tokens` tokens: activations stay bounded while the cache holds the whole batch."""
         lm = self.lm
         x = lm.embed(ids)  # [n, P, C]
@@ -103,7 +104,10 @@ class ModelRunner:
         def at(r: int) -> int | torch.Tensor:
             return rows + r if isinstance(rows, int) else rows[r : r + step]
 
-        return torch.cat([lm.logits(lm.prefill(x[r : r + step], lengths[r : r + step], cache, at(r)))
+        def host(r: int) -> list[int] | None:
+            return None if host_lengths is None else host_lengths[r : r + step]
+
+        return torch.cat([lm.logits(lm.prefill(x[r : r + step], lengths[r : r + step], cache, at(r), host(r)))
                           for r in range(0, n, step)])  # [n, V]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,

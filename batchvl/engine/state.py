@@ -148,7 +148,7 @@ class BatchState:
         rows = slice(slots[0], slots[0] + n) if adjacent else torch.tensor(slots, device=device)
         image_tokens = sum(r.prompt_ids.count(self.runner.image_token_id) for r in requests)
         logits = self.runner.prefill(ids, lengths, features, self.cache, slots[0] if adjacent else rows,
-                                     self.prefill_tokens, image_tokens)  # [n, V]
+                                     self.prefill_tokens, image_tokens, lengths_list)  # [n, V]
         self._record(slots, rows, requests, ids, lengths, limits_list, logits)
         return logits
 

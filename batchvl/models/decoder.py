@@ -188,16 +188,18 @@ class DecoderLM(nn.Module):
         return cos, sin
 
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor, cache: KVCache,
-                rows: int | torch.Tensor = 0) -> torch.Tensor:
+                rows: int | torch.Tensor = 0, host_lengths: list[int] | None = None) -> torch.Tensor:
         """x [B, P, C] right-padded embeddings, lengths [B] -> final hidden state of each row's last token [B, C].
         The rows' K/V go to cache rows rows .. rows + B, or to the cache rows a [B] index tensor names (a batch
-        may be prefilled in row chunks, and into slots of a running batch that are not adjacent)."""
+        may be prefilled in row chunks, and into slots of a running batch that are not adjacent). `host_lengths`:
+        the same lengths as a host list, where the caller has them (the replacement attention needs them there)."""
         b, p, _ = x.shape
         idx = torch.arange(p, device=x.device)
         cos, sin = self._pick(self.rope(p), idx[None].expand(b, -1), lengths[:, None])  # [B, P, rot]
-        # The replacement attention (the deterministic mode's, per row) takes the lengths on the host: read once
-        # here, not once per layer.
-        host_lengths = lengths.tolist() if self.prefill_attention is not None else None
+        # The replacement attention (the deterministic mode's, per row) takes the lengths on the host: the caller's,
+        # or read once here (a wait for the device), not once per layer.
+        if self.prefill_attention is not None and host_lengths is None:
+            host_lengths = lengths.tolist()
         for layer in self.layers:
             x = layer.prefill(x, cos, sin, cache, rows, host_lengths, self.prefill_attention)
         last = x[torch.arange(b, device=x.device), lengths - 1]  # [B, C]
