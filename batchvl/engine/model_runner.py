@@ -90,8 +90,9 @@ class ModelRunner:
         """ids [n, P] right-padded prompts (lengths [n], and `host_lengths` the same on the host) into cache rows
         rows .. rows + n (or the rows an [n] index tensor names), with the image embeddings `features`
         [T * tokens_per_tile, C] at the image context tokens, in row order; `image_tokens` is how many of those the
-        prompts hold. Both are counted on the host: reading them from the device would wait for it. Returns the logits of each row's last token [n, V] float32. In row
-        chunks of at most `chunk_tokens` tokens: activations stay bounded while the cache holds the whole batch."""
+        prompts hold. Both are counted on the host: reading them from the device would wait for it. Returns the
+        logits of each row's last token [n, V] float32. In row chunks of at most `chunk_tokens` tokens: activations
+        stay bounded while the cache holds the whole batch."""
         lm = self.lm
         x = lm.embed(ids)  # [n, P, C]
         if features is not None:
