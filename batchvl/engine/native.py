@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 REFILL_SHARE = 4  # waiting rows join a running batch once a quarter of its slots have finished
 
 
-def _decode_kernel(choice: str, device: torch.device):
+def _decode_kernel(choice: str, device: torch.device, ordered: bool = False):
     """The decode-attention function for `engine.decode_attention`: the Triton kernel, or None for SDPA.
     `auto` takes the kernel on CUDA when triton imports; `triton` insists (on the CPU only under
-    TRITON_INTERPRET=1, which tests use)."""
+    TRITON_INTERPRET=1, which tests use). `ordered`: its splits merged in order (the deterministic mode: a row's
+    result independent of the cache's span)."""
     if choice == "sdpa" or (choice == "auto" and device.type != "cuda"):
         return None
     try:
@@ -55,7 +56,7 @@ def _decode_kernel(choice: str, device: torch.device):
             raise RuntimeError(f"engine.decode_attention: triton is not importable ({e})") from e
         log.info("triton is not importable (%s): decode attention runs through SDPA", e)
         return None
-    return decode_attention
+    return functools.partial(decode_attention, ordered=True) if ordered else decode_attention
 
 
 def _fp8_activation_kernel(device: torch.device):
@@ -77,7 +78,7 @@ def _make_deterministic(model) -> tuple[str, bool, bool]:
     """`engine.deterministic`: each row's output independent of its batch. The linear layers, norms, LM head and
     the patch embedding run the batch-invariant kernels (batchvl.models.invariant); prefill attends per row over
     the row's own length; decode uses the Triton kernel (a row reads its own keys; its splits merged in order,
-    see NativeEngine.__init__); the vision chunks are padded to a fixed size (VisionRunner), so the tower's
+    see _decode_kernel); the vision chunks are padded to a fixed size (VisionRunner), so the tower's
     attention always runs one shape. CUDA graphs keep working (they replay the same kernels); torch.compile is
     off (inductor's fused norms split their sums by the number of rows), and so is the fused vision GELU (a cuBLAS
     call). Returns the decode-attention choice, fused_vision_gelu and compile to use."""
@@ -114,9 +115,7 @@ class NativeEngine(Engine):
         self.deterministic = deterministic
         if deterministic:  # see _make_deterministic
             decode_attention, fused_vision_gelu, compile = _make_deterministic(self.model)
-        self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device)
-        if deterministic:  # its splits merged in order: a row's result independent of the cache's span
-            self.model.lm.attention_kernel = functools.partial(self.model.lm.attention_kernel, ordered=True)
+        self.model.lm.attention_kernel = _decode_kernel(decode_attention, self.device, ordered=deterministic)
         for block in self.model.vision.vit.blocks:  # see EngineSpec.fused_vision_gelu: 16-bit dtypes only
             block.fused_gelu = fused_vision_gelu and self.dtype in (torch.bfloat16, torch.float16)
         if quantization == "fp8":

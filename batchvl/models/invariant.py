@@ -49,24 +49,21 @@ class InvariantLayerNorm(nn.Module):
         return self.kernel(x.contiguous(), self.weight, self.bias, self.eps)
 
 
-def make_batch_invariant(model: nn.Module) -> list[str]:
+def make_batch_invariant(model: nn.Module) -> None:
     """Swap `model`'s linear layers and norms for the batch-invariant ones, in place; the vision tower's patch
-    embedding (a matrix product over the patches) goes through bi_matmul too. Returns the names replaced.
-    Raises ImportError when triton is missing."""
+    embedding (a matrix product over the patches) goes through bi_matmul too. Raises ImportError when triton is
+    missing."""
     from batchvl.kernels import bi_layernorm, bi_matmul, bi_rmsnorm
 
     swaps = {nn.Linear: lambda m: InvariantLinear(m, bi_matmul), RMSNorm: lambda m: InvariantRMSNorm(m, bi_rmsnorm),
              nn.LayerNorm: lambda m: InvariantLayerNorm(m, bi_layernorm)}
-    done = []
     for name, module in list(model.named_modules()):
         make = swaps.get(type(module))
         if make is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, make(module))
-            done.append(name)
     for vit in [m for m in model.modules() if hasattr(m, "patch_linear")]:
         vit.patch_linear = lambda x, w, b: bi_matmul(x.contiguous(), w.contiguous(), b)
-    return done
 
 
 def prefill_attention_per_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
