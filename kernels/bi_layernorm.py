@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 # tl is None when triton is missing: see jit_when_triton
-from batchvl.kernels.bi_rmsnorm import check_norm_device, norm_tiles
-from batchvl.kernels.fp8_quant import as_rows, jit_when_triton, tl, triton
+from batchvl.kernels.bi_rmsnorm import norm_tiles
+from batchvl.kernels.fp8_quant import as_rows, check_triton_device, jit_when_triton, tl, triton
 from batchvl.kernels.rmsnorm_fp8_quant import check_norm_params
 
 
@@ -59,7 +59,7 @@ def bi_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """
     rows = as_rows(x, "bi_layernorm")  # [M, K]
     check_norm_params(rows, "bi_layernorm", weight=weight, bias=bias)
-    check_norm_device(x, "bi_layernorm")
+    check_triton_device(x, "bi_layernorm")
     m, k = rows.shape
     y = torch.empty((m, k), device=x.device, dtype=x.dtype)  # [M, K]
     if m:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 # triton and tl are None when triton is missing: see jit_when_triton
-from batchvl.kernels.fp8_quant import jit_when_triton, tl, triton
+from batchvl.kernels.fp8_quant import as_rows, check_triton_device, jit_when_triton, tl, triton
 
 BLOCK_M = 64  # rows per program: a constant, so that nothing about a row's sum depends on M
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -100,20 +100,12 @@ def bi_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     the rounding of every row alike (the reduction order), never per M.
     """
     _check(x, weight, bias, "bi_matmul")
-    if triton is None:
-        raise ImportError("bi_matmul needs triton; use bi_matmul_reference")
-    if x.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"bi_matmul: x is on {x.device}; the kernel needs a CUDA GPU (or TRITON_INTERPRET=1 on "
-                         "the CPU)")
+    check_triton_device(x, "bi_matmul", "bi_matmul_reference")
     if weight.stride(1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"bi_matmul: the last dims of x and weight must be contiguous; got strides {x.stride()}, "
                          f"{weight.stride()}")
     n, k = weight.shape
-    try:
-        rows = x.view(-1, k)  # [M, K]
-    except RuntimeError as e:
-        raise ValueError(f"bi_matmul: x's leading dimensions must flatten to rows without a copy; got shape "
-                         f"{tuple(x.shape)} and strides {x.stride()}") from e
+    rows = as_rows(x, "bi_matmul")  # [M, K]
     block_n = block_n or (128 if n >= 128 else max(16, triton.next_power_of_2(n)))
     block_k = block_k or (64 if k >= 64 else max(16, triton.next_power_of_2(k)))
     for what, b in (("block_n", block_n), ("block_k", block_k)):
@@ -130,9 +122,3 @@ def bi_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
                                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return y.view(*x.shape[:-1], n)
 
-
-def _interpreted() -> bool:
-    """Whether this module's kernels were made under TRITON_INTERPRET=1 (chosen when a kernel is defined)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_bi_matmul_kernel, InterpretedFunction)

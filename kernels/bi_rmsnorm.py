@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 
 # triton and tl are None when triton is missing: see jit_when_triton
-from batchvl.kernels.bi_matmul import _interpreted
-from batchvl.kernels.fp8_quant import as_rows, jit_when_triton, tl, triton
+from batchvl.kernels.fp8_quant import as_rows, check_triton_device, jit_when_triton, tl, triton
 from batchvl.kernels.rmsnorm_fp8_quant import _round_to, check_norm_params
 
 
@@ -48,16 +47,6 @@ def _bi_rmsnorm_kernel(x_ptr, w_ptr, y_ptr, M, stride_x, stride_y, eps, K: tl.co
         tl.store(y_rows + k0 + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def check_norm_device(x: torch.Tensor, name: str) -> None:
-    """Raise unless the norm kernels can run on x: triton imports, and x is on a CUDA GPU or on the CPU under
-    Triton's interpreter."""
-    if triton is None:
-        raise ImportError(f"{name} needs triton")
-    if x.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"{name}: x is on {x.device}; the kernel needs a CUDA GPU (or TRITON_INTERPRET=1 on the "
-                         "CPU)")
-
-
 def norm_tiles(k: int) -> tuple[int, int]:
     """(rows, chunk) of a norm program, from K alone: the chunk it reads at a time is K rounded up to a power of
     two, at most 4096, and it takes as many rows as fill 4096 elements (one row from K = 2049 on)."""
@@ -74,7 +63,7 @@ def bi_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     """
     rows = as_rows(x, "bi_rmsnorm")  # [M, K]
     check_norm_params(rows, "bi_rmsnorm", weight=weight)
-    check_norm_device(x, "bi_rmsnorm")
+    check_triton_device(x, "bi_rmsnorm")
     m, k = rows.shape
     y = torch.empty((m, k), device=x.device, dtype=x.dtype)  # [M, K]
     if m:

@@ -147,18 +147,27 @@ def quantize_fp8_per_token(x: torch.Tensor, block_k: int | None = None) -> tuple
     return q, scale
 
 
-def check_kernel_device(x: torch.Tensor, name: str) -> None:
-    """Raise unless the fp8 kernels can run on x: triton imports, and x is on a CUDA GPU with fp8 (compute
-    capability 8.9 or later) or on the CPU under Triton's interpreter."""
+def check_triton_device(x: torch.Tensor, name: str, reference: str | None = None) -> None:
+    """Raise unless a Triton kernel can run on x: triton imports, and x is on a CUDA GPU or on the CPU under
+    Triton's interpreter (TRITON_INTERPRET=1 when the kernels were made). `reference`: the torch function to name
+    in the error instead."""
     if triton is None:
-        raise ImportError(f"{name} needs triton ({_NO_TRITON}); use {name}_reference") from _NO_TRITON
+        hint = f"; use {reference}" if reference else ""
+        raise ImportError(f"{name} needs triton ({_NO_TRITON}){hint}") from _NO_TRITON
     if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device) < (8, 9):
-            raise ValueError(f"{name}: {torch.cuda.get_device_name(x.device)} has no fp8 (compute capability 8.9 "
-                             "or later needed)")
         return
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(round_to_e4m3, InterpretedFunction):  # TRITON_INTERPRET=1 was not set when it was made
+        hint = f". Use {reference} there" if reference else ""
         raise ValueError(f"{name}: x is on {x.device}; the kernel needs a CUDA GPU (or TRITON_INTERPRET=1 on the "
-                         f"CPU). Use {name}_reference there")
+                         f"CPU){hint}")
+
+
+def check_kernel_device(x: torch.Tensor, name: str) -> None:
+    """Raise unless the fp8 kernels can run on x: check_triton_device, and a CUDA GPU with fp8 (compute
+    capability 8.9 or later)."""
+    check_triton_device(x, name, f"{name}_reference")
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+        raise ValueError(f"{name}: {torch.cuda.get_device_name(x.device)} has no fp8 (compute capability 8.9 "
+                         "or later needed)")
