@@ -27,13 +27,20 @@ _ARCH_TO_FAMILY = {
 _MOE = {"Qwen3MoeForCausalLM", "qwen3_moe", "GptOssForCausalLM", "gpt_oss"}
 
 
+def _architectures(cfg: dict) -> list[str]:
+    archs = cfg.get("architectures") or []
+    return [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
+
+
+def _names(cfg: dict, model_type: object) -> list[str]:
+    """What a text config calls its model: its architectures, then its model_type (for messages and the MoE test)."""
+    return [*_architectures(cfg), *([str(model_type)] if model_type else [])]
+
+
 def moe_architecture(ck: CheckpointInfo) -> str | None:
     """The name of the checkpoint's language model when it is a mixture-of-experts one (InternVL3.5's Qwen3-MoE and
     GPT-OSS), else None. batchvl runs these on neither backend (issue 20)."""
-    cfg = ck.text_config
-    archs = cfg.get("architectures") or []
-    names = [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
-    names += [str(cfg["model_type"])] if cfg.get("model_type") else []
+    names = _names(ck.text_config, ck.text_config.get("model_type"))
     return " / ".join(names) if _MOE & set(names) else None
 
 
@@ -41,13 +48,11 @@ def text_family(ck: CheckpointInfo) -> str:
     """The family name (a key of FAMILIES) of the checkpoint's language model. Raises CheckpointError (`model:
     language model X is not supported natively ...`) for any other."""
     cfg = ck.text_config
-    archs = cfg.get("architectures") or []
-    archs = [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
-    for arch in archs:
+    for arch in _architectures(cfg):
         if arch in _ARCH_TO_FAMILY:
             return _ARCH_TO_FAMILY[arch]
     model_type = cfg.get("model_type", "qwen2" if ck.layout == LAYOUT_HF else None)
-    names = [*archs, *([str(model_type)] if model_type else [])]
+    names = _names(cfg, model_type)
     moe = bool(_MOE & set(names))
     if model_type in FAMILIES and not moe:
         return model_type
