@@ -31,3 +31,8 @@ def own_value(result: Result, column: str) -> Any:
 
 def is_own(field: pa.Field) -> bool:
     return bool(field.metadata) and OWN in field.metadata
+
+
+def has_own(schema: pa.Schema, name: str) -> bool:
+    """Whether `schema` holds batchvl's own column `name` (not an input column of that name kept as it was)."""
+    return name in schema.names and is_own(schema.field(name))

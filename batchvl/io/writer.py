@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from batchvl.core import Result, jsonish
 from batchvl.errors import DamagedPartError
 from batchvl.io import jsonl_parts
-from batchvl.io.columns import OWN, OWN_COLUMNS, is_own, own_value
+from batchvl.io.columns import OWN, OWN_COLUMNS, has_own, is_own, own_value
 from batchvl.io.durable import Owner, fsync_dir, temp_files, write_bytes_atomic, write_table_atomic
 
 PART_GLOB = "part-*.parquet"
@@ -68,12 +68,7 @@ def part_index(part: Path) -> tuple[list[str], list[str | None], list[int] | Non
     DamagedPartError for a part that cannot be read whole."""
     if part.suffix == ".jsonl":
         return jsonl_parts.index(part)
-    try:
-        schema = pq.read_schema(part)
-    except (OSError, pa.ArrowException) as e:
-        raise DamagedPartError(part, " ".join(str(e).split())[:160]) from None
-    samples = "sample" in schema.names and is_own(schema.field("sample"))
-    table = read_part(part, columns=["id", "error", "sample"] if samples else ["id", "error"])
+    table, samples = read_part_samples(part, ["id", "error"])
     return (table.column("id").to_pylist(), table.column("error").to_pylist(),
             table.column("sample").to_pylist() if samples else None)
 
@@ -143,6 +138,17 @@ def read_part(part: Path, columns: list[str] | None = None) -> pa.Table:
     silently count as not done, or the run would crash on it every time."""
     try:
         return pq.read_table(part, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise DamagedPartError(part, " ".join(str(e).split())[:160]) from None
+
+
+def read_part_samples(part: Path, columns: list[str]) -> tuple[pa.Table, bool]:
+    """A Parquet part's `columns`, and its own `sample` column when it has one (generation.n above 1), with
+    whether it has: the file opened once, for its schema and its columns. DamagedPartError as read_part."""
+    try:
+        with pq.ParquetFile(part) as f:
+            samples = has_own(f.schema_arrow, "sample")
+            return f.read(columns=columns + ["sample"] if samples else columns), samples
     except (OSError, pa.ArrowException) as e:
         raise DamagedPartError(part, " ".join(str(e).split())[:160]) from None
 
@@ -319,7 +325,7 @@ def table_results(table: pa.Table) -> list[Result]:
     column after BASE_SCHEMA's is in `keep`, the own ones too (an export writes them as they are); the sample
     index is also the Result's `sample`."""
     keep_names = table.schema.names[len(BASE_SCHEMA):]
-    samples = "sample" in keep_names and is_own(table.schema.field("sample"))
+    samples = has_own(table.schema, "sample")
     return [Result(r["id"], r["text"], r["error"], r["finish_reason"], r["prompt_tokens"], r["output_tokens"],
                    {c: r[c] for c in keep_names}, sample=r["sample"] if samples else None)
             for r in table.to_pylist()]

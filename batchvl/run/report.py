@@ -27,18 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from batchvl.config import Job
 from batchvl.errors import DamagedPartError, JobError, RowError
-from batchvl.io.columns import is_own
 from batchvl.io.ids import Ids
 from batchvl.io.jsonl_parts import results as jsonl_results
 from batchvl.io.readers import read_rows
 from batchvl.io.shards import shard_status
-from batchvl.io.writer import BASE_SCHEMA, error_kind, part_files, read_part
+from batchvl.io.writer import BASE_SCHEMA, error_kind, part_files, read_part_samples
 from batchvl.media.fetch import load_blob
 from batchvl.media.image import decode_image
 from batchvl.media.sources import as_reference_list, describe, scheme_of
@@ -183,12 +180,7 @@ def _read(part: Path) -> tuple[int, tuple[int, int], list[tuple[int, str]], Call
             Card(str(results[i].id), results[i].text, results[i].error, results[i].finish_reason,
                  results[i].prompt_tokens or 0, results[i].output_tokens or 0, sample=results[i].sample)
             for i in rows]
-    try:
-        schema = pq.read_schema(part)
-    except (OSError, pa.ArrowException) as e:  # as read_part says it
-        raise DamagedPartError(part, " ".join(str(e).split())[:160]) from None
-    samples = "sample" in schema.names and is_own(schema.field("sample"))
-    table = read_part(part, columns=BASE_SCHEMA.names + (["sample"] if samples else []))
+    table, _ = read_part_samples(part, BASE_SCHEMA.names)
     error = table.column("error")
     failed = pc.indices_nonzero(pc.is_valid(error)).to_pylist()
     messages = error.take(failed).to_pylist() if failed else []
