@@ -292,7 +292,9 @@ def _check_columns(job: Job, file: InputFile, ids: Ids, problems: Problems) -> N
         **{f"output.keep_columns[{i}]": c for i, c in enumerate(job.output.keep_columns)},
     }
     try:
-        present = columns_of(file, job.input.format)  # JSONL: the keys of its first JSONL_COLUMN_SCAN records
+        schema = arrow_schema(file, job.input.format_of(file))  # Parquet, Arrow: typed, read once (maybe remote)
+        # JSONL: the keys of its first JSONL_COLUMN_SCAN records
+        present = set(schema.names) if schema is not None else columns_of(file, job.input.format)
     except (OSError, ValueError, pa.ArrowException) as e:
         problems.add(f"input.path: cannot read {file}: {e}")
         return
@@ -306,7 +308,6 @@ def _check_columns(job: Job, file: InputFile, ids: Ids, problems: Problems) -> N
         for name in prompt_fields(job.prompt):  # the prompt of every row: each would fail
             if name not in present:
                 problems.add(f"prompt: the field {{{name}}} names no column of {file.name} (columns: {columns})")
-    schema = arrow_schema(file, job.input.format_of(file))
     if schema is not None and ids.column is not None and not ids.old_values and ids.column in schema.names:
         problem = id_type_problem(schema.field(ids.column).type)
         if problem is not None:  # every row would be an error row
