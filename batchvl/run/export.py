@@ -19,7 +19,7 @@ from batchvl.io.columns import own_columns
 from batchvl.io.jsonl_parts import encode_line
 from batchvl.io.openai_batch import result_line
 from batchvl.io.writer import BASE_SCHEMA, part_files, part_results
-from batchvl.run.fingerprint import read_fingerprint, recorded_model
+from batchvl.run.fingerprint import read_fingerprint, recorded_model, recorded_value
 
 EXPORT_FORMATS = ("openai-batch", "jsonl")
 
@@ -30,23 +30,25 @@ def export(out_dir: Path, dest: Path, fmt: str = "openai-batch", errors: Path | 
     error, failed rows). `model`: the name OpenAI batch results give (default: the job's `model`)."""
     if fmt not in EXPORT_FORMATS:
         raise JobError(f"export: --format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    if not out_dir.is_dir() or read_fingerprint(out_dir) is None and not part_files(out_dir):
+    recorded = read_fingerprint(out_dir)
+    if not out_dir.is_dir() or recorded is None and not part_files(out_dir):
         raise JobError(f"export: {out_dir} is not an output folder of batchvl")
     if dest.is_dir() or (errors is not None and errors.is_dir()):
         raise JobError("export: -o and --errors name files, not folders")
+    recorded = recorded or {}
     if model is None:
-        model = recorded_model(out_dir) or Path(str((read_fingerprint(out_dir) or {}).get("model.path", ""))).name
-    recorded = read_fingerprint(out_dir) or {}
-    own = own_columns(recorded.get("generation.n", 1), recorded.get("output.include_prompt", False))
+        model = recorded_model(out_dir) or Path(str(recorded.get("model.path", ""))).name
+    own = own_columns(recorded_value(recorded, "generation.n"), recorded_value(recorded, "output.include_prompt"))
     temps = [dest.with_name(f".{dest.name}.tmp")] + ([errors.with_name(f".{errors.name}.tmp")] if errors else [])
     ok = failed = 0
     files = [open(t, "wb") for t in temps]
     try:
         good, bad = files[0], files[-1]
         for part in part_files(out_dir):
+            created = int(part.stat().st_mtime)
             for r in part_results(part):
                 if fmt == "openai-batch":
-                    line = {**result_line(r, model, created=int(part.stat().st_mtime)),
+                    line = {**result_line(r, model, created=created),
                             **{c: r.keep.get(c) for c in own}}
                 else:
                     line = {**{f: getattr(r, f) for f in BASE_SCHEMA.names}, **r.keep}

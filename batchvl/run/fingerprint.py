@@ -187,7 +187,7 @@ IMPLIED_WHEN_MISSING: dict[str, Any] = {"engine.quantization": "none", "engine.q
                                         "input.format": "auto", "generation.n": 1, "output.include_prompt": False}
 
 
-def _recorded(old: dict[str, Any], key: str) -> Any:
+def recorded_value(old: dict[str, Any], key: str) -> Any:
     """What folder fingerprint `old` says for `key`, with IMPLIED_WHEN_MISSING filled in (None if neither)."""
     return old[key] if key in old else IMPLIED_WHEN_MISSING.get(key)
 
@@ -196,14 +196,14 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The keys whose value changed, in a stable order. A key `old` lacks is not compared (an older batchvl did
     not record it), unless IMPLIED_WHEN_MISSING says what it was."""
     keys = [k for k in new if k in old or k in IMPLIED_WHEN_MISSING] + [k for k in old if k not in new]
-    return [k for k in keys if _recorded(old, k) != new.get(k)]
+    return [k for k in keys if recorded_value(old, k) != new.get(k)]
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key: old -> new` for each key whose value changed (see changed_keys)."""
     out = []
     for k in changed_keys(old, new):
-        was = _recorded(old, k)
+        was = recorded_value(old, k)
         note = " (the former default)" if FORMER_DEFAULTS.get(k, ()) == was else ""
         note = " (not recorded: the only value then)" if k not in old else note
         out.append(f"{k}: {_show(was)}{note} -> {_show(new.get(k))}")
@@ -216,7 +216,7 @@ def resume_overrides(old: dict[str, Any], new: dict[str, Any]) -> list[str] | No
     if not keys or not all((k in old or k in IMPLIED_WHEN_MISSING) and k in new and k.startswith(SETTINGS)
                            for k in keys):
         return None
-    return [shlex.quote(f"{k}={_as_yaml(_recorded(old, k))}") for k in keys]
+    return [shlex.quote(f"{k}={_as_yaml(recorded_value(old, k))}") for k in keys]
 
 
 def _as_yaml(value: Any) -> str:

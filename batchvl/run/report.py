@@ -41,7 +41,7 @@ from batchvl.media.image import decode_image
 from batchvl.media.sources import as_reference_list, describe, scheme_of
 from batchvl.media.video import decode_frames
 from batchvl.prepare.messages import flatten_messages
-from batchvl.run.fingerprint import read_fingerprint, written_before_id_rule
+from batchvl.run.fingerprint import read_fingerprint, recorded_value, written_before_id_rule
 
 THUMB_PX = 160
 THUMBS_PER_ROW = 4
@@ -95,7 +95,7 @@ class Gathered:
     @property
     def samples(self) -> int:
         """Output rows per input row: the folder's generation.n (1 for a folder written before it was recorded)."""
-        n = self.fingerprint.get("generation.n", 1)
+        n = recorded_value(self.fingerprint, "generation.n")
         return n if isinstance(n, int) and n > 1 else 1
 
     @property
