@@ -53,7 +53,12 @@ class Request:
     def seed_key(self) -> str:
         """What the sampler's per-row seed is drawn from: the id, and for sample k >= 1 of a row `id#k`. Sample 0
         keeps the plain id, so generation.n: 1 draws as before and sample 0 of n samples is the n: 1 text."""
-        return self.id if not self.sample else f"{self.id}#{self.sample}"
+        return sample_key(self.id, self.sample)
+
+
+def sample_key(id: str, sample: int | None) -> str:
+    """A row's id, or for its sample k >= 1 `id#k`: what tells the samples of a row apart (seeds, line ids)."""
+    return id if not sample else f"{id}#{sample}"
 
 
 @dataclass(slots=True)
