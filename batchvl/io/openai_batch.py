@@ -120,7 +120,8 @@ def result_line(result: Result, model: str, created: int | None = None) -> dict[
     code is the error kind, `media` or `input`, and its message batchvl's whole error text). With generation.n > 1
 each sample is a line of its own, whose one choice has the sample's index (a line of OpenAI's own holds its
 n choices; batchvl writes each sample once, whenever it is done)."""
-    line: dict[str, Any] = {"id": _stable("batch_req_", sample_key(result.id, result.sample)), "custom_id": result.id}
+    key = sample_key(result.id, result.sample)  # sample k >= 1: ids of its own
+    line: dict[str, Any] = {"id": _stable("batch_req_", key), "custom_id": result.id}
     if result.error is not None or result.finish_reason == FINISH_ERROR:
         message = result.error or "error"
         line.update(response=None, error={"code": message.split(":", 1)[0].strip() or "error", "message": message})
