@@ -115,6 +115,14 @@ def _expand_local(path: str, base_dir: str, fmt: str) -> list[Path]:
     raise JobError(f"input.path: no such file or directory: {name}")
 
 
+def _kind(fs, path: str) -> str | None:
+    """fsspec's type of `path` (`directory`, `file`, ...), or None when there is nothing there."""
+    try:
+        return fs.info(path).get("type")
+    except FileNotFoundError:
+        return None
+
+
 def expand_url(url: str, fmt: str, root: PurePath | None = None) -> list[RemoteFile]:
     """The files an fsspec URL names (a file, every data file under a folder, a glob's or brace pattern's
     matches), as `expand_input` lists a local path's, in order. Raises JobError naming `input.path`."""
@@ -132,16 +140,18 @@ def expand_url(url: str, fmt: str, root: PurePath | None = None) -> list[RemoteF
             if glob.has_magic(path):
                 matched = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"]
                 what = f"the pattern {shown_pattern} matches no {_names(suffixes)} file"
-            elif fs.isdir(path):
-                matched = fs.find(path)
-                what = f"no {_names(suffixes)} files under {shown_pattern}"
-            elif fs.isfile(path):
-                if not path.lower().endswith(suffixes):
-                    raise JobError(f"input.path: cannot tell how to read {shown_pattern} from its name (expected "
-                                   f"{_names(suffixes)}); {_WAY_FORWARD}")
-                matched, what = [path], ""
             else:
-                raise JobError(f"input.path: no such file or directory: {shown_pattern}")
+                kind = _kind(fs, path)  # one question to the filesystem, not isdir then isfile
+                if kind == "directory":
+                    matched = fs.find(path)
+                    what = f"no {_names(suffixes)} files under {shown_pattern}"
+                elif kind == "file":
+                    if not path.lower().endswith(suffixes):
+                        raise JobError(f"input.path: cannot tell how to read {shown_pattern} from its name "
+                                       f"(expected {_names(suffixes)}); {_WAY_FORWARD}")
+                    matched, what = [path], ""
+                else:
+                    raise JobError(f"input.path: no such file or directory: {shown_pattern}")
         except JobError:
             raise
         except Exception as e:  # a backend's own errors: no such bucket, no access, no network
