@@ -60,6 +60,7 @@ class ServedModel:
         # native engine on a GPU), so that the engine's thread in this process waits less for the GIL.
         threads, processes = media_workers(job)
         self.tiles = tile_pool(self.preparer.s, processes) if processes else None
+        self._tile = self.tiles.tile if self.tiles is not None else tile_media
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchvl-serve-prepare")
         self._fetcher: Fetcher | None = None
 
@@ -81,8 +82,8 @@ class ServedModel:
         finally:
             for f in fetches:
                 f.cancel()
-        tile = self.tiles.tile if self.tiles is not None else tile_media
-        built = await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.build, plan, blobs, tile)
+        built = await asyncio.get_running_loop().run_in_executor(self.pool, self.preparer.build, plan, blobs,
+                                                                 self._tile)
         if isinstance(built, Result):
             raise _row_error(built.error)
         return built
