@@ -21,6 +21,7 @@ from typing import Any
 
 from batchvl.config.spec import shown
 from batchvl.core import FINISH_ERROR, Result, sample_key
+from batchvl.io.columns import OWN_COLUMNS
 
 CHAT_URL = "/v1/chat/completions"
 # Request body keys and what becomes of them. `model`: the job's model answers every request (an OpenAI batch
@@ -151,14 +152,11 @@ def line_id_error(line: dict[str, Any]) -> tuple[Any, str | None]:
     return line.get("custom_id"), (error.get("message") or "error") if isinstance(error, dict) else None
 
 
-OWN_KEYS = ("sample", "prompt", "tile_grids")  # batchvl's own columns, top-level keys of a result line (io.columns)
-
-
 def line_result(line: dict[str, Any]) -> Result:
     """The Result an OpenAI batch result line was written from (for export to another format); batchvl's own
     columns in `keep`, as io.writer.table_results gives them, and the sample index also as `sample`."""
     row_id, error = line_id_error(line)
-    own = {k: line[k] for k in OWN_KEYS if k in line}
+    own = {k: line[k] for k in OWN_COLUMNS if k in line}  # batchvl's own columns: top-level keys of a line
     sample = own.get("sample") if isinstance(own.get("sample"), int) else None
     if error is not None:
         return Result.failed(row_id, error, own, sample)
