@@ -4,7 +4,8 @@ throttle reasons sampled by nvidia-smi meanwhile. Slower later batches with a fa
 power or heat limit; even batches at one clock would be something between them.
 
 Usage: python3 stage_trace.py [SHAPE [WORKLOAD [ROWS [BATCH]]]]  (default internvl2-1b caption-7tile 1024 128;
-the warm-up is one batch; media in all cores but two as processes, as `batchvl run` has it on a GPU). SHAPE tiny runs on the CPU, without nvidia-smi, as a check of this script.
+the warm-up is one batch; media in all cores but two as processes, as `batchvl run` has it on a GPU). SHAPE tiny
+runs on the CPU, without nvidia-smi, as a check of this script.
 """
 import os
 import shutil
@@ -55,7 +56,8 @@ def window(t0, t1):
 
 
 def main():
-    shape, workload, rows, batch = (sys.argv[1:] + ["internvl2-1b", "caption-7tile", "1024", "128"][len(sys.argv) - 1:])[:4]
+    defaults = ["internvl2-1b", "caption-7tile", "1024", "128"]
+    shape, workload, rows, batch = (sys.argv[1:] + defaults[len(sys.argv) - 1:])[:4]
     timing.StageTimes.stage = traced_stage
     proc = None
     if shutil.which("nvidia-smi") and shape != "tiny":
@@ -78,7 +80,8 @@ def main():
             current = []
         current.append(entry)
     batches.append(current)
-    print("| batch | vision s | prefill s | decode s | batch wall s | GPU meanwhile (vision) | GPU meanwhile (decode) |")
+    print("| batch | vision s | prefill s | decode s | batch wall s | GPU meanwhile (vision) "
+          "| GPU meanwhile (decode) |")
     print("|---|---|---|---|---|---|---|")
     for i, b in enumerate(batches):
         sums = {k: sum(e[2] for e in b if e[0] == k) for k in ("vision", "prefill", "decode")}
