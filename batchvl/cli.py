@@ -165,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     full.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY=VALUE",
                       help="a job setting for every native side (plain keys are engine keys), e.g. gpus=2")
     full.add_argument("--warmup-rows", type=int, default=0,
-                      help="run each side untimed over this many rows first, to time the steady state")
+                      help="each side's run goes over this many more rows first, untimed, on the same engine: the "
+                           "figures are the steady state after them")
     full.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                       help="also run the native side with these job settings (plain keys are engine keys; e.g. "
                            "'eager:compile=false' or 't8:media.prepare_threads=8') and compare its text with the "

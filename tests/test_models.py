@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -182,7 +183,9 @@ def test_check_parity_refuses_a_misspelt_engine_key_naming_it(capsys):
     assert err.startswith("batchvl: error: engine.decode_attention:") and err.count("\n") == 1
 
 
-def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path):
+def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path, monkeypatch):
+    from batchvl import faults
+    from batchvl.run.loop import build_engine
     from batchvl.tools.bench import bench, format_sides, parse_settings, parse_variant
 
     assert parse_variant("x:compile=false,engine.max_batch_size=3,media.prepare_threads=2") == \
@@ -190,20 +193,33 @@ def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path):
     # --set items are taken whole: a value may hold commas
     assert parse_settings(["output.keep_columns=[url,width]", "gpus=2"]) == \
         {"output": {"keep_columns": ["url", "width"]}, "engine": {"gpus": 2}}
+    # the native side's first batch stalls 3 s: its warm-up pays it, not its figures
+    monkeypatch.setenv(faults.ENV, "sleep:batch:1:3")
+    monkeypatch.setattr(faults, "_counts", {})
+    import batchvl.tools.bench as bench_module
+
+    built = []  # one engine per side, warm-up and timed rows alike
+    monkeypatch.setattr(bench_module, "build_engine", lambda job, plan: built.append(job) or build_engine(job, plan))
     sides, _ = bench("tiny", "caption-7tile", rows=4, batch=2, baseline="transformers", baseline_rows=2,
                      baseline_batch=2, device="cpu", variants=["one-row:max_batch_size=1"], warmup_rows=2,
                      texts_out=tmp_path / "texts.json")
     native, variant, reference = sides
     out = capsys.readouterr().out
-    assert "variant one-row {'engine': {'max_batch_size': 1}}: 4/4 rows have the native side's text" in out
+    # the warm-up rows are written too, and compared: 2 + 4
+    assert "variant one-row {'engine': {'max_batch_size': 1}}: 6/6 rows have the native side's text" in out
     assert "native: warm-up over 2 rows" in out and "transformers: warm-up over 2 rows" in out
+    # the figures count the rows after the warm-up, in the same run on the same engine
     assert (native.rows, native.images, variant.rows, reference.rows) == (4, 4, 4, 2)
+    assert "load" in native.stages and "native-warmup" not in out
+    warmup_s = float(re.search(r"native: warm-up over 2 rows took ([0-9.]+) s", out).group(1))
+    assert warmup_s >= 3 > native.seconds
+    assert [job.engine.backend for job in built] == ["native", "native", "transformers"]
     assert native.output_tokens == 4 * 128 and native.flops > 0  # ignore_eos: every row runs to 128 tokens
     assert {"vision", "prefill", "decode", "media wait", "writing"} <= set(native.stages)
     assert "generate" in reference.stages
     assert "native" in format_sides(sides, 800.0)
     texts = json.loads((tmp_path / "texts.json").read_text())  # --texts: each native side's text by row id
-    assert set(texts) == {"native", "one-row"} and len(texts["native"]) == 4 and texts["native"] == texts["one-row"]
+    assert set(texts) == {"native", "one-row"} and len(texts["native"]) == 6 and texts["native"] == texts["one-row"]
 
 
 def test_caption_natural_lengths_are_long_tailed_seeded_and_run_with_refill_on_and_off(capsys):

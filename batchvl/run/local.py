@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times: bool = False,
             retry_errors: bool = False, shard: Shard | None = None, wait: bool = False, engine: Engine | None = None,
-            stopping: Callable[[], bool] | None = None) -> Summary:
+            stopping: Callable[[], bool] | None = None,
+            observe: Callable[[list[Result]], None] | None = None) -> Summary:
     """Run a job to the end (or to SIGINT/SIGTERM: `Summary.interrupted`) and return its summary.
     `sync_times` synchronises the device at each stage boundary, so the time split is exact (benchmarks); it
     costs a little throughput. `retry_errors` runs the rows whose `error` is set again. `shard` runs only the
@@ -37,21 +38,25 @@ def run_job(job: Job, overwrite: bool = False, progress: bool = True, sync_times
     output folder's lease (of its shard) throughout: another run of it is refused, or waits with `wait`.
     `engine`: run on this engine (one device; the caller owns it and closes it) instead of loading one: the
     server's Batch API runs its batches on the engine that answers its online requests. `stopping()`: asked
-    before each batch besides the signals; true stops the run as SIGINT does (`Summary.stopped`)."""
+    before each batch besides the signals; true stops the run as SIGINT does (`Summary.stopped`). `observe(results)`:
+    called with each engine batch's results once they are handed to the writer (with the engine in this process
+    only, not with engine workers: `bench` times a run's steady state with it)."""
     start = time.perf_counter()
     with open_output(job, overwrite, retry_errors, shard, wait) as plan, Stop() as stop:
         log.info("plan:\n%s", plan.describe())
         devices = job.engine.devices
         if nothing_to_do(plan, shard):
             return _nothing_to_do(job, plan, start, shard)
+        if observe is not None and engine is None and len(devices) > 1:
+            raise ValueError("run_job: observe needs the engine in this process, not engine workers")
         if engine is not None:
-            summary = _run(job, plan, stop, start, progress, sync_times, shard, engine, stopping)
+            summary = _run(job, plan, stop, start, progress, sync_times, shard, engine, stopping, observe)
         elif len(devices) > 1:
             summary = run_on_workers(job, plan, devices, stop, start, progress, shard)
         else:
             if job.engine.device != "cpu" and devices[0] != 0 and torch.cuda.is_available():
                 torch.cuda.set_device(devices[0])  # engine.gpus: [k], one GPU: still in this process
-            summary = _run(job, plan, stop, start, progress, sync_times, shard)
+            summary = _run(job, plan, stop, start, progress, sync_times, shard, observe=observe)
     summary.interrupted = stop.signum
     return summary
 
@@ -67,7 +72,8 @@ def _nothing_to_do(job: Job, plan: Plan, start: float, shard: Shard | None) -> S
 
 
 def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_times: bool,
-         shard: Shard | None, engine: Engine | None = None, stopping: Callable[[], bool] | None = None) -> Summary:
+         shard: Shard | None, engine: Engine | None = None, stopping: Callable[[], bool] | None = None,
+         observe: Callable[[list[Result]], None] | None = None) -> Summary:
     load_start = time.perf_counter()
     own = engine is None
     engine = build_engine(job, plan) if own else engine
@@ -80,6 +86,8 @@ def _run(job: Job, plan: Plan, stop: Stop, start: float, progress: bool, sync_ti
     times.sync = sync_times
 
     def ran(results: list[Result]) -> None:
+        if observe is not None:
+            observe(results)
         for result in results:
             summary.add(result)
             bar.update(result)

@@ -19,19 +19,22 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from batchvl.config import load_job
+from batchvl.config import Job, load_job
 from batchvl.config.load import override_value
+from batchvl.core import Result
 from batchvl.media.tiling import choose_grid
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.footprint import describe
 from batchvl.models.loader import build_specs
 from batchvl.run.local import run_job
+from batchvl.run.loop import build_engine
+from batchvl.run.plan import plan_model
 from batchvl.run.summary import Summary
 from batchvl.tools.bench_media import write_images
 from batchvl.tools.check_parity import build_checkpoint, write_skeleton
@@ -162,10 +165,60 @@ def prepare_data(root: Path, workload: str, rows: int) -> Path:
 
 
 def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, batch: int, workload: str,
-             rows: int, device: str = "cuda", settings: dict[str, dict] | None = None) -> Side:
-    """Run the job once; `settings` holds a variant's job keys by section (see parse_variant)."""
+             rows: int, device: str = "cuda", settings: dict[str, dict] | None = None, warmup_rows: int = 0) -> Side:
+    """Run the job once over `warmup_rows` + `rows` rows of `rows_file`; `settings` holds a variant's job keys by
+    section (see parse_variant). The side's figures count the rows that finished after the first `warmup_rows`
+    had: one engine and one run, as a long job has them, so that the timed rows pay nothing a first batch pays
+    (compilation, CUDA graph captures, the media workers' start). With engine workers (`engine.gpus` > 1) the
+    warm-up is a run of its own, and the timed run's workers load and warm up again (its rates start once they
+    have loaded)."""
+    cuda = device == "cuda"
+    job = _side_job(name, root, model, rows_file, backend, batch, workload, warmup_rows + rows, device, settings)
+    if len(job.engine.devices) > 1:
+        if warmup_rows:
+            t = time.perf_counter()
+            run_job(_side_job(f"{name}-warmup", root, model, rows_file, backend, batch, workload, warmup_rows,
+                              device, settings), overwrite=True, progress=False, sync_times=cuda)
+            print(f"{name}: warm-up over {warmup_rows} rows took {time.perf_counter() - t:.1f} s", flush=True)
+            job = _side_job(name, root, model, rows_file, backend, batch, workload, rows, device, settings,
+                            skip=warmup_rows)
+        return _measured(name, job, model, workload, cuda, lambda: run_job(job, overwrite=True, progress=False,
+                                                                          sync_times=cuda))
+    start = time.perf_counter()
+    engine = build_engine(job, plan_model(job))
+    load_s = time.perf_counter() - start
+    mark = {"at": time.perf_counter(), "stages": {}, "done": 0}  # where the timed part begins
+    timed: list[Result] = []  # the rows that finished after the warm-up
+
+    def observe(results: list[Result]) -> None:
+        if mark["done"] < warmup_rows:
+            mark["done"] += len(results)
+            if mark["done"] >= warmup_rows:
+                mark.update(at=time.perf_counter(), stages=dict(engine.times.seconds))
+                print(f"{name}: warm-up over {mark['done']} rows took {mark['at'] - start:.1f} s (loading "
+                      f"{load_s:.1f} s)", flush=True)
+        else:
+            timed.extend(results)
+
+    def run() -> Summary:
+        try:
+            summary = run_job(job, overwrite=True, progress=False, sync_times=cuda, engine=engine, observe=observe)
+        finally:
+            engine.close()
+        summary.elapsed_s, summary.load_s = time.perf_counter() - mark["at"], 0.0
+        summary.stage_s = {k: v - mark["stages"].get(k, 0.0) for k, v in summary.stage_s.items()}
+        return summary
+
+    side = _measured(name, job, model, workload, cuda, run, timed if warmup_rows else None)
+    side.stages["load"] = load_s
+    return side
+
+
+def _side_job(name: str, root: Path, model: Path, rows_file: Path, backend: str, batch: int, workload: str,
+              rows: int, device: str, settings: dict[str, dict] | None, skip: int = 0) -> Job:
+    """The job of one side over rows [skip, skip + rows) of `rows_file`, writing to root/out-NAME."""
     subset = root / f"rows-{name}.jsonl"
-    lines = rows_file.read_text().splitlines()[:rows]
+    lines = rows_file.read_text().splitlines()[skip : skip + rows]
     subset.write_text("\n".join(lines) + "\n")
     job_file = root / f"{name}.yaml"
     max_new = WORKLOADS[workload]["max_new_tokens"]
@@ -184,12 +237,18 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     for section, values in (settings or {}).items():
         spec.setdefault(section, {}).update(values)
     job_file.write_text(json.dumps(spec))
-    job = load_job(job_file)
-    cuda = device == "cuda"
+    return load_job(job_file)
+
+
+def _measured(name: str, job: Job, model: Path, workload: str, cuda: bool, run: Callable[[], Summary],
+              timed: list[Result] | None = None) -> Side:
+    """`run()`'s side: its rows, images, output tokens and FLOPs over `timed` (the results that list holds once the
+    run is over; None: every row the summary counts), its time after loading and its stage times as the summary
+    gives them, and its peak device memory."""
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
-    summary: Summary = run_job(job, overwrite=True, progress=False, sync_times=cuda)
+    summary = run()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     import pyarrow.parquet as pq
 
@@ -197,13 +256,18 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     errors = [r["error"] for r in table if r["error"]]
     if errors:
         raise RuntimeError(f"{len(errors)} rows failed, e.g. {errors[0]}")
+    if timed is None:
+        images, output_tokens = summary.images, summary.output_tokens
+    else:
+        ids = {r.id for r in timed}
+        table = [r for r in table if r["id"] in ids]
+        images, output_tokens = sum(r.images for r in timed), sum(r.output_tokens for r in timed)
     ck = CheckpointInfo.read(model)
-    tiles = _tiles_of(subset) if workload != "video" else {r["id"]: 8 for r in table}
+    tiles = _tiles_of(Path(job.input.path)) if workload != "video" else {r["id"]: 8 for r in table}
     flops = sum(flops_per_row(ck, tiles[r["id"]], r["prompt_tokens"], r["output_tokens"]) for r in table)
     # Rates are over the run after the model has loaded: loading is a one-off, not throughput.
     stages = dict(summary.stage_s, load=summary.load_s)
-    return Side(name, len(table), summary.images, summary.output_tokens, summary.elapsed_s - summary.load_s, flops,
-                peak, stages)
+    return Side(name, len(table), images, output_tokens, summary.elapsed_s - summary.load_s, flops, peak, stages)
 
 
 def _tiles_of(rows_file: Path) -> dict[str, int]:
@@ -268,9 +332,12 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
     """Run the native side, each variant (the native side with other engine settings, its text compared
     with the first's), then the baseline; returns the sides and the matmul peak (TFLOP/s; nan on the CPU).
 
-    With `warmup_rows`, each side first runs, untimed, over that many rows: a long job pays once for what
-    a first batch costs (kernel loading, cuBLAS and cuDNN heuristics, Triton and torch.compile
-    compilation, allocator growth), and the timed run then measures the steady state. The warm-up time is
+    With `warmup_rows`, each side's run first goes over that many rows, untimed, and its figures count the rows
+    after them, in the same run on the same engine (run_side): a long job pays once for what a first batch costs
+    (kernel loading, cuBLAS and cuDNN heuristics, Triton and torch.compile compilation, CUDA graph captures,
+    allocator growth, the media workers' start), and the timed rows measure the steady state. (Until session 9
+    the warm-up was a run of its own, and the timed run's new engine paid its graph captures and part of its
+    compilation again: about 4 s of the 1B shape's 26 s over 1,024 rows, BENCHMARKS.md.) The warm-up time is
     printed. `settings` (KEY=VALUE, as in a variant) apply to every native side, variants on top.
     `texts_out`: write each native side's text by row id there (JSON), to compare runs of two commits.
     `no_save`: write only the shape's configs and tokenizer (no weights) and run every side, the baseline too,
@@ -290,13 +357,8 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
         return merged
 
     def timed(name: str, backend: str, side_batch: int, side_rows: int, settings: dict | None = None) -> Side:
-        if warmup_rows:
-            t = time.perf_counter()
-            run_side(f"{name}-warmup", root, model, rows_file, backend, side_batch, workload,
-                     min(warmup_rows, side_rows), device, settings)
-            print(f"{name}: warm-up over {min(warmup_rows, side_rows)} rows took {time.perf_counter() - t:.1f} s",
-                  flush=True)
-        return run_side(name, root, model, rows_file, backend, side_batch, workload, side_rows, device, settings)
+        return run_side(name, root, model, rows_file, backend, side_batch, workload, side_rows, device, settings,
+                        warmup_rows=warmup_rows)
 
     dev = torch.device(device)
     peak = matmul_peak_tflops(dev) if dev.type == "cuda" else float("nan")
@@ -314,8 +376,9 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
         else:
             model = build_checkpoint(shape, root / "model", dev, dtype, shapes=SHAPES)
         print(weights_line(model, base.get("engine", {}), dev), flush=True)
-        rows_file = prepare_data(root, workload, max(rows, baseline_rows))
-        print(f"setup ({'configs' if no_save else 'weights'} + {max(rows, baseline_rows)} JPEGs): "
+        data_rows = warmup_rows + max(rows, baseline_rows)
+        rows_file = prepare_data(root, workload, data_rows)
+        print(f"setup ({'configs' if no_save else 'weights'} + {data_rows} JPEGs): "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         sides = [timed("native", "native", batch, rows, native_settings())]
         print(format_sides(sides, peak), flush=True)
@@ -323,10 +386,11 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
             name, extra = parse_variant(text)
             side = timed(name, "native", batch, rows, native_settings(extra))
             first, mine = texts_of(root / "out-native"), texts_of(root / f"out-{name}")
-            same = sum(first[i] == mine[i] for i in first)
+            common = first.keys() & mine.keys()  # all the rows, or (engine workers) those both sides timed
+            same = sum(first[i] == mine[i] for i in common)
             sides.append(side)
             print(format_sides([side], peak))
-            print(f"variant {name} {extra}: {same}/{len(first)} rows have the native side's text", flush=True)
+            print(f"variant {name} {extra}: {same}/{len(common)} rows have the native side's text", flush=True)
         if texts_out is not None:
             texts = {s.name: texts_of(root / f"out-{s.name}") for s in sides}
             texts_out.write_text(json.dumps(texts, ensure_ascii=False, sort_keys=True))
