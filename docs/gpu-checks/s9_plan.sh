@@ -38,7 +38,7 @@ case "$1" in
       | grep -v Warning | tee "$OUT/mixed.log" ;;
   pipeline)
     timeout 400 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
-      --variant sg:step_graph=true --variant pt:prefill_tokens=262144 \
+      --variant sg:step_graph=true --variant pt:max_batch_tokens=262144 \
       --baseline transformers --baseline-rows 64 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log" ;;
   eightb)
     timeout 300 $B --shape internvl3-8b --workload caption-7tile --rows 512 --batch 64 --warmup-rows 64 --no-save \
