@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
                       choices=("internvl2-1b", "internvl2-2b", "internvl2-8b", "internvl3-8b", "internvl3_5-8b",
                                "internvl2-26b", "internvl2-40b", "internvl2-76b", "internvl2-4b"))
     full.add_argument("--workload", default="caption-7tile",
-                      choices=("caption-7tile", "caption-natural", "mixed", "video"))  # bench.WORKLOADS
+                      choices=("caption-7tile", "caption-natural", "mixed", "video"))  # bench_data.WORKLOADS
     full.add_argument("--rows", type=int, default=512)
     full.add_argument("--batch", type=int, default=64, help="engine.max_batch_size of the native side")
     full.add_argument("--baseline", choices=("transformers",), default=None)

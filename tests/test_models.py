@@ -226,7 +226,8 @@ def test_caption_natural_lengths_are_long_tailed_seeded_and_run_with_refill_on_a
     import random
 
     from batchvl.cli import _parser
-    from batchvl.tools.bench import WORKLOADS, bench, natural_length
+    from batchvl.tools.bench import bench
+    from batchvl.tools.bench_data import WORKLOADS, natural_length
 
     lengths = [natural_length(r) for r in [random.Random(0)] for _ in range(2000)]
     body = sum(40 <= n <= 120 for n in lengths) / len(lengths)

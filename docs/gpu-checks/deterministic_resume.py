@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from batchvl.tools.bench import prepare_data
+from batchvl.tools.bench_data import prepare_data
 from batchvl.tools.check_parity import write_skeleton
 from batchvl.tools.shapes import SHAPES
 from batchvl.tools.tiny import make_tiny_model

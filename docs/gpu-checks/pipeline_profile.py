@@ -83,7 +83,8 @@ def main() -> None:
 
     from batchvl.engine.native import NativeEngine
     from batchvl.engine.timing import StageTimes
-    from batchvl.tools.bench import prepare_data, run_side
+    from batchvl.tools.bench import run_side
+    from batchvl.tools.bench_data import prepare_data
     from batchvl.tools.check_parity import build_checkpoint, write_skeleton
     from batchvl.tools.shapes import SHAPES
 

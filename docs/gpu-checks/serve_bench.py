@@ -16,7 +16,8 @@ from pathlib import Path
 import aiohttp
 import torch
 
-from batchvl.tools.bench import prepare_data, run_side
+from batchvl.tools.bench import run_side
+from batchvl.tools.bench_data import prepare_data
 from batchvl.tools.check_parity import build_checkpoint
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 512
