@@ -78,3 +78,24 @@ def test_the_setting_is_not_in_the_fingerprint(tiny_model, tmp_path):
     fused, exact = job(backend="native"), job(backend="native", fused_vision_gelu=False)
     ck = CheckpointInfo.read(tiny_model)
     assert job_fingerprint(fused, ck, None) == job_fingerprint(exact, ck, None)  # rounding, as engine.compile
+
+
+@pytest.mark.parametrize("tiles,min_tiles,passes", [(9, 2, [4, 4, 2]), (9, 1, [4, 4, 1]), (10, 2, [4, 4, 2]),
+                                                    (1, 2, [2]), (3, 2, [3])])
+def test_a_last_chunk_of_one_tile_is_padded_to_two_for_a_compiled_tower(tiles, min_tiles, passes):
+    from batchvl.core import Request
+    from batchvl.engine.vision import VisionRunner
+
+    seen = []
+
+    def run(chunk):  # [t, S, S, 3] uint8 -> [t, 2, 3]: each tile's own features, whatever shares its pass
+        seen.append(chunk.shape[0])
+        return chunk[:, :2, 0, :].float()
+
+    pixels = torch.randint(0, 255, (tiles, 5, 5, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    split = tiles - tiles // 2
+    rows = [Request("a", [1], pixels[:split], [split]), Request("b", [1], pixels[split:], [tiles - split])]
+    rows = [r for r in rows if r.tiles.shape[0]]
+    got = VisionRunner(run, CPU, chunk=4, cuda_graphs=False, min_tiles=min_tiles).compute(rows)
+    assert seen == passes  # torch.compile would meet a dimension of size 1 only where min_tiles allows it
+    torch.testing.assert_close(got, pixels[:, :2, 0, :].float().flatten(0, 1), rtol=0, atol=0)

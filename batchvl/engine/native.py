@@ -130,7 +130,7 @@ class NativeEngine(Engine):
         self.times = StageTimes()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.vision = VisionRunner(self._vision_pass, self.device, vision_chunk, self.cuda_graphs,
-                                   pad_chunks=deterministic)
+                                   pad_chunks=deterministic, min_tiles=2 if self.compiled else 1)
         self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
                                   self.image_token_id, self.cuda_graphs)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)

@@ -3,7 +3,10 @@
 Tiles go to the device through page-locked memory (a quarter of float32's bytes) and are normalised there,
 in chunks of `chunk` tiles; full chunks replay a CUDA graph (graphs.VisionGraph). With `pad_chunks` (the
 deterministic mode) a last partial chunk is padded with blank tiles, so that every pass has the same shape and a
-tile's features do not depend on how many tiles shared its pass.
+tile's features do not depend on how many tiles shared its pass. With `min_tiles` 2 (a compiled tower) a last
+chunk of one tile is padded to two: torch.compile specialises a dimension of size 1 even when it is marked
+dynamic, and on the H200 the 1B's tower took 4.6 s to compile again in the one batch of `mixed` whose tiles left
+a chunk of one (BENCHMARKS.md, session 9).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ class VisionRunner:
     uint8 tiles [t, S, S, 3] on the device -> embeddings [t, tokens_per_tile, C]."""
 
     def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], device: torch.device, chunk: int,
-                 cuda_graphs: bool, pad_chunks: bool = False):
+                 cuda_graphs: bool, pad_chunks: bool = False, min_tiles: int = 1):
         self.run, self.device, self.chunk = run, device, chunk
         self.pad_chunks = pad_chunks  # a last partial chunk padded with blank tiles: every pass has one shape
+        self.min_tiles = min(min_tiles, chunk)  # a smaller last chunk is padded with blank tiles to this many
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graph: VisionGraph | None = None
         self._pinned: torch.Tensor | None = None  # the host staging buffer for tiles
@@ -63,8 +67,9 @@ class VisionRunner:
         for start in range(0, total, self.chunk):
             chunk = pixels[start : start + self.chunk]  # [t, S, S, 3] uint8
             real = chunk.shape[0]
-            if self.pad_chunks and real < self.chunk:
-                chunk = torch.cat([chunk, chunk.new_zeros((self.chunk - real, *chunk.shape[1:]))])
+            size = self.chunk if self.pad_chunks else max(real, self.min_tiles)
+            if real < size:
+                chunk = torch.cat([chunk, chunk.new_zeros((size - real, *chunk.shape[1:]))])
             if self.cuda_graphs and chunk.shape[0] == self.chunk:
                 if self._graph is None:
                     self._graph = VisionGraph(self.run, chunk)
