@@ -296,3 +296,20 @@ def test_a_whole_step_graph_keeps_refills_tokens(tiny_rows):
         e.runner.graphs = None
     assert e.last_tokens == want
     assert graphs.captured == 1
+
+
+def test_stage_times_sum_each_stage_and_list_its_entries_where_asked(monkeypatch):
+    from batchvl.engine.timing import StageTimes
+
+    times = StageTimes()
+    with times.stage("vision"):
+        pass
+    assert set(times.seconds) == {"vision"} and times.entries is None  # nothing listed unless asked
+    entries = []
+    monkeypatch.setattr(StageTimes, "entries", entries)  # as stage_trace.py asks it, for every instance
+    for name in ("vision", "prefill", "vision"):
+        with times.stage(name):
+            pass
+    assert [e[0] for e in entries] == ["vision", "prefill", "vision"]
+    assert entries[0][1] <= entries[1][1] <= entries[2][1]  # in order, on one clock
+    assert times.seconds["vision"] >= entries[0][2] + entries[2][2]

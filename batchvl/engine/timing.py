@@ -15,6 +15,10 @@ import torch
 
 
 class StageTimes:
+    # Where set (a list; the GPU scripts set it on the class, for every instance), each stage's entry is added to
+    # it as (name, start, seconds), start on time.perf_counter's clock: docs/gpu-checks/stage_trace.py.
+    entries: list[tuple[str, float, float]] | None = None
+
     def __init__(self, sync: bool = False):
         self.sync = sync
         self.seconds: dict[str, float] = defaultdict(float)
@@ -27,7 +31,10 @@ class StageTimes:
             yield
         finally:
             self._barrier()
-            self.seconds[name] += time.perf_counter() - start
+            took = time.perf_counter() - start
+            self.seconds[name] += took
+            if self.entries is not None:
+                self.entries.append((name, start, took))
 
     def _barrier(self) -> None:
         if self.sync and torch.cuda.is_available():

@@ -13,27 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import batchvl.engine.timing as timing
 
 entries = []  # (stage, start, seconds)
 samples = []  # (time, sm MHz, watts, celsius, throttle reasons)
-
-
-def traced_stage(self, name):
-    @contextmanager
-    def cm():
-        self._barrier()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._barrier()
-            took = time.perf_counter() - start
-            self.seconds[name] += took
-            entries.append((name, start, took))
-    return cm()
 
 
 def sample_gpu(proc):
@@ -58,7 +42,7 @@ def window(t0, t1):
 def main():
     defaults = ["internvl2-1b", "caption-7tile", "1024", "128"]
     shape, workload, rows, batch = (sys.argv[1:] + defaults[len(sys.argv) - 1:])[:4]
-    timing.StageTimes.stage = traced_stage
+    timing.StageTimes.entries = entries
     proc = None
     if shutil.which("nvidia-smi") and shape != "tiny":
         proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu,"
