@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -96,7 +96,8 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     have loaded)."""
     cuda = device == "cuda"
     job = _side_job(name, root, model, rows_file, backend, batch, workload, warmup_rows + rows, device, settings)
-    if len(job.engine.devices) > 1:
+    devices = job.engine.devices
+    if len(devices) > 1:
         if warmup_rows:
             t = time.perf_counter()
             run_job(_side_job(f"{name}-warmup", root, model, rows_file, backend, batch, workload, warmup_rows,
@@ -104,36 +105,60 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
             print(f"{name}: warm-up over {warmup_rows} rows took {time.perf_counter() - t:.1f} s", flush=True)
             job = _side_job(name, root, model, rows_file, backend, batch, workload, rows, device, settings,
                             skip=warmup_rows)
-        return _measured(name, job, model, workload, cuda, lambda: run_job(job, overwrite=True, progress=False,
-                                                                          sync_times=cuda))
+        _reset_peak(cuda)
+        summary = run_job(job, overwrite=True, progress=False, sync_times=cuda)
+        return _measured(name, job, model, workload, summary, _peak(cuda))
+    if cuda and devices[0] != 0:
+        torch.cuda.set_device(devices[0])  # engine.gpus: [k], as run_job does for its own engine
+    _reset_peak(cuda)
     start = time.perf_counter()
     engine = build_engine(job, plan_model(job))
-    load_s = time.perf_counter() - start
-    mark = {"at": time.perf_counter(), "stages": {}, "done": 0}  # where the timed part begins
-    timed: list[Result] = []  # the rows that finished after the warm-up
+    window = _Window(at=time.perf_counter())
+    load_s = window.at - start
 
     def observe(results: list[Result]) -> None:
-        if mark["done"] < warmup_rows:
-            mark["done"] += len(results)
-            if mark["done"] >= warmup_rows:
-                mark.update(at=time.perf_counter(), stages=dict(engine.times.seconds))
-                print(f"{name}: warm-up over {mark['done']} rows took {mark['at'] - start:.1f} s (loading "
-                      f"{load_s:.1f} s)", flush=True)
-        else:
-            timed.extend(results)
+        if window.done >= warmup_rows:
+            window.timed.extend(results)
+            return
+        window.done += len(results)  # the warm-up ends with the engine call that reaches warmup_rows
+        if window.done >= warmup_rows:
+            window.at, window.stages = time.perf_counter(), dict(engine.times.seconds)
+            print(f"{name}: warm-up over {window.done} rows took {window.at - start:.1f} s (loading {load_s:.1f} s)",
+                  flush=True)
 
-    def run() -> Summary:
-        try:
-            summary = run_job(job, overwrite=True, progress=False, sync_times=cuda, engine=engine, observe=observe)
-        finally:
-            engine.close()
-        summary.elapsed_s, summary.load_s = time.perf_counter() - mark["at"], 0.0
-        summary.stage_s = {k: v - mark["stages"].get(k, 0.0) for k, v in summary.stage_s.items()}
-        return summary
-
-    side = _measured(name, job, model, workload, cuda, run, timed if warmup_rows else None)
+    try:
+        summary = run_job(job, overwrite=True, progress=False, sync_times=cuda, engine=engine, observe=observe)
+        summary.elapsed_s, summary.load_s = time.perf_counter() - window.at, 0.0
+        peak = _peak(cuda)
+    finally:
+        engine.close()
+    if warmup_rows and not window.timed:
+        raise RuntimeError(f"{name}: the warm-up took all {window.done} rows and left none to time (its last engine "
+                           f"call reached past --warmup-rows {warmup_rows}): ask for more rows")
+    summary.stage_s = {k: v - window.stages.get(k, 0.0) for k, v in summary.stage_s.items()}
+    side = _measured(name, job, model, workload, summary, peak, window.timed if warmup_rows else None)
     side.stages["load"] = load_s
     return side
+
+
+@dataclass
+class _Window:
+    """Where a side's timed part begins (run_side): once its warm-up rows have finished."""
+
+    at: float  # time.perf_counter() then
+    stages: dict[str, float] = field(default_factory=dict)  # the engine's stage times then
+    done: int = 0  # the rows finished by then
+    timed: list[Result] = field(default_factory=list)  # the rows that finished after
+
+
+def _reset_peak(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+
+
+def _peak(cuda: bool) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
 def _side_job(name: str, root: Path, model: Path, rows_file: Path, backend: str, batch: int, workload: str,
@@ -162,16 +187,10 @@ def _side_job(name: str, root: Path, model: Path, rows_file: Path, backend: str,
     return load_job(job_file)
 
 
-def _measured(name: str, job: Job, model: Path, workload: str, cuda: bool, run: Callable[[], Summary],
+def _measured(name: str, job: Job, model: Path, workload: str, summary: Summary, peak: float,
               timed: list[Result] | None = None) -> Side:
-    """`run()`'s side: its rows, images, output tokens and FLOPs over `timed` (the results that list holds once the
-    run is over; None: every row the summary counts), its time after loading and its stage times as the summary
-    gives them, and its peak device memory."""
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-    summary = run()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    """A side from its run's summary (time after loading, stage times) and peak device memory: its rows, images,
+    output tokens and FLOPs over `timed` (None: every row the summary counts)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(job.output_dir, columns=["id", "prompt_tokens", "output_tokens", "error"]).to_pylist()
@@ -312,7 +331,8 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
             same = sum(first[i] == mine[i] for i in common)
             sides.append(side)
             print(format_sides([side], peak))
-            print(f"variant {name} {extra}: {same}/{len(common)} rows have the native side's text", flush=True)
+            apart = "" if first.keys() == mine.keys() else f" (the sides wrote {len(first)} and {len(mine)} rows)"
+            print(f"variant {name} {extra}: {same}/{len(common)} rows have the native side's text{apart}", flush=True)
         if texts_out is not None:
             texts = {s.name: texts_of(root / f"out-{s.name}") for s in sides}
             texts_out.write_text(json.dumps(texts, ensure_ascii=False, sort_keys=True))

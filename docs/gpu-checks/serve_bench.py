@@ -1,7 +1,8 @@
 """`batchvl serve` against `batchvl run` on the same rows (issue 18, item 9): the internvl2-1b shape with random
 weights, caption-7tile JPEGs, 128 new tokens a row (ignore_eos), batch 128, on one GPU.
 
-run:   bench's own run_side, a warm-up over 128 rows first; images/s over the run after the model loaded.
+run:   bench's own run_side: one run over 128 warm-up rows, then ROWS rows timed on the same engine (as the server
+       keeps its engine warm between requests; until session 9 the warm-up was a run of its own on another engine).
 serve: `batchvl serve job.yaml` in a subprocess; 128 warm-up requests, then ROWS requests (file:// image URLs)
        from CLIENTS concurrent aiohttp clients; images/s from the first request sent to the last answer.
 Usage: python3 serve_bench.py [ROWS] [CLIENTS]
@@ -29,10 +30,9 @@ model = build_checkpoint("internvl2-1b", root / "model", torch.device("cuda"), t
 rows_file = prepare_data(root, "caption-7tile", WARM + ROWS)
 rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
 
-run_side("warm", root, model, rows_file, "native", 128, "caption-7tile", WARM)
-side = run_side("run", root, model, rows_file, "native", 128, "caption-7tile", WARM + ROWS)
-print(f"batchvl run: {side.rows} rows, {side.images / side.seconds:.2f} images/s ({side.seconds:.1f} s after load)",
-      flush=True)
+side = run_side("run", root, model, rows_file, "native", 128, "caption-7tile", ROWS, warmup_rows=WARM)
+print(f"batchvl run: {side.rows} rows, {side.images / side.seconds:.2f} images/s ({side.seconds:.1f} s after the "
+      "warm-up)", flush=True)
 torch.cuda.empty_cache()
 
 job = {"model": str(model), "chat_template": str(root / "short.jinja"), "media": {"max_dynamic_patch": 12},
