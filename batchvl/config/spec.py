@@ -200,8 +200,8 @@ class EngineSpec:
     # attention, fixed-size vision passes; torch.compile off). Needs a CUDA GPU; not with fp8 (issue 21).
     deterministic: bool = False
     # native, CUDA graphs on: the whole decode step (model, sampling, bookkeeping) as one graph, captured once per batch
-    # size (batchvl.engine.state). Off: +3.6% on the 1B shape and -1.8% on the 8B (BENCHMARKS.md, session 9), within
-    # what separates two runs.
+    # size (batchvl.engine.state). Off by default: on, it measured +3.6% on the 1B shape and -1.8% on the 8B
+    # (BENCHMARKS.md, session 9), within what separates two runs.
     step_graph: bool = False
     # For benchmarks: auto (read the checkpoint's weights) or dummy (no weight files are read; every parameter
     # is filled with seeded random values on the device, as vLLM's --load-format dummy does). Either backend;

@@ -277,8 +277,8 @@ def bench(shape: str, workload: str, rows: int, batch: int, baseline: str | None
     after them, in the same run on the same engine (run_side): a long job pays once for what a first batch costs
     (kernel loading, cuBLAS and cuDNN heuristics, Triton and torch.compile compilation, CUDA graph captures,
     allocator growth, the media workers' start), and the timed rows measure the steady state. (Until session 9
-    the warm-up was a run of its own, and the timed run's new engine paid its graph captures and part of its
-    compilation again: about 4 s of the 1B shape's 26 s over 1,024 rows, BENCHMARKS.md.) The warm-up time is
+    the warm-up was a run of its own, and the timed run's new engine paid its cache, graph captures and part of
+    its compilation again: about 7 s of the 1B shape's 26 s over 1,024 rows, BENCHMARKS.md.) The warm-up time is
     printed. `settings` (KEY=VALUE, as in a variant) apply to every native side, variants on top.
     `texts_out`: write each native side's text by row id there (JSON), to compare runs of two commits.
     `no_save`: write only the shape's configs and tokenizer (no weights) and run every side, the baseline too,
