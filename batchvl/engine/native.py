@@ -112,6 +112,8 @@ class NativeEngine(Engine):
                  ", random weights (load_format dummy)" if load_format == "dummy" else "")
         loaded = load_model(checkpoint, self.device, self.dtype, quantization, quantize_vision, load_format)
         self.model, self.vision_spec, self.text_spec = loaded.model, loaded.vision, loaded.text
+        # aligned rows for the head's product on the GPU (DecoderLM.pad_head); the CPU's BLAS has no such need
+        self.model.lm.pad_head(64 if self.device.type == "cuda" else 1)
         self.deterministic = deterministic
         if deterministic:  # see _make_deterministic
             decode_attention, fused_vision_gelu, compile = _make_deterministic(self.model)

@@ -160,6 +160,21 @@ class DecoderLM(nn.Module):
         if self.spec.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def pad_head(self, multiple: int) -> None:
+        """Give the LM head's weight zero rows up to a multiple of `multiple` (the embeddings' too where they are
+        tied: they only ever look up the real rows), so that each row of the head's product starts aligned.
+        InternVL2-1B's vocabulary of 151,655 and InternVL3-8B's of 151,674 leave rows aligned to 1 and 2 elements,
+        and cuBLAS falls back to kernels for unaligned rows: on the H200 the 1B's head took 0.42 ms of each 3.0 ms
+        decode step in an sm75 kernel (BENCHMARKS.md, session 9). `logits` cuts the padding off."""
+        w, vocab = self.lm_head.weight, self.spec.vocab
+        rows = -(-vocab // multiple) * multiple
+        if w.shape[0] != vocab or rows == vocab:
+            return
+        padded = nn.Parameter(torch.cat([w.detach(), w.new_zeros(rows - vocab, w.shape[1])]), requires_grad=False)
+        if self.embed.weight is w:
+            self.embed.weight = padded
+        self.lm_head.weight = padded
+
     def rope(self, positions_needed: int) -> tuple[torch.Tensor, ...]:
         """cos/sin tables [P, rot] covering `positions_needed`, computed once for the longest seen.
 
@@ -221,5 +236,5 @@ class DecoderLM(nn.Module):
         return self.norm(x[:, 0])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head, only where a token is sampled: [B, C] -> [B, V] float32."""
-        return self.lm_head(h).float()
+        """The LM head, only where a token is sampled: [B, C] -> [B, V] float32 (without pad_head's rows)."""
+        return self.lm_head(h)[:, : self.spec.vocab].float()
