@@ -10,11 +10,13 @@
 #   bash docs/gpu-checks/s10_plan.sh mixed      (about 3 minutes) the 1B mixed target (45), static and refill (a
 #                                               last vision chunk of one tile no longer recompiles: 2da1317)
 #   bash docs/gpu-checks/s10_plan.sh eightb     (about 3 minutes) the 8B shape against transformers
-#   bash docs/gpu-checks/s10_plan.sh vision     (about 4 minutes) the 1B with the vision tower's linear layers in
+#   bash docs/gpu-checks/s10_plan.sh vision     (about 6 minutes) the 1B with the vision tower's linear layers in
 #                                               fp8 (lossy: its text against bf16's is printed), the tower being
 #                                               power-capped in bf16 (session 9); the video workload; and the
 #                                               tower's attention at 1,025 tokens against 1,024 and a split form
-#                                               (vit_attention.py: what its ragged last tiles cost)
+#                                               (vit_attention.py: what its ragged last tiles cost); its four
+#                                               products with cuBLAS's heuristic and with TunableOp (vit_gemms.py:
+#                                               the short-K products ran at two thirds of fc2's rate)
 [[ "$1" =~ ^(caption7|mixed|eightb|vision)$ ]] || { echo "usage: $0 caption7|mixed|eightb|vision"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
@@ -34,5 +36,6 @@ case "$1" in
       --variant fp8v:quantization=fp8,quantize_vision=true 2>&1 | grep -v Warning | tee "$OUT/fp8v.log"
     timeout 200 $B --shape internvl2-1b --rows 256 --batch 64 --warmup-rows 64 --workload video 2>&1 \
       | grep -v Warning | tee "$OUT/video.log"
-    timeout 120 python3 docs/gpu-checks/vit_attention.py 2>&1 | grep -v Warning | tee "$OUT/attention.log" ;;
+    timeout 120 python3 docs/gpu-checks/vit_attention.py 2>&1 | grep -v Warning | tee "$OUT/attention.log"
+    timeout 180 python3 docs/gpu-checks/vit_gemms.py 2>&1 | grep -v Warning | tee "$OUT/gemms.log" ;;
 esac
