@@ -6,24 +6,12 @@ For the vocabularies of InternVL2-1B (151,655 x 896), InternVL3-8B (151,674 x 3,
 cut back, as `logits` cuts it), and the largest difference between the two (it should be 0: the same dot
 products). Usage: python3 lm_head.py   (on the CPU it runs one small case, as a check of this script)
 """
-import time
 
 import torch
 import torch.nn.functional as F
+from device_timing import seconds_per_call  # this folder's
 
 SHAPES = {"internvl2-1b": (151655, 896), "internvl3-8b": (151674, 3584), "internvl2-26b": (92553, 6144)}
-
-
-def timed(fn, repeats=50):
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def main():
@@ -44,7 +32,7 @@ def main():
                 return F.linear(h, padded)[:, :vocab].float()
 
             diff = (as_loaded() - aligned()).abs().max().item()
-            a, b = timed(as_loaded), timed(aligned)
+            a, b = seconds_per_call(as_loaded, 50), seconds_per_call(aligned, 50)
             print(f"| {name} | {rows} | {a * 1e3:.3f} | {b * 1e3:.3f} | {a / b:.2f}x | {diff:.1e} |")
 
 

@@ -14,10 +14,10 @@ Usage: python3 vit_attention.py [TILES]   (default 64, the engine's vision chunk
 against the plain softmax at small sizes instead, as a check of this script).
 """
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from device_timing import seconds_per_call  # this folder's
 
 HEADS, DIM = 16, 64
 
@@ -46,16 +46,6 @@ def split(q, k, v, scale, lse_attention):
     return torch.cat([cls, patches.to(q.dtype)], dim=2)
 
 
-def timed(fn, repeats=20):
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
 def main():
     tiles = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     scale = DIM ** -0.5
@@ -75,7 +65,7 @@ def main():
     print(f"[{tiles}, {HEADS}, 1025, {DIM}] bf16 on {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| form | ms a call | TFLOP/s (at 1,025 tokens) |\n|---|---|---|")
     for name, fn in forms.items():
-        seconds = timed(fn)
+        seconds = seconds_per_call(fn)
         print(f"| {name} | {seconds * 1e3:.3f} | {flops / seconds / 1e12:.0f} |")
     want = forms["1025"]().float()
     err = (merged().float() - want).abs()

@@ -7,24 +7,12 @@ Prints each product's time and TFLOP/s both ways, and the largest difference bet
 Usage: python3 vit_gemms.py [ROWS]   (default 65600; on the CPU a small case, TunableOp left off, as a check)
 """
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from device_timing import seconds_per_call  # this folder's
 
 PRODUCTS = {"qkv": (1024, 3072), "proj": (1024, 1024), "fc1": (1024, 4096), "fc2": (4096, 1024)}  # (K, N)
-
-
-def timed(fn, repeats=20):
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def main():
@@ -41,14 +29,14 @@ def main():
     print(f"[{rows} rows] on {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, {dtype}")
     heuristic = {}
     for name, (x, w, b, _) in cases.items():
-        heuristic[name] = (timed(lambda x=x, w=w, b=b: F.linear(x, w, b)), F.linear(x, w, b))
+        heuristic[name] = (seconds_per_call(lambda x=x, w=w, b=b: F.linear(x, w, b)), F.linear(x, w, b))
     tuned = {}
     if cuda:
         torch.cuda.tunable.enable(True)
         torch.cuda.tunable.tuning_enable(True)
         torch.cuda.tunable.set_filename("/tmp/vit_gemms_tunableop.csv")
         for name, (x, w, b, _) in cases.items():
-            tuned[name] = (timed(lambda x=x, w=w, b=b: F.linear(x, w, b)), F.linear(x, w, b))
+            tuned[name] = (seconds_per_call(lambda x=x, w=w, b=b: F.linear(x, w, b)), F.linear(x, w, b))
         torch.cuda.tunable.enable(False)
     print("| product | K x N | heuristic ms | TFLOP/s | TunableOp ms | TFLOP/s | max abs. difference |")
     print("|---|---|---|---|---|---|---|")
