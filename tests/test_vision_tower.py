@@ -81,8 +81,9 @@ def test_the_setting_is_not_in_the_fingerprint(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("tiles,min_tiles,passes", [(9, 2, [4, 4, 2]), (9, 1, [4, 4, 1]), (10, 2, [4, 4, 2]),
-                                                    (1, 2, [2]), (3, 2, [3])])
+                                                    (1, 2, [2]), (3, 2, [3]), (9, 4, [4, 4, 4]), (3, 4, [4])])
 def test_a_last_chunk_of_one_tile_is_padded_to_two_for_a_compiled_tower(tiles, min_tiles, passes):
+    """min_tiles 2: a compiled tower; min_tiles = chunk (4 here): the deterministic mode, one shape for every pass."""
     from batchvl.core import Request
     from batchvl.engine.vision import VisionRunner
 

@@ -131,8 +131,10 @@ class NativeEngine(Engine):
         self.max_batch_tokens = max_batch_tokens or self._plan_memory()
         self.times = StageTimes()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.vision = VisionRunner(self._vision_pass, self.device, vision_chunk, self.cuda_graphs,
-                                   pad_chunks=deterministic, min_tiles=2 if self.compiled else 1)
+        # a pass of fewer tiles is padded: to a whole chunk in the deterministic mode (one shape for every pass), to
+        # two for a compiled tower (no recompilation for one); see VisionRunner
+        min_tiles = vision_chunk if deterministic else 2 if self.compiled else 1
+        self.vision = VisionRunner(self._vision_pass, self.device, vision_chunk, self.cuda_graphs, min_tiles)
         self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
                                   self.image_token_id, self.cuda_graphs)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)

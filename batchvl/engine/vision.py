@@ -1,12 +1,13 @@
 """The native engine's vision pass: uint8 tiles of a batch's rows in, their language-model embeddings out.
 
 Tiles go to the device through page-locked memory (a quarter of float32's bytes) and are normalised there,
-in chunks of `chunk` tiles; full chunks replay a CUDA graph (graphs.VisionGraph). With `pad_chunks` (the
-deterministic mode) a last partial chunk is padded with blank tiles, so that every pass has the same shape and a
-tile's features do not depend on how many tiles shared its pass. With `min_tiles` 2 (a compiled tower) a last
-chunk of one tile is padded to two: torch.compile specialises a dimension of size 1 even when it is marked
-dynamic, and on the H200 the 1B's tower took 4.6 s to compile again in the one batch of `mixed` whose tiles left
-a chunk of one (BENCHMARKS.md, session 9).
+in chunks of `chunk` tiles; full chunks replay a CUDA graph (graphs.VisionGraph). A last chunk smaller than
+`min_tiles` is padded with blank tiles to that many:
+- `min_tiles` = `chunk` (the deterministic mode): every pass has the same shape, so a tile's features do not depend
+  on how many tiles shared its pass;
+- `min_tiles` = 2 (a compiled tower): torch.compile specialises a dimension of size 1 even when it is marked
+  dynamic, and on the H200 the 1B's tower took 4.6 s to compile again in the one batch of `mixed` whose tiles left
+  a chunk of one (BENCHMARKS.md, session 9).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ class VisionRunner:
     uint8 tiles [t, S, S, 3] on the device -> embeddings [t, tokens_per_tile, C]."""
 
     def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], device: torch.device, chunk: int,
-                 cuda_graphs: bool, pad_chunks: bool = False, min_tiles: int = 1):
+                 cuda_graphs: bool, min_tiles: int = 1):
         self.run, self.device, self.chunk = run, device, chunk
-        self.pad_chunks = pad_chunks  # a last partial chunk padded with blank tiles: every pass has one shape
         self.min_tiles = min(min_tiles, chunk)  # a smaller last chunk is padded with blank tiles to this many
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graph: VisionGraph | None = None
@@ -67,9 +67,8 @@ class VisionRunner:
         for start in range(0, total, self.chunk):
             chunk = pixels[start : start + self.chunk]  # [t, S, S, 3] uint8
             real = chunk.shape[0]
-            size = self.chunk if self.pad_chunks else max(real, self.min_tiles)
-            if real < size:
-                chunk = torch.cat([chunk, chunk.new_zeros((size - real, *chunk.shape[1:]))])
+            if real < self.min_tiles:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.min_tiles - real, *chunk.shape[1:]))])
             if self.cuda_graphs and chunk.shape[0] == self.chunk:
                 if self._graph is None:
                     self._graph = VisionGraph(self.run, chunk)
