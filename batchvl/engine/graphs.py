@@ -63,7 +63,7 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = pool = torch.cuda.graph_pool_handle()
         self._side = torch.cuda.Stream(device)  # where whole steps are captured (capture_step)
-        self._states: dict[tuple, dict] = {}  # batch states' tensors, by (size, width, ...): see `state`
+        self._states: dict[tuple, object] = {}  # batch states' tensors (state.SlotTensors), by key: see `state`
         self._steps: dict[tuple, tuple] = {}  # whole-step graphs, by the same keys: see `whole_step`
         for size in reversed(self.buckets):  # largest first: the smaller graphs reuse its pool memory
             log.debug("capturing a decode graph for batch %d, span %d", size, self.span)

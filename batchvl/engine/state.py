@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -36,17 +37,40 @@ from batchvl.models.decoder import KVCache
 log = logging.getLogger(__name__)
 
 
-def state_tensors(slots: int, width: int, seen_vocab: int | None, device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch state's per-slot tensors (BatchState sets their values): each slot's prompt length, cache position,
-    limit, count, done flag, seed and next token [slots], its output [slots, width + 1], and with `seen_vocab`
-    the tokens it has seen [slots, seen_vocab] (else None)."""
-    def zeros(*shape, dtype=torch.long):
-        return torch.zeros(shape, dtype=dtype, device=device)
+@dataclass
+class SlotTensors:
+    """A batch state's per-slot tensors. Where the whole decode step is one graph, every batch of a size uses the
+    same ones (DecodeGraphs.state), so `reset` gives them a new batch's values in place."""
 
-    return {"lengths": zeros(slots), "positions": zeros(slots), "limits": zeros(slots), "count": zeros(slots),
-            "done": zeros(slots, dtype=torch.bool), "seeds": zeros(slots, dtype=torch.int64), "tokens": zeros(slots),
-            "out": zeros(slots, width + 1),
-            "seen": None if seen_vocab is None else zeros(slots, seen_vocab, dtype=torch.bool)}
+    lengths: torch.Tensor  # [B] prompt lengths
+    positions: torch.Tensor  # [B] where `tokens` go in the cache
+    limits: torch.Tensor  # [B] each row's max_new_tokens
+    count: torch.Tensor  # [B] tokens generated so far
+    done: torch.Tensor  # [B] bool: a free slot is done
+    seeds: torch.Tensor  # [B] the sampler's row seeds
+    tokens: torch.Tensor  # [B] the next decode's input
+    out: torch.Tensor  # [B, width + 1]: column `width` takes done slots' pad tokens, so a full row is never overwritten
+    seen: torch.Tensor | None  # [B, V] bool: tokens already in each row, only for the repetition penalty
+
+    @classmethod
+    def new(cls, slots: int, width: int, seen_vocab: int | None, device: torch.device) -> SlotTensors:
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(zeros(slots), zeros(slots), zeros(slots), zeros(slots), zeros(slots, dtype=torch.bool),
+                   zeros(slots), zeros(slots), zeros(slots, width + 1),
+                   None if seen_vocab is None else zeros(slots, seen_vocab, dtype=torch.bool))
+
+    def reset(self, pad_id: int) -> SlotTensors:
+        """Every slot free (done), nothing generated, pad tokens throughout; returns self."""
+        for t in (self.lengths, self.positions, self.limits, self.count, self.seeds):
+            t.zero_()
+        self.done.fill_(True)
+        self.tokens.fill_(pad_id)
+        self.out.fill_(pad_id)
+        if self.seen is not None:
+            self.seen.zero_()
+        return self
 
 
 class BatchState:
@@ -76,27 +100,12 @@ class BatchState:
         seen_vocab = sampler.vocab if params.repetition_penalty != 1.0 else None
         self._key = (slots, self.width, seen_vocab)  # which decode graphs' state and whole-step graph are this batch's
 
-        def make() -> dict[str, torch.Tensor]:
-            return state_tensors(slots, self.width, seen_vocab, runner.device)
+        def make() -> SlotTensors:
+            return SlotTensors.new(slots, self.width, seen_vocab, runner.device)
 
-        t = graphs.state(self._key, make) if self._step_graph else make()
-        self.lengths = t["lengths"]  # [B] prompt lengths
-        self.positions = t["positions"]  # [B] where `tokens` go in the cache
-        self.limits = t["limits"]  # [B] each row's max_new_tokens
-        self.count = t["count"]  # [B] tokens generated so far
-        self.done = t["done"]  # [B] a free slot is done
-        self.seeds = t["seeds"]  # [B] the sampler's row seeds
-        self.tokens = t["tokens"]  # [B] the next decode's input
-        # [B, width + 1]: column `width` is where done slots' pad tokens go, so a full row is never overwritten.
-        self.out = t["out"]
-        self.seen = t["seen"]  # [B, V] tokens already in each row, only for the repetition penalty; else None
-        for name in ("lengths", "positions", "limits", "count", "seeds"):
-            t[name].zero_()
-        self.done.fill_(True)
-        self.tokens.fill_(pad_id)
-        self.out.fill_(pad_id)
-        if self.seen is not None:
-            self.seen.zero_()
+        t = (graphs.state(self._key, make) if self._step_graph else make()).reset(pad_id)
+        self.lengths, self.positions, self.limits, self.count = t.lengths, t.positions, t.limits, t.count
+        self.done, self.seeds, self.tokens, self.out, self.seen = t.done, t.seeds, t.tokens, t.out, t.seen
 
     @property
     def slots(self) -> int:
