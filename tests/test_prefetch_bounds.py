@@ -4,6 +4,7 @@ measured where it is the point: in a subprocess (its peak RSS, over its own base
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import json
@@ -23,7 +24,7 @@ from batchvl.errors import TransientError
 from batchvl.media import files
 from batchvl.media.fetch import Blob, FetchSettings
 from batchvl.media.video import MAX_VIDEO_FRAMES, decode_frames
-from batchvl.prepare.prefetch import Prefetcher
+from batchvl.prepare.prefetch import ByteBudget, Prefetcher
 
 from .media_server import MediaServer, Route
 from .test_prefetch import png, preparer, rows_for
@@ -40,7 +41,7 @@ def peak_growth_mb(tmp_path: Path, body: str) -> dict:
         import json, resource, sys
         from pathlib import Path
         from batchvl.media.fetch import FetchSettings
-        from batchvl.prepare.prefetch import Prefetcher
+        from batchvl.prepare.prefetch import ByteBudget, Prefetcher
         from tests.test_prefetch import preparer, rows_for
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = {}
@@ -92,6 +93,47 @@ def test_decoded_pixels_are_reserved_before_decoding(tmp_path):
     one_row = 4000 * 4000 * 6  # what decoded_size reserves for it
     assert one_row <= out["peak_bytes"] <= 100 * MB + one_row + MB
     assert out["growth_mb"] < 280, out  # two decodes and their tiling at most
+
+
+def test_the_byte_budget_goes_to_the_earliest_waiting_row_first():
+    """Bytes are granted in row order: a later row whose request would fit waits while an earlier one waits, and
+    the earlier one gets the bytes released first. (Every release woke all waiting rows, and whichever ran first
+    took the bytes: refill's 512 rows in flight filled the budget far ahead of the consumer, H200 session 10.)
+    The consumer's own row still goes past the budget and the queue; a request without a row is not ordered."""
+    async def scenario() -> list[str]:
+        budget = ByteBudget(10)
+        granted: list[str] = []
+
+        async def ask(name: str, n: int, seq: int | None, urgent=lambda: False) -> None:
+            await budget.acquire(n, urgent, seq)
+            granted.append(name)
+
+        await budget.acquire(8, seq=0)  # row 0 holds 8 of 10
+        tasks = [asyncio.create_task(ask("row 2", 5, 2)), asyncio.create_task(ask("row 5", 1, 5))]
+        await asyncio.sleep(0.01)
+        assert granted == []  # row 5's byte would fit, but row 2 waits before it
+        assert budget.try_acquire(1, seq=7) is False and budget.try_acquire(1) is True  # unordered: fits
+        await ask("urgent row 9", 50, 9, urgent=lambda: True)
+        budget.release(8 + 1 + 50)
+        await asyncio.gather(*tasks)
+        return granted
+
+    assert asyncio.run(scenario()) == ["urgent row 9", "row 2", "row 5"]
+
+
+def test_a_row_that_stops_waiting_lets_the_rows_after_it_go():
+    """A waiting row that is cancelled (its fetch failed) is no longer first in line."""
+    async def scenario() -> bool:
+        budget = ByteBudget(10)
+        await budget.acquire(8, seq=0)
+        early = asyncio.create_task(budget.acquire(5, seq=1))
+        await asyncio.sleep(0.01)
+        assert budget.try_acquire(1, seq=3) is False
+        early.cancel()
+        await asyncio.gather(early, return_exceptions=True)
+        return budget.try_acquire(1, seq=3)
+
+    assert asyncio.run(scenario()) is True
 
 
 def test_an_image_over_max_image_pixels_fails_from_its_header_before_any_reservation(tmp_path):

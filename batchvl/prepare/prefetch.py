@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
 import logging
 import queue
 import sys
@@ -40,25 +41,45 @@ _END = object()
 
 
 class ByteBudget:
-    """An async byte allowance. A request that does not fit waits, unless `urgent()` says the consumer is
-    waiting for exactly this row (it must never wait behind rows that are waiting for it) or nothing else
-    is held (a single row larger than the whole budget still goes through, alone)."""
+    """An async byte allowance, granted in row order. A request that does not fit waits, unless `urgent()` says
+    the consumer is waiting for exactly this row (it must never wait behind rows that are waiting for it) or
+    nothing else is held (a single row larger than the whole budget still goes through, alone).
+
+    In row order: a request of row `seq` that would fit still waits while an earlier row waits. Without that, every
+    release woke all the waiting rows and the first to run took the bytes, whichever row it was: with many rows in
+    flight (refill's four batches of 1B `mixed` rows, up to 12 tiles each, against the default 2 GB) the budget
+    filled with rows far ahead of the consumer, the rows it needed next waited, and each came through alone as it
+    became the urgent one: 19 to 25 s of media wait in 46 s runs on the H200 (BENCHMARKS.md, session 10)."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
         self.peak = 0
         self._changed = asyncio.Event()
+        self._waiting: list[int] = []  # a heap of the rows (seq) waiting for bytes; a row may wait twice
+        self._gone: dict[int, int] = {}  # heap entries whose wait has ended, not yet popped
 
-    async def acquire(self, n: int, urgent: Callable[[], bool] = lambda: False) -> None:
-        while not self._fits(n, urgent):
-            self._changed.clear()
-            await self._changed.wait()
+    async def acquire(self, n: int, urgent: Callable[[], bool] = lambda: False, seq: int | None = None) -> None:
+        if self._fits(n, urgent, seq):
+            self._take(n)
+            return
+        if seq is not None:
+            heapq.heappush(self._waiting, seq)
+        try:
+            while True:
+                self._changed.clear()
+                await self._changed.wait()
+                if self._fits(n, urgent, seq):
+                    break
+        finally:
+            if seq is not None:  # no longer waiting: a later row may now go first
+                self._gone[seq] = self._gone.get(seq, 0) + 1
+                self._changed.set()
         self._take(n)
 
-    def try_acquire(self, n: int, urgent: Callable[[], bool] = lambda: False) -> bool:
+    def try_acquire(self, n: int, urgent: Callable[[], bool] = lambda: False, seq: int | None = None) -> bool:
         """Take n bytes if that needs no waiting."""
-        if not self._fits(n, urgent):
+        if not self._fits(n, urgent, seq):
             return False
         self._take(n)
         return True
@@ -68,8 +89,21 @@ class ByteBudget:
         self.used -= n
         self._changed.set()
 
-    def _fits(self, n: int, urgent: Callable[[], bool]) -> bool:
-        return self.used == 0 or self.used + n <= self.limit or urgent()
+    def _fits(self, n: int, urgent: Callable[[], bool], seq: int | None) -> bool:
+        if self.used == 0 or urgent():
+            return True
+        first = self._first_waiting()
+        return self.used + n <= self.limit and (seq is None or first is None or first >= seq)
+
+    def _first_waiting(self) -> int | None:
+        """The earliest row still waiting for bytes."""
+        heap, gone = self._waiting, self._gone
+        while heap and gone.get(heap[0], 0):
+            top = heapq.heappop(heap)
+            gone[top] -= 1
+            if not gone[top]:
+                del gone[top]
+        return heap[0] if heap else None
 
     def _take(self, n: int) -> None:
         self.used += n
@@ -77,19 +111,21 @@ class ByteBudget:
 
 
 class RowHold(Allowance):
-    """The bytes one row holds in the budget: its fetched media, then its decoded pixels, then its tiles."""
+    """The bytes one row (number `seq` in input order) holds in the budget: its fetched media, then its decoded
+    pixels, then its tiles."""
 
-    def __init__(self, budget: ByteBudget, urgent: Callable[[], bool]):
+    def __init__(self, budget: ByteBudget, urgent: Callable[[], bool], seq: int | None = None):
         self.budget = budget
         self.urgent = urgent
+        self.seq = seq
         self.held = 0
 
     async def reserve(self, n: int) -> None:
-        await self.budget.acquire(n, self.urgent)
+        await self.budget.acquire(n, self.urgent, self.seq)
         self.held += n
 
     def try_reserve(self, n: int) -> bool:
-        if self.budget.try_acquire(n, self.urgent):
+        if self.budget.try_acquire(n, self.urgent, self.seq):
             self.held += n
             return True
         return False
@@ -247,7 +283,7 @@ class Prefetcher:
             self._out.put(_END)
 
     async def _prepare(self, file: Path, row: Row, seq: int, result: concurrent.futures.Future) -> None:
-        hold = RowHold(self._budget, lambda: self._consumed == seq)
+        hold = RowHold(self._budget, lambda: self._consumed == seq, seq)
         try:
             plan = self.preparer.plan(row, self.media_root_for(file))
             if isinstance(plan, Result):
