@@ -17,7 +17,14 @@
 #                                               (vit_attention.py: what its ragged last tiles cost); its four
 #                                               products with cuBLAS's heuristic and with TunableOp (vit_gemms.py:
 #                                               the short-K products ran at two thirds of fc2's rate)
-[[ "$1" =~ ^(caption7|mixed|eightb|vision)$ ]] || { echo "usage: $0 caption7|mixed|eightb|vision"; exit 2; }
+#   bash docs/gpu-checks/s10_plan.sh first      (session 10's first call, about 8 minutes) caption7 without the step
+#                                               graph's variant, then the tower's products and attention forms
+#   bash docs/gpu-checks/s10_plan.sh second     (about 6 minutes) attention with the CLS token last, one block in
+#                                               both token orders (vit_block.py), then mixed
+#   bash docs/gpu-checks/s10_plan.sh pinned     (about 5 minutes) refill's media wait on mixed: a page-locked
+#                                               block's cost with the device busy, and refill with tiles in
+#                                               page-locked memory against ordinary memory (pinned_probe.py)
+[[ "$1" =~ ^(caption7|mixed|eightb|vision|first|second|pinned)$ ]] || { echo "usage: $0 caption7|mixed|eightb|vision|first|second|pinned"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   caption7)
@@ -25,6 +32,24 @@ case "$1" in
     timeout 420 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
       --variant pt:max_batch_tokens=262144 --variant sg:step_graph=true \
       --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log" ;;
+  first)
+    nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv | tee "$OUT/gpu.log"
+    timeout 60 python3 docs/gpu-checks/lm_head.py 2>&1 | tee "$OUT/lm_head.log"
+    timeout 150 python3 docs/gpu-checks/vit_gemms.py 2>&1 | grep -v Warning | tee "$OUT/gemms.log"
+    timeout 120 python3 docs/gpu-checks/vit_attention.py 2>&1 | grep -v Warning | tee "$OUT/attention.log"
+    timeout 300 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
+      --variant pt:max_batch_tokens=262144 \
+      --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log" ;;
+  second)
+    timeout 120 python3 docs/gpu-checks/vit_attention.py 2>&1 | grep "^|\|split\|^\[" | tee "$OUT/attention.log"
+    timeout 150 python3 docs/gpu-checks/vit_block.py 2>&1 | grep -v Warning | tee "$OUT/block.log"
+    timeout 300 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed \
+      --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed.log" ;;
+  pinned)
+    timeout 60 python3 docs/gpu-checks/pinned_probe.py alloc 2>&1 | tee "$OUT/alloc.log"
+    timeout 420 python3 docs/gpu-checks/pinned_probe.py bench -q --workdir /tmp --shape internvl2-1b --rows 1024 \
+      --batch 128 --warmup-rows 128 --workload mixed --set refill=true --set media.prepare_processes=14 \
+      --variant nopin:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed-refill.log" ;;
   mixed)
     timeout 300 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed \
       --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed.log" ;;

@@ -5,6 +5,8 @@ BENCHMARKS.md, session 9: attention is 26% of the tower, about 275 TFLOP/s count
   tiles leave a last tile with one token in each dimension.
 - `1024`: SDPA over the 1,024 patches alone: what the same kernel does with no ragged tile (not the same result:
   the bound on what the next form can gain).
+- `1025 flash`, `1025 efficient`, `1025 flex`: the same attention through SDPA's FlashAttention-2 and
+  memory-efficient backends, and through FlexAttention (compiled, no mask): which kernel the tower should take.
 - `split`: the patches' attention over the patches (cuDNN, with its log-sum-exp), the CLS key folded in after
   (one score per query, merged by log-sum-exp; compiled, so the merge is one fused kernel), and the CLS query's row
   on its own. The same result as `1025`, within bf16 rounding.
@@ -25,7 +27,7 @@ HEADS, DIM = 16, 64
 def lse_attention_cuda(q, k, v, scale):
     """(out, logsumexp) over k, v: cuDNN's attention, which also returns the row's log-sum-exp."""
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, scale=scale)[:2]
-    return out, lse
+    return out, lse.reshape(out.shape[:-1])  # cuDNN gives [B, H, N, 1]
 
 
 def lse_attention_math(q, k, v, scale):
@@ -59,13 +61,38 @@ def main():
     q, k, v = (torch.randn(tiles, HEADS, 1025, DIM, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
     flops = 4 * tiles * HEADS * 1025 * 1025 * DIM
     merged = torch.compile(lambda: split(q, k, v, scale, lse_attention_cuda))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention)
+
+    def backend(which):
+        def run():
+            with sdpa_kernel(which):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return run
+
     forms = {"1025": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale),
              "1024": lambda: F.scaled_dot_product_attention(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], scale=scale),
-             "split": merged}
+             "split": merged,
+             "1025 flash": backend(SDPBackend.FLASH_ATTENTION),
+             "1025 efficient": backend(SDPBackend.EFFICIENT_ATTENTION),
+             "1025 flex": lambda: flex(q, k, v, scale=scale),
+             # the CLS token last: the 1,024 patch queries are one aligned block over all 1,025 keys, the CLS
+             # query apart (what a tower that orders its tokens [patches, CLS] can run)
+             "q 1024 x kv 1025": lambda: F.scaled_dot_product_attention(q[:, :, 1:], k, v, scale=scale),
+             "q 1 x kv 1025": lambda: F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=scale),
+             "cls last, two calls": lambda: torch.cat([F.scaled_dot_product_attention(q[:, :, 1:], k, v, scale=scale),
+                                                       F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=scale)],
+                                                      dim=2)}
     print(f"[{tiles}, {HEADS}, 1025, {DIM}] bf16 on {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| form | ms a call | TFLOP/s (at 1,025 tokens) |\n|---|---|---|")
     for name, fn in forms.items():
-        seconds = seconds_per_call(fn)
+        try:
+            seconds = seconds_per_call(fn)
+        except Exception as e:  # a backend that does not take this shape: say so, time the rest
+            print(f"| {name} | failed: {type(e).__name__}: {str(e)[:120]} | |")
+            continue
         print(f"| {name} | {seconds * 1e3:.3f} | {flops / seconds / 1e12:.0f} |")
     want = forms["1025"]().float()
     err = (merged().float() - want).abs()
