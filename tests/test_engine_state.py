@@ -15,7 +15,7 @@ import torch
 from batchvl.core import Request
 from batchvl.engine.base import GenerationParams
 from batchvl.engine.graphs import DecodeGraphs, batch_buckets, bucket_for
-from batchvl.engine.model_runner import SPAN_BUCKET, batch_span
+from batchvl.engine.model_runner import SPAN_BUCKET, batch_span, prefill_chunks
 from batchvl.engine.native import NativeEngine
 from batchvl.engine.sampler import Sampler
 
@@ -187,6 +187,44 @@ def test_batch_span_rounds_up_and_stops_at_the_context_unless_rows_need_more():
     assert batch_span(SPAN_BUCKET + 1, 4096) == 2 * SPAN_BUCKET
     assert batch_span(4000, 4000) == 4000  # not rounded past the rotary tables
     assert batch_span(5000, 4000) == 5000
+
+
+def test_prefill_chunks_fit_the_budget_at_their_own_longest_prompt():
+    assert prefill_chunks([10, 10, 20, 30, 30, 90], 60) == [(0, 3, 20), (3, 5, 30), (5, 6, 90)]
+    assert prefill_chunks([100], 60) == [(0, 1, 100)]  # one row a chunk, whatever its length
+    assert prefill_chunks([50, 10, 10], 100) == [(0, 2, 50), (2, 3, 10)]  # in the order given
+    assert prefill_chunks([], 60) == []
+
+
+def test_a_batch_runs_its_rows_by_length_each_prefill_chunk_cut_to_its_own_longest(tiny_rows):
+    """The rows take the slots shortest first and prefill in chunks padded to their own longest prompt (no wider,
+    however long the batch's longest); each row generates what it generates alone, and the results and first-step
+    logits come back in request order."""
+    _, _, rows = tiny_rows
+    order = [rows[0], rows[3], rows[1], rows[2]]  # the 7-tile caption (longest) first, the text row (shortest)
+    lengths = [len(r.prompt_ids) for r in order]
+    engine = make_engine(tiny_rows)
+    engine.prefill_tokens = 2 * sorted(lengths)[1]  # the two shortest rows fit a chunk together, no more
+    want = {}
+    for r in order:
+        engine.first_step_logits = []
+        want[r.id] = (alone(engine, r), engine.first_step_logits[0][0])
+    chunks = []
+    prefill = engine.model.lm.prefill
+    def spy(x, lengths, cache, rows=0, host_lengths=None):
+        chunks.append((x.shape[1], host_lengths))
+        return prefill(x, lengths, cache, rows, host_lengths)
+
+    engine.model.lm.prefill = spy
+    engine.first_step_logits = []
+    results = engine.generate(order)
+    assert [r.id for r in results] == [r.id for r in order]
+    assert engine.last_tokens == [want[r.id][0] for r in order]
+    for got, r in zip(engine.first_step_logits[0], order, strict=True):
+        torch.testing.assert_close(got, want[r.id][1], rtol=1e-5, atol=1e-5)
+    assert [c[1] for c in chunks][0] == sorted(lengths)[:2]  # shortest first, the two together
+    assert sum(len(c[1]) for c in chunks) == 4 and [h for c in chunks for h in c[1]] == sorted(lengths)
+    assert all(width == max(host) for width, host in chunks)  # each chunk cut to its own longest prompt
 
 
 def test_cache_keeps_max_batch_size_slots_and_its_span_only_grows(tiny_rows):

@@ -34,6 +34,24 @@ def batch_span(need: int, max_positions: int) -> int:
     return min(SPAN_BUCKET * math.ceil(need / SPAN_BUCKET), max(need, max_positions))
 
 
+def prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int, int]]:
+    """Prefill's row chunks for prompts of `lengths`, in order: (start, end, width) for rows [start, end), each
+    chunk as many consecutive rows as fit `budget` tokens when padded to its own longest prompt, `width` (at least
+    one row a chunk). Activations stay bounded by the budget; a chunk of short prompts is not padded to the
+    batch's longest (the engine orders a batch's rows by length: native.by_length)."""
+    chunks: list[tuple[int, int, int]] = []
+    start, width = 0, 0
+    for i, length in enumerate(lengths):
+        wider = max(width, length)
+        if i > start and wider * (i + 1 - start) > budget:
+            chunks.append((start, i, width))
+            start, wider = i, length
+        width = wider
+    if lengths:
+        chunks.append((start, len(lengths), width))
+    return chunks
+
+
 class ModelRunner:
     """Prefill and decode over one KV cache; decode through CUDA graphs when `cuda_graphs` is set."""
 
@@ -91,8 +109,8 @@ class ModelRunner:
         rows .. rows + n (or the rows an [n] index tensor names), with the image embeddings `features`
         [T * tokens_per_tile, C] at the image context tokens, in row order; `image_tokens` is how many of those the
         prompts hold. Both are counted on the host: reading them from the device would wait for it. Returns the
-        logits of each row's last token [n, V] float32. In row chunks of at most `chunk_tokens` tokens: activations
-        stay bounded while the cache holds the whole batch."""
+        logits of each row's last token [n, V] float32. In row chunks of at most `chunk_tokens` tokens, each cut to
+        its own longest prompt (prefill_chunks): activations stay bounded while the cache holds the whole batch."""
         lm = self.lm
         x = lm.embed(ids)  # [n, P, C]
         if features is not None:
@@ -101,15 +119,12 @@ class ModelRunner:
             # masked_scatter_, not x[mask] = ...: a boolean index waits for the device to count the mask.
             x.masked_scatter_((ids == self.image_token_id)[..., None], features.to(x.dtype))
         n, width = ids.shape
-        step = max(1, chunk_tokens // max(width, 1))
-        def at(r: int) -> int | torch.Tensor:
-            return rows + r if isinstance(rows, int) else rows[r : r + step]
-
-        def host(r: int) -> list[int] | None:
-            return None if host_lengths is None else host_lengths[r : r + step]
-
-        return torch.cat([lm.logits(lm.prefill(x[r : r + step], lengths[r : r + step], cache, at(r), host(r)))
-                          for r in range(0, n, step)])  # [n, V]
+        out = []
+        for a, b, w in prefill_chunks(host_lengths or [width] * n, chunk_tokens):
+            at = rows + a if isinstance(rows, int) else rows[a:b]
+            host = None if host_lengths is None else host_lengths[a:b]
+            out.append(lm.logits(lm.prefill(x[a:b, :w], lengths[a:b], cache, at, host)))
+        return torch.cat(out)  # [n, V]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,
                eager: bool = False) -> torch.Tensor:
