@@ -24,7 +24,10 @@
 #   bash docs/gpu-checks/s10_plan.sh pinned     (about 5 minutes) refill's media wait on mixed: a page-locked
 #                                               block's cost with the device busy, and refill with tiles in
 #                                               page-locked memory against ordinary memory (pinned_probe.py)
-[[ "$1" =~ ^(caption7|mixed|eightb|vision|first|second|pinned)$ ]] || { echo "usage: $0 caption7|mixed|eightb|vision|first|second|pinned"; exit 2; }
+#   bash docs/gpu-checks/s10_plan.sh finala     (about 5 minutes) after the byte budget in row order and prefill
+#                                               by length: caption-7tile with transformers, mixed static and refill
+#   bash docs/gpu-checks/s10_plan.sh finalb     (about 5 minutes) the 8B with transformers, then video
+[[ "$1" =~ ^(caption7|mixed|eightb|vision|first|second|pinned|finala|finalb)$ ]] || { echo "usage: $0 caption7|mixed|eightb|vision|first|second|pinned|finala|finalb"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   caption7)
@@ -50,6 +53,16 @@ case "$1" in
     timeout 420 python3 docs/gpu-checks/pinned_probe.py bench -q --workdir /tmp --shape internvl2-1b --rows 1024 \
       --batch 128 --warmup-rows 128 --workload mixed --set refill=true --set media.prepare_processes=14 \
       --variant nopin:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed-refill.log" ;;
+  finala)
+    timeout 200 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
+      --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log"
+    timeout 280 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed \
+      --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed.log" ;;
+  finalb)
+    timeout 300 $B --shape internvl3-8b --workload caption-7tile --rows 512 --batch 64 --warmup-rows 64 --no-save \
+      --baseline transformers --baseline-rows 64 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/8b.log"
+    timeout 220 $B --shape internvl2-1b --rows 256 --batch 128 --warmup-rows 64 --workload video 2>&1 \
+      | grep -v Warning | tee "$OUT/video.log" ;;
   mixed)
     timeout 300 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed \
       --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed.log" ;;
