@@ -227,6 +227,37 @@ def test_a_batch_runs_its_rows_by_length_each_prefill_chunk_cut_to_its_own_longe
     assert all(width == max(host) for width, host in chunks)  # each chunk cut to its own longest prompt
 
 
+def test_a_prefill_chunk_of_one_row_runs_as_two_copies_where_the_model_is_compiled(tiny_rows):
+    """ModelRunner.min_rows = 2 (a compiled model, which would compile again for a batch of one): a row alone runs
+    twice in one prefill, writing the same cache row, and generates what it does with min_rows 1, whether it
+    fills a batch (a slice of cache rows) or is admitted into a running one (an index tensor)."""
+    _, _, rows = tiny_rows
+    caption, two, small, text = rows
+    engine = make_engine(tiny_rows)
+    want = {r.id: alone(engine, r) for r in (caption, small, text)}
+    state = start(engine, [caption, two], rows)
+    decode(state, 2)
+    admit(engine, state, 3, small)
+    until_done(state)
+    want_admitted = state.generated()[3]
+
+    engine.runner.min_rows = 2
+    widths = []
+    prefill = engine.model.lm.prefill
+    def spy(x, lengths, cache, rows=0, host_lengths=None):
+        widths.append(x.shape[0])
+        return prefill(x, lengths, cache, rows, host_lengths)
+
+    engine.model.lm.prefill = spy
+    assert {r.id: alone(engine, r) for r in (caption, small, text)} == want
+    assert widths == [2, 2, 2]
+    state = start(engine, [caption, two], rows)
+    decode(state, 2)
+    admit(engine, state, 3, small)
+    until_done(state)
+    assert state.generated()[3] == want_admitted and widths[-2:] == [2, 2]  # the batch's two rows, then small's two
+
+
 def test_cache_keeps_max_batch_size_slots_and_its_span_only_grows(tiny_rows):
     runner = make_engine(tiny_rows).runner
     cache, span = runner.reserve(2, 100)

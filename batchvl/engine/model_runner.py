@@ -62,6 +62,11 @@ class ModelRunner:
         self.max_batch_tokens = max_batch_tokens
         self.image_token_id = image_token_id
         self.cuda_graphs = cuda_graphs
+        # 2 for a compiled model: a prefill chunk of one row runs as two copies of it, which write the same keys
+        # and values to its cache row. torch.compile specialises a dimension of size 1 even where it is marked
+        # dynamic, so a chunk of one row compiled the language model's regions again (seconds on the GPU, as the
+        # tower's one-tile chunk took 4.6 s: VisionRunner); refill's last admission is often one row.
+        self.min_rows = 1
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
@@ -123,7 +128,13 @@ class ModelRunner:
         for a, b, w in prefill_chunks(host_lengths or [width] * n, chunk_tokens):
             at = rows + a if isinstance(rows, int) else rows[a:b]
             host = None if host_lengths is None else host_lengths[a:b]
-            out.append(lm.logits(lm.prefill(x[a:b, :w], lengths[a:b], cache, at, host)))
+            if b - a < self.min_rows:  # a row alone, twice: see min_rows
+                at = torch.full((2,), at, device=self.device) if isinstance(at, int) else at.repeat(2)
+                host = None if host is None else host * 2
+                out.append(lm.logits(lm.prefill(x[a:b, :w].repeat(2, 1, 1), lengths[a:b].repeat(2), cache, at,
+                                                host))[:1])
+            else:
+                out.append(lm.logits(lm.prefill(x[a:b, :w], lengths[a:b], cache, at, host)))
         return torch.cat(out)  # [n, V]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,

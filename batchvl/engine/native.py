@@ -145,6 +145,7 @@ class NativeEngine(Engine):
         self.vision = VisionRunner(self._vision_pass, self.device, vision_chunk, self.cuda_graphs, min_tiles)
         self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
                                   self.image_token_id, self.cuda_graphs)
+        self.runner.min_rows = 2 if self.compiled else 1  # see ModelRunner.min_rows
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
         self.last_tokens: list[list[int]] = []  # the last batch's generated ids, before any stop cut
 
