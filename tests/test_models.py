@@ -232,7 +232,8 @@ def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path, monkeypatch):
     assert native.output_tokens == 4 * 128 and native.flops > 0  # ignore_eos: every row runs to 128 tokens
     assert {"vision", "prefill", "decode", "media wait", "writing"} <= set(native.stages)
     assert "generate" in reference.stages
-    assert "native" in format_sides(sides, 800.0)
+    assert native.calls == [2, 2] and variant.calls == [1, 1, 1, 1] and reference.calls == [2]  # timed calls' rows
+    assert "| 2 (2) |" in format_sides(sides, 800.0) and "| 4 (1) |" in format_sides(sides, 800.0)
     texts = json.loads((tmp_path / "texts.json").read_text())  # --texts: each native side's text by row id
     assert set(texts) == {"native", "one-row"} and len(texts["native"]) == 6 and texts["native"] == texts["one-row"]
 

@@ -51,6 +51,7 @@ class Side:
     flops: float
     peak_gib: float
     stages: dict[str, float]
+    calls: list[int] = field(default_factory=list)  # the rows of each timed engine call (one engine in this process)
 
 
 def matmul_peak_tflops(device: torch.device) -> float:
@@ -119,6 +120,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     def observe(results: list[Result]) -> None:
         if window.done >= warmup_rows:
             window.timed.extend(results)
+            window.calls.append(len(results))
             return
         window.done += len(results)  # the warm-up ends with the engine call that reaches warmup_rows
         if window.done >= warmup_rows:
@@ -138,6 +140,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
     summary.stage_s = {k: v - window.stages.get(k, 0.0) for k, v in summary.stage_s.items()}
     side = _measured(name, job, model, workload, summary, peak, window.timed if warmup_rows else None)
     side.stages["load"] = load_s
+    side.calls = window.calls
     return side
 
 
@@ -149,6 +152,7 @@ class _Window:
     stages: dict[str, float] = field(default_factory=dict)  # the engine's stage times then
     done: int = 0  # the rows finished by then
     timed: list[Result] = field(default_factory=list)  # the rows that finished after
+    calls: list[int] = field(default_factory=list)  # how many of them each engine call returned
 
 
 def _reset_peak(cuda: bool) -> None:
@@ -225,15 +229,25 @@ def _tiles_of(rows_file: Path) -> dict[str, int]:
 
 def format_sides(sides: list[Side], peak: float) -> str:
     lines = ["| side | rows | images/s | output tok/s | TFLOP/s | MFU | peak GiB | media wait | vision | prefill "
-             "| decode | generate | writing | run s | load s |", "|" + "---|" * 15]
+             "| decode | generate | writing | run s | load s | engine calls (rows each) |", "|" + "---|" * 16]
     for s in sides:
         st = s.stages
         tflops = s.flops / s.seconds / 1e12
         cells = [f"{st.get(k, 0):.1f}" for k in ("media wait", "vision", "prefill", "decode", "generate", "writing")]
         lines.append(f"| {s.name} | {s.rows} | {s.images / s.seconds:.2f} | {s.output_tokens / s.seconds:.0f} "
                      f"| {tflops:.0f} | {100 * tflops / peak:.1f}% | {s.peak_gib:.1f} | " + " | ".join(cells)
-                     + f" | {s.seconds:.1f} | {st.get('load', 0):.1f} |")
+                     + f" | {s.seconds:.1f} | {st.get('load', 0):.1f} | {calls_cell(s.calls)} |")
     return "\n".join(lines)
+
+
+def calls_cell(calls: list[int]) -> str:
+    """`8 (128)`, or `3 (134-300, mean 211)` where the calls differ: with refill, how many rows each call ran
+    through its slots (a call's last rows drain its batch); `-` where not counted (engine workers)."""
+    if not calls:
+        return "-"
+    low, high = min(calls), max(calls)
+    rows = f"{low}" if low == high else f"{low}-{high}, mean {sum(calls) / len(calls):.0f}"
+    return f"{len(calls)} ({rows})"
 
 
 def texts_of(out_dir: Path) -> dict[str, str]:
