@@ -1,0 +1,26 @@
+#!/bin/bash
+# The next device session's calls, prepared in session 10 (run one per `run`, carrying .whl; calls made back to
+# back, within 30 s, find the machine warm):
+#   bash docs/gpu-checks/s11_plan.sh refill   (about 6 minutes) refill against static batches on caption-natural and
+#                                             mixed, with a one-row prefill chunk run as two rows (5c316d2: no
+#                                             recompiling for a batch of one) and the bench's engine-calls column
+#                                             (1fc5f7d: how many rows each refill call ran before draining)
+#   bash docs/gpu-checks/s11_plan.sh pipeline (about 4 minutes) the 1B caption-7tile target again, with
+#                                             transformers, and the whole batch in one prefill chunk first and
+#                                             second (its +4 to +6% came as the second side both times)
+[[ "$1" =~ ^(refill|pipeline)$ ]] || { echo "usage: $0 refill|pipeline"; exit 2; }
+source docs/gpu-checks/device_env.sh
+case "$1" in
+  refill)
+    timeout 200 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-natural \
+      --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/natural.log"
+    timeout 280 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed \
+      --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed.log" ;;
+  pipeline)
+    timeout 120 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
+      --set max_batch_tokens=262144 --variant defaults:max_batch_tokens=0 2>&1 | grep -v Warning \
+      | tee "$OUT/7tile-pt-first.log"
+    timeout 200 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
+      --variant pt:max_batch_tokens=262144 --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 \
+      | grep -v Warning | tee "$OUT/7tile.log" ;;
+esac
