@@ -8,7 +8,9 @@
 #   bash docs/gpu-checks/s11_plan.sh pipeline (about 4 minutes) the 1B caption-7tile target again, with
 #                                             transformers, and the whole batch in one prefill chunk first and
 #                                             second (its +4 to +6% came as the second side both times)
-[[ "$1" =~ ^(refill|pipeline)$ ]] || { echo "usage: $0 refill|pipeline"; exit 2; }
+#   bash docs/gpu-checks/s11_plan.sh trace    (about 3 minutes) if refill's prefill is still slow: each admission's
+#                                             stages and the slowest prefill entries (stage_trace.py)
+[[ "$1" =~ ^(refill|pipeline|trace)$ ]] || { echo "usage: $0 refill|pipeline|trace"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
@@ -23,4 +25,7 @@ case "$1" in
     timeout 200 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
       --variant pt:max_batch_tokens=262144 --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 \
       | grep -v Warning | tee "$OUT/7tile.log" ;;
+  trace)
+    timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
+      | grep -v Warning | tee "$OUT/trace-refill.log" ;;
 esac

@@ -3,9 +3,11 @@ took 1.31 s (issue 17, session 9): each engine stage's entries in order, with th
 throttle reasons sampled by nvidia-smi meanwhile. Slower later batches with a falling clock would be the GPU's
 power or heat limit; even batches at one clock would be something between them.
 
-Usage: python3 stage_trace.py [SHAPE [WORKLOAD [ROWS [BATCH]]]]  (default internvl2-1b caption-7tile 1024 128;
-the warm-up is one batch; media in all cores but two as processes, as `batchvl run` has it on a GPU). SHAPE tiny
-runs on the CPU, without nvidia-smi, as a check of this script.
+Usage: python3 stage_trace.py [SHAPE [WORKLOAD [ROWS [BATCH [KEY=VALUE...]]]]]  (default internvl2-1b caption-7tile
+1024 128; the warm-up is one batch; media in all cores but two as processes, as `batchvl run` has it on a GPU;
+KEY=VALUE: more settings, as bench's --set takes them). SHAPE tiny runs on the CPU, without nvidia-smi, as a check
+of this script. With `refill=true` each "batch" below is an admission (its vision pass, its prefill) and the
+decode steps until the next; the slowest prefill entries are listed after the table (a compilation shows there).
 """
 import os
 import shutil
@@ -42,6 +44,7 @@ def window(t0, t1):
 def main():
     defaults = ["internvl2-1b", "caption-7tile", "1024", "128"]
     shape, workload, rows, batch = (sys.argv[1:] + defaults[len(sys.argv) - 1:])[:4]
+    extra = sys.argv[5:]
     timing.StageTimes.entries = entries
     proc = None
     if shutil.which("nvidia-smi") and shape != "tiny":
@@ -52,7 +55,7 @@ def main():
     from batchvl.tools import bench
     sides, peak = bench.bench(shape, workload, int(rows), int(batch), None, 0, 0, None,
                               device="cpu" if shape == "tiny" else "cuda", warmup_rows=int(batch), no_save=True,
-                              settings=[f"media.prepare_processes={max((os.cpu_count() or 1) - 2, 0)}"])
+                              settings=[f"media.prepare_processes={max((os.cpu_count() or 1) - 2, 0)}", *extra])
     print(bench.format_sides(sides, peak))
     if proc:
         proc.terminate()
@@ -75,6 +78,9 @@ def main():
         print(f"| {i} | {sums['vision']:.3f} | {sums['prefill']:.3f} | {sums['decode']:.3f} | {wall:.3f} | "
               f"{window(vis[0][1], vis[-1][1] + vis[-1][2]) if vis else '-'} | "
               f"{window(dec[0][1], dec[-1][1] + dec[-1][2]) if dec else '-'} |")
+    prefills = sorted((e for e in entries if e[0] == "prefill"), key=lambda e: -e[2])
+    print("the slowest prefill entries (s, from the first entry):",
+          ", ".join(f"{e[2]:.3f} at {e[1] - entries[0][1]:.1f}" for e in prefills[:8]))
 
 
 if __name__ == "__main__":
