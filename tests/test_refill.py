@@ -78,16 +78,26 @@ def test_stop_strings_end_refilled_rows_where_they_end_static_ones(tiny_rows):
     assert any(r.finish_reason == "stop" for r in got)
 
 
-def test_a_batch_takes_waiting_rows_only_once_a_quarter_of_its_slots_are_free(tiny_rows):
+def test_a_batch_takes_waiting_rows_only_once_refill_at_of_its_slots_are_free(tiny_rows):
+    """engine.refill_at: the share of the slots that must have finished before waiting rows join (a quarter by
+    default). A smaller share admits fewer rows at a time, more often; every row runs once and generates the same
+    tokens whatever the share."""
     rows = [dataclasses.replace(tiny_rows[2][3], id=f"t{i}", max_new_tokens=2 + (i % 8)) for i in range(16)]
-    e = engine(tiny_rows, refill=True, slots=8)
-    admitted = []
-    real = e._admit
-    e._admit = lambda state, holder, free, waiting, reqs: admitted.append(min(len(free), len(waiting))) or \
-        real(state, holder, free, waiting, reqs)
-    e.check_every = 1  # the host learns of every finished row at once
-    e.generate(rows)
-    assert admitted[0] == 8 and all(n >= 2 for n in admitted[1:]) and sum(admitted) == 16
+    admissions, tokens = {}, {}
+    for refill_at, least in ((0.5, 4), (0.25, 2), (0.125, 1)):
+        e = engine(tiny_rows, refill=True, slots=8)
+        e.refill_at = refill_at
+        admitted = []
+        real = e._admit
+        e._admit = lambda state, holder, free, waiting, reqs, admitted=admitted, real=real: \
+            admitted.append(min(len(free), len(waiting))) or real(state, holder, free, waiting, reqs)
+        e.check_every = 1  # the host learns of every finished row at once
+        e.generate(rows)
+        assert admitted[0] == 8 and sum(admitted) == 16, (refill_at, admitted)
+        assert all(n >= least for n in admitted[1:-1]), (refill_at, admitted)  # the last takes what is left
+        admissions[refill_at], tokens[refill_at] = len(admitted), e.last_tokens
+    assert admissions[0.5] < admissions[0.25] < admissions[0.125], admissions
+    assert tokens[0.5] == tokens[0.25] == tokens[0.125]
 
 
 def test_rows_prefilled_together_into_slots_that_are_not_adjacent_generate_what_they_generate_alone(tiny_rows):

@@ -183,9 +183,12 @@ class EngineSpec:
     decode_attention: str = "auto"  # native: auto (the Triton kernel on CUDA when triton imports) | triton | sdpa
     compile: bool = True  # native, CUDA: torch.compile the repeated blocks (~20 s once, then ~20% faster)
     # native: finished rows' slots take waiting rows while the batch runs on (batchvl.engine.native). Off by
-    # default: on the H200 it ran slower than static batches (BENCHMARKS.md, session 5), as its admissions
-    # prefill in many small pieces and the loop waits for four batches' worth of media before the first.
+    # default: on the H200 it halves decode but its admissions' prefill costs more than that saves, 34.9 against
+    # 44.4 images/s on the 1B's caption-natural, a tie on mixed (BENCHMARKS.md, session 10).
     refill: bool = False
+    # native, with refill: waiting rows join the running batch once this share of its slots has finished. Each
+    # admission is a vision pass and a prefill: a smaller share keeps the slots fuller and admits more often.
+    refill_at: float = 0.25
     trust_remote_code: bool = False
     # native: none, or fp8 (W8A8 e4m3: per-output-channel weight scales, per-token activation scales) for the
     # language model's linear layers; needs a GPU of compute capability 8.9 or newer (batchvl.engine.factory).

@@ -29,7 +29,7 @@ def make_engine(spec: EngineSpec, checkpoint: CheckpointInfo, tokenizer: Any, pa
                             max_batch_size=spec.max_batch_size, max_batch_tokens=spec.max_batch_tokens,
                             decode_attention=spec.decode_attention, compile=spec.compile,
                             quantization=spec.quantization, quantize_vision=spec.quantize_vision,
-                            load_format=spec.load_format, refill=spec.refill,
+                            load_format=spec.load_format, refill=spec.refill, refill_at=spec.refill_at,
                             fused_vision_gelu=spec.fused_vision_gelu, deterministic=spec.deterministic,
                             step_graph=spec.step_graph)
     if spec.backend == "transformers":

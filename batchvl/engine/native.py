@@ -39,7 +39,6 @@ from batchvl.prepare.prompt import IMG_CONTEXT
 
 log = logging.getLogger(__name__)
 
-REFILL_SHARE = 4  # waiting rows join a running batch once a quarter of its slots have finished
 
 
 def _decode_kernel(choice: str, device: torch.device, ordered: bool = False):
@@ -104,7 +103,7 @@ class NativeEngine(Engine):
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
                  refill: bool = False, fused_vision_gelu: bool = True, deterministic: bool = False,
-                 step_graph: bool = False):
+                 step_graph: bool = False, refill_at: float = 0.25):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = tokenizer
@@ -114,6 +113,7 @@ class NativeEngine(Engine):
         self.prefill_tokens = prefill_tokens
         self.check_every = check_every
         self.refill = refill
+        self.refill_at = refill_at  # waiting rows join once this share of the slots has finished (engine.refill_at)
         self.step_graph = step_graph
         log.info("loading %s natively (%s, %s%s%s)", checkpoint.path, self.device, self.dtype,
                  "" if quantization == "none" else f", {quantization}" + (" with vision" if quantize_vision else ""),
@@ -231,7 +231,7 @@ class NativeEngine(Engine):
     @torch.inference_mode()
     def _run_refilling(self, requests: list[Request]) -> list[Result]:
         """One batch of as many slots as the budget allows, for all of `requests`: the first rows fill it, and
-        whenever at least 1/REFILL_SHARE of its slots have finished (or all have), the waiting rows take them,
+        whenever at least `refill_at` of its slots have finished (or all have), the waiting rows take them,
         prefilled into the free slots while the others keep their state; then decoding goes on. A static batch
         would run until its longest row is done while the finished rows' slots sit idle.
 
@@ -265,12 +265,13 @@ class NativeEngine(Engine):
             free = [s for s, i in enumerate(holder) if i is None]
             if not waiting and len(free) == slots:
                 break
-            if self.arrivals is not None and len(free) * REFILL_SHARE >= slots and len(waiting) < len(free):
+            due = len(free) >= self.refill_at * slots
+            if self.arrivals is not None and due and len(waiting) < len(free):
                 for request in self.arrivals(len(free) - len(waiting), state.fits):
                     waiting.append(len(requests))
                     requests.append(request)
                     tokens.append(None)
-            if waiting and len(free) * REFILL_SHARE >= slots:  # all free counts too
+            if waiting and due:  # all free counts too
                 self._admit(state, holder, free, waiting, requests)
         self.last_tokens = tokens
         return [decode_result(r, row, p, self.tokenizer) for r, row in zip(requests, tokens, strict=True)]

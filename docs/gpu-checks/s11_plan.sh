@@ -1,10 +1,11 @@
 #!/bin/bash
 # The next device session's calls, prepared in session 10 (run one per `run`, carrying .whl; calls made back to
 # back, within 30 s, find the machine warm):
-#   bash docs/gpu-checks/s11_plan.sh refill   (about 6 minutes) refill against static batches on caption-natural and
-#                                             mixed, with a one-row prefill chunk run as two rows (5c316d2: no
-#                                             recompiling for a batch of one) and the bench's engine-calls column
-#                                             (1fc5f7d: how many rows each refill call ran before draining)
+#   bash docs/gpu-checks/s11_plan.sh refill   (about 7 minutes) refill against static batches on caption-natural
+#                                             (with engine.refill_at 0.125 too) and mixed, with a one-row prefill
+#                                             chunk run as two rows (5c316d2: no recompiling for a batch of one) and
+#                                             the bench's engine-calls column (1fc5f7d: how many rows each refill
+#                                             call ran before draining)
 #   bash docs/gpu-checks/s11_plan.sh pipeline (about 4 minutes) the 1B caption-7tile target again, with
 #                                             transformers, and the whole batch in one prefill chunk first and
 #                                             second (its +4 to +6% came as the second side both times)
@@ -14,8 +15,9 @@
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
-    timeout 200 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-natural \
-      --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/natural.log"
+    timeout 260 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-natural \
+      --variant refill:refill=true --variant r8:refill=true,refill_at=0.125 2>&1 | grep -v Warning \
+      | tee "$OUT/natural.log"
     timeout 280 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed \
       --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed.log" ;;
   pipeline)
