@@ -40,7 +40,6 @@ from batchvl.prepare.prompt import IMG_CONTEXT
 log = logging.getLogger(__name__)
 
 
-
 def _decode_kernel(choice: str, device: torch.device, ordered: bool = False):
     """The decode-attention function for `engine.decode_attention`: the Triton kernel, or None for SDPA.
     `auto` takes the kernel on CUDA when triton imports; `triton` insists (on the CPU only under

@@ -49,7 +49,7 @@ class ByteBudget:
     release woke all the waiting rows and the first to run took the bytes, whichever row it was: with many rows in
     flight (refill's four batches of 1B `mixed` rows, up to 12 tiles each, against the default 2 GB) the budget
     filled with rows far ahead of the consumer, the rows it needed next waited, and each came through alone as it
-    became the urgent one: 19 to 25 s of media wait in 46 s runs on the H200 (BENCHMARKS.md, session 10)."""
+    became the urgent one: 17 to 25 s of media wait in runs of 46 to 52 s on the H200 (BENCHMARKS.md, session 10)."""
 
     def __init__(self, limit: int):
         self.limit = limit
