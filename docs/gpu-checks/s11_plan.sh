@@ -6,9 +6,11 @@
 #                                             chunk run as two rows (5c316d2: no recompiling for a batch of one) and
 #                                             the bench's engine-calls column (1fc5f7d: how many rows each refill
 #                                             call ran before draining)
-#   bash docs/gpu-checks/s11_plan.sh pipeline (about 4 minutes) the 1B caption-7tile target again, with
+#   bash docs/gpu-checks/s11_plan.sh pipeline (about 5 minutes) the 1B caption-7tile target again, with
 #                                             transformers, and the whole batch in one prefill chunk first and
-#                                             second (its +4 to +6% came as the second side both times)
+#                                             second (its +4 to +6% came as the second side both times), and fp8
+#                                             linear layers in both models (lossy; its same-text count is printed:
+#                                             whether fp8 would reach 65 images/s where bf16 does not)
 #   bash docs/gpu-checks/s11_plan.sh trace    (about 3 minutes) if refill's prefill is still slow: each admission's
 #                                             stages and the slowest prefill entries (stage_trace.py)
 [[ "$1" =~ ^(refill|pipeline|trace)$ ]] || { echo "usage: $0 refill|pipeline|trace"; exit 2; }
@@ -25,7 +27,8 @@ case "$1" in
       --set max_batch_tokens=262144 --variant defaults:max_batch_tokens=0 2>&1 | grep -v Warning \
       | tee "$OUT/7tile-pt-first.log"
     timeout 200 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
-      --variant pt:max_batch_tokens=262144 --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 \
+      --variant pt:max_batch_tokens=262144 --variant fp8v:quantization=fp8,quantize_vision=true \
+      --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 \
       | grep -v Warning | tee "$OUT/7tile.log" ;;
   trace)
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
