@@ -112,7 +112,9 @@ def test_the_byte_budget_goes_to_the_earliest_waiting_row_first():
         tasks = [asyncio.create_task(ask("row 2", 5, 2)), asyncio.create_task(ask("row 5", 1, 5))]
         await asyncio.sleep(0.01)
         assert granted == []  # row 5's byte would fit, but row 2 waits before it
-        assert budget.try_acquire(1, seq=7) is False and budget.try_acquire(1) is True  # unordered: fits
+        with pytest.raises(TimeoutError):  # a later row waits too, though its byte fits
+            await asyncio.wait_for(budget.acquire(1, seq=7), 0.01)
+        assert budget.try_acquire(1) is True  # never waits, so not ordered: a streaming body takes what fits
         await ask("urgent row 9", 50, 9, urgent=lambda: True)
         budget.release(8 + 1 + 50)
         await asyncio.gather(*tasks)
@@ -122,16 +124,18 @@ def test_the_byte_budget_goes_to_the_earliest_waiting_row_first():
 
 
 def test_a_row_that_stops_waiting_lets_the_rows_after_it_go():
-    """A waiting row that is cancelled (its fetch failed) is no longer first in line."""
+    """A waiting row that is cancelled (its fetch failed) is no longer first in line: the row after it goes."""
     async def scenario() -> bool:
         budget = ByteBudget(10)
         await budget.acquire(8, seq=0)
         early = asyncio.create_task(budget.acquire(5, seq=1))
+        later = asyncio.create_task(budget.acquire(1, seq=3))
         await asyncio.sleep(0.01)
-        assert budget.try_acquire(1, seq=3) is False
+        assert not later.done()  # behind row 1
         early.cancel()
         await asyncio.gather(early, return_exceptions=True)
-        return budget.try_acquire(1, seq=3)
+        await asyncio.wait_for(later, 1)
+        return budget.used == 9
 
     assert asyncio.run(scenario()) is True
 

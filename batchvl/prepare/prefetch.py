@@ -45,7 +45,8 @@ class ByteBudget:
     the consumer is waiting for exactly this row (it must never wait behind rows that are waiting for it) or
     nothing else is held (a single row larger than the whole budget still goes through, alone).
 
-    In row order: a request of row `seq` that would fit still waits while an earlier row waits. Without that, every
+    In row order: a request of row `seq` that would fit still waits while an earlier row waits (`try_acquire`, which
+    never waits, is not ordered). Without that, every
     release woke all the waiting rows and the first to run took the bytes, whichever row it was: with many rows in
     flight (refill's four batches of 1B `mixed` rows, up to 12 tiles each, against the default 2 GB) the budget
     filled with rows far ahead of the consumer, the rows it needed next waited, and each came through alone as it
@@ -77,9 +78,10 @@ class ByteBudget:
                 self._changed.set()
         self._take(n)
 
-    def try_acquire(self, n: int, urgent: Callable[[], bool] = lambda: False, seq: int | None = None) -> bool:
-        """Take n bytes if that needs no waiting."""
-        if not self._fits(n, urgent, seq):
+    def try_acquire(self, n: int, urgent: Callable[[], bool] = lambda: False) -> bool:
+        """Take n bytes if that needs no waiting, whichever rows wait: the fetcher asks this while it streams an HTTP
+        body of unknown length, and a refusal makes it drop the connection and fetch the body again later."""
+        if not self._fits(n, urgent, None):
             return False
         self._take(n)
         return True
@@ -125,7 +127,7 @@ class RowHold(Allowance):
         self.held += n
 
     def try_reserve(self, n: int) -> bool:
-        if self.budget.try_acquire(n, self.urgent, self.seq):
+        if self.budget.try_acquire(n, self.urgent):
             self.held += n
             return True
         return False
