@@ -194,6 +194,7 @@ def test_prefill_chunks_fit_the_budget_at_their_own_longest_prompt():
     assert prefill_chunks([100], 60) == [(0, 1, 100)]  # one row a chunk, whatever its length
     assert prefill_chunks([50, 10, 10], 100) == [(0, 2, 50), (2, 3, 10)]  # in the order given
     assert prefill_chunks([], 60) == []
+    assert prefill_chunks([10, 10, 10, 10, 10], 1000, max_rows=2) == [(0, 2, 10), (2, 4, 10), (4, 5, 10)]
 
 
 def test_a_batch_runs_its_rows_by_length_each_prefill_chunk_cut_to_its_own_longest(tiny_rows):

@@ -18,6 +18,12 @@ import torch
 
 from batchvl.models.loader import InternVL
 
+# torch.compile specialises a dimension of size 1 even where it is marked dynamic, so a pass of one row (or one tile)
+# compiles the regions again: on the H200 the 1B's tower took 4.6 s to, in the one batch of `mixed` whose tiles left
+# a chunk of one (BENCHMARKS.md, session 9). The engine pads such passes to this many: VisionRunner's min_tiles,
+# ModelRunner's min_rows.
+COMPILED_MIN_ROWS = 2
+
 
 def compile_model(model: InternVL) -> None:
     """Compile `model`'s repeated blocks in place (see the module docstring). Safe to call once per model."""

@@ -34,16 +34,17 @@ def batch_span(need: int, max_positions: int) -> int:
     return min(SPAN_BUCKET * math.ceil(need / SPAN_BUCKET), max(need, max_positions))
 
 
-def prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int, int]]:
-    """Prefill's row chunks for prompts of `lengths`, in order: (start, end, width) for rows [start, end), each
-    chunk as many consecutive rows as fit `budget` tokens when padded to its own longest prompt, `width` (at least
-    one row a chunk). Activations stay bounded by the budget; a chunk of short prompts is not padded to the
-    batch's longest (the engine orders a batch's rows by length: native.by_length)."""
+def prefill_chunks(lengths: list[int], budget: int, max_rows: int = 0) -> list[tuple[int, int, int]]:
+    """Consecutive row chunks of rows whose lengths are `lengths`, in order: (start, end, width) for rows [start,
+    end), each as many rows as fit `budget` tokens when padded to the chunk's own longest row, `width` (at least one
+    row a chunk; at most `max_rows` where given). Prefill's chunks, of prompt lengths: activations stay bounded by
+    the budget, and a chunk of short prompts is not padded to the batch's longest (the engine orders a batch's rows
+    by length: native.by_length). The engine's static sub-batches too, of prompt + max_new_tokens."""
     chunks: list[tuple[int, int, int]] = []
     start, width = 0, 0
     for i, length in enumerate(lengths):
         wider = max(width, length)
-        if i > start and wider * (i + 1 - start) > budget:
+        if i > start and (wider * (i + 1 - start) > budget or i - start == max_rows):
             chunks.append((start, i, width))
             start, wider = i, length
         width = wider
@@ -56,17 +57,16 @@ class ModelRunner:
     """Prefill and decode over one KV cache; decode through CUDA graphs when `cuda_graphs` is set."""
 
     def __init__(self, lm: DecoderLM, device: torch.device, dtype: torch.dtype, max_batch_size: int,
-                 max_batch_tokens: int, image_token_id: int, cuda_graphs: bool):
+                 max_batch_tokens: int, image_token_id: int, cuda_graphs: bool, min_rows: int = 1):
         self.lm, self.device, self.dtype = lm, device, dtype
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.image_token_id = image_token_id
         self.cuda_graphs = cuda_graphs
-        # 2 for a compiled model: a prefill chunk of one row runs as two copies of it, which write the same keys
-        # and values to its cache row. torch.compile specialises a dimension of size 1 even where it is marked
-        # dynamic, so a chunk of one row compiled the language model's regions again (seconds on the GPU, as the
-        # tower's one-tile chunk took 4.6 s: VisionRunner); refill's last admission is often one row.
-        self.min_rows = 1
+        # A prefill chunk of fewer rows runs its rows repeated up to this many, the copies writing the same keys and
+        # values to their rows: compile.COMPILED_MIN_ROWS for a compiled model (refill's last admission is often
+        # one row).
+        self.min_rows = min_rows
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
@@ -108,8 +108,8 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor | None, cache: KVCache,
-                rows: int | torch.Tensor, chunk_tokens: int, image_tokens: int = 0,
-                host_lengths: list[int] | None = None) -> torch.Tensor:
+                rows: int | torch.Tensor, chunk_tokens: int, image_tokens: int,
+                host_lengths: list[int]) -> torch.Tensor:
         """ids [n, P] right-padded prompts (lengths [n], and `host_lengths` the same on the host) into cache rows
         rows .. rows + n (or the rows an [n] index tensor names), with the image embeddings `features`
         [T * tokens_per_tile, C] at the image context tokens, in row order; `image_tokens` is how many of those the
@@ -123,18 +123,16 @@ class ModelRunner:
                 raise RuntimeError(f"{image_tokens} image context tokens for {features.shape[0]} features")
             # masked_scatter_, not x[mask] = ...: a boolean index waits for the device to count the mask.
             x.masked_scatter_((ids == self.image_token_id)[..., None], features.to(x.dtype))
-        n, width = ids.shape
         out = []
-        for a, b, w in prefill_chunks(host_lengths or [width] * n, chunk_tokens):
-            at = rows + a if isinstance(rows, int) else rows[a:b]
-            host = None if host_lengths is None else host_lengths[a:b]
-            if b - a < self.min_rows:  # a row alone, twice: see min_rows
-                at = torch.full((2,), at, device=self.device) if isinstance(at, int) else at.repeat(2)
-                host = None if host is None else host * 2
-                out.append(lm.logits(lm.prefill(x[a:b, :w].repeat(2, 1, 1), lengths[a:b].repeat(2), cache, at,
-                                                host))[:1])
-            else:
-                out.append(lm.logits(lm.prefill(x[a:b, :w], lengths[a:b], cache, at, host)))
+        for a, b, w in prefill_chunks(host_lengths, chunk_tokens):
+            at = torch.arange(rows + a, rows + b, device=self.device) if isinstance(rows, int) else rows[a:b]
+            copies = -(-self.min_rows // (b - a))  # see min_rows
+            if copies == 1:
+                at = rows + a if isinstance(rows, int) else at
+                out.append(lm.logits(lm.prefill(x[a:b, :w], lengths[a:b], cache, at, host_lengths[a:b])))
+                continue
+            out.append(lm.logits(lm.prefill(x[a:b, :w].repeat(copies, 1, 1), lengths[a:b].repeat(copies), cache,
+                                            at.repeat(copies), host_lengths[a:b] * copies))[: b - a])
         return torch.cat(out)  # [n, V]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,

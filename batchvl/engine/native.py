@@ -23,9 +23,9 @@ import torch
 
 from batchvl.core import Request, Result
 from batchvl.engine.base import Engine, GenerationParams, decode_result, pick_device, pick_dtype
-from batchvl.engine.compile import compile_model
+from batchvl.engine.compile import COMPILED_MIN_ROWS, compile_model
 from batchvl.engine.memory import plan_memory
-from batchvl.engine.model_runner import ModelRunner
+from batchvl.engine.model_runner import ModelRunner, prefill_chunks
 from batchvl.engine.sampler import Sampler
 from batchvl.engine.state import BatchState
 from batchvl.engine.timing import StageTimes
@@ -95,6 +95,14 @@ def by_length(requests: list[Request]) -> list[int]:
     return sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
 
 
+def inverse(order: list[int]) -> list[int]:
+    """The inverse of a permutation: where each of 0 .. n-1 stands in `order`."""
+    back = [0] * len(order)
+    for at, i in enumerate(order):
+        back[i] = at
+    return back
+
+
 class NativeEngine(Engine):
     def __init__(self, checkpoint: CheckpointInfo, tokenizer, params: GenerationParams, device: str = "auto",
                  dtype: str = "auto", max_batch_size: int = 8, max_batch_tokens: int = 0,
@@ -139,12 +147,12 @@ class NativeEngine(Engine):
         self.times = StageTimes()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         # a pass of fewer tiles is padded: to a whole chunk in the deterministic mode (one shape for every pass), to
-        # two for a compiled tower (no recompilation for one); see VisionRunner
-        min_tiles = vision_chunk if deterministic else 2 if self.compiled else 1
+        # COMPILED_MIN_ROWS for a compiled tower (no recompilation for one); see VisionRunner
+        min_rows = COMPILED_MIN_ROWS if self.compiled else 1
+        min_tiles = vision_chunk if deterministic else min_rows
         self.vision = VisionRunner(self._vision_pass, self.device, vision_chunk, self.cuda_graphs, min_tiles)
         self.runner = ModelRunner(self.model.lm, self.device, self.dtype, max_batch_size, self.max_batch_tokens,
-                                  self.image_token_id, self.cuda_graphs)
-        self.runner.min_rows = 2 if self.compiled else 1  # see ModelRunner.min_rows
+                                  self.image_token_id, self.cuda_graphs, min_rows)
         self.first_step_logits: list[torch.Tensor] | None = None  # set to [] to collect them (parity checks)
         self.last_tokens: list[list[int]] = []  # the last batch's generated ids, before any stop cut
 
@@ -188,18 +196,10 @@ class NativeEngine(Engine):
         return results
 
     def _split(self, requests: list[Request]) -> list[list[Request]]:
-        out, cur, width = [], [], 0
-        for r in requests:
-            need = len(r.prompt_ids) + self.params.max_new_tokens
-            new_width = max(width, need)
-            if cur and (new_width * (len(cur) + 1) > self.max_batch_tokens or len(cur) >= self.max_batch_size):
-                out.append(cur)
-                cur, new_width = [], need
-            cur.append(r)
-            width = new_width
-        if cur:
-            out.append(cur)
-        return out
+        """Consecutive sub-batches of at most max_batch_size rows whose (longest prompt + max_new_tokens) x rows fit
+        max_batch_tokens."""
+        needs = [len(r.prompt_ids) + self.params.max_new_tokens for r in requests]
+        return [requests[a:b] for a, b, _ in prefill_chunks(needs, self.max_batch_tokens, self.max_batch_size)]
 
     @torch.inference_mode()
     def _run(self, requests: list[Request]) -> list[Result]:
@@ -211,9 +211,9 @@ class NativeEngine(Engine):
             features = self.vision.compute(rows)
         with self.times.stage("prefill"):
             logits = state.fill(rows, features)  # [B, V]: every row's first token is taken
-        back = sorted(range(len(order)), key=order.__getitem__)  # request i ran in slot back[i]
+        back = inverse(order)  # request i ran in slot back[i]
         if self.first_step_logits is not None:
-            self.first_step_logits.append(logits[back, : self.text_spec.vocab].cpu())
+            self.first_step_logits.append(logits[back].cpu())
         with self.times.stage("decode"):
             for step in range(1, state.max_limit):
                 if step % self.check_every == 0:
@@ -291,17 +291,15 @@ class NativeEngine(Engine):
         for all of them, their keys and values written into their own slots, adjacent or not."""
         taken = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         order = by_length([requests[i] for i in taken])
-        take = [taken[i] for i in order]  # the rows by length, into the free slots in order (see by_length)
-        rows = [requests[i] for i in take]
+        rows = [requests[taken[i]] for i in order]  # by length, into the free slots in order (see by_length)
         with self.times.stage("vision"):
             features = self.vision.compute(rows)
         with self.times.stage("prefill"):
-            logits = state.admit_rows(free[: len(take)], rows, features)
+            logits = state.admit_rows(free[: len(rows)], rows, features)
         if self.first_step_logits is not None:  # in the order the rows were waiting
-            back = sorted(range(len(order)), key=order.__getitem__)
-            self.first_step_logits.append(logits[back, : self.text_spec.vocab].cpu())
-        for slot, index in zip(free, take, strict=False):  # fewer rows than free slots at the end
-            holder[slot] = index
+            self.first_step_logits.append(logits[inverse(order)].cpu())
+        for slot, i in zip(free, order, strict=False):  # fewer rows than free slots at the end
+            holder[slot] = taken[i]
 
     def out_of_memory(self, rows: int) -> None:
         """After a batch of `rows` rows ran out of memory: run at most half as many rows at once from now on
