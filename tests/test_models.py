@@ -165,7 +165,7 @@ def test_check_parity_cuts_depth_and_leaves_out_float32_where_its_weights_would_
     would not fit; the float32 columns say so rather than hold numbers."""
     from batchvl.tools import check_parity as cp
 
-    monkeypatch.setattr(cp, "_fp32_fits", lambda path, dtype, device: False)
+    monkeypatch.setattr(cp, "_fp32_fits", lambda ck, device: False)
     checks, info = cp.check_parity("tiny", tokens=3, device="cpu", dtype="float32", layers=1)
     assert info["layers"] == {"vision": 1, "text": 1}
     assert all(c.rel_err_native_vs_ref < 1e-5 and c.rel_err_native_vs_fp32 is None for c in checks)

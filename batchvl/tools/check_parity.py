@@ -32,6 +32,8 @@ from batchvl.engine.factory import make_engine
 from batchvl.media.normalize import normalize_uint8, tiles_to_uint8
 from batchvl.media.tiling import tile_image
 from batchvl.models.checkpoint import CheckpointInfo, checkpoint_chat_template, load_tokenizer
+from batchvl.models.footprint import weight_bytes
+from batchvl.models.loader import build_specs
 from batchvl.prepare.prompt import PromptBuilder, place_images
 from batchvl.tools.shapes import SHAPES as SHAPES_ALL
 from batchvl.tools.tiny import build_tokenizer
@@ -199,7 +201,7 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
         default = _native(plain, ck, tokenizer, params, rows)
 
     refs = {}
-    fp32 = _fp32_fits(path, dt, dev)
+    fp32 = _fp32_fits(ck, dev)
     if not fp32:
         info["fp32"] = "not run: the weights in float32 do not fit the device"
     for ref_dtype in (dt, torch.float32) if fp32 else (dt,):
@@ -229,14 +231,13 @@ def check_parity(shape: str, tokens: int = 16, device: str = "auto", dtype: str 
     return checks, info
 
 
-def _fp32_fits(path: Path, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether transformers can hold the checkpoint at `path` (saved in `dtype`) in float32 on `device`, with a
-    tenth of the device's memory to spare for activations. A 40B shape in float32 (160 GB) fits no one GPU: its
-    check compares the native engine with transformers in `dtype` only."""
+def _fp32_fits(ck: CheckpointInfo, device: torch.device) -> bool:
+    """Whether transformers can hold the checkpoint's weights in float32 on `device` (footprint.weight_bytes), with
+    a tenth of the device's memory to spare for activations. A 40B shape in float32 (160 GB) fits no one GPU: its
+    check compares the native engine with transformers in the check's dtype only."""
     if device.type != "cuda":
         return True
-    saved = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    fp32_bytes = saved * 4 // torch.empty((), dtype=dtype).element_size()
+    fp32_bytes = weight_bytes(*build_specs(ck)[:2], itemsize=4)["total"]
     return fp32_bytes < 0.9 * torch.cuda.get_device_properties(device).total_memory
 
 

@@ -9,7 +9,6 @@ KEY=VALUE: more settings, as bench's --set takes them). SHAPE tiny runs on the C
 of this script. With `refill=true` each "batch" below is an admission (its vision pass, its prefill) and the
 decode steps until the next; the slowest prefill entries are listed after the table (a compilation shows there).
 """
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import threading
 import time
 
 import batchvl.engine.timing as timing
+from batchvl.host import usable_cores
+from batchvl.run.loop import SPARE_CORES
 
 entries = []  # (stage, start, seconds)
 samples = []  # (time, sm MHz, watts, celsius, throttle reasons)
@@ -55,7 +56,7 @@ def main():
     from batchvl.tools import bench
     sides, peak = bench.bench(shape, workload, int(rows), int(batch), None, 0, 0, None,
                               device="cpu" if shape == "tiny" else "cuda", warmup_rows=int(batch), no_save=True,
-                              settings=[f"media.prepare_processes={max((os.cpu_count() or 1) - 2, 0)}", *extra])
+                              settings=[f"media.prepare_processes={max(usable_cores() - SPARE_CORES, 0)}", *extra])
     print(bench.format_sides(sides, peak))
     if proc:
         proc.terminate()
