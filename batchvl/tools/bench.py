@@ -16,6 +16,7 @@ Workloads (fixed, so figures compare across runs):
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -108,7 +109,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
                             skip=warmup_rows)
         _reset_peak(cuda)
         summary = run_job(job, overwrite=True, progress=False, sync_times=cuda)
-        return _measured(name, job, model, workload, summary, _peak(cuda))
+        return _measured(name, job, model, rows_file, workload, summary, _peak(cuda))
     if cuda and devices[0] != 0:
         torch.cuda.set_device(devices[0])  # engine.gpus: [k], as run_job does for its own engine
     _reset_peak(cuda)
@@ -130,7 +131,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
 
     try:
         summary = run_job(job, overwrite=True, progress=False, sync_times=cuda, engine=engine, observe=observe)
-        summary.elapsed_s, summary.load_s = time.perf_counter() - window.at, 0.0
+        summary.elapsed_s, summary.load_s = time.perf_counter() - window.at + load_s, load_s  # timed: after the warm-up
         peak = _peak(cuda)
     finally:
         engine.close()
@@ -138,8 +139,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
         raise RuntimeError(f"{name}: the warm-up took all {window.done} rows and left none to time (its last engine "
                            f"call reached past --warmup-rows {warmup_rows}): ask for more rows")
     summary.stage_s = {k: v - window.stages.get(k, 0.0) for k, v in summary.stage_s.items()}
-    side = _measured(name, job, model, workload, summary, peak, window.timed if warmup_rows else None)
-    side.stages["load"] = load_s
+    side = _measured(name, job, model, rows_file, workload, summary, peak, window.timed if warmup_rows else None)
     side.calls = window.calls
     return side
 
@@ -191,7 +191,7 @@ def _side_job(name: str, root: Path, model: Path, rows_file: Path, backend: str,
     return load_job(job_file)
 
 
-def _measured(name: str, job: Job, model: Path, workload: str, summary: Summary, peak: float,
+def _measured(name: str, job: Job, model: Path, rows_file: Path, workload: str, summary: Summary, peak: float,
               timed: list[Result] | None = None) -> Side:
     """A side from its run's summary (time after loading, stage times) and peak device memory: its rows, images,
     output tokens and FLOPs over `timed` (None: every row the summary counts)."""
@@ -208,14 +208,17 @@ def _measured(name: str, job: Job, model: Path, workload: str, summary: Summary,
         table = [r for r in table if r["id"] in ids]
         images, output_tokens = sum(r.images for r in timed), sum(r.output_tokens for r in timed)
     ck = CheckpointInfo.read(model)
-    tiles = _tiles_of(Path(job.input.path)) if workload != "video" else {r["id"]: 8 for r in table}
+    tiles = _tiles_of(rows_file, rows_file.stat().st_mtime_ns) if workload != "video" else {r["id"]: 8 for r in table}
     flops = sum(flops_per_row(ck, tiles[r["id"]], r["prompt_tokens"], r["output_tokens"]) for r in table)
     # Rates are over the run after the model has loaded: loading is a one-off, not throughput.
     stages = dict(summary.stage_s, load=summary.load_s)
     return Side(name, len(table), images, output_tokens, summary.elapsed_s - summary.load_s, flops, peak, stages)
 
 
-def _tiles_of(rows_file: Path) -> dict[str, int]:
+@functools.lru_cache(maxsize=4)
+def _tiles_of(rows_file: Path, mtime_ns: int) -> dict[str, int]:
+    """Each row's tile count, from its image's header: once per bench (every side reads the same rows file; `mtime_ns`
+    keeps a rewritten file from being read from the cache)."""
     from PIL import Image
 
     out = {}
