@@ -23,7 +23,7 @@ from batchvl.errors import JobError, OutputWriteError, WorkerError
 from batchvl.faults import fault_point
 from batchvl.host import usable_cores
 from batchvl.media.fetch import FetchSettings
-from batchvl.media.pool import DEPTH
+from batchvl.media.pool import DEPTH, TilePool
 from batchvl.prepare.prefetch import Prefetcher, tile_pool
 from batchvl.prepare.preparer import PrepareSettings, RowPreparer
 from batchvl.prepare.prompt import PromptBuilder
@@ -213,13 +213,19 @@ def _started_by_batchvl() -> bool:
     return path is None or Path(path).name == "batchvl"
 
 
+def media_tiles(job: Job, preparer: RowPreparer, processes: bool = True) -> tuple[int, TilePool | None]:
+    """The preparation threads and the worker processes (a TilePool sized for the preparer's items, or None) that
+    media_workers gives the job; the caller closes the pool."""
+    threads, count = media_workers(job, processes=processes)
+    return threads, tile_pool(preparer.s, count) if count else None
+
+
 def make_prefetcher(job: Job, rows: Iterable[tuple[Path, Row]], preparer: RowPreparer,
                     processes: bool = True) -> Prefetcher:
     """The job's prefetcher; with `processes`, its worker processes too (see media_workers), which it closes with
     itself."""
     m = job.media
-    threads, count = media_workers(job, processes=processes)
-    tiles = tile_pool(preparer.s, count) if count else None
+    threads, tiles = media_tiles(job, preparer, processes)
     return Prefetcher(rows, preparer, job.media_root_for, max_rows=max(m.prefetch, engine_rows(job)),
                       max_bytes=m.prefetch_mb << 20, threads=threads, fetch=fetch_settings(job), tiles=tiles)
 

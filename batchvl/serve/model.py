@@ -21,11 +21,10 @@ from batchvl.config import Job
 from batchvl.core import Request, Result, Row
 from batchvl.engine.base import GenerationParams
 from batchvl.errors import RowError
-from batchvl.media.fetch import Fetcher, FetchSettings
+from batchvl.media.fetch import Fetcher
 from batchvl.media.pixels import tile_media
 from batchvl.media.sources import describe, scheme_of
-from batchvl.prepare.prefetch import tile_pool
-from batchvl.run.loop import make_preparer, media_workers
+from batchvl.run.loop import fetch_settings, make_preparer, media_tiles
 from batchvl.run.plan import Plan, generation_params
 from batchvl.serve.protocol import ApiError, Sampling, bad
 
@@ -52,14 +51,10 @@ class ServedModel:
                                            input=dataclasses.replace(job.input, messages_column=MESSAGES))
         self.preparer = make_preparer(self.row_job, plan)
         self.defaults = generation_params(job, plan)
-        m = job.media
-        self.fetch_settings = FetchSettings(http_timeout_s=m.http_timeout_s, http_retries=m.http_retries,
-                                            http_concurrency=m.http_concurrency, max_media_bytes=m.max_media_mb << 20,
-                                            allow_private=policy.allow_private)
+        self.fetch_settings = dataclasses.replace(fetch_settings(job), allow_private=policy.allow_private)
         # Decoding and tiling in worker processes where `batchvl run` would use them (media_workers: auto, for the
         # native engine on a GPU), so that the engine's thread in this process waits less for the GIL.
-        threads, processes = media_workers(job)
-        self.tiles = tile_pool(self.preparer.s, processes) if processes else None
+        threads, self.tiles = media_tiles(job, self.preparer)
         self._tile = self.tiles.tile if self.tiles is not None else tile_media
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchvl-serve-prepare")
         self._fetcher: Fetcher | None = None
