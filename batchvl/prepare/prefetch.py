@@ -73,9 +73,11 @@ class ByteBudget:
                 if self._fits(n, urgent, seq):
                     break
         finally:
-            if seq is not None:  # no longer waiting: a later row may now go first
+            if seq is not None:  # no longer waiting: if it was first in line, a later row may now go
+                first = self._first_waiting() == seq
                 self._gone[seq] = self._gone.get(seq, 0) + 1
-                self._changed.set()
+                if first:
+                    self._changed.set()
         self._take(n)
 
     def try_acquire(self, n: int, urgent: Callable[[], bool] = lambda: False) -> bool:
