@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from device_timing import seconds_per_call  # this folder's
 
-SHAPES = {"internvl2-1b": (151655, 896), "internvl3-8b": (151674, 3584), "internvl2-26b": (92553, 6144)}
+from batchvl.tools.shapes import SHAPES as ALL
+
+SHAPES = {name: (ALL[name][1]["vocab_size"], ALL[name][1]["hidden_size"])
+          for name in ("internvl2-1b", "internvl3-8b", "internvl2-26b")}  # (vocab, hidden)
 
 
 def main():

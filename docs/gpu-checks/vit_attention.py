@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from device_timing import seconds_per_call  # this folder's
 
-HEADS, DIM = 16, 64
+from batchvl.tools.shapes import VIT_300M
+
+HEADS = VIT_300M["num_attention_heads"]
+DIM = VIT_300M["hidden_size"] // HEADS
 
 
 def lse_attention_cuda(q, k, v, scale):

@@ -18,8 +18,11 @@ import torch.nn.functional as F
 from device_timing import seconds_per_call  # this folder's
 
 from batchvl.models.internvit import VisionBlock, VisionSpec
+from batchvl.tools.shapes import VIT_300M
 
-SPEC = VisionSpec(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=448, patch_size=14)
+SPEC = VisionSpec(hidden=VIT_300M["hidden_size"], layers=VIT_300M["num_hidden_layers"],
+                  heads=VIT_300M["num_attention_heads"], intermediate=VIT_300M["intermediate_size"],
+                  image_size=VIT_300M["image_size"], patch_size=VIT_300M["patch_size"])
 
 
 def forward_cls_last(self, x):

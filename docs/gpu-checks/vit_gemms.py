@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from device_timing import seconds_per_call  # this folder's
 
-PRODUCTS = {"qkv": (1024, 3072), "proj": (1024, 1024), "fc1": (1024, 4096), "fc2": (4096, 1024)}  # (K, N)
+from batchvl.tools.shapes import VIT_300M
+
+HIDDEN, WIDE = VIT_300M["hidden_size"], VIT_300M["intermediate_size"]
+# (K, N) of each product
+PRODUCTS = {"qkv": (HIDDEN, 3 * HIDDEN), "proj": (HIDDEN, HIDDEN), "fc1": (HIDDEN, WIDE), "fc2": (WIDE, HIDDEN)}
 
 
 def main():
