@@ -13,7 +13,9 @@
 #                                             whether fp8 would reach 65 images/s where bf16 does not)
 #   bash docs/gpu-checks/s11_plan.sh trace    (about 3 minutes) if refill's prefill is still slow: each admission's
 #                                             stages and the slowest prefill entries (stage_trace.py)
-[[ "$1" =~ ^(refill|pipeline|trace)$ ]] || { echo "usage: $0 refill|pipeline|trace"; exit 2; }
+#   bash docs/gpu-checks/s11_plan.sh first    (session 11's first call, about 9 minutes) refill's caption-natural
+#                                             part, then the trace
+[[ "$1" =~ ^(refill|pipeline|trace|first)$ ]] || { echo "usage: $0 refill|pipeline|trace|first"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
@@ -30,6 +32,12 @@ case "$1" in
       --variant pt:max_batch_tokens=262144 --variant fp8v:quantization=fp8,quantize_vision=true \
       --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 \
       | grep -v Warning | tee "$OUT/7tile.log" ;;
+  first)
+    timeout 250 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-natural \
+      --variant refill:refill=true --variant r8:refill=true,refill_at=0.125 2>&1 | grep -v Warning \
+      | tee "$OUT/natural.log"
+    timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
+      | grep -v Warning | tee "$OUT/trace-refill.log" ;;
   trace)
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
       | grep -v Warning | tee "$OUT/trace-refill.log" ;;
