@@ -15,7 +15,9 @@
 #                                             stages and the slowest prefill entries (stage_trace.py)
 #   bash docs/gpu-checks/s11_plan.sh first    (session 11's first call, about 9 minutes) refill's caption-natural
 #                                             part, then the trace
-[[ "$1" =~ ^(refill|pipeline|trace|first)$ ]] || { echo "usage: $0 refill|pipeline|trace|first"; exit 2; }
+#   bash docs/gpu-checks/s11_plan.sh second   (about 6 minutes) whether refill pays on the other workloads:
+#                                             caption-7tile with transformers, and mixed, each static and refill
+[[ "$1" =~ ^(refill|pipeline|trace|first|second)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
@@ -38,6 +40,12 @@ case "$1" in
       | tee "$OUT/natural.log"
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
       | grep -v Warning | tee "$OUT/trace-refill.log" ;;
+  second)
+    timeout 250 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
+      --variant refill:refill=true --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 \
+      | grep -v Warning | tee "$OUT/7tile.log"
+    timeout 280 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed \
+      --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed.log" ;;
   trace)
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
       | grep -v Warning | tee "$OUT/trace-refill.log" ;;
