@@ -234,6 +234,12 @@ def test_bench_runs_both_sides_on_the_cpu(capsys, tmp_path, monkeypatch):
     assert "generate" in reference.stages
     assert native.calls == [2, 2] and variant.calls == [1, 1, 1, 1] and reference.calls == [2]  # timed calls' rows
     assert "| 2 (2) |" in format_sides(sides, 800.0) and "| 4 (1) |" in format_sides(sides, 800.0)
+    # the timed engine calls' wall time holds their stages (the warm-up's 4 s stall is outside it); the close comes
+    # after the last row
+    for side in sides:
+        inside = sum(side.stages.get(k, 0) for k in ("vision", "prefill", "decode", "generate"))
+        assert inside <= side.engine_s < side.seconds - side.close_s and 0 < side.close_s < side.seconds
+    assert native.engine_s < 4
     texts = json.loads((tmp_path / "texts.json").read_text())  # --texts: each native side's text by row id
     assert set(texts) == {"native", "one-row"} and len(texts["native"]) == 6 and texts["native"] == texts["one-row"]
 

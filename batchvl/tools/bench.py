@@ -7,17 +7,16 @@ twice through `run_job`: reading, media preparation, engine, Parquet writing. Ou
 only the configs and tokenizer are written, and each side builds its own random weights on the GPU
 (`engine.load_format: dummy`).
 
-Workloads (fixed, so figures compare across runs):
-- `caption-7tile`: every image 1344x896 (3x2 tiles + thumbnail = 7 tiles), a short prompt, 128 tokens out;
-- `mixed`: `bench-media`'s realistic size mix, max_dynamic_patch 12, output lengths drawn per row between
-  32 and 256 (seeded; `input.max_new_tokens_column`);
-- `video`: synthetic mp4 clips, 8 frames x 1 tile each, 256 tokens out.
+Workloads (fixed, so figures compare across runs; bench_data.WORKLOADS): `caption-7tile` (every image 1344x896,
+7 tiles, 128 tokens out), `mixed` (`bench-media`'s size mix, up to 12 tiles, 32 to 256 tokens a row, seeded),
+`video` (8 frames x 1 tile, 256 tokens out), `caption-natural` (7 tiles, long-tailed lengths up to 400, seeded).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import tempfile
 import time
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ import torch
 
 from batchvl.config import Job, load_job
 from batchvl.config.load import override_value
-from batchvl.core import Result
+from batchvl.core import Request, Result
 from batchvl.media.tiling import choose_grid
 from batchvl.models.checkpoint import CheckpointInfo
 from batchvl.models.footprint import describe
@@ -53,6 +52,8 @@ class Side:
     peak_gib: float
     stages: dict[str, float]
     calls: list[int] = field(default_factory=list)  # the rows of each timed engine call (one engine in this process)
+    engine_s: float = math.nan  # those calls' wall time: stages and the engine's own work between them
+    close_s: float = math.nan  # from the last row's results to the run's end (the writer's and workers' close)
 
 
 def matmul_peak_tflops(device: torch.device) -> float:
@@ -122,6 +123,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
         if window.done >= warmup_rows:
             window.timed.extend(results)
             window.calls.append(len(results))
+            window.last = time.perf_counter()
             return
         window.done += len(results)  # the warm-up ends with the engine call that reaches warmup_rows
         if window.done >= warmup_rows:
@@ -129,9 +131,20 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
             print(f"{name}: warm-up over {window.done} rows took {window.at - start:.1f} s (loading {load_s:.1f} s)",
                   flush=True)
 
+    generate = engine.generate
+
+    def timed_generate(requests: list[Request]) -> list[Result]:  # the timed engine calls' wall time, whole
+        t = time.perf_counter()
+        try:
+            return generate(requests)
+        finally:
+            window.engine_s += (time.perf_counter() - t) if window.done >= warmup_rows else 0.0
+
+    engine.generate = timed_generate
     try:
         summary = run_job(job, overwrite=True, progress=False, sync_times=cuda, engine=engine, observe=observe)
-        summary.elapsed_s, summary.load_s = time.perf_counter() - window.at + load_s, load_s  # timed: after the warm-up
+        end = time.perf_counter()
+        summary.elapsed_s, summary.load_s = end - window.at + load_s, load_s  # timed: after the warm-up
         peak = _peak(cuda)
     finally:
         engine.close()
@@ -140,7 +153,7 @@ def run_side(name: str, root: Path, model: Path, rows_file: Path, backend: str, 
                            f"call reached past --warmup-rows {warmup_rows}): ask for more rows")
     summary.stage_s = {k: v - window.stages.get(k, 0.0) for k, v in summary.stage_s.items()}
     side = _measured(name, job, model, rows_file, workload, summary, peak, window.timed if warmup_rows else None)
-    side.calls = window.calls
+    side.calls, side.engine_s, side.close_s = window.calls, window.engine_s, end - window.last
     return side
 
 
@@ -153,6 +166,8 @@ class _Window:
     done: int = 0  # the rows finished by then
     timed: list[Result] = field(default_factory=list)  # the rows that finished after
     calls: list[int] = field(default_factory=list)  # how many of them each engine call returned
+    last: float = math.nan  # when the last of them were observed
+    engine_s: float = 0.0  # the timed engine calls' wall time
 
 
 def _reset_peak(cuda: bool) -> None:
@@ -231,12 +246,15 @@ def _tiles_of(rows_file: Path, mtime_ns: int) -> dict[str, int]:
 
 
 def format_sides(sides: list[Side], peak: float) -> str:
-    lines = ["| side | rows | images/s | output tok/s | TFLOP/s | MFU | peak GiB | media wait | vision | prefill "
-             "| decode | generate | writing | run s | load s | engine calls (rows each) |", "|" + "---|" * 16]
+    head = ("side | rows | images/s | output tok/s | TFLOP/s | MFU | peak GiB | media wait | vision | prefill | decode "
+            "| generate | writing | engine other | close | run s | load s | engine calls (rows each)")
+    lines = [f"| {head} |", "|---" * 18 + "|"]
     for s in sides:
         st = s.stages
         tflops = s.flops / s.seconds / 1e12
         cells = [f"{st.get(k, 0):.1f}" for k in ("media wait", "vision", "prefill", "decode", "generate", "writing")]
+        other = s.engine_s - sum(st.get(k, 0) for k in ("vision", "prefill", "decode", "generate"))
+        cells += ["-" if math.isnan(x) else f"{x:.1f}" for x in (other, s.close_s)]
         lines.append(f"| {s.name} | {s.rows} | {s.images / s.seconds:.2f} | {s.output_tokens / s.seconds:.0f} "
                      f"| {tflops:.0f} | {100 * tflops / peak:.1f}% | {s.peak_gib:.1f} | " + " | ".join(cells)
                      + f" | {s.seconds:.1f} | {st.get('load', 0):.1f} | {calls_cell(s.calls)} |")
