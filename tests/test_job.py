@@ -60,6 +60,7 @@ def error_of(capsys, job_file, *sets) -> str:
     ("media.prepare_processes=two", "media.prepare_processes", "must be auto or a number of processes, got 'two'"),
     ("input.media_root=nowhere", "input.media_root", "no such directory"),
     ("engine.refill_at=0", "engine.refill_at", "must be in (0, 1], got 0"),
+    ("engine.refill=sometimes", "engine.refill", "must be auto, true or false, got 'sometimes'"),
     ("engine.refill_at=1.5", "engine.refill_at", "must be in (0, 1], got 1.5"),
 ])
 def test_bad_key_gives_one_line_naming_it(capsys, job_file, override, key, words, monkeypatch, tmp_path):

@@ -19,7 +19,7 @@ from batchvl.engine.native import NativeEngine
 MAX_NEW = 10
 
 
-def engine(tiny_rows, refill: bool, slots: int, **params) -> NativeEngine:
+def engine(tiny_rows, refill: bool | str, slots: int, **params) -> NativeEngine:
     ck, tokenizer, _ = tiny_rows
     params = GenerationParams(**{"max_new_tokens": MAX_NEW, "eos_token_ids": (tokenizer.eos_token_id,), **params})
     return NativeEngine(ck, tokenizer, params, device="cpu", dtype="float32", max_batch_size=slots, refill=refill)
@@ -141,3 +141,57 @@ def test_the_loop_hands_the_engine_a_batch_and_then_only_the_rows_already_prepar
     assert [len(b) for b in batches_of(plain, 3)] == [3, 3, 3, 1]  # without refill: batches of `size`
     prepared = 100
     assert [len(b) for b in batches_of(items(), 2, 8, ready)] == [9, 8, 3]  # never more than `most` requests
+
+
+def test_refill_auto_runs_static_batches_only_where_every_row_runs_to_one_length(tiny_rows):
+    """engine.refill: auto (the default) refills, unless nothing can end a row before a limit all rows share
+    (ignore_eos, no stop, one max_new_tokens): such a batch's rows end on one step and there is nothing to refill."""
+    text = tiny_rows[2][3]
+    rows = [dataclasses.replace(text, id=f"t{i}", max_new_tokens=2 + i % 3) for i in range(5)]
+    same = [dataclasses.replace(r, max_new_tokens=None) for r in rows]
+    stop_ids = (tiny_rows[1].convert_tokens_to_ids("<|im_end|>"),)
+    e = engine(tiny_rows, refill="auto", slots=3)
+    ran = []
+    real = e._run_refilling
+    e._run_refilling = lambda reqs: ran.append(len(reqs)) or real(reqs)
+    base = dict(max_new_tokens=4, eos_token_ids=(tiny_rows[1].eos_token_id,))
+    cases = [  # rows, params, refills
+        (rows, {"ignore_eos": True}, True),  # per-row limits
+        (same, {"ignore_eos": True}, False),
+        (same, {"ignore_eos": True, "stop": ("x",)}, True),
+        (same, {"ignore_eos": True, "stop_token_ids": stop_ids}, True),
+        (same, {}, True),  # the end token ends rows
+    ]
+    for batch, params, refills in cases:
+        e.set_params(GenerationParams(**base, **params))
+        ran.clear()
+        got = e.generate(batch)
+        assert bool(ran) == refills and len(got) == len(batch), params
+    want = engine(tiny_rows, refill=False, slots=3, **base).generate(same)  # the last case, refilled: the same
+    assert [(r.text, r.output_tokens) for r in got] == [(r.text, r.output_tokens) for r in want]
+    e.set_params(GenerationParams(**base, ignore_eos=True))
+    e.arrivals = lambda n, fits: []  # a server's: requests may join
+    assert e._refills(same)
+
+
+def test_the_loop_hands_a_refilling_engine_several_batches_of_rows_as_auto_decides(tiny_rows, tmp_path):
+    from batchvl.config.load import job_from_mapping
+    from batchvl.run.loop import engine_rows, refills
+
+    (tmp_path / "rows.jsonl").write_text('{"id": "a", "prompt": "hi", "limit": 3}\n')
+    cases = [  # generation, input, engine, refills
+        ({}, {}, {}, True),
+        ({"ignore_eos": True}, {}, {}, False),
+        ({"ignore_eos": True, "stop": ["."]}, {}, {}, True),
+        ({"ignore_eos": True, "stop_token_ids": [7]}, {}, {}, True),
+        ({"ignore_eos": True}, {"max_new_tokens_column": "limit"}, {}, True),
+        ({"ignore_eos": True}, {}, {"refill": True}, True),
+        ({}, {}, {"refill": False}, False),
+        ({}, {}, {"backend": "transformers"}, False),
+    ]
+    for generation, inputs, eng, want in cases:
+        spec = {"model": str(tiny_rows[0].path), "input": {"path": "rows.jsonl", "prompt_column": "prompt", **inputs},
+                "output": {"path": "out"}, "generation": generation, "engine": {"max_batch_size": 8, **eng}}
+        job = job_from_mapping(spec, tmp_path)
+        assert refills(job) == want, (generation, inputs, eng)
+        assert engine_rows(job) == (32 if want else 8)

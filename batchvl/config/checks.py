@@ -77,6 +77,8 @@ def check_job(job: Job) -> None:
     if inputs:
         p.run(_check_output_outside_input, job)
     check_limits(job, p)
+    if isinstance(job.engine.refill, str) and job.engine.refill != "auto":
+        p.add(f"engine.refill: must be auto, true or false, got {shown(job.engine.refill)}")
     if not 0 < job.engine.refill_at <= 1:
         p.add(f"engine.refill_at: must be in (0, 1], got {job.engine.refill_at}")
     if not 0 <= job.run.max_error_fraction <= 1:

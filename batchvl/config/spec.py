@@ -182,10 +182,11 @@ class EngineSpec:
     max_batch_tokens: int = 0  # 0: from free device memory (native backend)
     decode_attention: str = "auto"  # native: auto (the Triton kernel on CUDA when triton imports) | triton | sdpa
     compile: bool = True  # native, CUDA: torch.compile the repeated blocks (~20 s once, then ~20% faster)
-    # native: finished rows' slots take waiting rows while the batch runs on (batchvl.engine.native). Off by
-    # default: on the H200 it halves decode but its admissions' prefill costs more than that saves, 34.9 against
-    # 44.4 images/s on the 1B's caption-natural, a tie on mixed (BENCHMARKS.md, session 10).
-    refill: bool = False
+    # native: finished rows' slots take waiting rows while the batch runs on (batchvl.engine.native). auto: on,
+    # unless every row runs to one length (ignore_eos, no stop, one max_new_tokens: batchvl.run.loop.refills), where
+    # a batch's rows all end on one step. On the H200 the 1B ran caption-natural 52.4 images/s with it against 42.7,
+    # mixed 38.8 against 38.1, and caption-7tile (one length) 51.0 against 54.8 (BENCHMARKS.md, session 11).
+    refill: bool | str = "auto"
     # native, with refill: waiting rows join the running batch once this share of its slots has finished. Each
     # admission is a vision pass and a prefill: a smaller share keeps the slots fuller and admits more often.
     refill_at: float = 0.25

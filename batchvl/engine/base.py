@@ -36,6 +36,12 @@ class GenerationParams:
         ids = self.stop_token_ids if self.ignore_eos else self.eos_token_ids + self.stop_token_ids
         return tuple(dict.fromkeys(ids))
 
+    @property
+    def fixed_length(self) -> bool:
+        """Whether nothing ends a row before its max_new_tokens: no stop token (ignore_eos, no stop_token_ids) and
+        no stop string."""
+        return not self.stops and not self.stop
+
 
 # on_tokens(request, ids): the ids `request` has generated so far (before any stop cut), as the engine learns them
 TokenListener = Callable[[Request, list[int]], None]

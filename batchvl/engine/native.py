@@ -109,7 +109,7 @@ class NativeEngine(Engine):
                  vision_chunk: int = 64, check_every: int = 8, cuda_graphs: bool = True,
                  prefill_tokens: int = 65536, decode_attention: str = "auto", compile: bool = True,
                  quantization: str = "none", quantize_vision: bool = False, load_format: str = "auto",
-                 refill: bool = False, fused_vision_gelu: bool = True, deterministic: bool = False,
+                 refill: bool | str = False, fused_vision_gelu: bool = True, deterministic: bool = False,
                  step_graph: bool = False, refill_at: float = 0.25):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -119,7 +119,7 @@ class NativeEngine(Engine):
         self.vision_chunk = vision_chunk
         self.prefill_tokens = prefill_tokens
         self.check_every = check_every
-        self.refill = refill
+        self.refill = refill  # True, False or "auto" (_refills)
         self.refill_at = refill_at  # waiting rows join once this share of the slots has finished (engine.refill_at)
         self.step_graph = step_graph
         log.info("loading %s natively (%s, %s%s%s)", checkpoint.path, self.device, self.dtype,
@@ -188,12 +188,22 @@ class NativeEngine(Engine):
         """Run requests; results keep the request order. With refill (engine.refill), more requests than the
         batch has slots run in one batch whose finished slots take the waiting rows (`_run_refilling`);
         without, in static sub-batches that fit the token budget."""
-        if self.refill and (len(requests) > 1 or self.arrivals is not None):
+        if self._refills(requests) and (len(requests) > 1 or self.arrivals is not None):
             return self._run_refilling(requests)
         results: list[Result] = []
         for chunk in self._split(requests):
             results.extend(self._run(chunk))
         return results
+
+    def _refills(self, requests: list[Request]) -> bool:
+        """engine.refill for a call of `requests`. auto refills unless every row runs to one length (nothing ends a
+        row sooner, GenerationParams.fixed_length, and one max_new_tokens for all) and no arrivals can join: the
+        rows of a batch then end on one step, and a static batch is faster (caption-7tile on the H200: 54.8 images/s
+        static against 51.0 with refill, BENCHMARKS.md, session 11)."""
+        if self.refill != "auto":
+            return bool(self.refill)
+        limits = {r.max_new_tokens or self.params.max_new_tokens for r in requests}
+        return self.arrivals is not None or not (self.params.fixed_length and len(limits) == 1)
 
     def _split(self, requests: list[Request]) -> list[list[Request]]:
         """Consecutive sub-batches of at most max_batch_size rows whose (longest prompt + max_new_tokens) x rows fit

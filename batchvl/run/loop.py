@@ -246,8 +246,21 @@ def engine_rows(job: Job) -> int:
     batches' worth (those already prepared, see batches_of), which the engine runs through one batch's slots
     as its rows finish. More rows per call keep the slots full for longer (a call's last rows drain its
     batch); they also hold more prepared media and are written (and, on SIGINT, waited for) a call at a time."""
-    refill = job.engine.backend == "native" and job.engine.refill
-    return job.engine.max_batch_size * (REFILL_ROWS if refill else 1)
+    return job.engine.max_batch_size * (REFILL_ROWS if refills(job) else 1)
+
+
+def refills(job: Job) -> bool:
+    """Whether the job's engine refills finished slots: native, and `engine.refill` true, or auto and the rows may
+    end at different lengths. Where every row runs to one length (generation.ignore_eos without stop strings or
+    stop token ids, and no per-row limit: no max_new_tokens_column, no OpenAI batch requests) a batch's rows all
+    end on the same step, so there is nothing to refill and a static batch is faster (NativeEngine decides the
+    same per call, from the rows themselves: _refills)."""
+    e, g, i = job.engine, job.generation, job.input
+    if e.backend != "native" or e.refill is not True and e.refill != "auto":
+        return False
+    fixed = g.ignore_eos and not g.stop and not g.stop_token_ids and i.max_new_tokens_column is None \
+        and "openai-batch" not in i.formats
+    return e.refill is True or not fixed
 
 
 def make_preparer(job: Job, plan: Plan) -> RowPreparer:

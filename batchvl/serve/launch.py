@@ -115,7 +115,7 @@ class Service:
         self.name = options.model_name or Path(job.model.rstrip("/")).name or job.model
         self.engine = build_engine(job, self.plan)
         self.metrics = server_metrics()
-        refill = job.engine.backend == "native" and job.engine.refill
+        refill = job.engine.backend == "native" and job.engine.refill is not False  # auto: requests end apart
         self.scheduler = Scheduler(self.engine, engine_rows(job), options.max_waiting, options.gather_ms / 1000,
                                    self.metrics, refill=refill)
         policy = MediaPolicy(options.allowed_local_media_path, options.allow_private_media)

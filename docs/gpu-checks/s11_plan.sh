@@ -17,7 +17,10 @@
 #                                             part, then the trace
 #   bash docs/gpu-checks/s11_plan.sh second   (about 6 minutes) whether refill pays on the other workloads:
 #                                             caption-7tile with transformers, and mixed, each static and refill
-[[ "$1" =~ ^(refill|pipeline|trace|first|second)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second"; exit 2; }
+#   bash docs/gpu-checks/s11_plan.sh third    (about 7 minutes) the defaults with engine.refill auto (static on
+#                                             caption-7tile, whose rows run to one length; refill on
+#                                             caption-natural) against refill off, and the bench's new columns
+[[ "$1" =~ ^(refill|pipeline|trace|first|second|third)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
@@ -46,6 +49,11 @@ case "$1" in
       | grep -v Warning | tee "$OUT/7tile.log"
     timeout 280 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed \
       --variant refill:refill=true 2>&1 | grep -v Warning | tee "$OUT/mixed.log" ;;
+  third)
+    timeout 230 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile \
+      --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log"
+    timeout 250 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-natural \
+      --variant static:refill=false 2>&1 | grep -v Warning | tee "$OUT/natural.log" ;;
   trace)
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
       | grep -v Warning | tee "$OUT/trace-refill.log" ;;
