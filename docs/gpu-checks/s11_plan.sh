@@ -20,7 +20,9 @@
 #   bash docs/gpu-checks/s11_plan.sh third    (about 7 minutes) the defaults with engine.refill auto (static on
 #                                             caption-7tile, whose rows run to one length; refill on
 #                                             caption-natural) against refill off, and the bench's new columns
-[[ "$1" =~ ^(refill|pipeline|trace|first|second|third)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third"; exit 2; }
+#   bash docs/gpu-checks/s11_plan.sh fourth   (about 5 minutes) the 8B shape on caption-natural, the default (refill)
+#                                             against refill off
+[[ "$1" =~ ^(refill|pipeline|trace|first|second|third|fourth)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third|fourth"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
@@ -54,6 +56,9 @@ case "$1" in
       --baseline transformers --baseline-rows 128 --baseline-batch 64 2>&1 | grep -v Warning | tee "$OUT/7tile.log"
     timeout 250 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-natural \
       --variant static:refill=false 2>&1 | grep -v Warning | tee "$OUT/natural.log" ;;
+  fourth)
+    timeout 330 $B --shape internvl3-8b --rows 384 --batch 64 --warmup-rows 64 --workload caption-natural --no-save \
+      --variant static:refill=false 2>&1 | grep -v Warning | tee "$OUT/8b-natural.log" ;;
   trace)
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
       | grep -v Warning | tee "$OUT/trace-refill.log" ;;
