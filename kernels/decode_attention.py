@@ -108,14 +108,16 @@ def _merge_kernel(acc_ptr, stat_ptr, out_ptr, so_b, so_h, heads, splits,
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                     chunk: int = 512, scale: float | None = None, ordered: bool = False) -> torch.Tensor:
+                     chunk: int = 512, scale: float | None = None, ordered: bool = False, block_n: int = 64,
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Attention of one new token per row over its cached keys and values.
 
     q [B, H, D]; k, v [B, Hkv, S, D] (any batch/head/position strides, the last dim contiguous);
     lengths [B] int, 1 <= lengths[b] <= S: row b attends to positions [0, lengths[b]).
     H must be a multiple of Hkv. `chunk` positions per split; the span S fixes the number of splits. `ordered`
     merges the splits one after the other, so that a row's result does not depend on S (engine.deterministic);
-    by default they merge as a tree, as measured on the GPU.
+    by default they merge as a tree, as measured on the GPU. `block_n` (positions a loop step, at most `chunk`),
+    `num_warps` and `num_stages` tune the first kernel (block_n regroups a split's running sums: float32 rounding).
     Returns [B, H, D] in q's dtype; softmax and sums in float32.
     """
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
@@ -137,7 +139,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     splits = triton.cdiv(span, chunk)
     block_d = triton.next_power_of_2(d)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs at least 16 rows
-    block_n = min(64, chunk)
+    block_n = min(block_n, chunk)
     acc = torch.empty((b, heads, splits, block_d), device=q.device, dtype=torch.float32)
     stat = torch.empty((b, heads, splits, 2), device=q.device, dtype=torch.float32)
     out = torch.empty((b, heads, d), device=q.device, dtype=q.dtype)
@@ -146,7 +148,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         q, k, v, lengths, acc, stat,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         scale * 1.4426950408889634, splits,
-        CHUNK=chunk, G=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4, num_stages=2)
+        CHUNK=chunk, G=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages)
     _merge_kernel[(b, heads)](acc, stat, out, out.stride(0), out.stride(1), heads, splits,
                               D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), ORDERED=ordered)
     return out

@@ -22,7 +22,8 @@
 #                                             caption-natural) against refill off, and the bench's new columns
 #   bash docs/gpu-checks/s11_plan.sh fourth   (about 5 minutes) the 8B shape on caption-natural, the default (refill)
 #                                             against refill off
-[[ "$1" =~ ^(refill|pipeline|trace|first|second|third|fourth)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third|fourth"; exit 2; }
+#   bash docs/gpu-checks/s11_plan.sh fifth    (about 4 minutes) the decode attention's launch settings (decode_tune.py)
+[[ "$1" =~ ^(refill|pipeline|trace|first|second|third|fourth|fifth)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third|fourth|fifth"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
@@ -59,6 +60,8 @@ case "$1" in
   fourth)
     timeout 330 $B --shape internvl3-8b --rows 384 --batch 64 --warmup-rows 64 --workload caption-natural --no-save \
       --variant static:refill=false 2>&1 | grep -v Warning | tee "$OUT/8b-natural.log" ;;
+  fifth)
+    timeout 400 python3 docs/gpu-checks/decode_tune.py 2>&1 | grep -v Warning | tee "$OUT/decode_tune.log" ;;
   trace)
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
       | grep -v Warning | tee "$OUT/trace-refill.log" ;;
