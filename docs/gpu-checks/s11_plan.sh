@@ -23,7 +23,9 @@
 #   bash docs/gpu-checks/s11_plan.sh fourth   (about 5 minutes) the 8B shape on caption-natural, the default (refill)
 #                                             against refill off
 #   bash docs/gpu-checks/s11_plan.sh fifth    (about 4 minutes) the decode attention's launch settings (decode_tune.py)
-[[ "$1" =~ ^(refill|pipeline|trace|first|second|third|fourth|fifth)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third|fourth|fifth"; exit 2; }
+#   bash docs/gpu-checks/s11_plan.sh sixth    (about 5 minutes) the defaults after the decode attention's new settings:
+#                                             caption-7tile and mixed
+[[ "$1" =~ ^(refill|pipeline|trace|first|second|third|fourth|fifth|sixth)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third|fourth|fifth|sixth"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
@@ -62,6 +64,11 @@ case "$1" in
       --variant static:refill=false 2>&1 | grep -v Warning | tee "$OUT/8b-natural.log" ;;
   fifth)
     timeout 400 python3 docs/gpu-checks/decode_tune.py 2>&1 | grep -v Warning | tee "$OUT/decode_tune.log" ;;
+  sixth)
+    timeout 150 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload caption-7tile 2>&1 \
+      | grep -v Warning | tee "$OUT/7tile.log"
+    timeout 170 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed 2>&1 \
+      | grep -v Warning | tee "$OUT/mixed.log" ;;
   trace)
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
       | grep -v Warning | tee "$OUT/trace-refill.log" ;;
