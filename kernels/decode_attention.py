@@ -108,8 +108,8 @@ def _merge_kernel(acc_ptr, stat_ptr, out_ptr, so_b, so_h, heads, splits,
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                     chunk: int = 1024, scale: float | None = None, ordered: bool = False, block_n: int = 64,
-                     num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                     chunk: int = 512, scale: float | None = None, ordered: bool = False, block_n: int = 64,
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Attention of one new token per row over its cached keys and values.
 
     q [B, H, D]; k, v [B, Hkv, S, D] (any batch/head/position strides, the last dim contiguous);
@@ -118,9 +118,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     merges the splits one after the other, so that a row's result does not depend on S (engine.deterministic);
     by default they merge as a tree, as measured on the GPU. `block_n` (positions a loop step, at most `chunk`),
     `num_warps` and `num_stages` tune the first kernel (block_n regroups a split's running sums: float32 rounding).
-    The defaults are the fastest for both the 1B's and the 8B's decode shapes on the H200 (decode_tune.py, session
-    11: a step's attention 1.110 -> 0.935 ms at 128 rows of the 1B, 2.272 -> 2.025 ms at 64 rows of the 8B, against
-    chunk 512 and 2 stages; errors unchanged).
+    On the H200 chunk 1024 with 3 stages ran a step's attention at caption lengths 1.19x (1B) and 1.12x (8B) faster
+    than these defaults (decode_tune.py, session 11), but the 1B's `mixed` decode stage was slower with it in the one
+    pipeline run (5.9 s against 5.3-5.5): a split of 1,024 positions leaves fewer programs where rows are short, and
+    the longest rows' splits set the time. The defaults stay until decode_tune.py's `mixed` lengths are measured.
     Returns [B, H, D] in q's dtype; softmax and sums in float32.
     """
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:

@@ -4,10 +4,15 @@ block_n (positions a loop step), num_warps and num_stages, at the 1B's and the 8
 caption lengths (about 1,800 to 1,960 positions of a 2,048 span). Session 9's trace put the 1B's attention at
 1.05 ms of a 3.0 ms step, about 2.8 TB/s. Each setting's error against float32 attention is printed beside it.
 
-Usage: python3 decode_tune.py   (on the CPU, under TRITON_INTERPRET=1, it checks one small case's error only)
+With `mixed`, the lengths are `mixed`'s instead: anything from a short prompt to the whole span (1 to 4,096): where
+rows are short, fewer positions a split leave more programs to share the longest rows' work (session 11's pipeline
+run with chunk 1024 had a slower `mixed` decode stage).
+
+Usage: python3 decode_tune.py [mixed]   (on the CPU, under TRITON_INTERPRET=1, it checks one small case's error only)
 """
 import itertools
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +21,8 @@ SHAPES = {  # name: (rows, heads, kv heads, head dim, layers)
     "internvl2-1b (qwen2-0.5b)": (128, 14, 2, 64, 24),
     "internvl3-8b (qwen2.5-7b)": (64, 28, 4, 128, 28),
 }
-SPAN = 2048
+MIXED = sys.argv[1:] == ["mixed"]
+SPAN = 4096 if MIXED else 2048
 SETTINGS = [dict(chunk=c, block_n=n, num_warps=w, num_stages=s)
             for c, n, w, s in itertools.product((256, 512, 1024), (32, 64, 128), (4, 8), (2, 3, 4)) if n <= c]
 DEFAULT = dict(chunk=512, block_n=64, num_warps=4, num_stages=2)
@@ -49,10 +55,11 @@ def main():
         caches = [(torch.randn(rows, kv_heads, SPAN, d, device="cuda", dtype=torch.bfloat16, generator=gen),
                    torch.randn(rows, kv_heads, SPAN, d, device="cuda", dtype=torch.bfloat16, generator=gen))
                   for _ in range(layers)]
-        lengths = torch.randint(SPAN - 250, SPAN - 90, (rows,), device="cuda", generator=gen)
+        low, high = (1, SPAN + 1) if MIXED else (SPAN - 250, SPAN - 90)
+        lengths = torch.randint(low, high, (rows,), device="cuda", generator=gen)
         ref = reference(q, *caches[0], lengths)
         moved = int(lengths.sum()) * kv_heads * d * 2 * 2 * layers  # K and V bytes a step reads
-        print(f"\n{name}: {rows} rows, {heads}/{kv_heads} heads, D {d}, {layers} layers, "
+        print(f"\n{name}: {rows} rows, {heads}/{kv_heads} heads, D {d}, {layers} layers, span {SPAN}, "
               f"{moved / 1e9:.2f} GB of keys and values a step")
         print("| chunk | block_n | warps | stages | ms a step | TB/s | vs default | max abs. error |")
         print("|---" * 8 + "|")

@@ -25,7 +25,10 @@
 #   bash docs/gpu-checks/s11_plan.sh fifth    (about 4 minutes) the decode attention's launch settings (decode_tune.py)
 #   bash docs/gpu-checks/s11_plan.sh sixth    (about 5 minutes) the defaults after the decode attention's new settings:
 #                                             caption-7tile and mixed
-[[ "$1" =~ ^(refill|pipeline|trace|first|second|third|fourth|fifth|sixth)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third|fourth|fifth|sixth"; exit 2; }
+#   bash docs/gpu-checks/s11_plan.sh tune-mixed (about 3 minutes; not run in session 11) the decode attention's
+#                                             settings at mixed lengths, then mixed with chunk 1024 and 3 stages
+#                                             against the defaults would decide them
+[[ "$1" =~ ^(refill|pipeline|trace|first|second|third|fourth|fifth|sixth|tune-mixed)$ ]] || { echo "usage: $0 refill|pipeline|trace|first|second|third|fourth|fifth|sixth|tune-mixed"; exit 2; }
 source docs/gpu-checks/device_env.sh
 case "$1" in
   refill)
@@ -69,6 +72,8 @@ case "$1" in
       | grep -v Warning | tee "$OUT/7tile.log"
     timeout 170 $B --shape internvl2-1b --rows 1024 --batch 128 --warmup-rows 128 --workload mixed 2>&1 \
       | grep -v Warning | tee "$OUT/mixed.log" ;;
+  tune-mixed)
+    timeout 400 python3 docs/gpu-checks/decode_tune.py mixed 2>&1 | grep -v Warning | tee "$OUT/decode_tune_mixed.log" ;;
   trace)
     timeout 300 python3 docs/gpu-checks/stage_trace.py internvl2-1b caption-natural 640 128 refill=true 2>&1 \
       | grep -v Warning | tee "$OUT/trace-refill.log" ;;
