@@ -119,9 +119,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     by default they merge as a tree, as measured on the GPU. `block_n` (positions a loop step, at most `chunk`),
     `num_warps` and `num_stages` tune the first kernel (block_n regroups a split's running sums: float32 rounding).
     On the H200 chunk 1024 with 3 stages ran a step's attention at caption lengths 1.19x (1B) and 1.12x (8B) faster
-    than these defaults (decode_tune.py, session 11), but the 1B's `mixed` decode stage was slower with it in the one
-    pipeline run (5.9 s against 5.3-5.5): a split of 1,024 positions leaves fewer programs where rows are short, and
-    the longest rows' splits set the time. The defaults stay until decode_tune.py's `mixed` lengths are measured.
+    than these defaults (decode_tune.py, session 11). Where rows are shorter than the span (`mixed`), a split of
+    1,024 positions leaves fewer programs and the longest rows' splits may set the time; one pipeline run of `mixed`
+    with them could not tell (BENCHMARKS.md). The defaults stay until decode_tune.py measures `mixed` lengths.
     Returns [B, H, D] in q's dtype; softmax and sums in float32.
     """
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
