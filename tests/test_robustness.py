@@ -137,8 +137,9 @@ def backend(request) -> str:
 
 
 def crash_job(tmp_path, tiny_model, out, rows=CRASH_ROWS, new_tokens=8, backend="transformers"):
-    """On the native engine with refill on (off by default): its calls take several batches' worth of rows, the
-    path where a crash or a signal could lose the most; the static path is what the rest of the suite runs."""
+    """On the native engine with refill on (forced here; `auto` would refill these rows too, as nothing holds them to
+    one length): its calls take several batches' worth of rows, the path where a crash or a signal could lose the
+    most."""
     engine = {"max_batch_size": 2, "backend": backend, **({"refill": True} if backend == "native" else {})}
     return text_job(tmp_path, tiny_model, rows, out=out, generation={"max_new_tokens": new_tokens},
                     engine=engine, output={"rows_per_file": 2})
