@@ -383,3 +383,24 @@ def test_stage_times_sum_each_stage_and_list_its_entries_where_asked(monkeypatch
     assert [e[0] for e in entries] == ["vision", "prefill", "vision"]
     assert entries[0][1] <= entries[1][1] <= entries[2][1]  # in order, on one clock
     assert times.seconds["vision"] >= entries[0][2] + entries[2][2]
+
+
+def test_the_media_wait_does_not_synchronise_the_device_where_engine_stages_do(monkeypatch):
+    """With sync (bench), every engine stage's ends synchronise the device; the loop's media wait, once per row and
+    queueing no device work, does not: each synchronisation lets the GIL go to the preparation threads."""
+    from batchvl.engine.timing import StageTimes
+    from batchvl.run.loop import _timed
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1))
+    times = StageTimes(sync=True)
+    assert list(_timed(range(5), times, "media wait")) == list(range(5))
+    assert syncs == [] and "media wait" in times.seconds
+    with times.stage("vision"):
+        pass
+    assert len(syncs) == 2
+    times.sync = False
+    with times.stage("vision"):
+        pass
+    assert len(syncs) == 2

@@ -81,10 +81,11 @@ def fan_out(items: Iterable[Request | Result], owed: deque, n: int) -> Iterator[
 
 
 def _timed(items: Iterable[Any], times: StageTimes, stage: str) -> Iterator[Any]:
-    """Yield from `items`, adding the time spent waiting for each one to `stage`."""
+    """Yield from `items`, adding the time spent waiting for each one to `stage`: host time only, as taking an item
+    queues no device work (StageTimes.stage's sync)."""
     it = iter(items)
     while True:
-        with times.stage(stage):
+        with times.stage(stage, sync=False):
             item = next(it, _DONE)
         if item is _DONE:
             return
