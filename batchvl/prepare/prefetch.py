@@ -56,7 +56,9 @@ class ByteBudget:
         self.limit = limit
         self.used = 0
         self.peak = 0
-        self._changed = asyncio.Event()
+        self.wakeups = 0  # waiting requests woken to look again, whether or not they then fit (tests count them)
+        self._sleepers: dict[int, tuple[int | None, Callable[[], bool], asyncio.Event]] = {}  # by a request's key
+        self._keys = 0
         self._waiting: list[int] = []  # a heap of the rows (seq) waiting for bytes; a row may wait twice
         self._gone: dict[int, int] = {}  # heap entries whose wait has ended, not yet popped
 
@@ -64,20 +66,24 @@ class ByteBudget:
         if self._fits(n, urgent, seq):
             self._take(n)
             return
+        key, woken = self._keys, asyncio.Event()
+        self._keys += 1
+        self._sleepers[key] = (seq, urgent, woken)
         if seq is not None:
             heapq.heappush(self._waiting, seq)
         try:
             while True:
-                self._changed.clear()
-                await self._changed.wait()
+                woken.clear()
+                await woken.wait()
                 if self._fits(n, urgent, seq):
                     break
         finally:
+            del self._sleepers[key]
             if seq is not None:  # no longer waiting: if it was first in line, a later row may now go
                 first = self._first_waiting() == seq
                 self._gone[seq] = self._gone.get(seq, 0) + 1
                 if first:
-                    self._changed.set()
+                    self._wake()
         self._take(n)
 
     def try_acquire(self, n: int, urgent: Callable[[], bool] = lambda: False) -> bool:
@@ -91,7 +97,19 @@ class ByteBudget:
     def release(self, n: int) -> None:
         """Give bytes back (n may be 0: a nudge to re-check `urgent`)."""
         self.used -= n
-        self._changed.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the waiting requests that may now fit: the first row in line (each of its requests), the urgent one,
+        and those of no row. A later row cannot go while an earlier one waits (`_fits`), so the rest sleep on: with
+        refill's hundreds of rows waiting, waking them all on every release had each look again and sleep, a
+        coroutine resumed on the loop's thread per waiting row per release, holding the GIL the engine's thread
+        needs."""
+        first = self._first_waiting()
+        for seq, urgent, woken in self._sleepers.values():
+            if not woken.is_set() and (seq is None or seq == first or urgent()):
+                woken.set()
+                self.wakeups += 1
 
     def _fits(self, n: int, urgent: Callable[[], bool], seq: int | None) -> bool:
         if self.used == 0 or urgent():
