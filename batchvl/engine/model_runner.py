@@ -125,14 +125,13 @@ class ModelRunner:
             x.masked_scatter_((ids == self.image_token_id)[..., None], features.to(x.dtype))
         out = []
         for a, b, w in prefill_chunks(host_lengths, chunk_tokens):
-            at = torch.arange(rows + a, rows + b, device=self.device) if isinstance(rows, int) else rows[a:b]
+            xs, ls, hs = x[a:b, :w], lengths[a:b], host_lengths[a:b]
+            at = rows + a if isinstance(rows, int) else rows[a:b]
             copies = -(-self.min_rows // (b - a))  # see min_rows
-            if copies == 1:
-                at = rows + a if isinstance(rows, int) else at
-                out.append(lm.logits(lm.prefill(x[a:b, :w], lengths[a:b], cache, at, host_lengths[a:b])))
-                continue
-            out.append(lm.logits(lm.prefill(x[a:b, :w].repeat(copies, 1, 1), lengths[a:b].repeat(copies), cache,
-                                            at.repeat(copies), host_lengths[a:b] * copies))[: b - a])
+            if copies > 1:  # each copy writes the same keys and values to the same cache rows, an index tensor's
+                at = torch.arange(at, at + b - a, device=self.device) if isinstance(at, int) else at
+                xs, ls, at, hs = xs.repeat(copies, 1, 1), ls.repeat(copies), at.repeat(copies), hs * copies
+            out.append(lm.logits(lm.prefill(xs, ls, cache, at, hs))[: b - a])
         return torch.cat(out)  # [n, V]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,
